@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF), fetched on first use."""
+    from gateway.model_fetch import fetch_default_model
+
+    return fetch_default_model(quiet=True)
