@@ -1,0 +1,62 @@
+"""Reference paged attention in plain torch. Runs anywhere (the CPU path) and is what faster backends are tested
+against. Decode-only batches are attended in one padded SDPA call; sequences with several new tokens (prefill) are
+attended one by one."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine_svc.attention.metadata import AttentionMetadata
+
+
+class TorchPagedAttention:
+    name = "torch"
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        kv_heads, head_dim = k.shape[1], k.shape[2]
+        flat = kv_cache.view(2, -1, kv_heads, head_dim)
+        flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+        flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.is_pure_decode:
+            return self._decode(q, kv_cache, meta, scale)
+        out = torch.empty_like(q)
+        start = 0
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            out[start:start + q_len] = self._one_sequence(q[start:start + q_len], kv_cache, meta, i, seq_len, scale)
+            start += q_len
+        return out
+
+    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # kv_cache[:, blocks] -> [2, *blocks.shape, block_size, kv_heads, head_dim]
+        kv = kv_cache[:, blocks]
+        return kv[0], kv[1]
+
+    def _one_sequence(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, i: int, seq_len: int,
+                      scale: float) -> torch.Tensor:
+        q_len = q.shape[0]
+        num_blocks = -(-seq_len // meta.block_size)
+        k, v = self._gather(kv_cache, meta.block_tables[i, :num_blocks].long())
+        k = k.reshape(-1, *k.shape[-2:])[:seq_len]          # [seq_len, kv_heads, head_dim]
+        v = v.reshape(-1, *v.shape[-2:])[:seq_len]
+        # Query row r sits at position seq_len - q_len + r and sees keys at positions <= its own.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        max_len = max(meta.seq_lens_cpu)
+        num_blocks = -(-max_len // meta.block_size)
+        k, v = self._gather(kv_cache, meta.block_tables[:, :num_blocks].long())
+        b = q.shape[0]
+        k = k.reshape(b, -1, *k.shape[-2:])[:, :max_len]      # [B, L, kv_heads, head_dim]
+        v = v.reshape(b, -1, *v.shape[-2:])[:, :max_len]
+        mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:, None]
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :], k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        return o[:, :, 0, :]

@@ -1,0 +1,72 @@
+"""Engine configuration: parsed from the command line, validated once, frozen."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    load_format: str = "auto"
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "torch"
+    block_size: int = 16
+    num_kv_blocks: int | None = None            # explicit KV size; otherwise taken from free memory
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float | None = None        # CPU KV budget; default: a quarter of available memory, max 4 GB
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None   # default: max(max_model_len, 8192)
+    max_model_len: int | None = None            # default: the model's context
+    host: str = "127.0.0.1"
+    port: int = 50053
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
+            (self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}"),
+            (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two <= 128"),
+            (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
+            (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
+            (self.cpu_kv_cache_gb is None or self.cpu_kv_cache_gb > 0, "cpu_kv_cache_gb must be > 0"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
+            (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             "max_num_batched_tokens must be >= 1"),
+            (0 <= self.port < 65536, "port must be in [0, 65535]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine_svc", description="Tandem engine service (token ids in, out).")
+    p.add_argument("--model", required=True, help="HF directory, .gguf file, or config.json with --load-format dummy")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--attention-backend", default="torch")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cpu-kv-cache-gb", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50053)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> EngineConfig:
+    args = build_parser().parse_args(argv)
+    return EngineConfig(**{k: v for k, v in vars(args).items()})

@@ -1,0 +1,1 @@
+"""Plain-Python engine core: request state, KV block accounting and scheduling. Never imports torch."""

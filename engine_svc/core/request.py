@@ -1,0 +1,69 @@
+"""Per-request state owned by the engine loop. Plain Python: no torch."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP_TOKEN = "stop_token"   # EOS or a stop token id; it is the last output token
+    LENGTH = "length"           # max_tokens or the model's context
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0     # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0               # <= 0 means off
+    seed: int | None = None
+    max_tokens: int = 256
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int                               # admission order; larger = newer (preempted first)
+    token_ids: list[int] = field(init=False)   # prompt followed by outputs
+    num_computed_tokens: int = 0               # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

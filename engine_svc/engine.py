@@ -1,0 +1,55 @@
+"""The synchronous engine: scheduler + model runner, one step at a time. The gRPC service drives it from its own
+thread (engine_loop); tests and offline benchmarks drive it directly."""
+from __future__ import annotations
+
+from engine_svc.config import EngineConfig
+from engine_svc.core.kv_cache_manager import KVCacheManager
+from engine_svc.core.request import SamplingParams
+from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from engine_svc.model_runner import ModelRunner
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.runner = ModelRunner(config)
+        self.config = self.runner.config
+        self.model_cfg = self.runner.model_cfg
+        self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
+                            max_num_batched_tokens=self.config.max_num_batched_tokens,
+                            max_model_len=self.config.max_model_len),
+            self.kv, frozenset(self.model_cfg.eos_token_ids))
+        self.num_steps = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.model_cfg.name
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.scheduler.add_request(request_id, prompt_token_ids, params)
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out)
+        self.num_steps += 1
+        return self.scheduler.update(out, sampled)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Runs prompts to completion together; returns each one's output ids."""
+        ids = [f"offline-{self.num_steps}-{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, params)
+        outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for o in self.step():
+                outputs[o.request_id].extend(o.new_token_ids)
+        return [outputs[rid] for rid in ids]

@@ -1,0 +1,81 @@
+"""Builds a model on the meta device, materialises it on the target device and fills its weights from an HF
+directory, a GGUF file, or random values (`dummy`)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine_svc.attention import AttentionBackend
+from engine_svc.model_config import ModelConfig
+from engine_svc.models import model_class
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    if path.is_dir():
+        return ModelConfig.from_hf_dir(path)
+    if path.suffix == ".gguf":
+        from engine_svc.loader.gguf_loader import gguf_model_config
+        return gguf_model_config(path)
+    if path.suffix == ".json":  # a bare config.json, for dummy weights
+        return ModelConfig.from_hf_dir(path.parent) if path.name == "config.json" else _json_config(path)
+    raise ValueError(f"cannot load {path}: expected an HF directory, a .gguf file or a config .json")
+
+
+def _json_config(path: Path) -> ModelConfig:
+    import json
+    return ModelConfig.from_hf_dict(json.loads(path.read_text()), name=path.stem)
+
+
+def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.device, dtype: torch.dtype,
+               backend: AttentionBackend) -> nn.Module:
+    cls = model_class(cfg.architecture)
+    t0 = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg, backend)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty re-creates parameters; re-tie them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if load_format == "dummy":
+        from engine_svc.loader.dummy_loader import fill_random
+        fill_random(model)
+    else:
+        weights = _weights_iter(path)
+        filled = model.load_weights(_progress(weights, path))
+        missing = model.expected_weights() - filled
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:8]}")
+    model.init_buffers(device)
+    model.eval()
+    print(f"[engine] loaded {cfg.architecture} ({load_format}) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr, flush=True)
+    return model
+
+
+def _weights_iter(path: Path):
+    if path.is_dir():
+        from engine_svc.loader.hf_loader import iter_safetensors
+        return iter_safetensors(path)
+    from engine_svc.loader.gguf_loader import iter_gguf_weights
+    return iter_gguf_weights(path)
+
+
+def _progress(weights, path: Path):
+    """Passes weights through, printing progress to stderr every quarter of the tensors (when the count is known)."""
+    total = getattr(weights, "total", None)
+    last = -1
+    for i, item in enumerate(weights, 1):
+        if total:
+            pct = i * 100 // total
+            if pct // 25 != last // 25:
+                print(f"[engine] loading {path.name}: {pct}% ({i}/{total} tensors)", file=sys.stderr, flush=True)
+                last = pct
+        yield item

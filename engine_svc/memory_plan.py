@@ -1,0 +1,73 @@
+"""Sizes the KV cache: explicit block count, or what free memory allows after weights and activations."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from engine_svc.config import EngineConfig
+from engine_svc.model_config import ModelConfig
+
+GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights_bytes: int
+    kv_bytes_per_token: int
+    block_size: int
+    num_blocks: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.block_size * self.num_blocks
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def describe(self) -> str:
+        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
+                f"({self.kv_bytes_per_token} B/token, {self.num_blocks} blocks x {self.block_size} tokens), "
+                f"max {self.max_tokens} tokens")
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weights_bytes: int,
+                device: torch.device, dtype: torch.dtype, activation_peak_bytes: int = 0) -> MemoryPlan:
+    per_token = kv_bytes_per_token(cfg, dtype)
+    per_block = per_token * config.block_size
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * config.gpu_memory_utilization) - used - activation_peak_bytes
+        num_blocks = budget // per_block
+    else:
+        budget = int(config.cpu_kv_cache_gb * GB) if config.cpu_kv_cache_gb else min(4 * GB, _available_ram() // 4)
+        # Never more than every sequence at full length needs.
+        cap = -(-max_model_len // config.block_size) * config.max_num_seqs
+        num_blocks = min(budget // per_block, cap)
+    if num_blocks < -(-max_model_len // config.block_size) and config.num_kv_blocks is None:
+        print(f"[engine] warning: KV cache holds {num_blocks * config.block_size} tokens, less than one "
+              f"full-length sequence ({max_model_len})", file=sys.stderr, flush=True)
+    if num_blocks < 1:
+        raise MemoryError(f"no memory left for the KV cache (needs {per_block} bytes per block)")
+    return MemoryPlan(weights_bytes, per_token, config.block_size, int(num_blocks))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,24 @@
+"""Tiny random-weight Llama checkpoints written by the tests themselves (config.json + safetensors)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_tiny_llama(path: Path, *, seed: int = 0, tie: bool = False, rope_scaling: dict | None = None,
+                     vocab_size: int = 320, num_layers: int = 2, max_position_embeddings: int = 256) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, rope_scaling=rope_scaling,
+        bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # HF's init is tiny; larger weights make logits discriminative
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
