@@ -1,0 +1,137 @@
+"""The `tandem` command: serve, generate, fetch-model.
+
+Parsing is kept apart from running (`parse_args` and the `*_from_args` builders are pure) so it can be tested
+without starting anything. Nothing here imports torch: the engine runs as its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.generate_client import GenerateOptions, run_generate
+from gateway.launcher import LauncherConfig, run_stack
+from gateway.model_fetch import DEFAULT_MODEL, resolve_model
+from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_TOKENIZER_PORT,
+                                      ServiceTopology, local_topology)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: an LLM inference server over gRPC.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="start the tokenizer, engine and gateway; stop them with Ctrl-C",
+        description="Start the three services and wait until they are SERVING. Arguments after `--` are "
+                    "passed to the engine unchanged.",
+        usage="tandem serve [options] [-- ENGINE_ARG ...]")
+    serve.add_argument("--model", default=DEFAULT_MODEL,
+                       help="'default' (SmolLM2-135M-Instruct, fetched on first use), an HF directory or a .gguf")
+    serve.add_argument("--host", default="0.0.0.0", help="address the public gateway binds (default %(default)s)")
+    serve.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="public gateway port")
+    serve.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
+                       help="tokenizer service port on 127.0.0.1")
+    serve.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port on 127.0.0.1")
+    serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
+    serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
+    serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
+                       help="seconds to wait for every service to report SERVING (default %(default)g)")
+    serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
+                       help="seconds between SIGTERM and SIGKILL at shutdown (default %(default)g)")
+
+    gen = sub.add_parser("generate", help="stream a completion from a running server",
+                         usage="tandem generate PROMPT [options]")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as one user message of a chat")
+    gen.add_argument("--system", help="system message (implies --chat)")
+    gen.add_argument("--max-tokens", type=_positive_int)
+    gen.add_argument("--temperature", type=float, help="0 means greedy")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
+                     help="stop string(s); may be given several times")
+    gen.add_argument("--address", default=f"localhost:{DEFAULT_GATEWAY_PORT}", help="gateway HOST:PORT")
+    gen.add_argument("--timeout", type=_positive_float, help="deadline for the whole call, in seconds")
+
+    fetch = sub.add_parser("fetch-model", help="fetch the model (if needed) and print its path")
+    fetch.add_argument("--model", default=DEFAULT_MODEL)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parses argv; for `serve`, everything after the first `--` becomes `engine_args`."""
+    engine_args: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:
+        cut = argv.index("--")
+        argv, engine_args = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args.engine_args = engine_args
+    return args
+
+
+def topology_from_args(args: argparse.Namespace, model_path: str) -> ServiceTopology:
+    return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
+                          tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
+                          device=args.device, dtype=args.dtype, engine_extra_args=tuple(args.engine_args))
+
+
+def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:
+    return LauncherConfig(start_timeout_s=args.start_timeout, stop_grace_s=args.stop_grace)
+
+
+def generate_options_from_args(args: argparse.Namespace) -> GenerateOptions:
+    return GenerateOptions(prompt=args.prompt, chat=args.chat, system=args.system, max_tokens=args.max_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                           stop=tuple(args.stop))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model)  # the default model is fetched here, with pip's progress bar
+    return run_stack(topology_from_args(args, str(model)), launcher_config_from_args(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    return run_generate(generate_options_from_args(args), args.address, args.timeout)
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    print(resolve_model(args.model))
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        code = _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Bad values caught by the frozen configs' validation, a missing model, a failed download.
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:  # e.g. Ctrl-C during the model download, before the launcher handles signals
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The argv of each Tandem service, built from one frozen topology.
+
+This is the single source of truth for how the three services are started: the `tandem serve` launcher runs
+exactly these argvs, and tests/test_compose.py checks that every `command:` in docker-compose.yml equals what
+`compose_topology()` builds here. Change a flag here and the compose test tells you to update the compose file.
+
+Pure functions only: nothing here starts a process, touches the network or reads the environment.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from gateway.model_fetch import DEFAULT_GGUF_NAME
+
+TOKENIZER = "tokenizer"
+ENGINE = "engine"
+GATEWAY = "gateway"
+# Start order matters: the gateway dials both internal services, so they come first (in parallel).
+SERVICE_NAMES = (TOKENIZER, ENGINE, GATEWAY)
+
+DEFAULT_GATEWAY_PORT = 50051
+DEFAULT_TOKENIZER_PORT = 50052
+DEFAULT_ENGINE_PORT = 50053
+
+# In docker compose the model service fetches into a named volume mounted here, with TANDEM_CACHE=/cache,
+# so model_fetch.cache_dir() is /cache/models.
+COMPOSE_CACHE = "/cache"
+COMPOSE_MODEL_PATH = f"{COMPOSE_CACHE}/models/{DEFAULT_GGUF_NAME}"
+
+
+def _check_port(name: str, port: int) -> None:
+    # Port 0 ("pick any") is refused: the gateway must know where to dial the internal services.
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"{name} must be a TCP port in 1..65535, got {port!r}")
+
+
+def _check_host(name: str, host: str) -> None:
+    if not isinstance(host, str) or not host or any(c.isspace() for c in host):
+        raise ValueError(f"{name} must be a non-empty host name or address, got {host!r}")
+
+
+@dataclass(frozen=True)
+class ServiceTopology:
+    """Where each service listens and how the gateway reaches the other two.
+
+    `internal_listen_host` is the bind address of the tokenizer and engine; `tokenizer_host`/`engine_host` are
+    the names the gateway dials (127.0.0.1 locally; the compose service names inside the compose network).
+    """
+
+    model_path: str
+    python: str = sys.executable
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = DEFAULT_GATEWAY_PORT
+    internal_listen_host: str = "127.0.0.1"
+    tokenizer_host: str = "127.0.0.1"
+    tokenizer_port: int = DEFAULT_TOKENIZER_PORT
+    engine_host: str = "127.0.0.1"
+    engine_port: int = DEFAULT_ENGINE_PORT
+    device: str = "auto"
+    dtype: str = "auto"
+    engine_extra_args: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_path, str) or not self.model_path:
+            raise ValueError("model_path must be a non-empty string")
+        if not isinstance(self.python, str) or not self.python:
+            raise ValueError("python must be the interpreter to run the services with")
+        for name in ("gateway_host", "internal_listen_host", "tokenizer_host", "engine_host"):
+            _check_host(name, getattr(self, name))
+        for name in ("gateway_port", "tokenizer_port", "engine_port"):
+            _check_port(name, getattr(self, name))
+        for name in ("device", "dtype"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or value.startswith("-"):
+                raise ValueError(f"{name} must be a non-empty value, got {value!r}")
+        if not isinstance(self.engine_extra_args, tuple) or not all(
+                isinstance(a, str) for a in self.engine_extra_args):
+            raise ValueError("engine_extra_args must be a tuple of strings")
+        ports = (self.gateway_port, self.tokenizer_port, self.engine_port)
+        if len(set(ports)) != len(ports):
+            # All three share one host when run by the launcher, so a shared port is always a clash.
+            raise ValueError(f"gateway, tokenizer and engine ports must differ, got {ports}")
+
+
+def local_topology(model_path: str, **overrides) -> ServiceTopology:
+    """The `tandem serve` layout: internal services on loopback only, the gateway on gateway_host."""
+    return ServiceTopology(model_path=model_path, **overrides)
+
+
+def compose_topology() -> ServiceTopology:
+    """The docker-compose layout: every service binds 0.0.0.0 inside the compose network, the gateway dials the
+    internal services by their compose names, and the engine is told `cuda` so that a container without the
+    GPU reservation fails loudly instead of quietly running on the CPU."""
+    return ServiceTopology(
+        model_path=COMPOSE_MODEL_PATH,
+        python="python",
+        gateway_host="0.0.0.0",
+        internal_listen_host="0.0.0.0",
+        tokenizer_host=TOKENIZER,
+        engine_host=ENGINE,
+        device="cuda",
+    )
+
+
+def tokenizer_argv(t: ServiceTopology) -> list[str]:
+    return [t.python, "-m", "tokenizer_svc", "--model", t.model_path,
+            "--host", t.internal_listen_host, "--port", str(t.tokenizer_port)]
+
+
+def engine_argv(t: ServiceTopology) -> list[str]:
+    # Extra engine args go last, untouched: the engine's own parser decides what they mean.
+    return [t.python, "-m", "engine_svc", "--model", t.model_path,
+            "--host", t.internal_listen_host, "--port", str(t.engine_port),
+            "--device", t.device, "--dtype", t.dtype, *t.engine_extra_args]
+
+
+def gateway_argv(t: ServiceTopology) -> list[str]:
+    return [t.python, "-m", "gateway", "--host", t.gateway_host, "--port", str(t.gateway_port),
+            "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
+            "--engine", f"{t.engine_host}:{t.engine_port}"]
+
+
+def model_fetch_argv(python: str) -> list[str]:
+    """The compose one-shot that fetches the default model (TANDEM_CACHE picks the directory)."""
+    return [python, "-m", "gateway.model_fetch"]
+
+
+def service_argvs(t: ServiceTopology) -> dict[str, list[str]]:
+    """Every service's argv, keyed by service name, in start order."""
+    return {TOKENIZER: tokenizer_argv(t), ENGINE: engine_argv(t), GATEWAY: gateway_argv(t)}
+
+
+def listen_addresses(t: ServiceTopology) -> dict[str, tuple[str, int]]:
+    """The (host, port) each service binds, keyed like service_argvs."""
+    return {TOKENIZER: (t.internal_listen_host, t.tokenizer_port),
+            ENGINE: (t.internal_listen_host, t.engine_port),
+            GATEWAY: (t.gateway_host, t.gateway_port)}

@@ -1,0 +1,128 @@
+"""`tandem` argument parsing, and `tandem generate` against an in-process fake of the public API."""
+from __future__ import annotations
+
+import io
+from concurrent import futures
+
+import grpc
+import pytest
+
+from gateway import cli
+from gateway.generate_client import GenerateOptions, build_request, run_generate
+from gateway.service_commands import engine_argv, gateway_argv, tokenizer_argv
+from protos.tandem.v1 import generation_pb2 as pb
+from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+
+
+def test_serve_defaults() -> None:
+    args = cli.parse_args(["serve"])
+    assert (args.model, args.host, args.port, args.device, args.dtype) == ("default", "0.0.0.0", 50051, "auto",
+                                                                          "auto")
+    assert args.engine_args == []
+    config = cli.launcher_config_from_args(args)
+    assert config.start_timeout_s == 300.0
+
+
+def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
+    args = cli.parse_args(["serve", "--model", "/m/x.gguf", "--host", "127.0.0.1", "--port", "6000",
+                           "--tokenizer-port", "6001", "--engine-port", "6002", "--device", "cpu",
+                           "--dtype", "float32", "--start-timeout", "12", "--",
+                           "--max-num-seqs", "64", "--port", "not-for-the-launcher"])
+    assert args.engine_args == ["--max-num-seqs", "64", "--port", "not-for-the-launcher"]
+    topology = cli.topology_from_args(args, "/m/x.gguf")
+    assert engine_argv(topology)[1:] == ["-m", "engine_svc", "--model", "/m/x.gguf", "--host", "127.0.0.1",
+                                         "--port", "6002", "--device", "cpu", "--dtype", "float32",
+                                         "--max-num-seqs", "64", "--port", "not-for-the-launcher"]
+    assert tokenizer_argv(topology)[-2:] == ["--port", "6001"]
+    assert gateway_argv(topology)[3:] == ["--host", "127.0.0.1", "--port", "6000", "--tokenizer",
+                                          "127.0.0.1:6001", "--engine", "127.0.0.1:6002"]
+    assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
+
+
+@pytest.mark.parametrize("argv", [["serve", "--device", "tpu"], ["serve", "--start-timeout", "0"],
+                                  ["generate"], ["generate", "hi", "--max-tokens", "0"], []])
+def test_bad_arguments_exit_2(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(argv)
+    assert exit_info.value.code == 2
+
+
+def test_clashing_ports_are_refused_by_the_topology() -> None:
+    args = cli.parse_args(["serve", "--port", "7000", "--engine-port", "7000"])
+    with pytest.raises(ValueError, match="ports must differ"):
+        cli.topology_from_args(args, "/m.gguf")
+
+
+def test_generate_options_from_flags() -> None:
+    args = cli.parse_args(["generate", "Hello", "--max-tokens", "32", "--temperature", "0", "--top-p", "0.9",
+                           "--top-k", "40", "--seed", "7", "--stop", "###", "END", "--stop", "\n\n",
+                           "--address", "h:1", "--timeout", "5"])
+    opts = cli.generate_options_from_args(args)
+    assert opts == GenerateOptions(prompt="Hello", max_tokens=32, temperature=0.0, top_p=0.9, top_k=40, seed=7,
+                                   stop=("###", "END", "\n\n"))
+    assert (args.address, args.timeout) == ("h:1", 5.0)
+
+
+def test_plain_prompt_sends_only_the_fields_set() -> None:
+    request = build_request(GenerateOptions(prompt="Hello", temperature=0.0))
+    assert request.WhichOneof("input") == "prompt" and request.prompt == "Hello"
+    assert request.params.HasField("temperature") and request.params.temperature == 0.0  # greedy, not unset
+    for unset in ("max_tokens", "top_p", "top_k", "seed"):
+        assert not request.params.HasField(unset)
+
+
+def test_chat_and_system_build_a_chat() -> None:
+    chat = build_request(GenerateOptions(prompt="Hi", chat=True))
+    assert [(m.role, m.content) for m in chat.chat.messages] == [("user", "Hi")]
+    with_system = build_request(cli.generate_options_from_args(
+        cli.parse_args(["generate", "Hi", "--system", "Be brief."])))
+    assert with_system.WhichOneof("input") == "chat"
+    assert [(m.role, m.content) for m in with_system.chat.messages] == [("system", "Be brief."), ("user", "Hi")]
+
+
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2),
+                                 dict(seed=-1), dict(stop=("",))])
+def test_generate_options_are_validated(bad) -> None:
+    with pytest.raises(ValueError):
+        GenerateOptions(prompt="x", **bad)
+
+
+class _FakeGeneration(pb_grpc.GenerationServicer):
+    def GenerateStream(self, request, context):
+        if request.prompt == "fail":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens exceeds the context")
+        yield pb.GenerateStreamResponse(request_id="r1", text="Hel", token_ids=[1])
+        yield pb.GenerateStreamResponse(request_id="r1", text="lo", token_ids=[2])
+        yield pb.GenerateStreamResponse(request_id="r1", finish_reason=pb.FINISH_REASON_STOP, stop_string="###",
+                                        usage=pb.Usage(prompt_tokens=3, completion_tokens=2))
+
+
+@pytest.fixture
+def fake_gateway():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_GenerationServicer_to_server(_FakeGeneration(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_generate_streams_text_to_stdout_and_the_summary_to_stderr(fake_gateway) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert run_generate(GenerateOptions(prompt="Hi"), fake_gateway, 10, out, err) == 0
+    assert out.getvalue() == "Hello"  # the text only, exactly as generated
+    assert err.getvalue() == ("\nfinish_reason=STOP stop_string='###' prompt_tokens=3 completion_tokens=2 "
+                              "request_id=r1\n")
+
+
+def test_generate_reports_grpc_errors(fake_gateway) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert run_generate(GenerateOptions(prompt="fail"), fake_gateway, 10, out, err) == 1
+    assert err.getvalue() == "error: INVALID_ARGUMENT: max_tokens exceeds the context\n"
+
+
+def test_generate_main_exits_1_when_nothing_listens(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "Hi", "--address", "127.0.0.1:1", "--timeout", "5"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
