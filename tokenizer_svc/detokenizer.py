@@ -1,0 +1,55 @@
+"""The Detokenize stream's state: every open request of one stream, and one output message per input message."""
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from protos.tandem.internal.v1 import tokenizer_pb2
+from tokenizer_svc.request_detok import RequestDetokenizer, StepOutcome
+
+
+class Detokenizer:
+    """Not thread-safe: one instance per Detokenize stream, driven by that stream's handler."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._requests: dict[str, RequestDetokenizer] = {}
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def open(self, request_id: str, stop=(), skip_special_tokens: bool = True, prompt_token_ids=()) -> None:
+        """Starts (or restarts) a request's state."""
+        self._requests[request_id] = RequestDetokenizer(self._tokenizer, stop, skip_special_tokens, prompt_token_ids)
+
+    def close(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def step(self, request_id: str, token_ids, finish: int) -> StepOutcome | None:
+        """The request's outcome for this step, or None if it is unknown (never opened, closed or finished)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        outcome = request.step(token_ids, finish)
+        if outcome.finished:
+            del self._requests[request_id]
+        return outcome
+
+    def handle(self, message: tokenizer_pb2.DetokenizeInput) -> tokenizer_pb2.DetokenizeOutput:
+        """Opens, then steps in order, then closes: a request may open and step in one message."""
+        for o in message.opens:
+            self.open(o.request_id, o.stop, o.skip_special_tokens, o.prompt_token_ids)
+        out = tokenizer_pb2.DetokenizeOutput()
+        add = out.results.add
+        for s in message.steps:
+            outcome = self.step(s.request_id, s.token_ids, s.finish)
+            if outcome is None:
+                continue
+            ids = s.token_ids if outcome.consumed == len(s.token_ids) else s.token_ids[:outcome.consumed]
+            add(request_id=s.request_id, text=outcome.text, token_ids=ids, finished=outcome.finished,
+                finish=outcome.finish, matched_stop=outcome.matched_stop)
+        for request_id in message.closes:
+            self.close(request_id)
+        return out

@@ -1,0 +1,52 @@
+"""Incremental detokenization of one request: text deltas for token ids fed one at a time.
+
+`tokenizers.decoders.DecodeStream` does the work: it holds a token back while the text decoded so far ends in an
+incomplete UTF-8 character (U+FFFD), so a delta never splits a character. It has no flush, so this class
+remembers which ids it still holds; at the end of a request `flush` returns their text as a full decode shows it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+# Prompt ids kept as decode context. A character spans at most 4 byte tokens, and decoders that strip a leading
+# space look at one token before; a few ids settle both, however long the prompt.
+CONTEXT_IDS = 6
+
+
+class IncrementalDecoder:
+    __slots__ = ("_tokenizer", "_stream", "_skip_special_tokens", "_recent", "_pending")
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        context = [int(i) for i in prompt_ids[-CONTEXT_IDS:]]
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+        self._recent: deque[int] = deque(context, maxlen=CONTEXT_IDS)  # ids whose text has been returned
+        self._pending: list[int] = []  # ids fed whose text the stream still holds
+
+    def push(self, token_id: int) -> str:
+        """The new text this token completes; "" while a character is incomplete (or the token is skipped)."""
+        text = self._stream.step(self._tokenizer, token_id)
+        if text is None:
+            self._pending.append(token_id)
+            return ""
+        if self._pending:
+            self._recent.extend(self._pending)
+            self._pending.clear()
+        self._recent.append(token_id)
+        return text
+
+    def flush(self) -> str:
+        """The text of the held ids, U+FFFD for bytes that never completed a character, as decode() shows it."""
+        if not self._pending:
+            return ""
+        context = list(self._recent)
+        head = self._tokenizer.decode(context, skip_special_tokens=self._skip_special_tokens)
+        full = self._tokenizer.decode(context + self._pending, skip_special_tokens=self._skip_special_tokens)
+        self._recent.extend(self._pending)
+        self._pending.clear()
+        return full[len(head):] if full.startswith(head) else full

@@ -1,0 +1,43 @@
+"""The loaded tokenizer: what every loader produces and every RPC uses. Immutable once built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from tokenizers import Tokenizer
+
+from tokenizer_svc.chat_template import ChatTemplate
+
+
+class NoChatTemplateError(ValueError):
+    """A chat was sent to a tokenizer that has no chat template."""
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    tokenizer: Tokenizer           # its post-processor already adds BOS/EOS as the model's config says
+    eos_token_ids: tuple[int, ...]  # every id that ends generation, first the tokenizer's own EOS
+    bos_token_id: int | None
+    add_bos_token: bool
+    special_token_ids: frozenset[int]
+    chat_template: ChatTemplate | None
+    source: str                    # where it came from, for logs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        if self.chat_template is None:
+            raise NoChatTemplateError(f"the tokenizer from {self.source} has no chat template; send text instead")
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        # HF semantics: the rendered template already holds every special token it wants, so none are added.
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
