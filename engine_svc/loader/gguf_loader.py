@@ -6,6 +6,7 @@ the weights match HF's half-rotation layout and the same model code serves both 
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,12 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 
 
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: Path) -> GGUFReader:
+    """Parsing a GGUF's metadata takes seconds (its tokenizer arrays hold ~100k strings): parse once per file."""
+    return GGUFReader(path)
+
+
 def gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -51,7 +58,7 @@ def gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def gguf_model_config(path: Path) -> ModelConfig:
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(_ARCHITECTURES)}")
@@ -103,18 +110,20 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def iter_gguf_weights(path: Path) -> _Sized:
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     cfg = gguf_model_config(path)
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
         for t in reader.tensors:
             name = hf_name(t.name)
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
             w = w.reshape([int(d) for d in reversed(t.shape.tolist())])
             if name.endswith("self_attn.q_proj.weight"):
                 w = unpermute_rotary(w, cfg.num_heads)
             elif name.endswith("self_attn.k_proj.weight"):
                 w = unpermute_rotary(w, cfg.num_kv_heads)
-            yield name, torch.from_numpy(np.ascontiguousarray(w))
+            if not w.flags.writeable or not w.flags.c_contiguous:  # F32 tensors are views of the read-only map
+                w = np.array(w, order="C")
+            yield name, torch.from_numpy(w)
 
     return _Sized(gen(), len(reader.tensors))

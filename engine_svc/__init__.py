@@ -1,0 +1,1 @@
+"""Tandem engine service: token ids in, token ids out, over a paged KV cache with continuous batching."""

@@ -1,0 +1,39 @@
+"""Conversions between the engine's protobuf contract and its plain-Python request types, with validation."""
+from __future__ import annotations
+
+from engine_svc.core.request import FinishReason, SamplingParams
+from protos.tandem.internal.v1 import engine_pb2 as pb
+
+FINISH_TO_PB = {
+    None: pb.ENGINE_FINISH_NONE,
+    FinishReason.STOP_TOKEN: pb.ENGINE_FINISH_STOP_TOKEN,
+    FinishReason.LENGTH: pb.ENGINE_FINISH_LENGTH,
+    FinishReason.ABORTED: pb.ENGINE_FINISH_ABORTED,
+}
+
+
+def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
+    """Raises ValueError naming the field for values the engine cannot honour."""
+    if not p.temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0, got {p.temperature}")
+    if not 0.0 < p.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+    if p.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {p.max_tokens}")
+    bad = [t for t in p.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary of {vocab_size}")
+    return SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens,
+        stop_token_ids=frozenset(p.stop_token_ids), ignore_eos=p.ignore_eos)
+
+
+def check_prompt(ids, vocab_size: int) -> list[int]:
+    prompt = list(ids)
+    if not prompt:
+        raise ValueError("prompt_token_ids is empty")
+    top = max(prompt)
+    if top >= vocab_size:
+        raise ValueError(f"prompt token id {top} is outside the vocabulary of {vocab_size}")
+    return prompt

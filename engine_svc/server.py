@@ -1,0 +1,185 @@
+"""The engine's gRPC service: per-gateway Session streams and a per-request debugging stream over one EngineLoop.
+
+The gRPC server starts first and reports NOT_SERVING while the model loads; health turns SERVING once the engine
+loop runs, which is what the launcher and compose wait for.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine_svc.config import EngineConfig
+from engine_svc.core.scheduler import AdmissionError, RequestOutput
+from engine_svc.engine_loop import EngineLoop
+from engine_svc.proto_convert import FINISH_TO_PB, check_prompt, params_from_pb
+from protos.tandem.internal.v1 import engine_pb2 as pb
+from protos.tandem.internal.v1 import engine_pb2_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name
+_END = object()
+
+
+class _QueueSink:
+    """Hands loop-thread outputs to one asyncio consumer, thread-safely and without blocking the loop thread."""
+
+    def __init__(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+        self._aio = aio_loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, outputs: list[RequestOutput]) -> None:
+        self._aio.call_soon_threadsafe(self.queue.put_nowait, [_delta(o) for o in outputs])
+
+    def reject(self, request_id: str, error: AdmissionError) -> None:
+        code = pb.REJECT_NO_CAPACITY if error.no_capacity else pb.REJECT_INVALID
+        self._aio.call_soon_threadsafe(self.queue.put_nowait, [_rejection(request_id, code, str(error))])
+
+
+def _delta(o: RequestOutput) -> pb.RequestDelta:
+    return pb.RequestDelta(request_id=o.request_id, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason])
+
+
+def _rejection(request_id: str, code: int, message: str) -> pb.RequestDelta:
+    return pb.RequestDelta(request_id=request_id, finish=pb.ENGINE_FINISH_REJECTED, reject_code=code, error=message)
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(self) -> None:
+        self.loop: EngineLoop | None = None
+
+    async def _ready(self, context) -> EngineLoop:
+        if self.loop is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading its model")
+        return self.loop
+
+    def _admit(self, loop: EngineLoop, submit: pb.Submit, sink: _QueueSink) -> bool:
+        vocab = loop.engine.model_cfg.vocab_size
+        try:
+            if not submit.request_id:
+                raise ValueError("request_id is empty")
+            prompt = check_prompt(submit.prompt_token_ids, vocab)
+            params = params_from_pb(submit.params, vocab)
+        except ValueError as e:
+            sink.queue.put_nowait([_rejection(submit.request_id, pb.REJECT_INVALID, str(e))])
+            return False
+        loop.submit(submit.request_id, prompt, params, sink)
+        return True
+
+    async def GetInfo(self, request, context) -> pb.EngineInfo:
+        loop = await self._ready(context)
+        e = loop.engine
+        return pb.EngineInfo(
+            model_name=e.model_name, max_model_len=e.config.max_model_len, vocab_size=e.model_cfg.vocab_size,
+            eos_token_ids=list(e.model_cfg.eos_token_ids), block_size=e.config.block_size,
+            num_kv_blocks=e.kv.num_blocks, device=str(e.runner.device), dtype=str(e.runner.dtype).split(".")[-1],
+            attention_backend=e.runner.backend.name)
+
+    async def GetLoad(self, request, context) -> pb.EngineLoad:
+        loop = await self._ready(context)
+        s = loop.load
+        return pb.EngineLoad(num_running=s.num_running, num_waiting=s.num_waiting, kv_blocks_total=s.kv_blocks_total,
+                             kv_blocks_used=s.kv_blocks_used, kv_blocks_free=s.kv_blocks_total - s.kv_blocks_used,
+                             steps=s.steps)
+
+    async def Session(self, request_iterator, context) -> AsyncIterator[pb.StepOutput]:
+        loop = await self._ready(context)
+        sink = _QueueSink(asyncio.get_running_loop())
+        owned: set[str] = set()
+
+        async def pump() -> None:
+            try:
+                async for msg in request_iterator:
+                    for submit in msg.submits:
+                        if self._admit(loop, submit, sink):
+                            owned.add(submit.request_id)
+                    for rid in msg.aborts:
+                        if rid in owned:
+                            owned.discard(rid)
+                            loop.abort(rid)
+            finally:
+                sink.queue.put_nowait(_END)
+
+        reader = asyncio.create_task(pump())
+        inputs_done = False
+        try:
+            while not (inputs_done and not owned):
+                item = await sink.queue.get()
+                if item is _END:
+                    inputs_done = True
+                    continue
+                deltas = [d for d in item if d.request_id in owned or d.finish == pb.ENGINE_FINISH_REJECTED]
+                for d in deltas:
+                    if d.finish != pb.ENGINE_FINISH_NONE:
+                        owned.discard(d.request_id)
+                if deltas:
+                    yield pb.StepOutput(deltas=deltas)
+        finally:
+            reader.cancel()
+            for rid in owned:  # the gateway went away: free everything it had in flight
+                loop.abort(rid)
+
+    async def GenerateIds(self, request, context) -> AsyncIterator[pb.RequestDelta]:
+        loop = await self._ready(context)
+        sink = _QueueSink(asyncio.get_running_loop())
+        if not self._admit(loop, request, sink):
+            d = (await sink.queue.get())[0]
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, d.error)
+        finished = False
+        try:
+            while not finished:
+                for d in await sink.queue.get():
+                    if d.finish == pb.ENGINE_FINISH_REJECTED:
+                        code = (grpc.StatusCode.RESOURCE_EXHAUSTED if d.reject_code == pb.REJECT_NO_CAPACITY
+                                else grpc.StatusCode.INVALID_ARGUMENT)
+                        await context.abort(code, d.error)
+                    finished = d.finish != pb.ENGINE_FINISH_NONE
+                    yield d
+        finally:
+            if not finished:
+                loop.abort(request.request_id)
+
+
+async def serve(config: EngineConfig) -> None:
+    server = grpc.aio.server()
+    servicer = EngineServicer()
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+
+    stop = asyncio.Event()
+    aio_loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        aio_loop.add_signal_handler(sig, stop.set)
+
+    from engine_svc.engine import Engine  # imports torch: after the port is open so health answers early
+
+    print(f"[engine] loading {config.model} ...", file=sys.stderr, flush=True)
+    load = asyncio.ensure_future(asyncio.to_thread(Engine, config))
+    await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not load.done():
+        await server.stop(0)
+        return
+    engine = load.result()
+    loop = EngineLoop(engine)
+    loop.on_fatal = lambda e: aio_loop.call_soon_threadsafe(stop.set)
+    loop.start()
+    servicer.loop = loop
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"engine_svc listening on {config.host}:{port} ({engine.model_name}, {engine.runner.device}, "
+          f"{str(engine.runner.dtype).split('.')[-1]})", file=sys.stderr, flush=True)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    loop.stop()

@@ -1,0 +1,65 @@
+"""A long-lived bidirectional gRPC stream with one writer queue and one reader task.
+
+Writes never block the caller (they are queued and sent in order by gRPC's request iterator); every received
+message goes to on_message. When the stream ends or breaks, on_closed gets the error (None for a clean end).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+_CLOSE = object()
+
+
+class BidiStream:
+    def __init__(self, method: Callable[..., Any], on_message: Callable[[Any], None],
+                 on_closed: Callable[[BaseException | None], None], name: str) -> None:
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._call = method(self._requests())
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self.name = name
+        self.closed = False
+        self._reader = asyncio.create_task(self._read(), name=f"{name}-reader")
+
+    async def _requests(self):
+        while True:
+            msg = await self._outbox.get()
+            if msg is _CLOSE:
+                return
+            yield msg
+
+    async def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            async for msg in self._call:
+                self._on_message(msg)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as e:
+            error = e
+        except Exception as e:  # a handler bug must surface as a closed stream, not a silent hang
+            error = e
+        finally:
+            self.closed = True
+        self._on_closed(error)
+
+    def send(self, msg: Any) -> None:
+        if not self.closed:
+            self._outbox.put_nowait(msg)
+
+    async def close(self) -> None:
+        self.closed = True
+        self._outbox.put_nowait(_CLOSE)
+        self._call.cancel()
+        self._reader.cancel()
+        try:
+            await self._reader
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+def wait_ready(channel: grpc.aio.Channel, timeout: float) -> Awaitable[None]:
+    return asyncio.wait_for(channel.channel_ready(), timeout)

@@ -1,0 +1,40 @@
+"""Gateway configuration: parsed from the command line, validated once, frozen."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    engine: str = "127.0.0.1:50053"
+    tokenizer: str = "127.0.0.1:50052"
+    default_max_tokens: int = 256
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    connect_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port must be in [0, 65535]")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+        if not self.engine or not self.tokenizer:
+            raise ValueError("engine and tokenizer addresses are required")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway", description="Tandem gateway: the public gRPC API.")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--engine", default="127.0.0.1:50053", help="engine service address")
+    p.add_argument("--tokenizer", default="127.0.0.1:50052", help="tokenizer service address")
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
+    return GatewayConfig(**vars(build_parser().parse_args(argv)))

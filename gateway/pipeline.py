@@ -1,0 +1,167 @@
+"""Connects the gateway to the tokenizer and the engine and moves every request's data one way:
+
+    submit -> engine Session stream -> (one message per engine step) -> tokenizer Detokenize stream
+           -> (one message per step, all requests' text) -> the request's queue -> the client's stream
+
+A stop string matched in the tokenizer, a client cancel or a deadline becomes an abort on the engine stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+
+import grpc
+
+from gateway.bidi_stream import BidiStream, wait_ready
+from gateway.config import GatewayConfig
+from protos.tandem.internal.v1 import engine_pb2 as epb
+from protos.tandem.internal.v1 import engine_pb2_grpc
+from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
+from protos.tandem.internal.v1 import tokenizer_pb2_grpc
+
+PROMPT_CONTEXT_TOKENS = 8   # prompt tail the detokenizer needs to decode the first new token as mid-text
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: grpc.StatusCode
+    message: str
+
+
+class Unavailable(Exception):
+    pass
+
+
+class RequestHandle:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()   # DetokResult | Failure
+
+
+class Pipeline:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._engine_channel = grpc.aio.insecure_channel(config.engine)
+        self._tok_channel = grpc.aio.insecure_channel(config.tokenizer)
+        self._engine = engine_pb2_grpc.EngineStub(self._engine_channel)
+        self._tok = tokenizer_pb2_grpc.TokenizerStub(self._tok_channel)
+        self._engine_stream: BidiStream | None = None
+        self._detok_stream: BidiStream | None = None
+        self._handles: dict[str, RequestHandle] = {}
+        self.engine_info: epb.EngineInfo | None = None
+        self.tokenizer_info: tpb.TokenizerInfo | None = None
+
+    async def start(self) -> None:
+        timeout = self.config.connect_timeout_s
+        await asyncio.gather(wait_ready(self._engine_channel, timeout), wait_ready(self._tok_channel, timeout))
+        self.engine_info = await self._engine.GetInfo(epb.EngineInfoRequest(), wait_for_ready=True, timeout=timeout)
+        self.tokenizer_info = await self._tok.GetInfo(tpb.TokenizerInfoRequest(), wait_for_ready=True,
+                                                      timeout=timeout)
+
+    async def close(self) -> None:
+        for stream in (self._engine_stream, self._detok_stream):
+            if stream is not None:
+                await stream.close()
+        await self._engine_channel.close()
+        await self._tok_channel.close()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._handles)
+
+    # --- per-request API -------------------------------------------------------------------------------------------
+
+    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None) -> list[int]:
+        if prompt is not None:
+            req = tpb.EncodeRequest(text=prompt)
+        else:
+            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat]))
+        resp = await self._tok.Encode(req, timeout=timeout)
+        return list(resp.token_ids)
+
+    async def engine_load(self) -> epb.EngineLoad:
+        return await self._engine.GetLoad(epb.EngineLoadRequest(), timeout=5)
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams,
+               stop: tuple[str, ...]) -> RequestHandle:
+        if request_id in self._handles:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        engine, detok = self._streams()
+        handle = RequestHandle(request_id)
+        self._handles[request_id] = handle
+        detok.send(tpb.DetokenizeInput(opens=[tpb.DetokOpen(
+            request_id=request_id, stop=stop, skip_special_tokens=True,
+            prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:])]))
+        engine.send(epb.SessionInput(submits=[epb.Submit(request_id=request_id, prompt_token_ids=prompt_ids,
+                                                         params=params)]))
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        """Drops the request everywhere; idempotent. The engine frees its KV blocks before its next step."""
+        if self._handles.pop(request_id, None) is None:
+            return
+        if self._engine_stream is not None:
+            self._engine_stream.send(epb.SessionInput(aborts=[request_id]))
+        if self._detok_stream is not None:
+            self._detok_stream.send(tpb.DetokenizeInput(closes=[request_id]))
+
+    # --- streams ---------------------------------------------------------------------------------------------------
+
+    def _streams(self) -> tuple[BidiStream, BidiStream]:
+        """(Re)opens the two long-lived streams; after a failure the next request reconnects."""
+        if self._engine_stream is None or self._engine_stream.closed:
+            self._engine_stream = BidiStream(self._engine.Session, self._on_engine_step,
+                                             self._on_stream_closed, "engine")
+        if self._detok_stream is None or self._detok_stream.closed:
+            self._detok_stream = BidiStream(self._tok.Detokenize, self._on_detok_output,
+                                            self._on_stream_closed, "tokenizer")
+        return self._engine_stream, self._detok_stream
+
+    def _on_engine_step(self, step: epb.StepOutput) -> None:
+        steps = []
+        for d in step.deltas:
+            handle = self._handles.get(d.request_id)
+            if handle is None:
+                continue  # cancelled, or already ended by a stop string
+            if d.finish == epb.ENGINE_FINISH_REJECTED:
+                code = (grpc.StatusCode.RESOURCE_EXHAUSTED if d.reject_code == epb.REJECT_NO_CAPACITY
+                        else grpc.StatusCode.INVALID_ARGUMENT)
+                self._fail(d.request_id, Failure(code, d.error))
+                continue
+            steps.append(tpb.DetokStep(request_id=d.request_id, token_ids=d.token_ids, finish=d.finish))
+        if steps:
+            self._detok_stream.send(tpb.DetokenizeInput(steps=steps))
+
+    def _on_detok_output(self, out: tpb.DetokenizeOutput) -> None:
+        aborts = []
+        for r in out.results:
+            handle = self._handles.get(r.request_id)
+            if handle is None:
+                continue
+            handle.queue.put_nowait(r)
+            if r.finished:
+                del self._handles[r.request_id]
+                if r.finish == epb.ENGINE_FINISH_NONE:  # ended by a stop string: the engine is still generating
+                    aborts.append(r.request_id)
+        if aborts and self._engine_stream is not None:
+            self._engine_stream.send(epb.SessionInput(aborts=aborts))
+
+    def _fail(self, request_id: str, failure: Failure) -> None:
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            handle.queue.put_nowait(failure)
+            if self._detok_stream is not None:
+                self._detok_stream.send(tpb.DetokenizeInput(closes=[request_id]))
+
+    def _on_stream_closed(self, error: BaseException | None) -> None:
+        # Either stream breaking strands every request in flight: end them all with UNAVAILABLE and let the next
+        # request open fresh streams.
+        detail = getattr(error, "details", lambda: None)() or str(error or "stream ended")
+        print(f"[gateway] internal stream closed: {detail}", file=sys.stderr, flush=True)
+        for rid in list(self._handles):
+            handle = self._handles.pop(rid)
+            handle.queue.put_nowait(Failure(grpc.StatusCode.UNAVAILABLE, f"a backend service went away: {detail}"))
+        for stream in (self._engine_stream, self._detok_stream):
+            if stream is not None and not stream.closed:
+                asyncio.ensure_future(stream.close())

@@ -1,0 +1,152 @@
+"""The public tandem.v1.Generation service."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.config import GatewayConfig
+from gateway.pipeline import Failure, Pipeline
+from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_length, validate
+from protos.tandem.internal.v1 import engine_pb2 as epb
+from protos.tandem.v1 import generation_pb2 as api
+from protos.tandem.v1 import generation_pb2_grpc
+
+SERVICE_NAME = api.DESCRIPTOR.services_by_name["Generation"].full_name
+
+_ENGINE_FINISH = {
+    epb.ENGINE_FINISH_STOP_TOKEN: api.FINISH_REASON_STOP,
+    epb.ENGINE_FINISH_LENGTH: api.FINISH_REASON_LENGTH,
+    epb.ENGINE_FINISH_ABORTED: api.FINISH_REASON_CANCELLED,
+}
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+
+    async def GetModelInfo(self, request, context) -> api.ModelInfo:
+        info = self.pipeline.engine_info
+        return api.ModelInfo(model_name=info.model_name, max_context=info.max_model_len, vocab_size=info.vocab_size,
+                             eos_token_ids=list(info.eos_token_ids))
+
+    async def GenerateStream(self, request, context) -> AsyncIterator[api.GenerateStreamResponse]:
+        async for chunk in self._run(request, context):
+            yield chunk
+
+    async def Generate(self, request, context) -> api.GenerateResponse:
+        resp = api.GenerateResponse()
+        async for chunk in self._run(request, context):
+            resp.request_id = chunk.request_id
+            resp.text += chunk.text
+            resp.token_ids.extend(chunk.token_ids)
+            if chunk.finish_reason:
+                resp.finish_reason = chunk.finish_reason
+                resp.usage.CopyFrom(chunk.usage)
+                which = chunk.WhichOneof("stop_reason")
+                if which is not None:
+                    setattr(resp, which, getattr(chunk, which))
+        return resp
+
+    async def _run(self, request: api.GenerateRequest, context) -> AsyncIterator[api.GenerateStreamResponse]:
+        info = self.pipeline.engine_info
+        try:
+            v = validate(request, self.config, info.vocab_size)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            code = e.code() if e.code() == grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"{'input' if code == grpc.StatusCode.INVALID_ARGUMENT else 'tokenizer'}: "
+                                      f"{e.details()}")
+        try:
+            check_prompt_length(len(prompt_ids), info.max_model_len)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        params = self._engine_params(v, len(prompt_ids), info.max_model_len)
+        try:
+            handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        completion_tokens = 0
+        finished = False
+        try:
+            while not finished:
+                r = await handle.queue.get()
+                if isinstance(r, Failure):
+                    finished = True
+                    await context.abort(r.code, r.message)
+                completion_tokens += len(r.token_ids)
+                chunk = api.GenerateStreamResponse(request_id=request_id, text=r.text, token_ids=r.token_ids)
+                if r.finished:
+                    finished = True
+                    self._finish(chunk, r, len(prompt_ids), completion_tokens)
+                yield chunk
+        finally:
+            if not finished:  # client cancel, deadline, or a failed write: stop the work downstream
+                self.pipeline.cancel(request_id)
+
+    def _engine_params(self, v: ValidatedRequest, prompt_len: int, max_model_len: int) -> epb.SamplingParams:
+        room = max_model_len - prompt_len
+        max_tokens = min(v.max_tokens if v.max_tokens is not None else self.config.default_max_tokens, room)
+        params = epb.SamplingParams(temperature=v.temperature, top_p=v.top_p, top_k=v.top_k, max_tokens=max_tokens,
+                                    stop_token_ids=v.stop_token_ids)
+        if v.seed is not None:
+            params.seed = v.seed
+        return params
+
+    @staticmethod
+    def _finish(chunk: api.GenerateStreamResponse, r, prompt_tokens: int, completion_tokens: int) -> None:
+        chunk.usage.prompt_tokens = prompt_tokens
+        chunk.usage.completion_tokens = completion_tokens
+        if r.matched_stop:
+            chunk.finish_reason = api.FINISH_REASON_STOP
+            chunk.stop_string = r.matched_stop
+            return
+        chunk.finish_reason = _ENGINE_FINISH[r.finish]
+        if r.finish == epb.ENGINE_FINISH_STOP_TOKEN and r.token_ids:
+            chunk.stop_token_id = r.token_ids[-1]
+
+
+async def serve(config: GatewayConfig) -> None:
+    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    pipeline = Pipeline(config)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(config, pipeline), server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    await server.start()
+    try:
+        await pipeline.start()
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
+        print(f"gateway: could not reach the engine ({config.engine}) or the tokenizer ({config.tokenizer}): "
+              f"{e!r}", file=sys.stderr, flush=True)
+        await server.stop(0)
+        raise SystemExit(1)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})",
+          file=sys.stderr, flush=True)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5.0)
+    await pipeline.close()

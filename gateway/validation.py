@@ -1,0 +1,87 @@
+"""Checks a public GenerateRequest before any work is done. Every error names the offending field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gateway.config import GatewayConfig
+from protos.tandem.v1 import generation_pb2 as api
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class InvalidRequest(ValueError):
+    """Maps to INVALID_ARGUMENT; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    prompt: str | None
+    chat: list[tuple[str, str]] | None
+    max_tokens: int | None          # None: the server default, capped by the remaining context
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+
+
+def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
+    which = req.WhichOneof("input")
+    prompt, chat = None, None
+    if which is None:
+        raise InvalidRequest("input: set either prompt or chat")
+    if which == "prompt":
+        if not req.prompt:
+            raise InvalidRequest("prompt: must not be empty")
+        prompt = req.prompt
+    else:
+        chat = _validate_chat(req.chat)
+
+    p = req.params
+    if p.HasField("max_tokens") and p.max_tokens < 1:
+        raise InvalidRequest(f"params.max_tokens: must be >= 1, got {p.max_tokens}")
+    temperature = p.temperature if p.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise InvalidRequest(f"params.temperature: must be a finite number >= 0, got {temperature}")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidRequest(f"params.top_p: must be in (0, 1], got {top_p}")
+    top_k = p.top_k if p.HasField("top_k") else 0
+    if top_k < -1:
+        raise InvalidRequest(f"params.top_k: must be >= -1 (0 or -1 turn it off), got {top_k}")
+    if len(p.stop) > config.max_stop_strings:
+        raise InvalidRequest(f"params.stop: at most {config.max_stop_strings} stop strings, got {len(p.stop)}")
+    for i, s in enumerate(p.stop):
+        if not s:
+            raise InvalidRequest(f"params.stop[{i}]: must not be empty")
+        if len(s) > config.max_stop_string_chars:
+            raise InvalidRequest(f"params.stop[{i}]: longer than {config.max_stop_string_chars} characters")
+    for t in p.stop_token_ids:
+        if t >= vocab_size:
+            raise InvalidRequest(f"params.stop_token_ids: {t} is outside the vocabulary of {vocab_size} tokens")
+    return ValidatedRequest(
+        prompt=prompt, chat=chat,
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+        temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids))
+
+
+def _validate_chat(chat: api.Chat) -> list[tuple[str, str]]:
+    if not chat.messages:
+        raise InvalidRequest("chat.messages: must not be empty")
+    turns = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"chat.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+        turns.append((m.role, m.content))
+    return turns
+
+
+def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
+    if num_tokens >= max_model_len:
+        raise InvalidRequest(
+            f"prompt: {num_tokens} tokens do not fit the model's context of {max_model_len} tokens "
+            f"(at most {max_model_len - 1} leave room to generate)")
