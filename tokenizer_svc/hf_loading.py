@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from tokenizer_svc.chat_template import ChatTemplate
 from tokenizer_svc.loaded import LoadedTokenizer
-from tokenizer_svc.special_tokens import adds_bos, bos_eos_post_processor, special_token_ids, unique_ids
+from tokenizer_svc.special_tokens import adds_bos, special_token_ids, unique_ids
 
 # The special-token names HF exposes to chat templates (its special_tokens_map).
 _TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -60,15 +60,8 @@ def load_hf_directory(directory: Path) -> LoadedTokenizer:
     tokens = {name: _token_content(tok_config.get(name)) for name in _TEMPLATE_TOKEN_NAMES}
     ids = {name: (tokenizer.token_to_id(t) if t is not None else None) for name, t in tokens.items()}
 
-    add_bos = bool(tok_config.get("add_bos_token", False))
-    add_eos = bool(tok_config.get("add_eos_token", False))
-    # transformers replaces the post-processor when the config sets these flags explicitly, or when
-    # tokenizer.json has none; otherwise tokenizer.json's own post-processor decides what encode adds.
-    if "add_bos_token" in tok_config or "add_eos_token" in tok_config or tokenizer.post_processor is None:
-        bos = (tokens["bos_token"], ids["bos_token"]) if add_bos and ids["bos_token"] is not None else None
-        eos = (tokens["eos_token"], ids["eos_token"]) if add_eos and ids["eos_token"] is not None else None
-        tokenizer.post_processor = bos_eos_post_processor(bos, eos)
-
+    # tokenizer.json's post-processor alone decides what encode adds (BOS/EOS): transformers drops
+    # tokenizer_config's add_bos_token / add_eos_token whenever a tokenizer.json exists.
     eos_ids = unique_ids([ids["eos_token"],
                           *_config_ids(_read_json(directory / "generation_config.json").get("eos_token_id")),
                           *_config_ids(_read_json(directory / "config.json").get("eos_token_id"))])

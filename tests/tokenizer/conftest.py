@@ -6,27 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tok_samples import CHATML_TEMPLATE, SPECIAL_TOKENS, TINY_CORPUS
 from tokenizer_svc import LoadedTokenizer, load_tokenizer
-
-CHATML_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-TINY_CORPUS = [
-    "The quick brown fox jumps over the lazy dog. 12345 67890",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "你好，世界！今天天气很好。我们去公园散步吧。",
-    "こんにちは世界 안녕하세요 세계",
-    "Emoji time 🎉🎉 🚀 👍🏽 ❤️ 🇫🇷 and more 😀😀😀",
-    "Ünïcödé àccents — “quotes” and ‘single’ … ellipsis",
-    "    indented line\n\ttabbed line\r\nwindows newline",
-] * 20
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _train_tiny_tokenizer():
@@ -41,8 +22,16 @@ def _train_tiny_tokenizer():
     return tok
 
 
-def _write_hf_dir(directory: Path, tokenizer, config: dict, generation_config: dict | None = None) -> Path:
+def _write_hf_dir(directory: Path, tokenizer, config: dict, generation_config: dict | None = None,
+                  add_bos: bool = False) -> Path:
+    from tokenizers import Tokenizer, processors
+
     directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    if add_bos:
+        bos = "<|endoftext|>"
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     if generation_config is not None:
@@ -57,20 +46,23 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A byte-level BPE directory with a ChatML template that adds BOS, and an extra EOS in generation_config."""
+    """A byte-level BPE directory whose tokenizer.json adds BOS, with a ChatML template that writes BOS itself
+    and an extra EOS in generation_config. tokenizer_config's add_bos_token=False is ignored, as in transformers."""
     return _write_hf_dir(
         tmp_path_factory.mktemp("tiny_hf"), tiny_tokenizer,
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
-         "eos_token": {"content": "<|im_end|>", "special": True}, "add_bos_token": True,
+         "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}, "add_bos_token": False,
          "chat_template": CHATML_TEMPLATE},
         generation_config={"eos_token_id": [tiny_tokenizer.token_to_id("<|im_end|>"),
-                                            tiny_tokenizer.token_to_id("<|endoftext|>")]})
+                                            tiny_tokenizer.token_to_id("<|endoftext|>")]},
+        add_bos=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir_no_template(tmp_path_factory, tiny_tokenizer) -> Path:
     return _write_hf_dir(tmp_path_factory.mktemp("tiny_hf_plain"), tiny_tokenizer,
-                         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+                         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                          "bos_token": "<|endoftext|>", "add_bos_token": True})
 
 
 @pytest.fixture(scope="session")
