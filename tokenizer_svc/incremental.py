@@ -22,6 +22,10 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         context = [int(i) for i in prompt_ids[-CONTEXT_IDS:]]
+        # A context ending inside a character would make the stream re-emit or drop prompt text; without its
+        # dangling bytes, the deltas are exactly the decode of the generated ids.
+        while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            context.pop()
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
