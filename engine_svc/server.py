@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import threading
 from typing import AsyncIterator
 
 import grpc
@@ -144,6 +145,23 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 loop.abort(request.request_id)
 
 
+def _load_in_daemon_thread(fn, aio_loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """Runs a slow load off the event loop in a daemon thread, so a signal during the load can end the process
+    at once (asyncio.to_thread's executor would make interpreter exit wait for the load to finish)."""
+    fut = aio_loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # surfaced to the awaiting coroutine
+            aio_loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+        else:
+            aio_loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+    threading.Thread(target=run, name="engine-load", daemon=True).start()
+    return fut
+
+
 async def serve(config: EngineConfig) -> None:
     server = grpc.aio.server()
     servicer = EngineServicer()
@@ -165,9 +183,9 @@ async def serve(config: EngineConfig) -> None:
     from engine_svc.engine import Engine  # imports torch: after the port is open so health answers early
 
     print(f"[engine] loading {config.model} ...", file=sys.stderr, flush=True)
-    load = asyncio.ensure_future(asyncio.to_thread(Engine, config))
+    load = _load_in_daemon_thread(lambda: Engine(config), aio_loop)
     await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if not load.done():
+    if not load.done():  # stopped while loading: exit now; the daemon loader thread dies with the process
         await server.stop(0)
         return
     engine = load.result()
