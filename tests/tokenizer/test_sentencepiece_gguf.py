@@ -1,0 +1,128 @@
+"""GGUF tokenizers other than SmolLM2's: a synthetic sentencepiece ("llama") vocabulary against transformers, and
+clear errors for what is not supported."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+
+from tok_samples import TINY_CORPUS
+from tokenizer_svc import load_tokenizer
+
+SAMPLES = TINY_CORPUS[:7] + ["  two spaces", " lead", "a\nb", "x<tool>y", "<s>hi</s>", "Ωmega ☃ 🦙 (byte fallback)", ""]
+
+
+def _write_gguf(path: Path, tokens, types, *, model: str, scores=None, merges=None, pre=None, **extra) -> Path:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for key, value in extra.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory) -> Path:
+    """A sentencepiece-style BPE vocabulary: <unk>, <s>, </s>, 256 byte pieces, a user-defined <tool>, then
+    pieces trained with tokenizers and scored like sentencepiece (a merged piece scores minus its merge rank)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trained.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    rank = {"".join(m): r for r, m in enumerate(model["merges"])}
+    by_id = sorted(model["vocab"], key=model["vocab"].get)
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["<tool>"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + \
+        [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.USER_DEFINED]
+    scores = [0.0] * len(tokens)
+    for piece in sorted((t for t in by_id if t in rank), key=rank.get):
+        tokens.append(piece)
+        types.append(gguf.TokenType.NORMAL)
+        scores.append(-float(rank[piece]))
+    for i, piece in enumerate(t for t in by_id if t not in rank):  # single characters: never a merge result
+        tokens.append(piece)
+        types.append(gguf.TokenType.NORMAL)
+        scores.append(-1e6 - i)
+    return _write_gguf(tmp_path_factory.mktemp("spm") / "tiny-llama.gguf", tokens, [int(t) for t in types],
+                       model="llama", scores=scores, unk_token_id=0, add_bos_token=True)
+
+
+def test_sentencepiece_matches_transformers(spm_gguf):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(spm_gguf)
+    ref = AutoTokenizer.from_pretrained(str(spm_gguf.parent), gguf_file=spm_gguf.name)
+    for text in SAMPLES:
+        ids = ours.encode_text(text)
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids)
+        plain = ours.decode(ids, skip_special_tokens=True)
+        assert plain == ref.decode(ids, skip_special_tokens=True)
+        # The decoder strips the one space the pre-tokenizer prepended, so a text's own leading space goes too.
+        expected = text.replace("<s>", "").replace("</s>", "")
+        assert plain == (expected[1:] if expected.startswith(" ") else expected)
+    assert ours.encode_text("hi")[0] == 1 and ours.add_bos_token
+    tool = ours.tokenizer.token_to_id("<tool>")
+    assert tool in ours.encode_text("x<tool>y") and tool not in ours.special_token_ids
+
+
+def test_sentencepiece_incremental_decode(spm_gguf):
+    from tokenizer_svc import RequestDetokenizer
+    from protos.tandem.internal.v1 import engine_pb2
+
+    tok = load_tokenizer(spm_gguf).tokenizer
+    prompt = tok.encode("Say:", add_special_tokens=False).ids
+    for text in SAMPLES:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        request = RequestDetokenizer(tok, (), True, prompt)
+        out = "".join(request.step([i]).text for i in ids) + request.step([], engine_pb2.ENGINE_FINISH_LENGTH).text
+        # With a prompt as context, a leading "▁" decodes as the space it is mid-text, and byte-fallback
+        # characters come out whole.
+        full = tok.decode(prompt + ids, skip_special_tokens=True)
+        assert out == full[len(tok.decode(prompt, skip_special_tokens=True)):], text
+        assert "\ufffd" not in out
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    path = _write_gguf(tmp_path / "t5.gguf", ["<pad>", "<s>", "</s>", "a"], [3, 3, 3, 1], model="t5",
+                       scores=[0.0] * 4)
+    with pytest.raises(ValueError, match="tokenizer.ggml.model 't5' is not supported"):
+        load_tokenizer(path)
+
+
+def test_unsupported_pre_tokenizer_is_named(tmp_path):
+    path = _write_gguf(tmp_path / "qwen.gguf", ["<|endoftext|>", "<s>", "</s>", "a", "b", "ab"], [3, 3, 3, 1, 1, 1],
+                       model="gpt2", merges=["a b"], pre="qwen2")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen2' is not supported"):
+        load_tokenizer(path)
+
+
+def test_plain_gpt2_pre_tokenizer(tmp_path):
+    path = _write_gguf(tmp_path / "gpt2.gguf", ["<|endoftext|>", "<s>", "</s>", "a", "b", "ab", "1", "\u0120"],
+                       [3, 3, 3, 1, 1, 1, 1, 1], model="gpt2", merges=["a b"], pre="gpt2")
+    loaded = load_tokenizer(path)
+    assert loaded.encode_text("ab1") == [5, 6]
+    assert not loaded.add_bos_token and loaded.eos_token_ids == (2,) and loaded.chat_template is None
