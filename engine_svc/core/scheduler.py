@@ -41,11 +41,7 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int          # first position computed this step (== num_computed_tokens before the step)
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so its last logits pick the next token."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    samples: bool       # the step reaches the end of the known tokens, so its last logits pick the next token
 
 
 @dataclass
@@ -145,7 +141,7 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
-            out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
+            out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
             i += 1
 
@@ -159,7 +155,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self._insert_running(req)
-            out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
+            out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
         return out
 
@@ -169,9 +165,8 @@ class Scheduler:
         outputs: list[RequestOutput] = []
         for s in out.scheduled:
             req = s.request
-            sampled = s.samples
             req.num_computed_tokens = s.start + s.num_new_tokens
-            if not sampled:
+            if not s.samples:
                 continue
             token = next(samples)
             if req.is_finished:
@@ -193,6 +188,11 @@ class Scheduler:
         if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    @staticmethod
+    def _scheduled(req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens)
 
     def _insert_running(self, req: Request) -> None:
         # Keep arrival order; a resumed (preempted) request is older than the ones that stayed.
