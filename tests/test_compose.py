@@ -16,9 +16,9 @@ from gateway.service_commands import (COMPOSE_CACHE, COMPOSE_MODEL_PATH, ENGINE,
                                       compose_topology, listen_addresses, model_fetch_argv, service_argvs)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CPU_DOCKERFILE = "docker/Dockerfile.cpu"
-ENGINE_DOCKERFILE = "docker/Dockerfile.engine"
-CPU_REQUIREMENTS = REPO_ROOT / "docker" / "requirements-cpu.txt"
+CPU_DOCKERFILE = "gateway/Dockerfile"
+ENGINE_DOCKERFILE = "engine_svc/Dockerfile"
+CPU_REQUIREMENTS = REPO_ROOT / "gateway" / "requirements-cpu.txt"
 TORCH_PACKAGES = {"torch", "triton"}
 
 
@@ -119,7 +119,7 @@ def test_cpu_requirements_are_the_pyproject_dependencies_without_torch() -> None
     expected = {_normalized(d) for d in deps if _requirement_name(d) not in TORCH_PACKAGES}
     listed = {_normalized(line) for line in CPU_REQUIREMENTS.read_text().splitlines()
               if line.strip() and not line.startswith("#")}
-    assert listed == expected, "docker/requirements-cpu.txt must track pyproject's dependencies minus torch"
+    assert listed == expected, "gateway/requirements-cpu.txt must track pyproject's dependencies minus torch"
 
 
 def test_the_engine_image_installs_torch() -> None:
