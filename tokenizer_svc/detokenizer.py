@@ -4,7 +4,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from protos.tandem.internal.v1 import tokenizer_pb2
-from tokenizer_svc.request_detok import RequestDetokenizer, StepOutcome
+from tokenizer_svc.request_detok import RequestDetokenizer
 
 
 class Detokenizer:
@@ -27,29 +27,27 @@ class Detokenizer:
     def close(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
-    def step(self, request_id: str, token_ids, finish: int) -> StepOutcome | None:
-        """The request's outcome for this step, or None if it is unknown (never opened, closed or finished)."""
-        request = self._requests.get(request_id)
-        if request is None:
-            return None
-        outcome = request.step(token_ids, finish)
-        if outcome.finished:
-            del self._requests[request_id]
-        return outcome
-
     def handle(self, message: tokenizer_pb2.DetokenizeInput) -> tokenizer_pb2.DetokenizeOutput:
         """Opens, then steps in order, then closes: a request may open and step in one message."""
         for o in message.opens:
             self.open(o.request_id, o.stop, o.skip_special_tokens, o.prompt_token_ids)
         out = tokenizer_pb2.DetokenizeOutput()
         add = out.results.add
+        requests = self._requests
         for s in message.steps:
-            outcome = self.step(s.request_id, s.token_ids, s.finish)
-            if outcome is None:
+            request_id = s.request_id
+            request = requests.get(request_id)
+            if request is None:
                 continue
-            ids = s.token_ids if outcome.consumed == len(s.token_ids) else s.token_ids[:outcome.consumed]
-            add(request_id=s.request_id, text=outcome.text, token_ids=ids, finished=outcome.finished,
-                finish=outcome.finish, matched_stop=outcome.matched_stop)
+            token_ids = s.token_ids
+            text, consumed, finished, finish, matched_stop = request.step(token_ids, s.finish)
+            if not finished:  # the common case: only the fields that differ from their defaults
+                add(request_id=request_id, text=text, token_ids=token_ids)
+                continue
+            del requests[request_id]
+            add(request_id=request_id, text=text,
+                token_ids=token_ids if consumed == len(token_ids) else token_ids[:consumed],
+                finished=True, finish=finish, matched_stop=matched_stop)
         for request_id in message.closes:
             self.close(request_id)
         return out

@@ -6,7 +6,6 @@ remembers which ids it still holds; at the end of a request `flush` returns thei
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Sequence
 
 from tokenizers import Tokenizer
@@ -18,7 +17,7 @@ CONTEXT_IDS = 6
 
 
 class IncrementalDecoder:
-    __slots__ = ("_tokenizer", "_stream", "_skip_special_tokens", "_recent", "_pending")
+    __slots__ = ("_tokenizer", "_stream", "_skip_special_tokens", "_last_out", "_pending")
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         context = [int(i) for i in prompt_ids[-CONTEXT_IDS:]]
@@ -29,7 +28,9 @@ class IncrementalDecoder:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
-        self._recent: deque[int] = deque(context, maxlen=CONTEXT_IDS)  # ids whose text has been returned
+        # The last id whose text has been returned: it ends on a character boundary, so it is enough context to
+        # decode the held ids as they read mid-text.
+        self._last_out: int | None = context[-1] if context else None
         self._pending: list[int] = []  # ids fed whose text the stream still holds
 
     def push(self, token_id: int) -> str:
@@ -39,18 +40,17 @@ class IncrementalDecoder:
             self._pending.append(token_id)
             return ""
         if self._pending:
-            self._recent.extend(self._pending)
             self._pending.clear()
-        self._recent.append(token_id)
+        self._last_out = token_id
         return text
 
     def flush(self) -> str:
         """The text of the held ids, U+FFFD for bytes that never completed a character, as decode() shows it."""
         if not self._pending:
             return ""
-        context = list(self._recent)
+        context = [] if self._last_out is None else [self._last_out]
         head = self._tokenizer.decode(context, skip_special_tokens=self._skip_special_tokens)
         full = self._tokenizer.decode(context + self._pending, skip_special_tokens=self._skip_special_tokens)
-        self._recent.extend(self._pending)
-        self._pending.clear()
+        self._last_out = self._pending[-1]
+        self._pending = []
         return full[len(head):] if full.startswith(head) else full

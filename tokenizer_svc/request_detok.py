@@ -31,15 +31,17 @@ class RequestDetokenizer:
 
     def step(self, token_ids: Sequence[int], finish: int = FINISH_NONE) -> StepOutcome:
         """Consumes one engine step's new tokens. Once `finished` is returned, no further step is valid."""
+        push = self._decoder.push
+        if finish == FINISH_NONE and self._stops is None:  # the common case, kept lean: it runs per token
+            text = push(token_ids[0]) if len(token_ids) == 1 else "".join([push(t) for t in token_ids])
+            return StepOutcome(text, len(token_ids), False, FINISH_NONE, "")
+
         # A STOP_TOKEN finish ends with the EOS / stop token: its id counts, its text is never shown.
         n_text = len(token_ids) - 1 if finish == FINISH_STOP_TOKEN and token_ids else len(token_ids)
-        push = self._decoder.push
         stops = self._stops
         if stops is None:
-            text = "".join([push(token_ids[k]) for k in range(n_text)])
-            if finish != FINISH_NONE:
-                text += self._decoder.flush()
-            return StepOutcome(text, len(token_ids), finish != FINISH_NONE, finish, "")
+            text = "".join([push(token_ids[k]) for k in range(n_text)]) + self._decoder.flush()
+            return StepOutcome(text, len(token_ids), True, finish, "")
 
         parts = []
         for k in range(n_text):
@@ -49,10 +51,11 @@ class RequestDetokenizer:
                 parts.append(emit)
                 if matched is not None:
                     return StepOutcome("".join(parts), k + 1, True, FINISH_NONE, matched)
-        if finish != FINISH_NONE:
-            emit, matched = stops.feed(self._decoder.flush())
-            parts.append(emit)
-            if matched is not None:
-                return StepOutcome("".join(parts), len(token_ids), True, FINISH_NONE, matched)
-            parts.append(stops.flush())
-        return StepOutcome("".join(parts), len(token_ids), finish != FINISH_NONE, finish, "")
+        if finish == FINISH_NONE:
+            return StepOutcome("".join(parts), len(token_ids), False, FINISH_NONE, "")
+        emit, matched = stops.feed(self._decoder.flush())
+        parts.append(emit)
+        if matched is not None:
+            return StepOutcome("".join(parts), len(token_ids), True, FINISH_NONE, matched)
+        parts.append(stops.flush())  # the stream ended: held text can no longer become a stop string
+        return StepOutcome("".join(parts), len(token_ids), True, finish, "")

@@ -9,17 +9,20 @@ A complete match is never delayed to wait for a longer stop string that starts e
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 
 class StopStringMatcher:
-    __slots__ = ("_stops", "_first_chars", "_max_held", "_held")
+    __slots__ = ("_stops", "_first_chars", "_any_first_char", "_max_held", "_held")
 
     def __init__(self, stops: Iterable[str]):
         self._stops = tuple(dict.fromkeys(s for s in stops if s))  # "" would match everywhere: ignored
         if not self._stops:
             raise ValueError("StopStringMatcher needs at least one non-empty stop string")
         self._first_chars = frozenset(s[0] for s in self._stops)
+        # Text with none of these characters can neither hold a match nor begin one: the common case, one scan.
+        self._any_first_char = re.compile("|".join(re.escape(c) for c in sorted(self._first_chars))).search
         self._max_held = max(len(s) for s in self._stops) - 1
         self._held = ""
 
@@ -29,6 +32,8 @@ class StopStringMatcher:
 
     def feed(self, text: str) -> tuple[str, str | None]:
         """(text now safe to emit, the matched stop string or None). After a match nothing more is emitted."""
+        if not self._held and self._any_first_char(text) is None:
+            return text, None
         buf = self._held + text
         match, match_at = None, len(buf)
         for stop in self._stops:
