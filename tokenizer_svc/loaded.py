@@ -28,7 +28,7 @@ class LoadedTokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        return self._encode(text, add_special_tokens=True)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         if self.chat_template is None:
@@ -37,7 +37,12 @@ class LoadedTokenizer:
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         # HF semantics: the rendered template already holds every special token it wants, so none are added.
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self._encode(self.render_chat(messages), add_special_tokens=False)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # Tokenizer.encode holds the GIL for its whole run (about 1.5 s per MB of text), which would stall the
+        # event loop even from a worker thread; the batch call releases it, and "fast" skips unused offsets.
+        return self.tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

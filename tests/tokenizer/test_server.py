@@ -184,3 +184,20 @@ def test_reflection_lists_services(channels):
     (response,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in response.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_long_encode_does_not_stall_detokenize(stub, smollm):
+    # A long prompt takes about half a second to encode here; it runs off the event loop without holding the
+    # GIL, so a Detokenize stream keeps answering meanwhile.
+    text = "The quick brown fox jumps over the lazy dog. 你好世界 🎉 12345\n" * 10000
+    ids = ids_of(smollm, "word " * 50)
+    stream = Stream(stub)
+    stream.send(opens=[pb.DetokOpen(request_id="r")])
+    future = stub.Encode.future(pb.EncodeRequest(text=text))
+    round_trips = 0
+    while not future.done():
+        stream.send(steps=[pb.DetokStep(request_id="r", token_ids=ids[round_trips % len(ids):][:1])])
+        round_trips += 1
+    assert len(future.result().token_ids) > 100_000
+    assert round_trips >= 100  # about 2000 here; about 10 when encode holds the GIL
+    stream.close()
