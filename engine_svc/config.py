@@ -20,7 +20,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None            # explicit KV size; otherwise taken from free memory
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gb: float | None = None        # CPU KV budget; default: a quarter of available memory, max 4 GB
+    cpu_kv_cache_gb: float | None = None        # CPU KV budget; default: a quarter of available memory, max 2 GB
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None   # default: max(max_model_len, 8192)
     max_model_len: int | None = None            # default: the model's context

@@ -50,7 +50,7 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weig
         budget = int(total * config.gpu_memory_utilization) - used - activation_peak_bytes
         num_blocks = budget // per_block
     else:
-        budget = int(config.cpu_kv_cache_gb * GB) if config.cpu_kv_cache_gb else min(4 * GB, _available_ram() // 4)
+        budget = int(config.cpu_kv_cache_gb * GB) if config.cpu_kv_cache_gb else min(2 * GB, _available_ram() // 4)
         # Never more than every sequence at full length needs.
         cap = -(-max_model_len // config.block_size) * config.max_num_seqs
         num_blocks = min(budget // per_block, cap)
