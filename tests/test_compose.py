@@ -132,3 +132,13 @@ def test_the_engine_image_installs_torch() -> None:
 def test_the_gateway_package_never_imports_torch() -> None:
     for path in (REPO_ROOT / "gateway").rglob("*.py"):
         assert not re.search(r"^\s*(import torch|from torch)\b", path.read_text(), re.M), path
+
+
+def test_dockerfile_copy_sources_exist():
+    """Every file a Dockerfile COPYs from the build context (the repo root) is in the repo."""
+    for dockerfile in (CPU_DOCKERFILE, ENGINE_DOCKERFILE):
+        for line in (REPO_ROOT / dockerfile).read_text().splitlines():
+            parts = line.split()
+            if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
+                for src in parts[1:-1]:
+                    assert (REPO_ROOT / src).exists(), f"{dockerfile}: COPY {src} is not in the repo"
