@@ -154,7 +154,7 @@ def _load_in_daemon_thread(fn, aio_loop: asyncio.AbstractEventLoop) -> asyncio.F
         try:
             result = fn()
         except BaseException as e:  # surfaced to the awaiting coroutine
-            aio_loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+            aio_loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
         else:
             aio_loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
 
@@ -188,7 +188,12 @@ async def serve(config: EngineConfig) -> None:
     if not load.done():  # stopped while loading: exit now; the daemon loader thread dies with the process
         await server.stop(0)
         return
-    engine = load.result()
+    try:
+        engine = load.result()
+    except Exception as e:  # a model that cannot load: one clear line, a non-zero exit, no hang
+        print(f"engine_svc: cannot load {config.model}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        await server.stop(0)
+        raise SystemExit(1)
     loop = EngineLoop(engine)
     loop.on_fatal = lambda e: aio_loop.call_soon_threadsafe(stop.set)
     loop.start()
