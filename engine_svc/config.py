@@ -22,7 +22,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float | None = None        # CPU KV budget; default: a quarter of available memory, max 2 GB
     max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None   # default: max(max_model_len, 8192)
+    max_num_batched_tokens: int | None = None   # token budget per step; default 8192 (CUDA) or 2048 (CPU)
+    max_waiting: int = 1024                     # admitted but not yet running; past it: RESOURCE_EXHAUSTED
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    check_kv_integrity: bool = False            # check the KV invariants each time the engine goes idle
     max_model_len: int | None = None            # default: the model's context
     host: str = "127.0.0.1"
     port: int = 50053
@@ -40,6 +44,7 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
              "max_num_batched_tokens must be >= 1"),
+            (self.max_waiting >= 1, "max_waiting must be >= 1"),
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
         ]
         for ok, message in checks:
@@ -60,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step, shared by decodes and prefill chunks "
+                        "(default: 8192 on CUDA, 2048 on CPU)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="bound of the waiting queue; past it, requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn automatic prefix caching off")
+    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="compute each prompt in one step (the budget must then hold max_model_len)")
+    p.add_argument("--check-kv-integrity", action="store_true",
+                   help="check block-pool invariants whenever the engine goes idle (one pass over the blocks)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50053)

@@ -14,11 +14,13 @@ class Engine:
         self.runner = ModelRunner(config)
         self.config = self.runner.config
         self.model_cfg = self.runner.model_cfg
-        self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
-                            max_model_len=self.config.max_model_len),
+                            max_model_len=self.config.max_model_len,
+                            max_waiting=self.config.max_waiting,
+                            enable_chunked_prefill=self.config.enable_chunked_prefill),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
 
@@ -26,14 +28,19 @@ class Engine:
     def model_name(self) -> str:
         return self.config.served_model_name or self.model_cfg.name
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.scheduler.add_request(request_id, prompt_token_ids, params)
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, cache_salt: str = "") -> None:
+        self.scheduler.add_request(request_id, prompt_token_ids, params, priority, cache_salt)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def check_integrity(self) -> list[str]:
+        """Broken KV-cache invariants (empty when sound); when idle, no block may be in use."""
+        return self.scheduler.check_integrity()
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()

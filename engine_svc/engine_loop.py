@@ -32,6 +32,8 @@ class _Submit:
     prompt_token_ids: list[int]
     params: SamplingParams
     sink: OutputSink
+    priority: int
+    cache_salt: str
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,14 @@ class LoadSnapshot:
     num_waiting: int
     kv_blocks_total: int
     kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
     steps: int
+    kv_integrity_checks: int
+    kv_integrity_failures: int
 
 
 class EngineLoop:
@@ -55,6 +64,8 @@ class EngineLoop:
         self._sinks: dict[str, OutputSink] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.integrity_checks = 0
+        self.integrity_failures = 0
         self.load = self._snapshot()
         self.on_fatal: Callable[[BaseException], None] | None = None
 
@@ -67,8 +78,9 @@ class EngineLoop:
         self._thread.join(timeout)
 
     # Thread-safe entry points (called from the gRPC event loop).
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: OutputSink) -> None:
-        self._inbox.put(_Submit(request_id, prompt_token_ids, params, sink))
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: OutputSink,
+               priority: int = 0, cache_salt: str = "") -> None:
+        self._inbox.put(_Submit(request_id, prompt_token_ids, params, sink, priority, cache_salt))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -76,12 +88,18 @@ class EngineLoop:
     # Loop thread only below.
     def _snapshot(self) -> LoadSnapshot:
         s, kv = self.engine.scheduler, self.engine.kv
-        return LoadSnapshot(len(s.running), len(s.waiting), kv.num_blocks, kv.num_used_blocks, self.engine.num_steps)
+        return LoadSnapshot(
+            num_running=len(s.running), num_waiting=len(s.waiting), kv_blocks_total=kv.num_blocks,
+            kv_blocks_used=kv.num_used_blocks, kv_blocks_free=kv.pool.num_free, kv_blocks_cached=kv.pool.num_cached_idle,
+            prefix_cache_queries=kv.prefix_stats.queries, prefix_cache_hits=kv.prefix_stats.hits,
+            num_preemptions=s.num_preemptions, steps=self.engine.num_steps,
+            kv_integrity_checks=self.integrity_checks, kv_integrity_failures=self.integrity_failures)
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Submit):
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.priority,
+                                        cmd.cache_salt)
             except AdmissionError as e:
                 cmd.sink.reject(cmd.request_id, e)
                 return
@@ -89,6 +107,16 @@ class EngineLoop:
         elif isinstance(cmd, _Abort):
             self.engine.abort(cmd.request_id)
             self._sinks.pop(cmd.request_id, None)
+
+    def _check_idle(self) -> None:
+        # Cheap (one pass over the blocks) and only when the engine goes idle: a leak shows up at once, named.
+        problems = self.engine.check_integrity()
+        self.integrity_checks += 1
+        if problems:
+            self.integrity_failures += 1
+            print("engine: KV cache integrity check failed when idle: " + "; ".join(problems[:10]),
+                  file=sys.stderr, flush=True)
+        self.load = self._snapshot()
 
     def _drain(self, block: bool) -> None:
         try:
@@ -115,6 +143,8 @@ class EngineLoop:
                 for sink, outs in by_sink.values():
                     sink.emit(outs)
                 self.load = self._snapshot()
+                if not self.engine.has_work() and self.engine.config.check_kv_integrity:
+                    self._check_idle()
         except BaseException as e:  # a crashed loop must not leave clients hanging silently
             traceback.print_exc(file=sys.stderr)
             if self.on_fatal is not None:

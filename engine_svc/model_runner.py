@@ -43,8 +43,8 @@ class ModelRunner:
         if config.max_model_len and config.max_model_len > self.model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
                              f"{self.model_cfg.max_position_embeddings}")
-        self.config = replace(config, max_model_len=self.max_model_len, max_num_batched_tokens=(
-            config.max_num_batched_tokens or max(self.max_model_len, 8192)))
+        self.config = replace(config, max_model_len=self.max_model_len,
+                              max_num_batched_tokens=self._token_budget(config))
         self.backend = get_backend(config.attention_backend)
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
@@ -56,6 +56,15 @@ class ModelRunner:
         shape = (2, self.plan.num_blocks, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model_cfg.num_layers)]
+
+    def _token_budget(self, config: EngineConfig) -> int:
+        if config.max_num_batched_tokens:
+            return config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            return max(self.max_model_len, 8192)
+        # On a CPU a step of 2048 prompt tokens already takes about a second; a larger one only lengthens the
+        # decode stall of everyone else.
+        return 8192 if self.device.type == "cuda" else 2048
 
     @property
     def num_blocks(self) -> int:

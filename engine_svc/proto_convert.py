@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from engine_svc.core.request import FinishReason, SamplingParams
+from engine_svc.engine_loop import LoadSnapshot
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
 FINISH_TO_PB = {
@@ -37,3 +38,20 @@ def check_prompt(ids, vocab_size: int) -> list[int]:
     if top >= vocab_size:
         raise ValueError(f"prompt token id {top} is outside the vocabulary of {vocab_size}")
     return prompt
+
+
+MAX_CACHE_SALT_CHARS = 256
+
+
+def check_cache_salt(salt: str) -> None:
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+
+
+def load_to_pb(s: LoadSnapshot) -> pb.EngineLoad:
+    return pb.EngineLoad(
+        num_running=s.num_running, num_waiting=s.num_waiting, kv_blocks_total=s.kv_blocks_total,
+        kv_blocks_used=s.kv_blocks_used, kv_blocks_free=s.kv_blocks_free, kv_blocks_cached=s.kv_blocks_cached,
+        steps=s.steps, prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+        num_preemptions=s.num_preemptions, kv_integrity_checks=s.kv_integrity_checks,
+        kv_integrity_failures=s.kv_integrity_failures)

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from engine_svc.config import EngineConfig
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import FINISH_TO_PB, check_prompt, params_from_pb
+from engine_svc.proto_convert import FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, params_from_pb
 from protos.tandem.internal.v1 import engine_pb2 as pb
 from protos.tandem.internal.v1 import engine_pb2_grpc
 
@@ -42,7 +42,8 @@ class _QueueSink:
 
 
 def _delta(o: RequestOutput) -> pb.RequestDelta:
-    return pb.RequestDelta(request_id=o.request_id, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason])
+    return pb.RequestDelta(request_id=o.request_id, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason],
+                           num_cached_tokens=o.num_cached_tokens or 0)
 
 
 def _rejection(request_id: str, code: int, message: str) -> pb.RequestDelta:
@@ -65,10 +66,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 raise ValueError("request_id is empty")
             prompt = check_prompt(submit.prompt_token_ids, vocab)
             params = params_from_pb(submit.params, vocab)
+            check_cache_salt(submit.cache_salt)
         except ValueError as e:
             sink.queue.put_nowait([_rejection(submit.request_id, pb.REJECT_INVALID, str(e))])
             return False
-        loop.submit(submit.request_id, prompt, params, sink)
+        loop.submit(submit.request_id, prompt, params, sink, submit.priority, submit.cache_salt)
         return True
 
     async def GetInfo(self, request, context) -> pb.EngineInfo:
@@ -78,14 +80,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             model_name=e.model_name, max_model_len=e.config.max_model_len, vocab_size=e.model_cfg.vocab_size,
             eos_token_ids=list(e.model_cfg.eos_token_ids), block_size=e.config.block_size,
             num_kv_blocks=e.kv.num_blocks, device=str(e.runner.device), dtype=str(e.runner.dtype).split(".")[-1],
-            attention_backend=e.runner.backend.name)
+            attention_backend=e.runner.backend.name, prefix_caching=e.config.enable_prefix_caching,
+            max_num_batched_tokens=e.config.max_num_batched_tokens, max_num_seqs=e.config.max_num_seqs,
+            max_waiting=e.config.max_waiting)
 
     async def GetLoad(self, request, context) -> pb.EngineLoad:
         loop = await self._ready(context)
-        s = loop.load
-        return pb.EngineLoad(num_running=s.num_running, num_waiting=s.num_waiting, kv_blocks_total=s.kv_blocks_total,
-                             kv_blocks_used=s.kv_blocks_used, kv_blocks_free=s.kv_blocks_total - s.kv_blocks_used,
-                             steps=s.steps)
+        return load_to_pb(loop.load)
 
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.StepOutput]:
         loop = await self._ready(context)

@@ -14,6 +14,7 @@ class GatewayConfig:
     default_max_tokens: int = 256
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
+    max_cache_salt_chars: int = 256
     connect_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:

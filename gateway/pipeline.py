@@ -37,6 +37,7 @@ class RequestHandle:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.queue: asyncio.Queue = asyncio.Queue()   # DetokResult | Failure
+        self.num_cached_tokens = 0                    # from the engine's first delta
 
 
 class Pipeline:
@@ -84,7 +85,7 @@ class Pipeline:
         return await self._engine.GetLoad(epb.EngineLoadRequest(), timeout=5)
 
     def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams,
-               stop: tuple[str, ...]) -> RequestHandle:
+               stop: tuple[str, ...], priority: int = 0, cache_salt: str = "") -> RequestHandle:
         if request_id in self._handles:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         engine, detok = self._streams()
@@ -94,7 +95,8 @@ class Pipeline:
             request_id=request_id, stop=stop, skip_special_tokens=True,
             prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:])]))
         engine.send(epb.SessionInput(submits=[epb.Submit(request_id=request_id, prompt_token_ids=prompt_ids,
-                                                         params=params)]))
+                                                         params=params, priority=priority,
+                                                         cache_salt=cache_salt)]))
         return handle
 
     def cancel(self, request_id: str) -> None:
@@ -129,6 +131,8 @@ class Pipeline:
                         else grpc.StatusCode.INVALID_ARGUMENT)
                 self._fail(d.request_id, Failure(code, d.error))
                 continue
+            if d.num_cached_tokens:
+                handle.num_cached_tokens = d.num_cached_tokens
             steps.append(tpb.DetokStep(request_id=d.request_id, token_ids=d.token_ids, finish=d.finish))
         if steps:
             self._detok_stream.send(tpb.DetokenizeInput(steps=steps))

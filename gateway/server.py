@@ -75,7 +75,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
         params = self._engine_params(v, len(prompt_ids), info.max_model_len)
         try:
-            handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop)
+            handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop, v.priority, v.cache_salt)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         completion_tokens = 0
@@ -91,6 +91,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 if r.finished:
                     finished = True
                     self._finish(chunk, r, len(prompt_ids), completion_tokens)
+                    chunk.usage.cached_prompt_tokens = handle.num_cached_tokens
                 yield chunk
         finally:
             if not finished:  # client cancel, deadline, or a failed write: stop the work downstream

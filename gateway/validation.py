@@ -25,6 +25,8 @@ class ValidatedRequest:
     seed: int | None
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
+    priority: int = 0
+    cache_salt: str = ""
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -66,7 +68,14 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
         temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
         seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids))
+        stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
+        priority=req.priority, cache_salt=_validate_cache_salt(req.cache_salt, config))
+
+
+def _validate_cache_salt(salt: str, config: GatewayConfig) -> str:
+    if len(salt) > config.max_cache_salt_chars:
+        raise InvalidRequest(f"cache_salt: longer than {config.max_cache_salt_chars} characters")
+    return salt
 
 
 def _validate_chat(chat: api.Chat) -> list[tuple[str, str]]:

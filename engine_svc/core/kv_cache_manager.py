@@ -1,10 +1,17 @@
-"""Per-request KV block tables on top of the BlockPool. Plain Python: no torch.
+"""Per-request KV block tables on top of the BlockPool, with automatic prefix caching. Plain Python: no torch.
 
-Invariant: a request with N tokens to hold has exactly ceil(N / block_size) blocks in its table, in order; token
-position p lives in block_ids[p // block_size] at offset p % block_size.
+Invariants:
+- a request with N tokens to hold has exactly ceil(N / block_size) blocks in its table, in order; token position
+  p lives in block_ids[p // block_size] at offset p % block_size;
+- a request's leading blocks may be shared (prefix-cache hits); nothing ever writes into a shared or cached block,
+  because hits cover only full blocks and always leave at least the last prompt token to compute, and a request
+  writes only at positions >= its num_computed_tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from engine_svc.core.block_hash import extend_block_hashes
 from engine_svc.core.block_pool import BlockPool
 from engine_svc.core.request import Request
 
@@ -13,12 +20,24 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0    # prompt tokens looked up (once per request, when it is first scheduled)
+    hits: int = 0       # of which found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.prefix_stats = PrefixCacheStats()
 
     @property
     def num_blocks(self) -> int:
@@ -26,7 +45,8 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.pool.num_free
+        """Blocks that can be allocated now (free or evictable cached)."""
+        return self.pool.num_available
 
     @property
     def num_used_blocks(self) -> int:
@@ -35,20 +55,86 @@ class KVCacheManager:
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def num_new_blocks_needed(self, request: Request, num_new_tokens: int) -> int:
-        needed = self.blocks_for_tokens(request.num_computed_tokens + num_new_tokens)
-        return max(0, needed - len(request.block_ids))
+    # --- prefix cache ---------------------------------------------------------------------------------------------
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Grows the request's table to hold num_new_tokens more; False (and no change) if blocks are short."""
-        n = self.num_new_blocks_needed(request, num_new_tokens)
-        if n > self.pool.num_free:
+    def _hashes(self, request: Request) -> list[bytes]:
+        extend_block_hashes(request.block_hashes, request.token_ids, self.block_size, request.cache_salt)
+        return request.block_hashes
+
+    def find_cached_blocks(self, request: Request) -> list[int]:
+        """The longest chain of cached full blocks that starts the request's tokens, leaving at least one token to
+        compute (its logits pick the next token). Takes no references."""
+        if not self.enable_prefix_caching:
+            return []
+        limit = (request.num_tokens - 1) // self.block_size
+        blocks = []
+        for key in self._hashes(request)[:limit]:
+            b = self.pool.lookup(key)
+            if b is None:
+                break
+            blocks.append(b)
+        return blocks
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Indexes the request's blocks whose every token now has K/V in the cache."""
+        if not self.enable_prefix_caching:
+            return
+        full = request.num_computed_tokens // self.block_size
+        if full <= request.num_indexed_blocks:
+            return
+        hashes = self._hashes(request)
+        for i in range(request.num_indexed_blocks, full):
+            self.pool.cache(request.block_ids[i], hashes[i])
+        request.num_indexed_blocks = full
+
+    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_stats.queries += num_prompt_tokens
+        self.prefix_stats.hits += num_hit_tokens
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.reset_cache()
+
+    # --- slots ----------------------------------------------------------------------------------------------------
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+        """Grows the request's table to hold num_new_tokens beyond its computed ones, first adopting cached_blocks
+        (only for a request that holds no blocks yet; they count as computed). False, and no change, when the pool
+        is short."""
+        if cached_blocks and request.block_ids:
+            raise ValueError("cached blocks can only start an empty block table")
+        have = len(request.block_ids) + len(cached_blocks)
+        computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        new = max(0, self.blocks_for_tokens(computed + num_new_tokens) - have)
+        revived = sum(1 for b in cached_blocks if self.pool.ref_count(b) == 0)
+        if new + revived > self.pool.num_available:
             return False
-        if n:
-            request.block_ids.extend(self.pool.allocate(n))
+        if cached_blocks:
+            self.pool.share(list(cached_blocks))
+            request.block_ids.extend(cached_blocks)
+            request.num_indexed_blocks = len(cached_blocks)
+        if new:
+            request.block_ids.extend(self.pool.allocate(new))
         return True
 
     def free(self, request: Request) -> None:
-        # Tail blocks first, so that the least useful blocks are handed out again soonest.
+        # Tail blocks first: they go to the free queue first and so are evicted first; a shared prefix outlives
+        # the suffixes that hang off it.
         self.pool.free(list(reversed(request.block_ids)))
         request.block_ids = []
+        request.num_indexed_blocks = 0
+
+    def check_integrity(self, live: list[Request]) -> list[str]:
+        """Every broken invariant between the pool and the live requests' tables; empty when consistent. With no
+        live requests this means: no block in use, and free + cached-idle == total."""
+        problems = self.pool.check()
+        refs = [0] * self.num_blocks
+        for r in live:
+            for b in r.block_ids:
+                refs[b] += 1
+        for b, n in enumerate(refs):
+            if self.pool.ref_count(b) != n:
+                problems.append(f"block {b}: ref count {self.pool.ref_count(b)}, live tables hold {n}")
+        if not live and self.pool.num_free + self.pool.num_cached_idle != self.num_blocks:
+            problems.append(f"idle, but free {self.pool.num_free} + cached {self.pool.num_cached_idle} "
+                            f"!= total {self.num_blocks}")
+        return problems

@@ -38,12 +38,17 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int                               # admission order; larger = newer (preempted first)
+    priority: int = 0                          # lower is served first; ties go by arrival
+    cache_salt: str = ""                       # isolates this request's prefix-cache entries (per tenant)
     token_ids: list[int] = field(init=False)   # prompt followed by outputs
     num_computed_tokens: int = 0               # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None       # prompt tokens found in the prefix cache when first scheduled
+    block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of the full blocks of token_ids
+    num_indexed_blocks: int = 0                # leading blocks of block_ids already offered to the prefix cache
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -63,6 +68,11 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        # Order of service among waiting and running requests; the largest is preempted first.
+        return self.priority, self.arrival
 
     @property
     def is_finished(self) -> bool:

@@ -1,19 +1,23 @@
-"""Continuous batching over a paged KV cache. Plain Python: no torch.
+"""Continuous batching over a paged KV cache with chunked prefill and prefix caching. Plain Python: no torch.
 
-Every request has token_ids and num_computed_tokens; each step gives each scheduled request the tokens it still
-lacks K/V for (the whole prompt on its first step, one token per decode step). There is no separate prefill phase,
-so chunked prefill later only changes how many tokens a step grants.
+Every request has token_ids and num_computed_tokens; each step grants each scheduled request some of the tokens it
+still lacks K/V for. There is no separate prefill phase: a prompt is computed over as many steps as the token
+budget (max_num_batched_tokens) needs, while running requests keep decoding. A request joins with the longest
+cached prefix of its tokens already counted as computed.
 
 Invariants after each schedule():
 - every running request holds blocks for num_computed_tokens + its scheduled tokens;
-- running is ordered by arrival, so the newest request is the one preempted when blocks run out;
-- a preempted request returns to the head of waiting with its blocks freed and num_computed_tokens = 0, keeping
-  its generated tokens, which are recomputed with the prompt when it is scheduled again.
+- waiting and running are ordered by (priority, arrival); the last running request is the one preempted when
+  blocks run out;
+- every decoding running request is granted its token before any prefill chunk takes budget beyond it, so a long
+  prompt never stalls the streams already running;
+- a preempted request returns to waiting with its blocks freed and num_computed_tokens = 0, keeping its generated
+  tokens, which are recomputed (or found in the prefix cache) when it is scheduled again.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
-from collections import deque
 from dataclasses import dataclass, field
 
 from engine_svc.core.kv_cache_manager import KVCacheManager
@@ -25,15 +29,21 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
+    max_waiting: int = 1024
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
-        if self.max_num_batched_tokens < self.max_model_len:
-            # Without chunked prefill a whole prompt must fit in one step.
-            raise ValueError("max_num_batched_tokens must be >= max_model_len")
+        if self.max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                             "(a whole prompt must fit in one step)")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None
+    num_cached_tokens: int | None = None   # on a request's first output: prompt tokens served by the prefix cache
 
 
 class AdmissionError(ValueError):
@@ -78,7 +89,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.eos_token_ids = eos_token_ids
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
@@ -86,7 +97,8 @@ class Scheduler:
 
     # --- admission and abort -------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, cache_salt: str = "") -> Request:
         if request_id in self.requests:
             raise AdmissionError(f"request id {request_id!r} is already in use", no_capacity=False)
         n = len(prompt_token_ids)
@@ -96,13 +108,20 @@ class Scheduler:
             raise AdmissionError(
                 f"prompt has {n} tokens; the model's context is {self.config.max_model_len} and leaves no room "
                 f"to generate", no_capacity=False)
-        if self.kv.blocks_for_tokens(n + 1) > self.kv.num_blocks:
+        # A request must fit alone at its longest, or preemption could never make room for it.
+        longest = min(n + params.max_tokens, self.config.max_model_len)
+        if self.kv.blocks_for_tokens(longest) > self.kv.num_blocks:
             raise AdmissionError(
-                f"prompt needs {self.kv.blocks_for_tokens(n + 1)} KV blocks; the cache has {self.kv.num_blocks}",
+                f"prompt + max_tokens reach {longest} tokens, which need {self.kv.blocks_for_tokens(longest)} KV "
+                f"blocks; the whole cache has {self.kv.num_blocks}", no_capacity=True)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise AdmissionError(
+                f"the engine's waiting queue is full ({self.config.max_waiting} requests); retry later",
                 no_capacity=True)
-        req = Request(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals))
+        req = Request(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals), priority=priority,
+                      cache_salt=cache_salt)
         self.requests[request_id] = req
-        self.waiting.append(req)
+        bisect.insort(self.waiting, req, key=_sort_key)
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -120,21 +139,34 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def check_integrity(self) -> list[str]:
+        return self.kv.check_integrity([r for r in self.running if r.block_ids])
+
     # --- scheduling ------------------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        decodes_left = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
 
-        # Running requests first, oldest first: they already hold blocks and make progress every step.
+        # Running requests first, in service order: they already hold blocks.
         i = 0
-        while i < len(self.running):
+        while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > budget:
-                break
+            remaining = req.num_tokens - req.num_computed_tokens
+            if remaining == 1:
+                decodes_left -= 1
+                num_new = 1
+            else:
+                # A prefill chunk leaves one token of budget for each decode behind it.
+                num_new = min(remaining, budget - decodes_left)
+                if num_new <= 0:
+                    i += 1
+                    continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
+                if victim is not req and victim.num_tokens - victim.num_computed_tokens == 1:
+                    decodes_left -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -145,16 +177,26 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # Then waiting requests join the batch while seats, tokens and blocks allow, in arrival order
-        # (preempted requests were put back at the head). No waiting request joins after a preemption this step.
-        while self.waiting and not out.preempted and len(self.running) < self.config.max_num_seqs:
+        # Then waiting requests join while seats, tokens and blocks allow, in service order. None joins after a
+        # preemption this step: the blocks are short.
+        while self.waiting and not out.preempted and len(self.running) < self.config.max_num_seqs and budget > 0:
             req = self.waiting[0]
-            num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > budget or not self.kv.allocate_slots(req, num_new):
+            hits = self.kv.find_cached_blocks(req)
+            num_cached = len(hits) * self.kv.block_size
+            num_new = req.num_tokens - num_cached
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate_slots(req, num_new, hits):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = num_cached
+                self.kv.record_lookup(req.num_prompt_tokens, min(num_cached, req.num_prompt_tokens))
+            req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
-            self._insert_running(req)
+            bisect.insort(self.running, req, key=_sort_key)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
         return out
@@ -165,18 +207,20 @@ class Scheduler:
         outputs: list[RequestOutput] = []
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens = s.start + s.num_new_tokens
-            if not s.samples:
-                continue
-            token = next(samples)
+            token = next(samples) if s.samples else None
             if req.is_finished:
-                continue  # aborted while its step ran
+                continue  # aborted while its step ran; its blocks are already free
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            self.kv.cache_full_blocks(req)
+            if token is None:
+                continue
             req.token_ids.append(token)
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self.running.remove(req)
                 self._finish(req, reason)
-            outputs.append(RequestOutput(req.request_id, [token], reason))
+            cached = req.num_cached_tokens if req.num_output_tokens == 1 else None
+            outputs.append(RequestOutput(req.request_id, [token], reason, cached))
         return outputs
 
     # --- internals -------------------------------------------------------------------------------------------------
@@ -194,13 +238,6 @@ class Scheduler:
         start = req.num_computed_tokens
         return ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens)
 
-    def _insert_running(self, req: Request) -> None:
-        # Keep arrival order; a resumed (preempted) request is older than the ones that stayed.
-        idx = len(self.running)
-        while idx > 0 and self.running[idx - 1].arrival > req.arrival:
-            idx -= 1
-        self.running.insert(idx, req)
-
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
@@ -208,10 +245,14 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        bisect.insort(self.waiting, req, key=_sort_key)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
+
+
+def _sort_key(req: Request) -> tuple[int, int]:
+    return req.sort_key

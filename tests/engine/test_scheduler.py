@@ -11,7 +11,8 @@ EOS = 99
 
 
 def make(num_blocks=8, block_size=4, max_num_seqs=4, max_model_len=32):
-    kv = KVCacheManager(num_blocks, block_size)
+    # Prefix caching off: these prompts repeat tokens, and hits are covered in test_prefix_cache.py.
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(64, max_model_len),
                           max_model_len=max_model_len)
     return Scheduler(cfg, kv, frozenset({EOS}))
@@ -28,6 +29,7 @@ def step(s, token=7):
 
 
 P = SamplingParams(max_tokens=100)
+SHORT = SamplingParams(max_tokens=4)   # for tiny caches: a request must fit alone at prompt + max_tokens
 
 
 def test_prefill_then_decode_with_exact_blocks():
@@ -111,8 +113,8 @@ def test_abort_frees_blocks_and_skips_request():
 
 def test_out_of_blocks_waits_then_joins():
     s = make(num_blocks=4, block_size=4)
-    s.add_request("a", [1] * 12, P)      # 3 blocks
-    s.add_request("b", [1] * 6, P)       # needs 2: only 1 free
+    s.add_request("a", [1] * 12, SHORT)      # 3 blocks
+    s.add_request("b", [1] * 6, SHORT)       # needs 2: only 1 free
     out, _ = step(s)
     assert plan(out) == [("a", 0, 12, True)]
     assert [r.request_id for r in s.waiting] == ["b"] and s.requests["b"].status is RequestStatus.WAITING
@@ -131,8 +133,8 @@ def test_max_num_seqs_caps_the_batch():
 
 def test_preempts_newest_and_resumes_with_its_tokens():
     s = make(num_blocks=3, block_size=2, max_model_len=16)
-    s.add_request("a", [1, 2], P)
-    s.add_request("b", [3, 4], P)
+    s.add_request("a", [1, 2], SHORT)
+    s.add_request("b", [3, 4], SHORT)
     step(s)                       # a: [0], b: [1]; both hold 3 tokens now (2 prompt + 1 sampled)
     out, _ = step(s)              # a needs block 2 for position 2; b needs a block too -> b preempted
     assert plan(out) == [("a", 2, 1, True)]
@@ -156,8 +158,11 @@ def test_admission_errors():
         s.add_request("a", [1] * 32, P)
     assert not e.value.no_capacity
     with pytest.raises(AdmissionError) as e:
-        s.add_request("a", [1] * 8, P)          # 9 tokens need 3 blocks; the cache has 2
-    assert e.value.no_capacity
-    s.add_request("a", [1], P)
+        s.add_request("a", [1] * 8, SHORT)      # 8 + 4 tokens need 3 blocks; the cache has 2
+    assert e.value.no_capacity and "3 KV blocks" in str(e.value)
+    with pytest.raises(AdmissionError) as e:
+        s.add_request("a", [1], P)              # capped by the context: 32 tokens need 8 blocks
+    assert e.value.no_capacity and "8 KV blocks" in str(e.value)
+    s.add_request("a", [1], SHORT)
     with pytest.raises(AdmissionError):
-        s.add_request("a", [1], P)
+        s.add_request("a", [1], SHORT)
