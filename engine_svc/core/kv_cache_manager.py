@@ -88,6 +88,8 @@ class KVCacheManager:
         request.num_indexed_blocks = full
 
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
         self.prefix_stats.queries += num_prompt_tokens
         self.prefix_stats.hits += num_hit_tokens
 

@@ -166,3 +166,38 @@ def test_admission_errors():
     s.add_request("a", [1], SHORT)
     with pytest.raises(AdmissionError):
         s.add_request("a", [1], SHORT)
+
+
+def test_waiting_queue_is_bounded():
+    kv = KVCacheManager(8, 4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=32, max_waiting=2),
+                  kv, frozenset({EOS}))
+    s.add_request("a", [1], SHORT)
+    s.add_request("b", [1], SHORT)
+    with pytest.raises(AdmissionError, match="waiting queue is full") as e:
+        s.add_request("c", [1], SHORT)
+    assert e.value.no_capacity and "c" not in s.requests
+    step(s)                                  # a runs (max_num_seqs 1): one seat in the queue again
+    s.add_request("c", [1], SHORT)
+    assert [r.request_id for r in s.waiting] == ["b", "c"]
+
+
+def test_priority_orders_waiting_and_preemption():
+    s = make(num_blocks=4, block_size=2, max_num_seqs=2, max_model_len=16)
+    p6 = SamplingParams(max_tokens=6)        # 2 + 6 tokens: 4 blocks, the whole cache
+    s.add_request("low", [1, 2], p6, priority=5)
+    s.add_request("mid", [3, 4], p6, priority=0)
+    s.add_request("high", [5, 6], p6, priority=-1)
+    assert [r.request_id for r in s.waiting] == ["high", "mid", "low"]
+    out, _ = step(s)
+    assert [x[0] for x in plan(out)] == ["high", "mid"]
+    s.abort("mid")
+    s.add_request("urgent", [7, 8], p6, priority=-2)
+    out, _ = step(s)                         # urgent jumps the queue ahead of low
+    assert [x[0] for x in plan(out)] == ["high", "urgent"]
+    assert [r.request_id for r in s.running] == ["urgent", "high"]
+    step(s)
+    assert s.kv.num_free_blocks == 0         # high: 2 blocks, urgent: 2 blocks
+    out, _ = step(s)                         # high needs a third block: it is the lowest priority, so it yields
+    assert [r.request_id for r in out.preempted] == ["high"] and plan(out) == [("urgent", 3, 1, True)]
+    assert [r.request_id for r in s.waiting] == ["high", "low"]
