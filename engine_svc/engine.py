@@ -2,6 +2,8 @@
 thread (engine_loop); tests and offline benchmarks drive it directly."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine_svc.config import EngineConfig
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
@@ -10,11 +12,12 @@ from engine_svc.model_runner import ModelRunner
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.runner = ModelRunner(config)
-        self.config = self.runner.config
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        self.runner = runner or ModelRunner(config)
+        self.config = config if runner else self.runner.config
         self.model_cfg = self.runner.model_cfg
-        self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
+        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -23,6 +26,14 @@ class Engine:
                             enable_chunked_prefill=self.config.enable_chunked_prefill),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
+
+    def with_scheduling(self, **changes) -> "Engine":
+        """A fresh engine (empty queues and prefix cache) over this one's loaded model and KV tensors, with other
+        scheduling settings: prefix caching, chunking, token budget, max_num_seqs, or fewer KV blocks. For
+        benchmarks and tests that compare settings without loading the model again."""
+        if changes.keys() - _SCHEDULING_FIELDS:
+            raise ValueError(f"only scheduling settings can change: {sorted(_SCHEDULING_FIELDS)}")
+        return Engine(replace(self.runner.config, **changes), self.runner)
 
     @property
     def model_name(self) -> str:
@@ -60,3 +71,7 @@ class Engine:
             for o in self.step():
                 outputs[o.request_id].extend(o.new_token_ids)
         return [outputs[rid] for rid in ids]
+
+
+_SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
+                                "max_num_seqs", "max_waiting", "num_kv_blocks"})
