@@ -50,7 +50,8 @@ def stack(smollm2_gguf, tmp_path_factory):
            "--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
            "--device", "cpu", "--dtype", "float32",
-           "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--check-kv-integrity"]
+           "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
+           "--check-kv-integrity"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -34,7 +34,7 @@ def services(smollm2_gguf, tmp_path):
     tok_port, eng_port, gw_port = free_port(), free_port(), free_port()
     log = open(tmp_path / "services.log", "w")
     engine_args = ["engine_svc", "--model", model, "--port", str(eng_port), "--device", "cpu",
-                   "--num-kv-blocks", "128"]
+                   "--num-kv-blocks", "256"]
     procs = {
         "tokenizer": start(["tokenizer_svc", "--model", model, "--port", str(tok_port)], log),
         "engine": start(engine_args, log),
