@@ -7,6 +7,7 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class EngineConfig:
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}"),
+            (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two <= 128"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--attention-backend", default="torch")
+    p.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -1,19 +1,28 @@
-"""Attention backends over the paged KV cache. `torch` is the reference and the CPU path; Triton comes later
-behind the same interface (write_kv + forward over AttentionMetadata)."""
+"""Attention backends over the paged KV cache, behind one interface (write_kv + forward over AttentionMetadata):
+`torch` is the reference and the CPU path, `triton` the GPU kernels (imported only when chosen, so this package
+works without triton installed)."""
 from __future__ import annotations
+
+from typing import Callable
 
 from engine_svc.attention.backend import AttentionBackend
 from engine_svc.attention.metadata import AttentionMetadata
 from engine_svc.attention.torch_backend import TorchPagedAttention
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchPagedAttention}
+
+def _triton() -> AttentionBackend:
+    from engine_svc.attention.triton_backend import TritonPagedAttention
+    return TritonPagedAttention()
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchPagedAttention, "triton": _triton}
 
 
 def get_backend(name: str) -> AttentionBackend:
-    try:
-        return _BACKENDS[name]()
-    except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}") from None
+    factory = _BACKENDS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    return factory()
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "TorchPagedAttention", "get_backend"]

@@ -1,4 +1,7 @@
-"""Building blocks shared by model families: RMSNorm, rotary embeddings (with Llama 3 scaling), SwiGLU."""
+"""Building blocks shared by model families: RMSNorm, rotary embeddings (with Llama 3 scaling), SwiGLU.
+
+Each has a torch implementation (the default and the reference) and, with fused=True, dispatches to the Triton
+kernels of engine_svc.kernels (imported on first use, so this module does not need triton)."""
 from __future__ import annotations
 
 import math
@@ -10,12 +13,25 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """forward(x) -> rmsnorm(x); forward(x, residual) -> (rmsnorm(x + residual), x + residual), the decoder's
+    residual add fused with the norm that follows it."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            from engine_svc.kernels.rmsnorm import rmsnorm
+            return rmsnorm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the model dtype, then scale in the model dtype (HF Llama's order of casts).
         dtype = x.dtype
         xf = x.float()
@@ -52,8 +68,10 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """NeoX-style rotation (rotate halves) with a cos/sin table per position, built once on the target device."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused      # the Triton kernel rotates q and k in place (views of the qkv projection)
         self.head_dim = head_dim
         self.max_positions = max_positions
         self.theta = theta
@@ -69,6 +87,9 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = emb.cos(), emb.sin()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            from engine_svc.kernels.rope import apply_rope
+            return apply_rope(positions, q, k, self.cos, self.sin, inplace=True)
         cos = self.cos[positions].to(q.dtype)[:, None, :]   # [T, 1, D]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -79,6 +100,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    if fused:
+        from engine_svc.kernels.swiglu import swiglu
+        return swiglu(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
