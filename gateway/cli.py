@@ -1,4 +1,4 @@
-"""The `tandem` command: serve, generate, fetch-model.
+"""The `tandem` command: serve, generate, fetch-model, bench.
 
 Parsing is kept apart from running (`parse_args` and the `*_from_args` builders are pure) so it can be tested
 without starting anything. Nothing here imports torch: the engine runs as its own process.
@@ -6,6 +6,7 @@ without starting anything. Nothing here imports torch: the engine runs as its ow
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from gateway.generate_client import GenerateOptions, run_generate
@@ -71,7 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch-model", help="fetch the model (if needed) and print its path")
     fetch.add_argument("--model", default=DEFAULT_MODEL)
+
+    bench = sub.add_parser(
+        "bench", help="run a benchmark (prints a table, writes JSON)",
+        description="Runs `python -m benchmarks.<module>` with the remaining arguments; --model defaults to the "
+                    "default model. Benchmarks: " + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items()),
+        usage="tandem bench NAME [BENCHMARK_ARG ...]")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+# Benchmarks run as their own process: they import torch, which the gateway never does.
+BENCHMARKS = {
+    "scheduling": "benchmarks.scheduling",
+    "decode": "benchmarks.engine_decode",
+    "cancel": "benchmarks.cancel_latency",
+}
+_NEEDS_MODEL = {"scheduling", "decode"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -116,7 +134,18 @@ def _fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model}
+def bench_command(args: argparse.Namespace, default_model: str | None = None) -> list[str]:
+    extra = list(args.bench_args)
+    if args.name in _NEEDS_MODEL and "--model" not in extra:
+        extra = ["--model", default_model or str(resolve_model(DEFAULT_MODEL))] + extra
+    return [sys.executable, "-m", BENCHMARKS[args.name], *extra]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    return subprocess.call(bench_command(args))
+
+
+_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> None:

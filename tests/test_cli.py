@@ -126,3 +126,13 @@ def test_generate_main_exits_1_when_nothing_listens(capsys) -> None:
         cli.main(["generate", "Hi", "--address", "127.0.0.1:1", "--timeout", "5"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_bench_runs_the_benchmark_module_with_the_default_model() -> None:
+    args = cli.parse_args(["bench", "scheduling", "--scenarios", "prefix-cache"])
+    cmd = cli.bench_command(args, default_model="/models/smol.gguf")
+    assert cmd[1:] == ["-m", "benchmarks.scheduling", "--model", "/models/smol.gguf", "--scenarios", "prefix-cache"]
+    args = cli.parse_args(["bench", "decode", "--model", "x.gguf"])
+    assert cli.bench_command(args, default_model="unused")[1:] == ["-m", "benchmarks.engine_decode", "--model", "x.gguf"]
+    args = cli.parse_args(["bench", "cancel", "--address", "h:1"])
+    assert cli.bench_command(args)[1:] == ["-m", "benchmarks.cancel_latency", "--address", "h:1"]

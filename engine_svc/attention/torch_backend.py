@@ -1,6 +1,6 @@
 """Reference paged attention in plain torch. Runs anywhere (the CPU path) and is what faster backends are tested
-against. Decode-only batches are attended in one padded SDPA call; sequences with several new tokens (prefill) are
-attended one by one."""
+against. Decode rows are attended in one padded SDPA call, also when the batch mixes them with prefill chunks;
+sequences with several new tokens (prefill) are attended one by one."""
 from __future__ import annotations
 
 import torch
@@ -20,12 +20,25 @@ class TorchPagedAttention:
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.is_pure_decode:
-            return self._decode(q, kv_cache, meta, scale)
+            return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, meta.block_size,
+                                scale)
+        # A mixed batch (decodes next to prefill chunks): the decode rows still go through one batched call.
         out = torch.empty_like(q)
+        decode_seqs, decode_rows = [], []
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            out[start:start + q_len] = self._one_sequence(q[start:start + q_len], kv_cache, meta, i, seq_len, scale)
+            if q_len == 1:
+                decode_seqs.append(i)
+                decode_rows.append(start)
+            else:
+                out[start:start + q_len] = self._one_sequence(q[start:start + q_len], kv_cache, meta, i, seq_len,
+                                                              scale)
             start += q_len
+        if decode_seqs:
+            seqs = torch.tensor(decode_seqs, device=q.device)
+            rows = torch.tensor(decode_rows, device=q.device)
+            out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
+                                     [meta.seq_lens_cpu[i] for i in decode_seqs], meta.block_size, scale)
         return out
 
     def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,14 +61,15 @@ class TorchPagedAttention:
             attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        max_len = max(meta.seq_lens_cpu)
-        num_blocks = -(-max_len // meta.block_size)
-        k, v = self._gather(kv_cache, meta.block_tables[:, :num_blocks].long())
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                seq_lens_cpu: list[int], block_size: int, scale: float) -> torch.Tensor:
+        max_len = max(seq_lens_cpu)
+        num_blocks = -(-max_len // block_size)
+        k, v = self._gather(kv_cache, block_tables[:, :num_blocks].long())
         b = q.shape[0]
         k = k.reshape(b, -1, *k.shape[-2:])[:, :max_len]      # [B, L, kv_heads, head_dim]
         v = v.reshape(b, -1, *v.shape[-2:])[:, :max_len]
-        mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:, None]
+        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
         o = F.scaled_dot_product_attention(
             q[:, :, None, :], k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
             attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
