@@ -88,8 +88,10 @@ BENCHMARKS = {
     "scheduling": "benchmarks.scheduling",
     "decode": "benchmarks.engine_decode",
     "cancel": "benchmarks.cancel_latency",
+    "latency": "benchmarks.latency",
+    "throughput": "benchmarks.throughput",
 }
-_NEEDS_MODEL = {"scheduling", "decode"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

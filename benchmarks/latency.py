@@ -1,0 +1,159 @@
+"""Single-request latency, engine only (no gRPC): batch-1 decode speed and time to first token. Prints tables,
+writes JSON.
+
+    python -m benchmarks.latency --model ~/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf --dtype float32 \
+        --prompt-len 128 --output-len 64 --ttft-prompt-lens 128 512 2048
+    tandem bench latency --model llama3-8b --device cuda        # shipped config, random weights
+
+- decode: one request (prompt --prompt-len, --output-len tokens, greedy, ignore_eos) alone in the engine.
+  Decode tok/s counts the tokens after the first over the time after the first, so the prefill is excluded;
+  the request's TTFT is reported next to it.
+- TTFT: one request per prompt length with max_tokens 1: the time from add_request to the step that returns
+  its token (the whole prefill, in several steps when the prompt exceeds the token budget).
+Every figure is the median over --repeats runs, after --warmup untimed runs of the same shape. Prefix caching
+is off and every run draws a new prompt, so each prefill is computed in full.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
+from engine_svc.core.request import SamplingParams
+from engine_svc.engine import Engine
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
+    # Ids below 100 hold most special tokens in common vocabularies; keep prompts to ordinary ones.
+    return [rng.randrange(min(100, vocab - 1), vocab) for _ in range(n)]
+
+
+def timed_request(engine: Engine, rid: str, prompt: list[int], max_tokens: int) -> list[float]:
+    """Runs one request alone to completion; returns the perf_counter time of each of its tokens, measured
+    from add_request. step() copies the sampled ids to the host, so a step's end is the device's end too."""
+    assert not engine.has_work(), "latency runs need an idle engine"
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sync(engine)
+    t0 = time.perf_counter()
+    engine.add_request(rid, prompt, params)
+    times: list[float] = []
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for o in outputs:
+            times.extend([now - t0] * len(o.new_token_ids))
+    if len(times) != max_tokens:
+        raise RuntimeError(f"request {rid} produced {len(times)} tokens, expected {max_tokens}")
+    return times
+
+
+def decode_run(engine: Engine, rng: random.Random, rid: str, prompt_len: int, output_len: int) -> dict:
+    times = timed_request(engine, rid, random_prompt(rng, prompt_len, engine.model_cfg.vocab_size), output_len)
+    decode_s = times[-1] - times[0]
+    return {"ttft_s": times[0], "decode_s": decode_s,
+            "decode_tok_s": (output_len - 1) / decode_s if decode_s > 0 else float("nan")}
+
+
+def decode_bench(engine: Engine, args) -> dict:
+    rng = random.Random(args.seed)
+    for i in range(args.warmup):
+        decode_run(engine, rng, f"decode-warmup-{i}", args.prompt_len, args.output_len)
+    runs = []
+    for i in range(args.repeats):
+        runs.append(decode_run(engine, rng, f"decode-{i}", args.prompt_len, args.output_len))
+        print(f"  decode run {i + 1}/{args.repeats}: {runs[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
+              flush=True)
+    tok_s = [r["decode_tok_s"] for r in runs]
+    med = statistics.median(tok_s)
+    return {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
+            "decode_tok_s_median": med, "decode_tok_s_min": min(tok_s), "decode_tok_s_max": max(tok_s),
+            "ms_per_token_median": 1e3 / med, "ttft_ms_median": statistics.median(r["ttft_s"] for r in runs) * 1e3,
+            "runs": runs}
+
+
+def ttft_bench(engine: Engine, args) -> list[dict]:
+    rng = random.Random(args.seed + 1)
+    vocab = engine.model_cfg.vocab_size
+    rows = []
+    for n in args.ttft_prompt_lens:
+        for i in range(args.warmup):
+            timed_request(engine, f"ttft-{n}-warmup-{i}", random_prompt(rng, n, vocab), 1)
+        steps0 = engine.num_steps
+        ms = []
+        for i in range(args.repeats):
+            ms.append(timed_request(engine, f"ttft-{n}-{i}", random_prompt(rng, n, vocab), 1)[0] * 1e3)
+        med = statistics.median(ms)
+        rows.append({"prompt_len": n, "repeats": args.repeats, "ttft_ms_median": med, "ttft_ms_min": min(ms),
+                     "ttft_ms_max": max(ms), "prefill_tok_s": n / med * 1e3,
+                     "steps_per_request": (engine.num_steps - steps0) / args.repeats, "ttft_ms": ms})
+        print(f"  TTFT at {n} tokens: {med:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
+    print(f"\n{header}")
+    print(f"\nbatch-1 decode: prompt {decode['prompt_len']}, output {decode['output_len']} (greedy, ignore_eos), "
+          f"median of {decode['repeats']}")
+    print(f"{'decode tok/s':>13} {'min':>8} {'max':>8} {'ms/token':>9} {'TTFT ms':>8}")
+    print(f"{decode['decode_tok_s_median']:>13.1f} {decode['decode_tok_s_min']:>8.1f} "
+          f"{decode['decode_tok_s_max']:>8.1f} {decode['ms_per_token_median']:>9.2f} {decode['ttft_ms_median']:>8.1f}")
+    if ttft:
+        print(f"\nTTFT (max_tokens 1, prefix caching off), median of {ttft[0]['repeats']}")
+        print(f"{'prompt':>7} {'TTFT ms':>9} {'min':>9} {'max':>9} {'prefill tok/s':>14} {'steps':>6}")
+        for r in ttft:
+            print(f"{r['prompt_len']:>7} {r['ttft_ms_median']:>9.1f} {r['ttft_ms_min']:>9.1f} "
+                  f"{r['ttft_ms_max']:>9.1f} {r['prefill_tok_s']:>14.1f} {r['steps_per_request']:>6.0f}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--ttft-prompt-lens", type=int, nargs="*", default=[128, 512, 2048],
+                   help="prompt lengths to measure TTFT at (none: skip)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each shape before the timed ones")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("bench_out/latency.json"))
+    args = p.parse_args(argv)
+    if args.prompt_len < 1 or args.output_len < 2 or args.repeats < 1 or args.warmup < 0:
+        p.error("need --prompt-len >= 1, --output-len >= 2 (decode speed is measured after the first token), "
+                "--repeats >= 1, --warmup >= 0")
+    if any(n < 1 for n in args.ttft_prompt_lens):
+        p.error("--ttft-prompt-lens must be >= 1")
+    if args.max_num_seqs is None:
+        args.max_num_seqs = 1  # one request at a time; also keeps the CPU KV cache to one sequence's length
+    resolve_model_args(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # One request at a time; no prefix caching, so repeated shapes never skip their prefill.
+    engine = Engine(engine_config(args, enable_prefix_caching=False))
+    longest = max([args.prompt_len + args.output_len] + [n + 1 for n in args.ttft_prompt_lens])
+    if longest > engine.config.max_model_len:
+        sys.exit(f"error: a run needs {longest} tokens of context; max_model_len is {engine.config.max_model_len}")
+    header = describe(engine)
+    print(header, file=sys.stderr, flush=True)
+    decode = decode_bench(engine, args)
+    ttft = ttft_bench(engine, args)
+    print_tables(header, decode, ttft)
+    result = {"benchmark": "latency", "model": engine.model_name, "model_path": args.model,
+              "load_format": args.load_format, "device": str(engine.runner.device),
+              "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.config.attention_backend,
+              "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The model and engine arguments shared by the latency and throughput benchmarks.
+
+`--model` takes a path (HF directory, .gguf, config .json), 'default', or the short name of a config shipped in
+engine_svc/configs (e.g. `llama3-8b`, `smollm2-135m`). Short names exist only here, for benchmarks: the engine
+itself takes paths. A shipped config has no weights, so a short name implies `--load-format dummy`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import engine_svc
+from engine_svc.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+
+CONFIGS_DIR = Path(engine_svc.__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}
+
+
+def resolve_model(value: str) -> tuple[str, bool]:
+    """Returns (path, is_shipped_config). An existing path wins over a short name of the same spelling;
+    'default' is the default model of `tandem serve` (fetched on first use)."""
+    if value == "default":
+        from gateway.model_fetch import fetch_default_model
+        return str(fetch_default_model()), False
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path.absolute()), False  # absolute, not resolved: a symlink keeps its own name
+    configs = shipped_configs()
+    if value in configs:
+        return str(configs[value]), True
+    raise FileNotFoundError(f"no model at {value}; short names of shipped configs: {', '.join(configs)}")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="HF directory, .gguf, config .json, 'default', or a shipped config: "
+                        + ", ".join(shipped_configs()))
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="dummy: random weights at the config's shapes (implied by a shipped config name)")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the benchmark's own choice")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step (engine default: 8192 on CUDA, 2048 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from free memory")
+
+
+def resolve_model_args(args: argparse.Namespace) -> None:
+    """Replaces args.model by a path and sets dummy weights for a shipped config (in place)."""
+    args.model, shipped = resolve_model(args.model)
+    if shipped and args.load_format != "dummy":
+        print(f"[bench] {Path(args.model).name} is a shipped config without weights: using --load-format dummy",
+              file=sys.stderr, flush=True)
+        args.load_format = "dummy"
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """EngineConfig from the shared arguments; `overrides` are the benchmark's own settings (e.g. max_waiting).
+    Unset optional arguments keep the engine's defaults."""
+    fields = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+                  attention_backend=args.attention_backend, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks)
+    if args.max_num_seqs is not None:
+        fields["max_num_seqs"] = args.max_num_seqs
+    fields.update(overrides)
+    return EngineConfig(**fields)
+
+
+def engine_cli_args(args: argparse.Namespace) -> list[str]:
+    """The same settings as `python -m engine_svc` arguments, for a stack started with `tandem serve -- ...`.
+    device and dtype are `tandem serve` options of their own and are not included."""
+    out = ["--load-format", args.load_format, "--attention-backend", args.attention_backend]
+    for flag, value in (("--max-num-seqs", args.max_num_seqs),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                        ("--max-model-len", args.max_model_len), ("--num-kv-blocks", args.num_kv_blocks)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def describe(engine) -> str:
+    """One line naming what ran: model, device, dtype, backend, budget."""
+    cfg = engine.config
+    return (f"{engine.model_name} ({cfg.load_format}) on {engine.runner.device} "
+            f"({str(engine.runner.dtype).split('.')[-1]}), {cfg.attention_backend} attention, "
+            f"max_num_seqs {cfg.max_num_seqs}, budget {cfg.max_num_batched_tokens} tokens/step, "
+            f"max_model_len {cfg.max_model_len}")
+
+
+def sync(engine) -> None:
+    """Waits for queued device work, so a timer started after it measures only what follows."""
+    if engine.runner.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(engine.runner.device)
