@@ -16,7 +16,6 @@ is off and every run draws a new prompt, so each prefill is computed in full.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
+from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
               "load_format": args.load_format, "device": str(engine.runner.device),
               "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.config.attention_backend,
               "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}", file=sys.stderr)
+    write_json(args.json, result)
     return result
 
 

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import write_json
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     base.with_scheduling().generate([[100, 101, 102]], SamplingParams(max_tokens=2))  # warm-up
     print(f"{base.model_name} on {base.runner.device} ({str(base.runner.dtype).split('.')[-1]})", file=sys.stderr)
     results = {name: SCENARIOS[name](base, args) for name in args.scenarios}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.model_arg import add_engine_args, describe, engine_cli_args, engine_config, resolve_model_args, sync
+from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "throughput", "model_path": args.model, "load_format": args.load_format,
               "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
               "mode": args.mode, "workload": workload, "runs": rows, "stack_vs_engine_output_tok_s": ratio}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}", file=sys.stderr)
+    write_json(args.json, result)
     return result
 
 
