@@ -1,0 +1,58 @@
+"""Batched logits processors: penalties, min-p, logit bias, allowed tokens and token suppression.
+
+Every function works on the whole batch [N, V] at once on the device; per-request values come as [N] tensors and
+per-request token lists as padded [N, L] id tensors (pad = -1). There is no Python loop over the vocabulary.
+Semantics follow the usual definitions:
+- repetition_penalty (CTRL paper, as in HF/vLLM): a token seen in the prompt or the output has its logit divided
+  by the penalty when positive and multiplied by it when negative; 1 is off;
+- presence_penalty / frequency_penalty (OpenAI): subtract presence * [count > 0] + frequency * count, counting
+  output tokens only; 0 is off;
+- min_p: drop tokens whose probability is below min_p times the top token's; 0 is off.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASKED = float("-inf")
+
+
+def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """ids [N, L] int64 padded with -1 -> counts [N, V] int32."""
+    n = ids.shape[0]
+    counts = torch.zeros(n, vocab_size + 1, dtype=torch.int32, device=ids.device)
+    padded = torch.where(ids < 0, vocab_size, ids)        # the pad lands in an extra column, dropped below
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: torch.Tensor, output_ids: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    out_counts = token_counts(output_ids, vocab)
+    seen = (token_counts(prompt_ids, vocab) > 0) | (out_counts > 0)
+    rep = repetition[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    return logits - presence[:, None] * (out_counts > 0) - frequency[:, None] * out_counts
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, _MASKED)   # the top token always survives (min_p <= 1)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor,
+                     biases: torch.Tensor) -> torch.Tensor:
+    """Adds biases[i] to logits[rows[i], token_ids[i]] (flattened over all requests' biases)."""
+    return logits.index_put((rows, token_ids), biases.to(logits.dtype), accumulate=True)
+
+
+def keep_only(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """allowed [N, V] bool; rows that allow everything are unchanged."""
+    return logits.masked_fill(~allowed, _MASKED)
+
+
+def suppress(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Forbids token_ids[i] in row rows[i], e.g. EOS and stop ids before min_tokens."""
+    return logits.index_put((rows, token_ids), torch.tensor(_MASKED, dtype=logits.dtype, device=logits.device))
