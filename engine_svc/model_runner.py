@@ -122,7 +122,11 @@ class ModelRunner:
         sampling = [s for s in out.scheduled if s.samples]
         if not sampling:
             return []
-        batch = SamplingBatch.build([s.request.params for s in sampling],
-                                    [s.request.num_output_tokens for s in sampling],
-                                    self.model_cfg.vocab_size, self.device)
+        params = [s.request.params for s in sampling]
+        histories = None
+        if any(p.uses_penalties for p in params):
+            histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
+        batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
+                                    self.model_cfg.vocab_size, self.device, histories=histories,
+                                    eos_token_ids=frozenset(self.model_cfg.eos_token_ids))
         return sample(logits, batch).tolist()  # the one device-to-host copy of the step

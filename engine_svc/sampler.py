@@ -1,4 +1,6 @@
-"""Batched sampling on the device: greedy, temperature, top-k, top-p and per-request seeds.
+"""Batched sampling on the device: logits processors, greedy, temperature, min-p, top-k, top-p and per-request
+seeds. Order: penalties, logit bias, allowed tokens and min_tokens suppression change the logits of every row
+(greedy ones too); then temperature, min-p and top-k/top-p shape the distribution of the sampled rows.
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Seeded requests draw E from a
 generator seeded by (seed, output index), so a request's samples do not depend on what else is in the batch, nor
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from engine_svc import logits_processors as lp
 
 _MASKED = float("-inf")
 
@@ -22,15 +26,24 @@ class SamplingBatch:
     all_greedy: bool
     needs_top_k: bool
     needs_top_p: bool
+    # Processors; each is None when no row of the batch uses it.
+    min_p: torch.Tensor | None = None
+    penalties: tuple[torch.Tensor, ...] | None = None   # (prompt ids, output ids, repetition, presence, frequency)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (rows, token ids, biases)
+    allowed: torch.Tensor | None = None                 # [N, V] bool
+    suppressed: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids)
 
     @classmethod
-    def build(cls, params: list, output_lens: list[int], vocab_size: int, device: torch.device) -> "SamplingBatch":
+    def build(cls, params: list, output_lens: list[int], vocab_size: int, device: torch.device, *,
+              histories: list[tuple[list[int], list[int]]] | None = None,
+              eos_token_ids: frozenset[int] = frozenset()) -> "SamplingBatch":
+        """histories: each row's (prompt ids, output ids), needed only when a row uses penalties."""
         temps = [p.temperature for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         top_p = [p.top_p for p in params]
         seeds = [(i, p.seed, n) for i, (p, n) in enumerate(zip(params, output_lens))
                  if p.seed is not None and p.temperature > 0]
-        return cls(
+        b = cls(
             temperature=torch.tensor(temps, dtype=torch.float32, device=device),
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
@@ -39,6 +52,51 @@ class SamplingBatch:
             needs_top_k=any(k < vocab_size for k in top_k),
             needs_top_p=any(p < 1.0 for p in top_p),
         )
+        f32 = dict(dtype=torch.float32, device=device)
+        if any(p.min_p > 0 for p in params):
+            b.min_p = torch.tensor([p.min_p for p in params], **f32)
+        if any(p.uses_penalties for p in params):
+            if histories is None:
+                raise ValueError("penalties need each row's prompt and output ids")
+            b.penalties = (_padded([h[0] for h in histories], device), _padded([h[1] for h in histories], device),
+                           torch.tensor([p.repetition_penalty for p in params], **f32),
+                           torch.tensor([p.presence_penalty for p in params], **f32),
+                           torch.tensor([p.frequency_penalty for p in params], **f32))
+        bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
+        if bias:
+            rows, ids, vals = zip(*bias)
+            b.bias = (torch.tensor(rows, device=device), torch.tensor(ids, device=device), torch.tensor(vals, **f32))
+        if any(p.allowed_token_ids is not None for p in params):
+            allowed = torch.ones(len(params), vocab_size, dtype=torch.bool)
+            for i, p in enumerate(params):
+                if p.allowed_token_ids is not None:
+                    allowed[i] = False
+                    allowed[i, list(p.allowed_token_ids)] = True
+            b.allowed = allowed.to(device)
+        banned = [(i, t) for i, (p, n) in enumerate(zip(params, output_lens)) if n < p.min_tokens
+                  for t in sorted(p.stop_token_ids | (frozenset() if p.ignore_eos else eos_token_ids))]
+        if banned:
+            rows, ids = zip(*banned)
+            b.suppressed = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+        return b
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+
+
+def apply_processors(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Everything that changes the logits themselves, for greedy and sampled rows alike."""
+    if b.penalties is not None:
+        logits = lp.apply_penalties(logits, *b.penalties)
+    if b.bias is not None:
+        logits = lp.apply_logit_bias(logits, *b.bias)
+    if b.allowed is not None:
+        logits = lp.keep_only(logits, b.allowed)
+    if b.suppressed is not None:
+        logits = lp.suppress(logits, *b.suppressed)
+    return logits
 
 
 def apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -68,11 +126,15 @@ def _seed_for(seed: int, index: int) -> int:
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """logits [N, V] float32 -> sampled ids [N] int64, on the same device, with no host sync."""
+    logits = apply_processors(logits, b)
     greedy = logits.argmax(dim=-1)
     if b.all_greedy:
         return greedy
     temps = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-    probs = apply_top_k_top_p(logits / temps[:, None], b).softmax(dim=-1)
+    scaled = logits / temps[:, None]
+    if b.min_p is not None:
+        scaled = lp.apply_min_p(scaled, b.min_p)
+    probs = apply_top_k_top_p(scaled, b).softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for row, seed, index in b.seeds:
         gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, index))

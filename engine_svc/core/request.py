@@ -26,6 +26,17 @@ class SamplingParams:
     max_tokens: int = 256
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    min_p: float = 0.0                          # 0 means off
+    repetition_penalty: float = 1.0             # 1 means off; applies to prompt and output tokens
+    presence_penalty: float = 0.0               # OpenAI semantics, output tokens only
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: frozenset[int] | None = None   # None means every token
+    min_tokens: int = 0                         # EOS and stop_token_ids are impossible before this many outputs
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

@@ -227,7 +227,8 @@ class Scheduler:
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        stoppable = req.num_output_tokens > p.min_tokens   # the sampler already forbade these tokens before
+        if stoppable and ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return FinishReason.STOP_TOKEN
         if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             return FinishReason.LENGTH

@@ -75,3 +75,17 @@ def test_greedy_continuations_identical(checkpoint):
             gen = ref.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
         assert out == gen[0, len(prompt):].tolist()
+
+
+def test_greedy_with_repetition_penalty_bias_and_min_tokens_matches_transformers(checkpoint):
+    """The engine's processors inside real generation equal transformers' generate with the same settings."""
+    bias = {5: 1.5, 17: -2.0}
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, repetition_penalty=1.4,
+                            logit_bias=tuple(bias.items()))
+    ours = make_engine(checkpoint).generate(PROMPTS, params)
+    hf = hf_model(checkpoint)
+    for prompt, out in zip(PROMPTS, ours):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                          repetition_penalty=1.4, sequence_bias={(t,): v for t, v in bias.items()},
+                          pad_token_id=0)
+        assert out == ref[0, len(prompt):].tolist()

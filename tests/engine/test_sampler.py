@@ -72,3 +72,41 @@ def test_temperature_sharpens():
     hot, cold = share_of_top(2.0), share_of_top(0.25)
     p_cold = 1 / (1 + math.exp(-4) + math.exp(-8))
     assert cold == pytest.approx(p_cold, abs=0.02) and hot < 0.6
+
+
+def test_processors_apply_to_greedy_rows_per_request():
+    logits = torch.zeros(4, V)
+    logits[:, 0] = 5.0                                      # token 0 would win everywhere
+    params = [SamplingParams(temperature=0.0, logit_bias=((7, 10.0),)),
+              SamplingParams(temperature=0.0, allowed_token_ids=frozenset({3, 4})),
+              SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=frozenset({0})),
+              SamplingParams(temperature=0.0, repetition_penalty=100.0)]
+    b = SamplingBatch.build(params, [0, 0, 1, 3], V, torch.device("cpu"),
+                            histories=[([], []), ([], []), ([], []), ([0], [0])])
+    logits[1, 4] = 1.0
+    logits[3, 9] = 0.5
+    # row 2: token 0 is a stop id before min_tokens; row 3: 0 was seen, so 5 / 100 loses to an unseen 0.5
+    assert sample(logits, b).tolist() == [7, 4, 1, 9]
+
+
+def test_min_tokens_lifts_after_enough_outputs_and_respects_ignore_eos():
+    logits = torch.zeros(3, V)
+    logits[:, 2] = 5.0                                      # 2 plays EOS
+    params = [SamplingParams(temperature=0.0, min_tokens=2)] * 2 + [SamplingParams(temperature=0.0, min_tokens=2,
+                                                                                   ignore_eos=True)]
+    b = SamplingBatch.build(params, [1, 2, 0], V, torch.device("cpu"), eos_token_ids=frozenset({2}))
+    assert sample(logits, b).tolist() == [0, 2, 2]
+
+
+def test_min_p_never_samples_below_the_threshold():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.19, 0.11] + [1e-9] * (V - 4)]))
+    b = SamplingBatch.build([SamplingParams(temperature=1.0, min_p=0.5)] * 3000, [0] * 3000, V, torch.device("cpu"))
+    ids = sample(logits.expand(3000, V).contiguous(), b)
+    counts = torch.bincount(ids, minlength=V)
+    assert counts[2:].sum() == 0                            # 0.19 < 0.5 * 0.4
+    assert abs(counts[0].item() / 3000 - 0.4 / 0.7) < 0.05  # renormalised over the survivors
+
+
+def test_penalties_need_the_histories():
+    with pytest.raises(ValueError, match="prompt and output ids"):
+        SamplingBatch.build([SamplingParams(presence_penalty=1.0)], [0], V, torch.device("cpu"))
