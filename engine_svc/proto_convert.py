@@ -21,13 +21,23 @@ def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
     if p.max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {p.max_tokens}")
-    bad = [t for t in p.stop_token_ids if t >= vocab_size]
-    if bad:
-        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary of {vocab_size}")
+    for name, ids in (("stop_token_ids", p.stop_token_ids), ("logit_bias", p.logit_bias.keys()),
+                      ("allowed_token_ids", p.allowed_token_ids)):
+        bad = sorted(t for t in ids if t >= vocab_size)
+        if bad:
+            raise ValueError(f"{name}: token ids {bad} are outside the vocabulary of {vocab_size}")
+    if not 0.0 <= p.min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {p.min_p}")
+    if not p.repetition_penalty >= 0.0:
+        raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
     return SamplingParams(
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens,
-        stop_token_ids=frozenset(p.stop_token_ids), ignore_eos=p.ignore_eos)
+        stop_token_ids=frozenset(p.stop_token_ids), ignore_eos=p.ignore_eos, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty or 1.0, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, logit_bias=tuple(sorted(p.logit_bias.items())),
+        allowed_token_ids=frozenset(p.allowed_token_ids) if p.allowed_token_ids else None,
+        min_tokens=p.min_tokens)
 
 
 def check_prompt(ids, vocab_size: int) -> list[int]:

@@ -15,6 +15,7 @@ class GatewayConfig:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_cache_salt_chars: int = 256
+    max_logit_bias: int = 1024
     connect_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:

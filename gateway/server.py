@@ -100,8 +100,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def _engine_params(self, v: ValidatedRequest, prompt_len: int, max_model_len: int) -> epb.SamplingParams:
         room = max_model_len - prompt_len
         max_tokens = min(v.max_tokens if v.max_tokens is not None else self.config.default_max_tokens, room)
-        params = epb.SamplingParams(temperature=v.temperature, top_p=v.top_p, top_k=v.top_k, max_tokens=max_tokens,
-                                    stop_token_ids=v.stop_token_ids)
+        params = epb.SamplingParams(
+            temperature=v.temperature, top_p=v.top_p, top_k=v.top_k, max_tokens=max_tokens,
+            stop_token_ids=v.stop_token_ids, min_p=v.min_p, repetition_penalty=v.repetition_penalty,
+            presence_penalty=v.presence_penalty, frequency_penalty=v.frequency_penalty, logit_bias=dict(v.logit_bias),
+            allowed_token_ids=v.allowed_token_ids, min_tokens=min(v.min_tokens, max_tokens))
         if v.seed is not None:
             params.seed = v.seed
         return params

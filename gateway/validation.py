@@ -27,6 +27,13 @@ class ValidatedRequest:
     stop_token_ids: tuple[int, ...]
     priority: int = 0
     cache_salt: str = ""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -63,13 +70,42 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
     for t in p.stop_token_ids:
         if t >= vocab_size:
             raise InvalidRequest(f"params.stop_token_ids: {t} is outside the vocabulary of {vocab_size} tokens")
+    min_p = _ranged(p, "min_p", 0.0, 0.0, 1.0)
+    repetition_penalty = p.repetition_penalty if p.HasField("repetition_penalty") else 1.0
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0.0):
+        raise InvalidRequest(f"params.repetition_penalty: must be a finite number > 0, got {repetition_penalty}")
+    presence = _ranged(p, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _ranged(p, "frequency_penalty", 0.0, -2.0, 2.0)
+    if len(p.logit_bias) > config.max_logit_bias:
+        raise InvalidRequest(f"params.logit_bias: at most {config.max_logit_bias} entries, got {len(p.logit_bias)}")
+    for t, bias in p.logit_bias.items():
+        if t >= vocab_size:
+            raise InvalidRequest(f"params.logit_bias: token id {t} is outside the vocabulary of {vocab_size} tokens")
+        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+            raise InvalidRequest(f"params.logit_bias[{t}]: must be in [-100, 100], got {bias}")
+    for t in p.allowed_token_ids:
+        if t >= vocab_size:
+            raise InvalidRequest(f"params.allowed_token_ids: {t} is outside the vocabulary of {vocab_size} tokens")
+    min_tokens = p.min_tokens if p.HasField("min_tokens") else 0
+    if p.HasField("max_tokens") and min_tokens > p.max_tokens:
+        raise InvalidRequest(f"params.min_tokens: {min_tokens} is more than max_tokens ({p.max_tokens})")
     return ValidatedRequest(
         prompt=prompt, chat=chat,
         max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
         temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
-        priority=req.priority, cache_salt=_validate_cache_salt(req.cache_salt, config))
+        priority=req.priority, cache_salt=_validate_cache_salt(req.cache_salt, config),
+        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence, frequency_penalty=frequency,
+        logit_bias=tuple(sorted(p.logit_bias.items())), allowed_token_ids=tuple(p.allowed_token_ids),
+        min_tokens=min_tokens)
+
+
+def _ranged(p: api.GenerationParams, name: str, default: float, lo: float, hi: float) -> float:
+    value = getattr(p, name) if p.HasField(name) else default
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise InvalidRequest(f"params.{name}: must be in [{lo:g}, {hi:g}], got {value}")
+    return value
 
 
 def _validate_cache_salt(salt: str, config: GatewayConfig) -> str:

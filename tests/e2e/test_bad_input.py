@@ -26,6 +26,21 @@ CASES = {
         "chat.messages[1].role"),
     "missing role": (api.GenerateRequest(chat=api.Chat(messages=[api.ChatMessage(content="hi")])),
                      "chat.messages[0].role"),
+    "min_p above 1": (api.GenerateRequest(prompt="hi", params=P(min_p=1.5)), "params.min_p"),
+    "repetition_penalty 0": (api.GenerateRequest(prompt="hi", params=P(repetition_penalty=0.0)),
+                             "params.repetition_penalty"),
+    "presence_penalty 3": (api.GenerateRequest(prompt="hi", params=P(presence_penalty=3.0)),
+                           "params.presence_penalty"),
+    "nan frequency_penalty": (api.GenerateRequest(prompt="hi", params=P(frequency_penalty=float("nan"))),
+                              "params.frequency_penalty"),
+    "logit_bias token outside vocab": (api.GenerateRequest(prompt="hi", params=P(logit_bias={10**6: 1.0})),
+                                       "params.logit_bias"),
+    "logit_bias value 1000": (api.GenerateRequest(prompt="hi", params=P(logit_bias={5: 1000.0})),
+                              "params.logit_bias[5]"),
+    "allowed token outside vocab": (api.GenerateRequest(prompt="hi", params=P(allowed_token_ids=[1, 10**6])),
+                                    "params.allowed_token_ids"),
+    "min_tokens above max_tokens": (api.GenerateRequest(prompt="hi", params=P(max_tokens=2, min_tokens=3)),
+                                    "params.min_tokens"),
 }
 
 
