@@ -46,6 +46,7 @@ class ModelRunner:
         self.config = replace(config, max_model_len=self.max_model_len,
                               max_num_batched_tokens=self._token_budget(config))
         self.backend = get_backend(config.attention_backend)
+        self._eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
         self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend)
@@ -128,5 +129,5 @@ class ModelRunner:
             histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
         batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
                                     self.model_cfg.vocab_size, self.device, histories=histories,
-                                    eos_token_ids=frozenset(self.model_cfg.eos_token_ids))
+                                    eos_token_ids=self._eos_token_ids)
         return sample(logits, batch).tolist()  # the one device-to-host copy of the step

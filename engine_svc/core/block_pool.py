@@ -55,9 +55,6 @@ class BlockPool:
         """The free queue, in eviction order."""
         return list(self._free)
 
-    def key_of(self, block_id: int) -> bytes | None:
-        return self._key_of[block_id]
-
     # --- allocation ----------------------------------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int]:
@@ -113,14 +110,6 @@ class BlockPool:
             del self._cached[key]
             self._key_of[block_id] = None
             self.num_evictions += 1
-
-    def reset_cache(self) -> int:
-        """Drops every unreferenced cached block from the index; returns how many. Referenced ones stay."""
-        dropped = [b for b in self._free if self._key_of[b] is not None]
-        for b in dropped:
-            self._evict(b)
-        self._num_cached_idle = 0
-        return len(dropped)
 
     def check(self) -> list[str]:
         """Every broken invariant, described; empty when the pool is consistent."""

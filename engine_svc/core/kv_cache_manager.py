@@ -93,9 +93,6 @@ class KVCacheManager:
         self.prefix_stats.queries += num_prompt_tokens
         self.prefix_stats.hits += num_hit_tokens
 
-    def reset_prefix_cache(self) -> int:
-        return self.pool.reset_cache()
-
     # --- slots ----------------------------------------------------------------------------------------------------
 
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
