@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/tandem/v1/generation.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\xd7\x04\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.tandem.v1.GenerationParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\r \x03(\r\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"\xb4\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x1f\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x0f.tandem.v1.ChatH\x00\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xdd\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x42\r\n\x0bstop_reason\"\xd7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x42\r\n\x0bstop_reason\"\x15\n\x13GetModelInfoRequest\"_\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xea\x01\n\nGeneration\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/tandem/v1/generation.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\xa4\x08\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.tandem.v1.GenerationParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\r \x03(\r\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\n\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x12 \x01(\x08H\x0b\x88\x01\x01\x12\x0e\n\x01n\x18\x13 \x01(\rH\x0c\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x14 \x01(\rH\r\x88\x01\x01\x12\x17\n\x0fuse_beam_search\x18\x15 \x01(\x08\x12\x17\n\nbeam_width\x18\x16 \x01(\rH\x0e\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x17 \x01(\x02H\x0f\x88\x01\x01\x12\x15\n\x08logprobs\x18\x18 \x01(\rH\x10\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x19 \x01(\rH\x11\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x1a \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokensB\x04\n\x02_nB\n\n\x08_best_ofB\r\n\x0b_beam_widthB\x11\n\x0f_length_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xb4\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x1f\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x0f.tandem.v1.ChatH\x00\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xe5\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12\r\n\x05index\x18\x08 \x01(\r\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x1a\n\x12\x63umulative_logprob\x18\x0b \x01(\x01\x42\r\n\x0bstop_reason\"\xf2\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x05 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x1a\n\x12\x63umulative_logprob\x18\x08 \x01(\x01\x42\r\n\x0bstop_reason\"\xb5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12*\n\x0b\x63ompletions\x18\x08 \x03(\x0b\x32\x15.tandem.v1.Completion\x12\x30\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x17.tandem.v1.TokenLogprobB\r\n\x0bstop_reason\"\x15\n\x13GetModelInfoRequest\"_\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xea\x01\n\nGeneration\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1580
-  _globals['_FINISHREASON']._serialized_end=1704
+  _globals['_FINISHREASON']._serialized_start=2682
+  _globals['_FINISHREASON']._serialized_end=2806
   _globals['_CHATMESSAGE']._serialized_start=48
   _globals['_CHATMESSAGE']._serialized_end=92
   _globals['_CHAT']._serialized_start=94
   _globals['_CHAT']._serialized_end=142
   _globals['_GENERATIONPARAMS']._serialized_start=145
-  _globals['_GENERATIONPARAMS']._serialized_end=744
-  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_start=545
-  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_end=593
-  _globals['_GENERATEREQUEST']._serialized_start=747
-  _globals['_GENERATEREQUEST']._serialized_end=927
-  _globals['_USAGE']._serialized_start=929
-  _globals['_USAGE']._serialized_end=1016
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1019
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1240
-  _globals['_GENERATERESPONSE']._serialized_start=1243
-  _globals['_GENERATERESPONSE']._serialized_end=1458
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1460
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1481
-  _globals['_MODELINFO']._serialized_start=1483
-  _globals['_MODELINFO']._serialized_end=1578
-  _globals['_GENERATION']._serialized_start=1707
-  _globals['_GENERATION']._serialized_end=1941
+  _globals['_GENERATIONPARAMS']._serialized_end=1205
+  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_start=863
+  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_end=911
+  _globals['_GENERATEREQUEST']._serialized_start=1208
+  _globals['_GENERATEREQUEST']._serialized_end=1388
+  _globals['_USAGE']._serialized_start=1390
+  _globals['_USAGE']._serialized_end=1477
+  _globals['_TOPLOGPROB']._serialized_start=1479
+  _globals['_TOPLOGPROB']._serialized_end=1541
+  _globals['_TOKENLOGPROB']._serialized_start=1543
+  _globals['_TOKENLOGPROB']._serialized_end=1643
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1646
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2003
+  _globals['_COMPLETION']._serialized_start=2006
+  _globals['_COMPLETION']._serialized_end=2248
+  _globals['_GENERATERESPONSE']._serialized_start=2251
+  _globals['_GENERATERESPONSE']._serialized_end=2560
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2562
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2583
+  _globals['_MODELINFO']._serialized_start=2585
+  _globals['_MODELINFO']._serialized_end=2680
+  _globals['_GENERATION']._serialized_start=2809
+  _globals['_GENERATION']._serialized_end=3043
 # @@protoc_insertion_point(module_scope)

@@ -64,26 +64,32 @@ class DecodeResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class DetokOpen(_message.Message):
-    __slots__ = ("request_id", "stop", "skip_special_tokens", "prompt_token_ids")
+    __slots__ = ("request_id", "stop", "skip_special_tokens", "prompt_token_ids", "include_stop_str_in_output", "spaces_between_special_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SPACES_BETWEEN_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     stop: _containers.RepeatedScalarFieldContainer[str]
     skip_special_tokens: bool
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    include_stop_str_in_output: bool
+    spaces_between_special_tokens: bool
+    def __init__(self, request_id: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., include_stop_str_in_output: _Optional[bool] = ..., spaces_between_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class DetokStep(_message.Message):
-    __slots__ = ("request_id", "token_ids", "finish")
+    __slots__ = ("request_id", "token_ids", "finish", "piece_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    PIECE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish: _engine_pb2.EngineFinish
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish: _Optional[_Union[_engine_pb2.EngineFinish, str]] = ...) -> None: ...
+    piece_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish: _Optional[_Union[_engine_pb2.EngineFinish, str]] = ..., piece_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DetokenizeInput(_message.Message):
     __slots__ = ("opens", "steps", "closes")
@@ -96,20 +102,22 @@ class DetokenizeInput(_message.Message):
     def __init__(self, opens: _Optional[_Iterable[_Union[DetokOpen, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[DetokStep, _Mapping]]] = ..., closes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DetokResult(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finished", "finish", "matched_stop")
+    __slots__ = ("request_id", "text", "token_ids", "finished", "finish", "matched_stop", "pieces")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     MATCHED_STOP_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
     finish: _engine_pb2.EngineFinish
     matched_stop: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish: _Optional[_Union[_engine_pb2.EngineFinish, str]] = ..., matched_stop: _Optional[str] = ...) -> None: ...
+    pieces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish: _Optional[_Union[_engine_pb2.EngineFinish, str]] = ..., matched_stop: _Optional[str] = ..., pieces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DetokenizeOutput(_message.Message):
     __slots__ = ("results",)
