@@ -14,7 +14,7 @@ FINISH_STOP_TOKEN = engine_pb2.ENGINE_FINISH_STOP_TOKEN
 
 
 class StepOutcome(NamedTuple):
-    text: str              # safe to show: whole characters, no part of a stop string
+    text: str              # safe to show: whole characters, no part of a stop string (unless stops are included)
     consumed: int          # how many of the step's token ids count; fewer than sent after a stop-string match
     finished: bool         # the request is over; its state must be dropped
     finish: int            # the engine's finish passed through, or FINISH_NONE when a stop string ended it
@@ -25,9 +25,13 @@ class RequestDetokenizer:
     __slots__ = ("_decoder", "_stops")
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True,
-                 prompt_token_ids: Sequence[int] = ()):
-        self._decoder = IncrementalDecoder(tokenizer, prompt_token_ids, skip_special_tokens)
-        self._stops = StopStringMatcher(stop) if any(stop) else None
+                 prompt_token_ids: Sequence[int] = (), include_stop_str_in_output: bool = False,
+                 spaces_between_special_tokens: bool = True):
+        self._decoder = IncrementalDecoder(tokenizer, prompt_token_ids, skip_special_tokens,
+                                           spaces_between_special_tokens)
+        # include_stop_str_in_output: a matched stop string ends the text instead of being cut (stop token ids are
+        # not stop strings: their text stays out either way).
+        self._stops = StopStringMatcher(stop, include_stop_str_in_output) if any(stop) else None
 
     def step(self, token_ids: Sequence[int], finish: int = FINISH_NONE) -> StepOutcome:
         """Consumes one engine step's new tokens. Once `finished` is returned, no further step is valid."""

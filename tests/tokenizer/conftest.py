@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gguf_samples import write_spm_gguf
 from tok_samples import CHATML_TEMPLATE, SPECIAL_TOKENS, TINY_CORPUS
 from tokenizer_svc import LoadedTokenizer, load_tokenizer
 
@@ -76,3 +77,14 @@ def hf_smollm(smollm2_gguf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def spm_gguf(tmp_path_factory) -> Path:
+    """A small sentencepiece-style GGUF vocabulary with byte fallback (see gguf_samples.write_spm_gguf)."""
+    return write_spm_gguf(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def spm(spm_gguf) -> LoadedTokenizer:
+    return load_tokenizer(spm_gguf)

@@ -2,72 +2,13 @@
 clear errors for what is not supported."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import gguf
 import pytest
 
+from gguf_samples import write_gguf
 from tok_samples import TINY_CORPUS
 from tokenizer_svc import load_tokenizer
 
 SAMPLES = TINY_CORPUS[:7] + ["  two spaces", " lead", "a\nb", "x<tool>y", "<s>hi</s>", "Ωmega ☃ 🦙 (byte fallback)", ""]
-
-
-def _write_gguf(path: Path, tokens, types, *, model: str, scores=None, merges=None, pre=None, **extra) -> Path:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(128)
-    writer.add_embedding_length(8)
-    writer.add_feed_forward_length(16)
-    writer.add_head_count(2)
-    writer.add_tokenizer_model(model)
-    if pre is not None:
-        writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if scores is not None:
-        writer.add_token_scores(scores)
-    if merges is not None:
-        writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    for key, value in extra.items():
-        getattr(writer, f"add_{key}")(value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-@pytest.fixture(scope="module")
-def spm_gguf(tmp_path_factory) -> Path:
-    """A sentencepiece-style BPE vocabulary: <unk>, <s>, </s>, 256 byte pieces, a user-defined <tool>, then
-    pieces trained with tokenizers and scored like sentencepiece (a merged piece scores minus its merge rank)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    trained.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(vocab_size=400, show_progress=False))
-    model = json.loads(trained.to_str())["model"]
-    rank = {"".join(m): r for r, m in enumerate(model["merges"])}
-    by_id = sorted(model["vocab"], key=model["vocab"].get)
-
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["<tool>"]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + \
-        [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.USER_DEFINED]
-    scores = [0.0] * len(tokens)
-    for piece in sorted((t for t in by_id if t in rank), key=rank.get):
-        tokens.append(piece)
-        types.append(gguf.TokenType.NORMAL)
-        scores.append(-float(rank[piece]))
-    for i, piece in enumerate(t for t in by_id if t not in rank):  # single characters: never a merge result
-        tokens.append(piece)
-        types.append(gguf.TokenType.NORMAL)
-        scores.append(-1e6 - i)
-    return _write_gguf(tmp_path_factory.mktemp("spm") / "tiny-llama.gguf", tokens, [int(t) for t in types],
-                       model="llama", scores=scores, unk_token_id=0, add_bos_token=True)
 
 
 def test_sentencepiece_matches_transformers(spm_gguf):
@@ -107,21 +48,21 @@ def test_sentencepiece_incremental_decode(spm_gguf):
 
 
 def test_unsupported_model_type_is_named(tmp_path):
-    path = _write_gguf(tmp_path / "t5.gguf", ["<pad>", "<s>", "</s>", "a"], [3, 3, 3, 1], model="t5",
+    path = write_gguf(tmp_path / "t5.gguf", ["<pad>", "<s>", "</s>", "a"], [3, 3, 3, 1], model="t5",
                        scores=[0.0] * 4)
     with pytest.raises(ValueError, match="tokenizer.ggml.model 't5' is not supported"):
         load_tokenizer(path)
 
 
 def test_unsupported_pre_tokenizer_is_named(tmp_path):
-    path = _write_gguf(tmp_path / "qwen.gguf", ["<|endoftext|>", "<s>", "</s>", "a", "b", "ab"], [3, 3, 3, 1, 1, 1],
+    path = write_gguf(tmp_path / "qwen.gguf", ["<|endoftext|>", "<s>", "</s>", "a", "b", "ab"], [3, 3, 3, 1, 1, 1],
                        model="gpt2", merges=["a b"], pre="qwen2")
     with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen2' is not supported"):
         load_tokenizer(path)
 
 
 def test_plain_gpt2_pre_tokenizer(tmp_path):
-    path = _write_gguf(tmp_path / "gpt2.gguf", ["<|endoftext|>", "<s>", "</s>", "a", "b", "ab", "1", "\u0120"],
+    path = write_gguf(tmp_path / "gpt2.gguf", ["<|endoftext|>", "<s>", "</s>", "a", "b", "ab", "1", "\u0120"],
                        [3, 3, 3, 1, 1, 1, 1, 1], model="gpt2", merges=["a b"], pre="gpt2")
     loaded = load_tokenizer(path)
     assert loaded.encode_text("ab1") == [5, 6]

@@ -63,9 +63,14 @@ class TestMatcher:
     def test_stop_at_the_very_start(self):
         assert StopStringMatcher(["Hi"]).feed("Hi there") == ("", "Hi")
 
-    def test_earliest_start_wins(self):
-        assert StopStringMatcher(["bc", "abcd"]).feed("xabcd") == ("x", "abcd")
+    def test_the_stop_complete_first_wins(self):
+        # "bc" is complete before "abcd" is, in one piece as in many: the split never changes the match.
+        assert StopStringMatcher(["bc", "abcd"]).feed("xabcd") == ("xa", "bc")
         assert StopStringMatcher(["cd", "abc"]).feed("zabcd") == ("z", "abc")
+
+    def test_same_end_prefers_the_earlier_start(self):
+        assert StopStringMatcher(["b", "ab"]).feed("xab") == ("x", "ab")
+        assert feed_all(StopStringMatcher(["b", "ab"]), ["x", "a", "b"])[-1] == ("", "ab")
 
     def test_same_start_prefers_the_shorter(self):
         assert StopStringMatcher(["abc", "ab"]).feed("xabc") == ("x", "ab")
