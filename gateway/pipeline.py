@@ -85,15 +85,20 @@ class Pipeline:
         return await self._engine.GetLoad(epb.EngineLoadRequest(), timeout=5)
 
     def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams,
-               stop: tuple[str, ...], priority: int = 0, cache_salt: str = "") -> RequestHandle:
+               stop: tuple[str, ...], priority: int = 0, cache_salt: str = "", *,
+               include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> RequestHandle:
+        """Opens the request's detokenizer state (with its text options), then submits it to the engine."""
         if request_id in self._handles:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         engine, detok = self._streams()
         handle = RequestHandle(request_id)
         self._handles[request_id] = handle
         detok.send(tpb.DetokenizeInput(opens=[tpb.DetokOpen(
-            request_id=request_id, stop=stop, skip_special_tokens=True,
-            prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:])]))
+            request_id=request_id, stop=stop, skip_special_tokens=skip_special_tokens,
+            prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:],
+            include_stop_str_in_output=include_stop_str_in_output,
+            spaces_between_special_tokens=spaces_between_special_tokens)]))
         engine.send(epb.SessionInput(submits=[epb.Submit(request_id=request_id, prompt_token_ids=prompt_ids,
                                                          params=params, priority=priority,
                                                          cache_salt=cache_salt)]))

@@ -75,7 +75,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
         params = self._engine_params(v, len(prompt_ids), info.max_model_len)
         try:
-            handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop, v.priority, v.cache_salt)
+            handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop, v.priority, v.cache_salt,
+                                          include_stop_str_in_output=v.include_stop_str_in_output,
+                                          skip_special_tokens=v.skip_special_tokens,
+                                          spaces_between_special_tokens=v.spaces_between_special_tokens)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         completion_tokens = 0
@@ -104,7 +107,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             temperature=v.temperature, top_p=v.top_p, top_k=v.top_k, max_tokens=max_tokens,
             stop_token_ids=v.stop_token_ids, min_p=v.min_p, repetition_penalty=v.repetition_penalty,
             presence_penalty=v.presence_penalty, frequency_penalty=v.frequency_penalty, logit_bias=dict(v.logit_bias),
-            allowed_token_ids=v.allowed_token_ids, min_tokens=min(v.min_tokens, max_tokens))
+            allowed_token_ids=v.allowed_token_ids, min_tokens=min(v.min_tokens, max_tokens), ignore_eos=v.ignore_eos)
         if v.seed is not None:
             params.seed = v.seed
         return params

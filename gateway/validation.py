@@ -34,6 +34,10 @@ class ValidatedRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -98,7 +102,10 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         priority=req.priority, cache_salt=_validate_cache_salt(req.cache_salt, config),
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence, frequency_penalty=frequency,
         logit_bias=tuple(sorted(p.logit_bias.items())), allowed_token_ids=tuple(p.allowed_token_ids),
-        min_tokens=min_tokens)
+        min_tokens=min_tokens, ignore_eos=p.ignore_eos, include_stop_str_in_output=p.include_stop_str_in_output,
+        skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
+        spaces_between_special_tokens=(p.spaces_between_special_tokens
+                                       if p.HasField("spaces_between_special_tokens") else True))
 
 
 def _ranged(p: api.GenerationParams, name: str, default: float, lo: float, hi: float) -> float:
