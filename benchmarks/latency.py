@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import gpu_gaps
 from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
 from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
@@ -64,6 +65,7 @@ def decode_bench(engine: Engine, args) -> dict:
     for i in range(args.warmup):
         decode_run(engine, rng, f"decode-warmup-{i}", args.prompt_len, args.output_len)
     runs = []
+    timeline = gpu_gaps.attach(engine)
     for i in range(args.repeats):
         runs.append(decode_run(engine, rng, f"decode-{i}", args.prompt_len, args.output_len))
         print(f"  decode run {i + 1}/{args.repeats}: {runs[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
@@ -73,7 +75,7 @@ def decode_bench(engine: Engine, args) -> dict:
     return {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
             "decode_tok_s_median": med, "decode_tok_s_min": min(tok_s), "decode_tok_s_max": max(tok_s),
             "ms_per_token_median": 1e3 / med, "ttft_ms_median": statistics.median(r["ttft_s"] for r in runs) * 1e3,
-            "runs": runs}
+            "runs": runs, "gpu_gaps": gpu_gaps.summarize(engine, timeline)}
 
 
 def ttft_bench(engine: Engine, args) -> list[dict]:
@@ -102,6 +104,7 @@ def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
     print(f"{'decode tok/s':>13} {'min':>8} {'max':>8} {'ms/token':>9} {'TTFT ms':>8}")
     print(f"{decode['decode_tok_s_median']:>13.1f} {decode['decode_tok_s_min']:>8.1f} "
           f"{decode['decode_tok_s_max']:>8.1f} {decode['ms_per_token_median']:>9.2f} {decode['ttft_ms_median']:>8.1f}")
+    print(gpu_gaps.describe(decode["gpu_gaps"]))
     if ttft:
         print(f"\nTTFT (max_tokens 1, prefix caching off), median of {ttft[0]['repeats']}")
         print(f"{'prompt':>7} {'TTFT ms':>9} {'min':>9} {'max':>9} {'prefill tok/s':>14} {'steps':>6}")
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_tables(header, decode, ttft)
     result = {"benchmark": "latency", "model": engine.model_name, "model_path": args.model,
               "load_format": args.load_format, "device": str(engine.runner.device),
-              "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.config.attention_backend,
+              "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.runner.backend.name,
+              "cuda_graphs": engine.runner.graphs is not None, "async_scheduling": engine.async_scheduling,
               "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft}
     write_json(args.json, result)
     return result

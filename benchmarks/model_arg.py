@@ -43,7 +43,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights at the config's shapes (implied by a shipped config name)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS)
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="auto: triton on CUDA, torch on the CPU")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
+                   help="overlap scheduling with the device (engine default: on CUDA only)")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the benchmark's own choice")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step (engine default: 8192 on CUDA, 2048 on CPU)")
@@ -65,7 +70,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     Unset optional arguments keep the engine's defaults."""
     fields = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                   attention_backend=args.attention_backend, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks)
+                  max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
+                  enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     if args.max_num_seqs is not None:
         fields["max_num_seqs"] = args.max_num_seqs
     fields.update(overrides)
@@ -76,6 +82,10 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
     """The same settings as `python -m engine_svc` arguments, for a stack started with `tandem serve -- ...`.
     device and dtype are `tandem serve` options of their own and are not included."""
     out = ["--load-format", args.load_format, "--attention-backend", args.attention_backend]
+    if args.enforce_eager:
+        out.append("--enforce-eager")
+    if args.async_scheduling is not None:
+        out.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
     for flag, value in (("--max-num-seqs", args.max_num_seqs),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens),
                         ("--max-model-len", args.max_model_len), ("--num-kv-blocks", args.num_kv_blocks)):
@@ -88,7 +98,9 @@ def describe(engine) -> str:
     """One line naming what ran: model, device, dtype, backend, budget."""
     cfg = engine.config
     return (f"{engine.model_name} ({cfg.load_format}) on {engine.runner.device} "
-            f"({str(engine.runner.dtype).split('.')[-1]}), {cfg.attention_backend} attention, "
+            f"({str(engine.runner.dtype).split('.')[-1]}), {engine.runner.backend.name} attention, "
+            f"decode {'CUDA graphs' if engine.runner.graphs is not None else 'eager'}, "
+            f"{'async' if engine.async_scheduling else 'sync'} scheduling, "
             f"max_num_seqs {cfg.max_num_seqs}, budget {cfg.max_num_batched_tokens} tokens/step, "
             f"max_model_len {cfg.max_model_len}")
 

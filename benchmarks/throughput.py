@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import gpu_gaps
 from benchmarks.model_arg import add_engine_args, describe, engine_cli_args, engine_config, resolve_model_args, sync
 from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
@@ -52,6 +53,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_lens: list[int])
     tenth = max(1, n // 10)
     steps0 = engine.num_steps
     sync(engine)
+    timeline = gpu_gaps.attach(engine)
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(zip(prompts, output_lens)):
         engine.add_request(f"tp-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
@@ -69,7 +71,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_lens: list[int])
     return {"run": "engine", "finished": finished, "errors": 0, "prompt_tokens": prompt_tok,
             "output_tokens": output_tok, "expected_output_tokens": sum(output_lens), "seconds": elapsed,
             "steps": engine.num_steps - steps0, "output_tok_s": output_tok / elapsed,
-            "total_tok_s": (prompt_tok + output_tok) / elapsed}
+            "total_tok_s": (prompt_tok + output_tok) / elapsed, "gpu_gaps": gpu_gaps.summarize(engine, timeline)}
 
 
 def engine_phase(args, lengths: list[tuple[int, int]], prompts: list[list[int]] | None) -> tuple[dict, str]:
@@ -120,6 +122,8 @@ def print_table(header: str, workload: dict, rows: list[dict], ratio: float | No
         print(f"{r['run']:>7} {r['finished']:>9} {r['prompt_tokens']:>11} {r['output_tokens']:>11} "
               f"{r['seconds']:>8.2f} {steps:>6} {r['output_tok_s']:>13.1f} {r['total_tok_s']:>12.1f}")
     for r in rows:
+        if r["run"] == "engine":
+            print(gpu_gaps.describe(r["gpu_gaps"]))
         if r.get("finish_reasons"):
             print(f"stack finish reasons: {r['finish_reasons']}" + (f", {r['errors']} errors" if r["errors"] else ""))
     if ratio is not None:
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(header, workload, rows, ratio)
     result = {"benchmark": "throughput", "model_path": args.model, "load_format": args.load_format,
               "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
+              "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
               "mode": args.mode, "workload": workload, "runs": rows, "stack_vs_engine_output_tok_s": ratio}
     write_json(args.json, result)
     return result

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class EngineConfig:
     served_model_name: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"             # auto: triton on CUDA, torch on the CPU
     block_size: int = 16
     num_kv_blocks: int | None = None            # explicit KV size; otherwise taken from free memory
     gpu_memory_utilization: float = 0.9
@@ -28,6 +28,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     check_kv_integrity: bool = False            # check the KV invariants each time the engine goes idle
+    enforce_eager: bool = False                 # no CUDA graphs for decode
+    async_scheduling: bool | None = None        # launch step k+1 before reading step k's ids; None: on CUDA only
     max_model_len: int | None = None            # default: the model's context
     host: str = "127.0.0.1"
     port: int = 50053
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS)
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="auto: triton on CUDA, torch on the CPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -78,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute each prompt in one step (the budget must then hold max_model_len)")
     p.add_argument("--check-kv-integrity", action="store_true",
                    help="check block-pool invariants whenever the engine goes idle (one pass over the blocks)")
+    p.add_argument("--enforce-eager", action="store_true", help="run decode eagerly, without CUDA graphs")
+    p.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
+                   help="schedule and prepare step k+1 while the device runs step k (default on CUDA)")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50053)

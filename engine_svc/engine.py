@@ -1,5 +1,11 @@
-"""The synchronous engine: scheduler + model runner, one step at a time. The gRPC service drives it from its own
-thread (engine_loop); tests and offline benchmarks drive it directly."""
+"""The engine: scheduler + model runner, one step per call. The gRPC service drives it from its own thread
+(engine_loop); tests and offline benchmarks drive it directly.
+
+With asynchronous scheduling each step() launches step k on the device and only then reads step k-1's sampled ids
+and applies them, so scheduling, input preparation and output handling overlap the device's work; outputs come one
+call later. A step whose requests need every id on the host before sampling (penalties read the output history)
+first waits for the step in flight.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,7 +14,8 @@ from engine_svc.config import EngineConfig
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig
-from engine_svc.model_runner import ModelRunner
+from engine_svc.model_runner import LaunchedStep, ModelRunner
+from engine_svc.core.scheduler import SchedulerOutput
 
 
 class Engine:
@@ -26,6 +33,9 @@ class Engine:
                             enable_chunked_prefill=self.config.enable_chunked_prefill),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
+        on = self.config.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
 
     def with_scheduling(self, **changes) -> "Engine":
         """A fresh engine (empty queues and prefix cache) over this one's loaded model and KV tensors, with other
@@ -47,19 +57,42 @@ class Engine:
         return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def check_integrity(self) -> list[str]:
         """Broken KV-cache invariants (empty when sound); when idle, no block may be in use."""
         return self.scheduler.check_integrity()
 
     def step(self) -> list[RequestOutput]:
+        if not self.async_scheduling:
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                return []
+            sampled = self.runner.execute(out)
+            self.num_steps += 1
+            return self.scheduler.update(out, sampled)
+        outputs = []
+        if self._in_flight is not None and self._needs_real_ids():
+            outputs = self._finish_in_flight()
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        sampled = self.runner.execute(out)
-        self.num_steps += 1
-        return self.scheduler.update(out, sampled)
+        launched = None
+        if not out.is_empty:
+            launched = self.runner.launch(out)
+            self.scheduler.mark_in_flight(out)
+            self.num_steps += 1
+        if self._in_flight is not None:
+            outputs = self._finish_in_flight()   # while the device runs the step just launched
+        if launched is not None:
+            self._in_flight = (out, launched)
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        out, launched = self._in_flight
+        self._in_flight = None
+        return self.scheduler.update(out, launched.wait())
+
+    def _needs_real_ids(self) -> bool:
+        return any(r.params.uses_penalties for r in self.scheduler.running)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Runs prompts to completion together; returns each one's output ids."""
@@ -73,5 +106,5 @@ class Engine:
         return [outputs[rid] for rid in ids]
 
 
-_SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
+_SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "async_scheduling",
                                 "max_num_seqs", "max_waiting", "num_kv_blocks"})

@@ -9,7 +9,11 @@ import torch
 
 from engine_svc.attention import AttentionMetadata, get_backend
 from engine_svc.config import EngineConfig
+from engine_svc.core.request import PLACEHOLDER
 from engine_svc.core.scheduler import SchedulerOutput
+from engine_svc.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine_svc.gpu_timeline import GpuTimeline
+from engine_svc.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.memory_plan import MemoryPlan, plan_memory
 from engine_svc.model_config import ModelConfig
@@ -45,7 +49,7 @@ class ModelRunner:
                              f"{self.model_cfg.max_position_embeddings}")
         self.config = replace(config, max_model_len=self.max_model_len,
                               max_num_batched_tokens=self._token_budget(config))
-        self.backend = get_backend(config.attention_backend)
+        self.backend = get_backend(config.attention_backend, self.device.type)
         self._eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
@@ -57,6 +61,20 @@ class ModelRunner:
         shape = (2, self.plan.num_blocks, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model_cfg.num_layers)]
+        self._buffers: InputBuffers | None = None
+        self.graphs: DecodeGraphs | None = None
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_rows: dict[str, int] = {}
+        self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
+        self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
+        self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        if self.uses_graphs:
+            self.enable_decode_graphs(capture=True)
+
+    @property
+    def uses_graphs(self) -> bool:
+        # The torch backend sizes its work from host copies of the lengths, which a graph cannot replay.
+        return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager)
 
     def _token_budget(self, config: EngineConfig) -> int:
         if config.max_num_batched_tokens:
@@ -71,63 +89,172 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.plan.num_blocks
 
-    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+    # --- inputs ----------------------------------------------------------------------------------------------------
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _buffers_for(self, num_tokens: int, num_seqs: int) -> InputBuffers:
+        b = self._buffers
+        if b is None or num_tokens > b.max_tokens or num_seqs > b.max_seqs:
+            # Only an engine re-made with a larger budget (Engine.with_scheduling) gets here after start-up; graphs
+            # read the old tensors, so they go.
+            self._buffers = b = InputBuffers(max(num_tokens, self.config.max_num_batched_tokens),
+                                             max(num_seqs, self.config.max_num_seqs),
+                                             -(-self.max_model_len // self.block_size), self.device)
+            self.graphs = None
+        return b
+
+    def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
+        """Device inputs of the step; pad_to pads a decode batch with inert rows up to a graph's batch size."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
         logits_rows: list[int] = []
+        ph_dst: list[int] = []
+        ph_src: list[int] = []
         bs = self.block_size
-        max_blocks = max(len(s.request.block_ids) for s in out.scheduled)
         tables = []
+        prev_rows = self._prev_rows
         for s in out.scheduled:
             req, start, n = s.request, s.start, s.num_new_tokens
-            input_ids.extend(req.token_ids[start:start + n])
+            ids = req.token_ids[start:start + n]
+            if ids[-1] == PLACEHOLDER:   # sampled by the step still running: its id is on the device
+                ph_dst.append(query_start[-1] + n - 1)
+                ph_src.append(prev_rows[req.request_id])
+            input_ids.extend(ids)
             positions.extend(range(start, start + n))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
-            tables.append(blocks + [0] * (max_blocks - len(blocks)))
+            tables.append(blocks)
             if s.samples:
                 logits_rows.append(query_start[-1] - 1)
+        width = max(len(t) for t in tables)
+        if pad_to is not None:
+            width = self._buffers.max_blocks_per_seq   # the graph was captured at full width
+            pad = pad_to - len(seq_lens)
+            input_ids += [0] * pad
+            positions += [0] * pad
+            slots += [-1] * pad
+            seq_lens += [1] * pad
+            query_start += range(query_start[-1] + 1, query_start[-1] + 1 + pad)
+            tables += [[]] * pad
+        buffers = self._buffers_for(len(input_ids), len(seq_lens))
+        if self.timeline is not None:
+            self.timeline.step_begins()   # the host work of the step is done; its device work starts here
+        t = buffers.load(HostStep(input_ids, positions, slots, seq_lens, query_start, logits_rows,
+                                  table_rows(tables, width), width, ph_dst, ph_src))
+        if ph_dst:
+            t["input_ids"].index_copy_(0, t["placeholder_dst"], self._prev_sampled[t["placeholder_src"]])
+        num_real = len(out.scheduled)
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._to_device(tables, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            query_start=self._to_device(query_start, torch.int32),
+            slot_mapping=t["slot_mapping"], block_tables=t["block_tables"], seq_lens=t["seq_lens"],
+            query_start=t["query_start"],
             query_lens_cpu=[b - a for a, b in zip(query_start, query_start[1:])],
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-        )
-        return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta,
-                self._to_device(logits_rows, torch.int64))
+            seq_lens_cpu=seq_lens, block_size=bs,
+            max_seq_len=max(seq_lens[:num_real]) if pad_to is None else self.max_model_len)
+        return t, meta
+
+    # --- forward ---------------------------------------------------------------------------------------------------
+
+    def enable_decode_graphs(self, capture: bool) -> None:
+        """Decode steps up to max_num_seqs run as CUDA graphs (capture=True) or, for tests on the CPU, eagerly over
+        the same padded persistent buffers (capture=False)."""
+        sizes = graph_batch_sizes(self.config.max_num_seqs)
+        buffers = self._buffers_for(sizes[-1], sizes[-1])
+        dev = buffers.device_tensors
+        width = buffers.max_blocks_per_seq
+        dev["slot_mapping"].fill_(-1)   # capture runs on whatever the buffers hold: make it write no KV
+        dev["seq_lens"].fill_(1)
+
+        def run(b: int) -> torch.Tensor:
+            meta = AttentionMetadata(
+                slot_mapping=dev["slot_mapping"][:b], block_tables=dev["block_tables"][:b * width].view(b, width),
+                seq_lens=dev["seq_lens"][:b], query_start=dev["query_start"][:b + 1], query_lens_cpu=[1] * b,
+                seq_lens_cpu=[self.max_model_len] * b, block_size=self.block_size, max_seq_len=self.max_model_len)
+            hidden = self.model(dev["input_ids"][:b], dev["positions"][:b], self.kv_caches, meta)
+            return self.model.compute_logits(hidden)
+
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(run, sizes, capture)
+
+    def _graph_bucket(self, out: SchedulerOutput) -> int | None:
+        if self.graphs is None or not all(s.num_new_tokens == 1 and s.samples for s in out.scheduled):
+            return None
+        return self.graphs.bucket(len(out.scheduled))
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Runs the model; returns float32 logits for each scheduled request that samples, in order."""
-        input_ids, positions, meta, logits_rows = self.prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[logits_rows])
+        bucket = self._graph_bucket(out)
+        t, meta = self.prepare(out, pad_to=bucket)
+        if bucket is not None:
+            return self.graphs.run(bucket)[:len(out.scheduled)]
+        hidden = self.model(t["input_ids"], t["positions"], self.kv_caches, meta)
+        return self.model.compute_logits(hidden[t["logits_rows"]])
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
+    def launch(self, out: SchedulerOutput) -> "LaunchedStep":
+        """Queues the step's forward and sampling on the device and returns at once (on CUDA); the sampled ids
+        are read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs."""
         logits = self.forward_logits(out)
         sampling = [s for s in out.scheduled if s.samples]
-        if not sampling:
-            return []
+        sampled = self._sample(logits, sampling) if sampling else logits.new_empty(0, dtype=torch.int64)
+        self._prev_sampled = sampled
+        self._prev_rows = {s.request.request_id: i for i, s in enumerate(sampling)}
+        step = LaunchedStep(sampled, self._out_slots)
+        if self.timeline is not None:
+            self.timeline.step_ends()
+        return step
+
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        return self.launch(out).wait()
+
+    def _sample(self, logits: torch.Tensor, sampling: list) -> torch.Tensor:
         params = [s.request.params for s in sampling]
         histories = None
         if any(p.uses_penalties for p in params):
+            # The engine resolves pending steps before scheduling requests with penalties: ids are all real here.
             histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
         batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
                                     self.model_cfg.vocab_size, self.device, histories=histories,
                                     eos_token_ids=self._eos_token_ids)
-        return sample(logits, batch).tolist()  # the one device-to-host copy of the step
+        return sample(logits, batch)
+
+
+class LaunchedStep:
+    """A step queued on the device. Its sampled ids come to the host in one non_blocking copy into pinned memory;
+    wait() blocks until that copy is done."""
+
+    def __init__(self, sampled: torch.Tensor, slots: "_PinnedSlots | None") -> None:
+        self._sampled = sampled
+        self._event = None
+        if slots is not None and sampled.numel():
+            self._host = slots.next(sampled.numel())
+            self._host.copy_(sampled, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = sampled
+
+    def wait(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+class _PinnedSlots:
+    """Two pinned host buffers for sampled ids, taken in turn: at most one step is in flight while the next is
+    launched, so a buffer is never reused before its step has been waited on."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._bufs = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._turn = 0
+
+    def next(self, n: int) -> torch.Tensor:
+        if n > self._size:
+            self.__init__(n)
+        self._turn ^= 1
+        return self._bufs[self._turn][:n]

@@ -19,9 +19,9 @@ _MASKED = float("-inf")
 
 @dataclass
 class SamplingBatch:
-    temperature: torch.Tensor   # [N] float32; 0 = greedy
-    top_p: torch.Tensor         # [N] float32
-    top_k: torch.Tensor         # [N] int64; vocab size when off
+    temperature: torch.Tensor | None   # [N] float32; 0 = greedy. The three are None in an all-greedy batch.
+    top_p: torch.Tensor | None         # [N] float32
+    top_k: torch.Tensor | None         # [N] int64; vocab size when off
     seeds: list[tuple[int, int, int]]   # (row, seed, output index) of seeded rows
     all_greedy: bool
     needs_top_k: bool
@@ -43,47 +43,59 @@ class SamplingBatch:
         top_p = [p.top_p for p in params]
         seeds = [(i, p.seed, n) for i, (p, n) in enumerate(zip(params, output_lens))
                  if p.seed is not None and p.temperature > 0]
+        all_greedy = all(t == 0 for t in temps)
+        # An all-greedy batch (the common serving case) only takes an argmax: no per-row tensors to send.
         b = cls(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            temperature=None if all_greedy else _to_device(temps, torch.float32, device),
+            top_p=None if all_greedy else _to_device(top_p, torch.float32, device),
+            top_k=None if all_greedy else _to_device(top_k, torch.int64, device),
             seeds=seeds,
-            all_greedy=all(t == 0 for t in temps),
+            all_greedy=all_greedy,
             needs_top_k=any(k < vocab_size for k in top_k),
             needs_top_p=any(p < 1.0 for p in top_p),
         )
         f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
         if any(p.min_p > 0 for p in params):
-            b.min_p = torch.tensor([p.min_p for p in params], **f32)
+            b.min_p = _to_device([p.min_p for p in params], **f32)
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("penalties need each row's prompt and output ids")
             b.penalties = (_padded([h[0] for h in histories], device), _padded([h[1] for h in histories], device),
-                           torch.tensor([p.repetition_penalty for p in params], **f32),
-                           torch.tensor([p.presence_penalty for p in params], **f32),
-                           torch.tensor([p.frequency_penalty for p in params], **f32))
+                           _to_device([p.repetition_penalty for p in params], **f32),
+                           _to_device([p.presence_penalty for p in params], **f32),
+                           _to_device([p.frequency_penalty for p in params], **f32))
         bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
         if bias:
             rows, ids, vals = zip(*bias)
-            b.bias = (torch.tensor(rows, device=device), torch.tensor(ids, device=device), torch.tensor(vals, **f32))
+            b.bias = (_to_device(rows, **i64), _to_device(ids, **i64), _to_device(vals, **f32))
         if any(p.allowed_token_ids is not None for p in params):
             allowed = torch.ones(len(params), vocab_size, dtype=torch.bool)
             for i, p in enumerate(params):
                 if p.allowed_token_ids is not None:
                     allowed[i] = False
                     allowed[i, list(p.allowed_token_ids)] = True
-            b.allowed = allowed.to(device)
+            b.allowed = _to_device(allowed, torch.bool, device)
         banned = [(i, t) for i, (p, n) in enumerate(zip(params, output_lens)) if n < p.min_tokens
                   for t in sorted(p.stop_token_ids | (frozenset() if p.ignore_eos else eos_token_ids))]
         if banned:
             rows, ids = zip(*banned)
-            b.suppressed = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+            b.suppressed = (_to_device(rows, **i64), _to_device(ids, **i64))
         return b
 
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+    return _to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64, device)
+
+
+def _to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or tensor on the device without stalling the host: a pageable copy would wait for the device
+    to finish everything queued before it (the forward pass); a pinned one is queued behind it instead."""
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_processors(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

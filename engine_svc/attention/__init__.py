@@ -18,7 +18,10 @@ def _triton() -> AttentionBackend:
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchPagedAttention, "triton": _triton}
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str, device_type: str = "cpu") -> AttentionBackend:
+    """name "auto" picks triton on CUDA and the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device_type == "cuda" else "torch"
     factory = _BACKENDS.get(name)
     if factory is None:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")

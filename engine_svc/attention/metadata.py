@@ -17,6 +17,9 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    # Host bound on seq_lens for kernels that size their grid from it; a CUDA graph, captured once for every
+    # length, passes max_model_len. None: max(seq_lens_cpu).
+    max_seq_len: int | None = None
 
     @property
     def num_seqs(self) -> int:

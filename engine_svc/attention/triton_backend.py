@@ -26,7 +26,7 @@ class TritonPagedAttention:
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.is_pure_decode:
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start,
-                                          meta.block_size, scale, max(meta.seq_lens_cpu),
+                                          meta.block_size, scale, meta.max_seq_len or max(meta.seq_lens_cpu),
                                           partition_size=self.decode_partition_size)
         return paged_prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start,
                                        meta.block_size, scale, max(meta.query_lens_cpu))

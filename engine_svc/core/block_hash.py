@@ -21,9 +21,11 @@ def block_key(parent: bytes, tokens: list[int], extra: str = "") -> bytes:
     return h.digest()
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int, extra: str = "") -> None:
-    """Appends the keys of the full blocks of token_ids that hashes does not cover yet. The extra key enters the
-    first block only: every later key chains through it."""
-    for i in range(len(hashes), len(token_ids) // block_size):
+def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int, extra: str = "",
+                        num_tokens: int | None = None) -> None:
+    """Appends the keys of the full blocks among the first num_tokens (default: all) of token_ids that hashes does
+    not cover yet. The extra key enters the first block only: every later key chains through it."""
+    end = len(token_ids) if num_tokens is None else num_tokens
+    for i in range(len(hashes), end // block_size):
         parent = hashes[i - 1] if i else ROOT
         hashes.append(block_key(parent, token_ids[i * block_size:(i + 1) * block_size], extra if i == 0 else ""))

@@ -58,7 +58,9 @@ class KVCacheManager:
     # --- prefix cache ---------------------------------------------------------------------------------------------
 
     def _hashes(self, request: Request) -> list[bytes]:
-        extend_block_hashes(request.block_hashes, request.token_ids, self.block_size, request.cache_salt)
+        # A trailing placeholder (asynchronous scheduling) is no token yet: its block is not hashed until it is.
+        extend_block_hashes(request.block_hashes, request.token_ids, self.block_size, request.cache_salt,
+                            request.num_tokens - request.has_placeholder)
         return request.block_hashes
 
     def find_cached_blocks(self, request: Request) -> list[int]:

@@ -5,6 +5,10 @@ import enum
 from dataclasses import dataclass, field
 
 
+# Stands for a sampled token whose id is still on the device (asynchronous scheduling); never a real token id.
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -79,6 +83,10 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def has_placeholder(self) -> bool:
+        return bool(self.token_ids) and self.token_ids[-1] == PLACEHOLDER
 
     @property
     def sort_key(self) -> tuple[int, int]:

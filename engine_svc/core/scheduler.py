@@ -13,6 +13,16 @@ Invariants after each schedule():
   prompt never stalls the streams already running;
 - a preempted request returns to waiting with its blocks freed and num_computed_tokens = 0, keeping its generated
   tokens, which are recomputed (or found in the prefix cache) when it is scheduled again.
+
+Asynchronous scheduling (the engine launches step k+1 before it has read step k's sampled ids): schedule() counts
+the scheduled tokens as computed at once, and mark_in_flight() appends a PLACEHOLDER for each token being sampled,
+so the next schedule() can already grant that token's decode step (the model runner takes its id from the previous
+step's sampled ids on the device). update() later writes the real id over the placeholder. Hence:
+- a placeholder is only ever the last token of a request, and only the input of a one-token decode step;
+- a request with a placeholder is never (re)admitted from waiting, and its blocks are offered to the prefix cache
+  only once every token they hold is real;
+- a request whose pending token will end it by length is not scheduled again; one that ends on EOS has had one
+  more decode step launched, whose result update() drops.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from engine_svc.core.kv_cache_manager import KVCacheManager
-from engine_svc.core.request import FinishReason, Request, RequestStatus, SamplingParams
+from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -147,13 +157,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        decodes_left = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        decodes_left = sum(1 for r in self.running if self._wants_decode(r))
 
         # Running requests first, in service order: they already hold blocks.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens
+            if remaining == 1 and not self._wants_decode(req):
+                i += 1   # its pending token ends it by length: nothing more to compute
+                continue
             if remaining == 1:
                 decodes_left -= 1
                 num_new = 1
@@ -165,7 +178,7 @@ class Scheduler:
                     continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
-                if victim is not req and victim.num_tokens - victim.num_computed_tokens == 1:
+                if victim is not req and self._wants_decode(victim):
                     decodes_left -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -181,6 +194,8 @@ class Scheduler:
         # preemption this step: the blocks are short.
         while self.waiting and not out.preempted and len(self.running) < self.config.max_num_seqs and budget > 0:
             req = self.waiting[0]
+            if req.has_placeholder:
+                break   # preempted while its last step ran: it can rejoin once that step's token is known
             hits = self.kv.find_cached_blocks(req)
             num_cached = len(hits) * self.kv.block_size
             num_new = req.num_tokens - num_cached
@@ -199,7 +214,15 @@ class Scheduler:
             bisect.insort(self.running, req, key=_sort_key)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+        for s in out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
+            s.request.num_computed_tokens = s.start + s.num_new_tokens
         return out
+
+    def mark_in_flight(self, out: SchedulerOutput) -> None:
+        """Asynchronous scheduling: out was launched and its sampled ids are not known yet."""
+        for s in out.scheduled:
+            if s.samples:
+                s.request.token_ids.append(PLACEHOLDER)
 
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[RequestOutput]:
         """Applies one step's results. sampled_token_ids has one id per scheduled request that samples, in order."""
@@ -209,30 +232,43 @@ class Scheduler:
             req = s.request
             token = next(samples) if s.samples else None
             if req.is_finished:
-                continue  # aborted while its step ran; its blocks are already free
-            req.num_computed_tokens = s.start + s.num_new_tokens
-            self.kv.cache_full_blocks(req)
+                continue  # aborted, or ended on the step before, while this step ran; its blocks are free already
             if token is None:
+                self.kv.cache_full_blocks(req)
                 continue
-            req.token_ids.append(token)
-            reason = self._stop_reason(req, token)
+            position = s.start + s.num_new_tokens
+            if position < req.num_tokens:
+                req.token_ids[position] = token   # over the placeholder mark_in_flight put there
+            else:
+                req.token_ids.append(token)
+            if req.status is RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(req)
+            reason = self._stop_reason(req, token, position)
             if reason is not None:
-                self.running.remove(req)
+                (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
                 self._finish(req, reason)
-            cached = req.num_cached_tokens if req.num_output_tokens == 1 else None
+            num_outputs = position + 1 - req.num_prompt_tokens
+            cached = req.num_cached_tokens if num_outputs == 1 else None
             outputs.append(RequestOutput(req.request_id, [token], reason, cached))
         return outputs
 
     # --- internals -------------------------------------------------------------------------------------------------
 
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+    def _stop_reason(self, req: Request, token: int, position: int) -> FinishReason | None:
         p = req.params
-        stoppable = req.num_output_tokens > p.min_tokens   # the sampler already forbade these tokens before
+        num_outputs = position + 1 - req.num_prompt_tokens
+        stoppable = num_outputs > p.min_tokens   # the sampler already forbade these tokens before
         if stoppable and ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return FinishReason.STOP_TOKEN
-        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if num_outputs >= p.max_tokens or position + 1 >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    def _wants_decode(self, req: Request) -> bool:
+        """The request's only uncomputed token is its last one and sampling after it may still be needed."""
+        if req.num_tokens - req.num_computed_tokens != 1:
+            return False
+        return req.num_output_tokens < req.params.max_tokens and req.num_tokens < self.config.max_model_len
 
     @staticmethod
     def _scheduled(req: Request, num_new: int) -> ScheduledRequest:

@@ -51,7 +51,8 @@ def stack(smollm2_gguf, tmp_path_factory):
            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
            "--device", "cpu", "--dtype", "float32",
            "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
-           "--check-kv-integrity"]
+           # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
+           "--check-kv-integrity", "--async-scheduling"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

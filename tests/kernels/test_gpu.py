@@ -92,6 +92,12 @@ def test_engine_greedy_fp32_on_cuda(checkpoint):
     assert generate(checkpoint, "triton", "cuda")[0] == expected
 
 
+def test_engine_graphs_and_async_scheduling_on_cuda(checkpoint):
+    """Decode through captured CUDA graphs with asynchronous scheduling: the same tokens as the eager torch path."""
+    expected, _ = generate(checkpoint, "torch", "cuda")
+    assert generate(checkpoint, "triton", "cuda", eager=False)[0] == expected
+
+
 def test_engine_logits_bf16_on_cuda(checkpoint):
     """The triton backend's bf16 prefill logits are about as close to fp32 as the torch backend's bf16 logits."""
     from engine_svc.config import EngineConfig
