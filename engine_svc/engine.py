@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from engine_svc.config import EngineConfig
+from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig
@@ -68,9 +69,9 @@ class Engine:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return []
-            sampled = self.runner.execute(out)
+            result = self.runner.execute(out)
             self.num_steps += 1
-            return self.scheduler.update(out, sampled)
+            return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
         outputs = []
         if self._in_flight is not None and self._needs_real_ids():
             outputs = self._finish_in_flight()
@@ -89,10 +90,12 @@ class Engine:
     def _finish_in_flight(self) -> list[RequestOutput]:
         out, launched = self._in_flight
         self._in_flight = None
-        return self.scheduler.update(out, launched.wait())
+        result = launched.wait()
+        return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
 
     def _needs_real_ids(self) -> bool:
-        return any(r.params.uses_penalties for r in self.scheduler.running)
+        # Penalties read the output ids on the host; the next beams are chosen from the last step's results.
+        return any(r.params.uses_penalties or isinstance(r.group, BeamSearch) for r in self.scheduler.running)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Runs prompts to completion together; returns each one's output ids."""

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from engine_svc.attention import AttentionMetadata, get_backend
 from engine_svc.config import EngineConfig
-from engine_svc.core.request import PLACEHOLDER
+from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
 from engine_svc.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.gpu_timeline import GpuTimeline
@@ -17,7 +17,8 @@ from engine_svc.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.memory_plan import MemoryPlan, plan_memory
 from engine_svc.model_config import ModelConfig
-from engine_svc.sampler import SamplingBatch, sample
+from engine_svc.logprobs import token_logprobs
+from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -187,31 +188,43 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Runs the model; returns float32 logits for each scheduled request that samples, in order."""
+        return self._forward(out)[0]
+
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
         bucket = self._graph_bucket(out)
         t, meta = self.prepare(out, pad_to=bucket)
         if bucket is not None:
-            return self.graphs.run(bucket)[:len(out.scheduled)]
+            return self.graphs.run(bucket)[:len(out.scheduled)], None
         hidden = self.model(t["input_ids"], t["positions"], self.kv_caches, meta)
-        return self.model.compute_logits(hidden[t["logits_rows"]])
+        prompt = _PromptRows.of(out, self.device)
+        if prompt is not None:
+            prompt.score(self.model.compute_logits(hidden[prompt.rows]))
+        return self.model.compute_logits(hidden[t["logits_rows"]]), prompt
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> "LaunchedStep":
-        """Queues the step's forward and sampling on the device and returns at once (on CUDA); the sampled ids
-        are read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs."""
-        logits = self.forward_logits(out)
+        """Queues the step's forward and sampling on the device and returns at once (on CUDA); the results are
+        read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs."""
+        logits, prompt = self._forward(out)
         sampling = [s for s in out.scheduled if s.samples]
-        sampled = self._sample(logits, sampling) if sampling else logits.new_empty(0, dtype=torch.int64)
-        self._prev_sampled = sampled
+        step = LaunchedStep(self._out_slots)
+        if sampling:
+            self._sample(logits, sampling, step)
+        else:
+            step.sampled = logits.new_empty(0, dtype=torch.int64)
+        self._prev_sampled = step.sampled
         self._prev_rows = {s.request.request_id: i for i, s in enumerate(sampling)}
-        step = LaunchedStep(sampled, self._out_slots)
+        if prompt is not None:
+            step.prompt = prompt
+        step.send_to_host()
         if self.timeline is not None:
             self.timeline.step_ends()
         return step
 
-    def execute(self, out: SchedulerOutput) -> list[int]:
+    def execute(self, out: SchedulerOutput) -> "StepResult":
         return self.launch(out).wait()
 
-    def _sample(self, logits: torch.Tensor, sampling: list) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, sampling: list, step: "LaunchedStep") -> None:
         params = [s.request.params for s in sampling]
         histories = None
         if any(p.uses_penalties for p in params):
@@ -220,28 +233,100 @@ class ModelRunner:
         batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
                                     self.model_cfg.vocab_size, self.device, histories=histories,
                                     eos_token_ids=self._eos_token_ids)
-        return sample(logits, batch)
+        logits = apply_processors(logits, batch)
+        step.sampled = sample_processed(logits, batch)
+        wanted = [(p.logprobs or 0) if p.needs_logprob else None for p in params]
+        if any(w is not None for w in wanted):
+            step.logprobs_wanted = wanted
+            step.logprobs = token_logprobs(logits, step.sampled, max(w or 0 for w in wanted))
+
+
+@dataclass
+class StepResult:
+    sampled: list[int]                                       # one per sampling row
+    logprobs: list[TokenLogprob | None] | None = None        # one per sampling row, when any row asked
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None
+
+
+class _PromptRows:
+    """The rows of a step that score prompt tokens for prompt_logprobs: row of position p scores token p + 1."""
+
+    def __init__(self) -> None:
+        self.rows_list: list[int] = []
+        self.targets: list[int] = []
+        self.spans: list[tuple[str, int, int, int]] = []   # (request id, first position scored, count, k)
+        self.result: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def of(cls, out: SchedulerOutput, device: torch.device) -> "_PromptRows | None":
+        pr, row = None, 0
+        for s in out.scheduled:
+            req = s.request
+            k = req.params.prompt_logprobs
+            end = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if k is not None and s.start < end:
+                pr = pr or cls()
+                pr.rows_list.extend(range(row, row + end - s.start))
+                pr.targets.extend(req.token_ids[s.start + 1:end + 1])
+                pr.spans.append((req.request_id, s.start + 1, end - s.start, k))
+            row += s.num_new_tokens
+        if pr is not None:
+            pr.rows = torch.tensor(pr.rows_list, device=device)
+        return pr
+
+    def score(self, logits: torch.Tensor) -> None:
+        targets = torch.tensor(self.targets, device=logits.device)
+        self.result = token_logprobs(logits, targets, max(k for *_, k in self.spans))
 
 
 class LaunchedStep:
-    """A step queued on the device. Its sampled ids come to the host in one non_blocking copy into pinned memory;
-    wait() blocks until that copy is done."""
+    """A step queued on the device. Its results come to the host in non_blocking copies into pinned memory;
+    wait() blocks until those copies are done (never on device work queued after them)."""
 
-    def __init__(self, sampled: torch.Tensor, slots: "_PinnedSlots | None") -> None:
-        self._sampled = sampled
+    def __init__(self, slots: "_PinnedSlots | None") -> None:
+        self._slots = slots
+        self.sampled: torch.Tensor | None = None
+        self.logprobs: tuple[torch.Tensor, ...] | None = None
+        self.logprobs_wanted: list[int | None] = []
+        self.prompt: _PromptRows | None = None
+        self._host: list[torch.Tensor] = []
         self._event = None
-        if slots is not None and sampled.numel():
-            self._host = slots.next(sampled.numel())
-            self._host.copy_(sampled, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = sampled
 
-    def wait(self) -> list[int]:
+    def send_to_host(self) -> None:
+        tensors = [self.sampled, *(self.logprobs or ()), *(self.prompt.result if self.prompt else ())]
+        if self._slots is None:   # CPU: already on the host
+            self._host = tensors
+            return
+        self._host = [self._slots.next(self.sampled.numel())] if self.sampled.numel() else [self.sampled.cpu()]
+        self._host[0].copy_(self.sampled, non_blocking=True)
+        for t in tensors[1:]:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            self._host.append(h)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> StepResult:
         if self._event is not None:
             self._event.synchronize()
-        return self._host.tolist()
+        host = [t.tolist() for t in self._host]
+        result = StepResult(host[0])
+        rest = host[1:]
+        if self.logprobs is not None:
+            chosen, top_ids, top_lps = rest[:3]
+            rest = rest[3:]
+            result.logprobs = [
+                None if k is None else TokenLogprob(tok, chosen[i], tuple(zip(top_ids[i][:k], top_lps[i][:k])))
+                for i, (tok, k) in enumerate(zip(result.sampled, self.logprobs_wanted))]
+        if self.prompt is not None:
+            chosen, top_ids, top_lps = rest[:3]
+            result.prompt_logprobs, i = {}, 0
+            for rid, first, count, k in self.prompt.spans:
+                result.prompt_logprobs[rid] = (first, [
+                    TokenLogprob(self.prompt.targets[j], chosen[j], tuple(zip(top_ids[j][:k], top_lps[j][:k])))
+                    for j in range(i, i + count)])
+                i += count
+        return result
 
 
 class _PinnedSlots:

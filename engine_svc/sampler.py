@@ -138,7 +138,11 @@ def _seed_for(seed: int, index: int) -> int:
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """logits [N, V] float32 -> sampled ids [N] int64, on the same device, with no host sync."""
-    logits = apply_processors(logits, b)
+    return sample_processed(apply_processors(logits, b), b)
+
+
+def sample_processed(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """sample() on logits that apply_processors has already changed."""
     greedy = logits.argmax(dim=-1)
     if b.all_greedy:
         return greedy

@@ -117,6 +117,16 @@ class KVCacheManager:
             request.block_ids.extend(self.pool.allocate(new))
         return True
 
+    def share_prefix(self, source: Request, target: Request, num_blocks: int) -> None:
+        """target (holding no blocks) takes source's first num_blocks blocks by reference, as computed."""
+        if target.block_ids:
+            raise ValueError("a shared prefix can only start an empty block table")
+        blocks = source.block_ids[:num_blocks]
+        self.pool.share(blocks)
+        target.block_ids = list(blocks)
+        target.num_computed_tokens = len(blocks) * self.block_size
+        target.num_indexed_blocks = min(source.num_indexed_blocks, len(blocks))
+
     def free(self, request: Request) -> None:
         # Tail blocks first: they go to the free queue first and so are evicted first; a shared prefix outlives
         # the suffixes that hang off it.

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from engine_svc.core.request_group import RequestGroup
 
 
 # Stands for a sampled token whose id is still on the device (asynchronous scheduling); never a real token id.
@@ -13,6 +17,12 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]   # (token id, logprob), most likely first
 
 
 class FinishReason(enum.Enum):
@@ -37,6 +47,23 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: frozenset[int] | None = None   # None means every token
     min_tokens: int = 0                         # EOS and stop_token_ids are impossible before this many outputs
+    n: int = 1                                  # outputs returned
+    best_of: int = 1                            # candidates generated (>= n); the beam width with beam search
+    use_beam_search: bool = False
+    length_penalty: float = 1.0                 # beam search: score = sum logprob / length ** length_penalty
+    logprobs: int | None = None                 # report each output token's logprob and this many alternatives
+    prompt_logprobs: int | None = None          # the same for each prompt token after the first
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n <= self.best_of:
+            raise ValueError(f"n must be in [1, best_of]; got n={self.n}, best_of={self.best_of}")
+        if self.use_beam_search and self.temperature != 0.0:
+            raise ValueError("beam search is deterministic: temperature must be 0")
+
+    @property
+    def needs_logprob(self) -> bool:
+        """The chosen token's logprob is needed: asked for, or to rank best_of candidates."""
+        return self.logprobs is not None or self.best_of > 1
 
     @property
     def uses_penalties(self) -> bool:
@@ -64,9 +91,18 @@ class Request:
     num_cached_tokens: int | None = None       # prompt tokens found in the prefix cache when first scheduled
     block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of the full blocks of token_ids
     num_indexed_blocks: int = 0                # leading blocks of block_ids already offered to the prefix cache
+    external_id: str = ""                      # the API's request id (request_id is unique per member of a group)
+    index: int = 0                             # which of the group's outputs or beams
+    group: "RequestGroup | None" = None        # n > 1, best_of > 1 or beam search
+    cumulative_logprob: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)          # kept only while outputs are held back
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # computed, not yet reported
+    num_prompt_logprobs: int = 0               # prompt positions whose logprob has been computed (preemption
+                                               # recomputes the prompt; these are not reported twice)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.external_id = self.external_id or self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:

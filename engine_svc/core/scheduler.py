@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
-from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams
+from engine_svc.core.outputs import RequestOutput
+from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams, TokenLogprob
+from engine_svc.core.request_group import RequestGroup, member_params
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,6 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-@dataclass(frozen=True)
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: FinishReason | None
-    num_cached_tokens: int | None = None   # on a request's first output: prompt tokens served by the prefix cache
-
-
 class AdmissionError(ValueError):
     """The request can never run on this engine."""
 
@@ -104,13 +99,17 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+        self.groups: dict[str, RequestGroup | BeamSearch] = {}   # by API request id
 
     # --- admission and abort -------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, cache_salt: str = "") -> Request:
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.groups:
             raise AdmissionError(f"request id {request_id!r} is already in use", no_capacity=False)
+        if params.best_of > self.config.max_num_seqs:
+            raise AdmissionError(f"best_of (or the beam width) {params.best_of} exceeds the engine's max_num_seqs "
+                                 f"{self.config.max_num_seqs}", no_capacity=False)
         n = len(prompt_token_ids)
         if n == 0:
             raise AdmissionError("prompt is empty", no_capacity=False)
@@ -128,22 +127,45 @@ class Scheduler:
             raise AdmissionError(
                 f"the engine's waiting queue is full ({self.config.max_waiting} requests); retry later",
                 no_capacity=True)
-        req = Request(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals), priority=priority,
-                      cache_salt=cache_salt)
-        self.requests[request_id] = req
+        prompt, arrival = list(prompt_token_ids), next(self._arrivals)
+        group = None
+        if params.use_beam_search:
+            # Every beam must be able to reach the end of the round, so the search stops at the context's end.
+            group = BeamSearch(request_id, replace(params, max_tokens=min(params.max_tokens, longest - n)),
+                               self.eos_token_ids)
+            req = Request(group.new_member_id(), prompt, group.member_params, arrival, priority, cache_salt,
+                          external_id=request_id, group=group)
+            group.beams = [(req, 0.0)]
+        elif params.best_of > 1:
+            group = RequestGroup(request_id, params)
+            group.members = [Request(f"{request_id}#{i}", prompt, member_params(params, i), arrival, priority,
+                                     cache_salt, external_id=request_id, index=i, group=group)
+                             for i in range(params.best_of)]
+            group.waiting_to_fork = group.members[1:]
+            req = group.first
+        else:
+            req = Request(request_id, prompt, params, arrival, priority, cache_salt)
+        if group is not None:
+            self.groups[request_id] = group
+        self.requests[req.request_id] = req
         bisect.insort(self.waiting, req, key=_sort_key)
         return req
 
     def abort(self, request_id: str) -> bool:
-        req = self.requests.get(request_id)
-        if req is None:
-            return False
+        """request_id is the API's id: every member of its group goes."""
+        group = self.groups.pop(request_id, None)
+        members = [r for r in group.members if r.request_id in self.requests] if group else \
+            [self.requests[request_id]] if request_id in self.requests else []
+        for req in members:
+            self._drop(req, FinishReason.ABORTED)
+        return bool(members)
+
+    def _drop(self, req: Request, reason: FinishReason) -> None:
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
-        self._finish(req, FinishReason.ABORTED)
-        return True
+        self._finish(req, reason)
 
     @property
     def has_work(self) -> bool:
@@ -192,11 +214,15 @@ class Scheduler:
 
         # Then waiting requests join while seats, tokens and blocks allow, in service order. None joins after a
         # preemption this step: the blocks are short.
-        while self.waiting and not out.preempted and len(self.running) < self.config.max_num_seqs and budget > 0:
+        seats = self._seats_used()
+        while self.waiting and not out.preempted and budget > 0:
             req = self.waiting[0]
             if req.has_placeholder:
                 break   # preempted while its last step ran: it can rejoin once that step's token is known
-            hits = self.kv.find_cached_blocks(req)
+            need = self._seats_needed(req)
+            if seats + need > self.config.max_num_seqs:
+                break
+            hits = self._prefix_blocks(req)
             num_cached = len(hits) * self.kv.block_size
             num_new = req.num_tokens - num_cached
             if num_new > budget:
@@ -208,12 +234,14 @@ class Scheduler:
             self.waiting.pop(0)
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = num_cached
-                self.kv.record_lookup(req.num_prompt_tokens, min(num_cached, req.num_prompt_tokens))
+                if req.group is None or req is req.group.members[0]:   # siblings share, they do not look up
+                    self.kv.record_lookup(req.num_prompt_tokens, min(num_cached, req.num_prompt_tokens))
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_sort_key)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+            seats += need
         for s in out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
             s.request.num_computed_tokens = s.start + s.num_new_tokens
         return out
@@ -221,20 +249,33 @@ class Scheduler:
     def mark_in_flight(self, out: SchedulerOutput) -> None:
         """Asynchronous scheduling: out was launched and its sampled ids are not known yet."""
         for s in out.scheduled:
-            if s.samples:
+            # A beam's next token is chosen by its group from the step's results, never sampled ahead.
+            if s.samples and not isinstance(s.request.group, BeamSearch):
                 s.request.token_ids.append(PLACEHOLDER)
 
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[RequestOutput]:
-        """Applies one step's results. sampled_token_ids has one id per scheduled request that samples, in order."""
+    def update(self, out: SchedulerOutput, sampled_token_ids: list[int], logprobs: list | None = None,
+               prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None) -> list[RequestOutput]:
+        """Applies one step's results. sampled_token_ids (and logprobs, when any row wanted them: a TokenLogprob
+        or None per row) have one entry per scheduled request that samples, in order. prompt_logprobs maps a
+        member's request_id to (first prompt position scored, entries) for its prompt rows of the step."""
         samples = iter(sampled_token_ids)
+        lps = iter(logprobs) if logprobs is not None else None
         outputs: list[RequestOutput] = []
         for s in out.scheduled:
             req = s.request
             token = next(samples) if s.samples else None
+            lp = next(lps) if s.samples and lps is not None else None
             if req.is_finished:
                 continue  # aborted, or ended on the step before, while this step ran; its blocks are free already
+            if prompt_logprobs and req.request_id in prompt_logprobs:
+                _add_prompt_logprobs(req, *prompt_logprobs[req.request_id])
             if token is None:
                 self.kv.cache_full_blocks(req)
+                continue
+            if isinstance(req.group, BeamSearch):
+                self.kv.cache_full_blocks(req)
+                if req.group.report(req, list(lp.top)):
+                    outputs += self._advance_beams(req.group)
                 continue
             position = s.start + s.num_new_tokens
             if position < req.num_tokens:
@@ -243,14 +284,104 @@ class Scheduler:
                 req.token_ids.append(token)
             if req.status is RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(req)
+            if lp is not None:
+                req.cumulative_logprob += lp.logprob
             reason = self._stop_reason(req, token, position)
             if reason is not None:
-                (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
-                self._finish(req, reason)
+                self._drop(req, reason)
             num_outputs = position + 1 - req.num_prompt_tokens
             cached = req.num_cached_tokens if num_outputs == 1 else None
-            outputs.append(RequestOutput(req.request_id, [token], reason, cached))
+            prompt_lps = None
+            if num_outputs == 1 and req.index == 0 and req.params.prompt_logprobs is not None:
+                prompt_lps, req.prompt_logprobs = req.prompt_logprobs, []
+            group = req.group
+            if group is None:
+                wants = req.params.logprobs is not None
+                outputs.append(RequestOutput(
+                    req.external_id, [token], reason, cached, logprobs=[lp] if wants else None,
+                    prompt_logprobs=prompt_lps,
+                    cumulative_logprob=req.cumulative_logprob if wants and reason is not None else None,
+                    last=reason is not None))
+                continue
+            if num_outputs == 1 and req is group.first:
+                self._release_siblings(group)
+            outputs += group.on_token(req, token, lp, reason, cached, prompt_lps)
+            if group.num_unfinished == 0:
+                del self.groups[group.request_id]
         return outputs
+
+    # --- groups ----------------------------------------------------------------------------------------------------
+
+    def _release_siblings(self, group: RequestGroup) -> None:
+        """Member 0 has computed the prompt: the others may join and share its blocks."""
+        for r in group.waiting_to_fork:
+            self.requests[r.request_id] = r
+            bisect.insort(self.waiting, r, key=_sort_key)
+        group.waiting_to_fork = []
+
+    def _prefix_blocks(self, req: Request) -> list[int]:
+        """Blocks a joining request starts with: a running sibling's full prompt blocks (a group member), else
+        its longest cached prefix. Never for prompt logprobs not yet computed: they need every prompt row."""
+        if req.params.prompt_logprobs is not None and req.num_prompt_logprobs < req.num_prompt_tokens - 1:
+            return []
+        group = req.group
+        if group is not None and req is not group.members[0] and group.members[0].status is RequestStatus.RUNNING:
+            first = group.members[0]
+            k = min((req.num_tokens - 1) // self.kv.block_size, req.num_prompt_tokens // self.kv.block_size,
+                    first.num_computed_tokens // self.kv.block_size, len(first.block_ids))
+            if k > 0:
+                return first.block_ids[:k]
+        return self.kv.find_cached_blocks(req)
+
+    def _seats_used(self) -> int:
+        """Running requests, where a beam search in progress counts as its full width."""
+        beams = [r for r in self.running if isinstance(r.group, BeamSearch)]
+        widths = {id(r.group): r.group.width for r in beams}
+        return len(self.running) - len(beams) + sum(widths.values())
+
+    def _seats_needed(self, req: Request) -> int:
+        if isinstance(req.group, BeamSearch):
+            # Its width was counted already when a sibling beam runs; a round waits for every beam to report.
+            return 0 if any(r.group is req.group for r in self.running) else req.group.width
+        return 1
+
+    def _advance_beams(self, group: BeamSearch) -> list[RequestOutput]:
+        next_beams, done = group.advance()
+        old = group.members
+        if done:
+            for r in old:
+                self._drop(r, FinishReason.LENGTH)
+            del self.groups[group.request_id]
+            return group.outputs(old[0].num_cached_tokens if old else None)
+        continuing, beams = set(), []
+        for nb in next_beams:   # forks copy their parent's tokens before any parent takes its new token
+            if id(nb.parent) in continuing:
+                beams.append((self._fork(nb.parent, group), nb.token, nb.score))
+            else:
+                continuing.add(id(nb.parent))
+                beams.append((nb.parent, nb.token, nb.score))
+        for r in old:
+            if id(r) not in continuing:
+                self._drop(r, FinishReason.LENGTH)
+        for r, token, _ in beams:
+            r.token_ids.append(token)
+        group.beams = [(r, score) for r, _, score in beams]
+        return []
+
+    def _fork(self, parent: Request, group: BeamSearch) -> Request:
+        """A new beam on parent's tokens: its full computed blocks shared by reference, the rest recomputed."""
+        child = Request(group.new_member_id(), parent.prompt_token_ids, group.member_params, parent.arrival,
+                        parent.priority, parent.cache_salt, external_id=group.request_id, group=group)
+        child.token_ids = list(parent.token_ids)
+        child.num_cached_tokens = parent.num_cached_tokens
+        self.requests[child.request_id] = child
+        if parent.status is RequestStatus.RUNNING:
+            self.kv.share_prefix(parent, child, parent.num_computed_tokens // self.kv.block_size)
+            child.status = RequestStatus.RUNNING
+            bisect.insort(self.running, child, key=_sort_key)
+        else:
+            bisect.insort(self.waiting, child, key=_sort_key)
+        return child
 
     # --- internals -------------------------------------------------------------------------------------------------
 
@@ -293,3 +424,11 @@ class Scheduler:
 
 def _sort_key(req: Request) -> tuple[int, int]:
     return req.sort_key
+
+
+def _add_prompt_logprobs(req: Request, first_position: int, entries: list[TokenLogprob]) -> None:
+    """Keeps the entries for prompt positions not scored before (a preempted request scores them again)."""
+    skip = req.num_prompt_logprobs + 1 - first_position
+    fresh = entries[max(0, skip):]
+    req.prompt_logprobs.extend(fresh)
+    req.num_prompt_logprobs += len(fresh)

@@ -1,0 +1,19 @@
+"""What the scheduler reports per step for each API request. Plain Python: no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_svc.core.request import FinishReason, TokenLogprob
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str                        # the API's request id
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None     # this output (index) finished
+    num_cached_tokens: int | None = None   # on a request's first output: prompt tokens served by the prefix cache
+    index: int = 0                         # which of the request's n outputs
+    logprobs: list[TokenLogprob] | None = None          # one per new token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None   # prompt positions 1.., on the first output of index 0
+    cumulative_logprob: float | None = None             # on an output's finishing delta, when known
+    last: bool = False                     # the request's last output: every index has finished
