@@ -138,7 +138,7 @@ class EngineLoop:
                 outputs = self.engine.step()
                 by_sink: dict[int, tuple[OutputSink, list[RequestOutput]]] = {}
                 for o in outputs:
-                    sink = self._sinks[o.request_id] if o.finish_reason is None else self._sinks.pop(o.request_id)
+                    sink = self._sinks.pop(o.request_id) if o.last else self._sinks[o.request_id]
                     by_sink.setdefault(id(sink), (sink, []))[1].append(o)
                 for sink, outs in by_sink.values():
                     sink.emit(outs)

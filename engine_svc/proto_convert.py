@@ -1,7 +1,9 @@
 """Conversions between the engine's protobuf contract and its plain-Python request types, with validation."""
 from __future__ import annotations
 
-from engine_svc.core.request import FinishReason, SamplingParams
+import math
+
+from engine_svc.core.request import FinishReason, SamplingParams, TokenLogprob
 from engine_svc.engine_loop import LoadSnapshot
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
@@ -30,6 +32,17 @@ def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         raise ValueError(f"min_p must be in [0, 1], got {p.min_p}")
     if not p.repetition_penalty >= 0.0:
         raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    for name in ("logprobs", "prompt_logprobs"):
+        if p.HasField(name) and getattr(p, name) > MAX_LOGPROBS:
+            raise ValueError(f"{name} must be <= {MAX_LOGPROBS}, got {getattr(p, name)}")
+    n = p.n or 1
+    best_of = p.best_of or n
+    if best_of < n:
+        raise ValueError(f"best_of ({best_of}) must be >= n ({n})")
+    if p.use_beam_search and p.temperature != 0.0:
+        raise ValueError(f"use_beam_search needs temperature 0 (beam search is deterministic), got {p.temperature}")
+    if not math.isfinite(p.length_penalty):
+        raise ValueError("length_penalty must be finite")
     return SamplingParams(
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens,
@@ -37,7 +50,18 @@ def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         repetition_penalty=p.repetition_penalty or 1.0, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, logit_bias=tuple(sorted(p.logit_bias.items())),
         allowed_token_ids=frozenset(p.allowed_token_ids) if p.allowed_token_ids else None,
-        min_tokens=p.min_tokens)
+        min_tokens=p.min_tokens, n=n, best_of=best_of, use_beam_search=p.use_beam_search,
+        length_penalty=p.length_penalty if p.use_beam_search else 1.0,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
+
+
+MAX_LOGPROBS = 20
+
+
+def logprob_to_pb(lp: TokenLogprob) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(token_id=lp.token_id, logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
+                            top_logprobs=[v for _, v in lp.top])
 
 
 def check_prompt(ids, vocab_size: int) -> list[int]:

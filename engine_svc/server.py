@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from engine_svc.config import EngineConfig
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, params_from_pb
+from engine_svc.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, logprob_to_pb,
+                                      params_from_pb)
 from protos.tandem.internal.v1 import engine_pb2 as pb
 from protos.tandem.internal.v1 import engine_pb2_grpc
 
@@ -42,12 +43,19 @@ class _QueueSink:
 
 
 def _delta(o: RequestOutput) -> pb.RequestDelta:
-    return pb.RequestDelta(request_id=o.request_id, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason],
-                           num_cached_tokens=o.num_cached_tokens or 0)
+    d = pb.RequestDelta(request_id=o.request_id, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason],
+                        num_cached_tokens=o.num_cached_tokens or 0, index=o.index, last=o.last,
+                        cumulative_logprob=o.cumulative_logprob or 0.0)
+    if o.logprobs:
+        d.logprobs.extend(logprob_to_pb(lp) for lp in o.logprobs)
+    if o.prompt_logprobs:
+        d.prompt_logprobs.extend(logprob_to_pb(lp) for lp in o.prompt_logprobs)
+    return d
 
 
 def _rejection(request_id: str, code: int, message: str) -> pb.RequestDelta:
-    return pb.RequestDelta(request_id=request_id, finish=pb.ENGINE_FINISH_REJECTED, reject_code=code, error=message)
+    return pb.RequestDelta(request_id=request_id, finish=pb.ENGINE_FINISH_REJECTED, reject_code=code, error=message,
+                           last=True)
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
@@ -116,7 +124,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     continue
                 deltas = [d for d in item if d.request_id in owned or d.finish == pb.ENGINE_FINISH_REJECTED]
                 for d in deltas:
-                    if d.finish != pb.ENGINE_FINISH_NONE:
+                    if d.last:
                         owned.discard(d.request_id)
                 if deltas:
                     yield pb.StepOutput(deltas=deltas)
@@ -139,7 +147,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                         code = (grpc.StatusCode.RESOURCE_EXHAUSTED if d.reject_code == pb.REJECT_NO_CAPACITY
                                 else grpc.StatusCode.INVALID_ARGUMENT)
                         await context.abort(code, d.error)
-                    finished = d.finish != pb.ENGINE_FINISH_NONE
+                    finished = d.last
                     yield d
         finally:
             if not finished:
