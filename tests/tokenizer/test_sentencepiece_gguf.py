@@ -67,3 +67,30 @@ def test_plain_gpt2_pre_tokenizer(tmp_path):
     loaded = load_tokenizer(path)
     assert loaded.encode_text("ab1") == [5, 6]
     assert not loaded.add_bos_token and loaded.eos_token_ids == (2,) and loaded.chat_template is None
+
+
+def test_stray_byte_after_a_whole_character(spm):
+    # ByteFallback decodes a byte run with any invalid byte as U+FFFDs only, so "你" followed by a stray
+    # continuation byte reads "����" in the end. Sent early, "你" would have to be taken back (DecodeStream fails
+    # with "Invalid prefix", which ended the whole Detokenize stream): the run is held until it ends instead.
+    from protos.tandem.internal.v1 import engine_pb2, tokenizer_pb2 as pb
+    from tokenizer_svc import Detokenizer
+
+    tok = spm.tokenizer
+    byte = {b: tok.token_to_id(f"<0x{b:02X}>") for b in (0x00, 0x80, 0xE4, 0xBD, 0xA0)}
+    word = tok.encode("hello", add_special_tokens=False).ids
+    ni = [byte[0xE4], byte[0xBD], byte[0xA0]]
+    for ids in (word + ni + [byte[0x80]] + word, word + [byte[0x00], byte[0x80]] + word, word + ni + word,
+                ni + [byte[0x80]]):
+        detok = Detokenizer(tok)
+        detok.handle(pb.DetokenizeInput(opens=[pb.DetokOpen(request_id="odd"), pb.DetokOpen(request_id="ok")]))
+        text = ""
+        for k, i in enumerate(ids):
+            last = k == len(ids) - 1
+            finish = engine_pb2.ENGINE_FINISH_LENGTH if last else engine_pb2.ENGINE_FINISH_NONE
+            out = detok.handle(pb.DetokenizeInput(steps=[pb.DetokStep(request_id="odd", token_ids=[i], finish=finish),
+                                                         pb.DetokStep(request_id="ok", token_ids=word[:1])]))
+            text += out.results[0].text
+        assert text == tok.decode(ids), ids
+        assert "ok" in detok  # the other request goes on
+    assert tok.decode(word + ni + word).count("你") == 1
