@@ -209,7 +209,7 @@ class ModelRunner:
         sampling = [s for s in out.scheduled if s.samples]
         step = LaunchedStep(self._out_slots)
         if sampling:
-            self._sample(logits, sampling, step)
+            self.sample_rows(logits, sampling, step)
         else:
             step.sampled = logits.new_empty(0, dtype=torch.int64)
         self._prev_sampled = step.sampled
@@ -224,7 +224,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> "StepResult":
         return self.launch(out).wait()
 
-    def _sample(self, logits: torch.Tensor, sampling: list, step: "LaunchedStep") -> None:
+    def sample_rows(self, logits: torch.Tensor, sampling: list, step: "LaunchedStep") -> None:
+        """Samples the step's sampling rows (and their logprobs, when asked) into step."""
         params = [s.request.params for s in sampling]
         histories = None
         if any(p.uses_penalties for p in params):

@@ -90,8 +90,9 @@ BENCHMARKS = {
     "cancel": "benchmarks.cancel_latency",
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",
+    "sampling": "benchmarks.sampling_overhead",
 }
-_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
