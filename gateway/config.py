@@ -16,6 +16,8 @@ class GatewayConfig:
     max_stop_string_chars: int = 256
     max_cache_salt_chars: int = 256
     max_logit_bias: int = 1024
+    max_n: int = 16                 # n, best_of and the beam width
+    max_logprobs: int = 20          # alternatives per token for logprobs and prompt_logprobs
     connect_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:

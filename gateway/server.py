@@ -43,16 +43,29 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request, context) -> api.GenerateResponse:
         resp = api.GenerateResponse()
+        outputs: dict[int, api.Completion] = {}
         async for chunk in self._run(request, context):
             resp.request_id = chunk.request_id
-            resp.text += chunk.text
-            resp.token_ids.extend(chunk.token_ids)
+            c = outputs.setdefault(chunk.index, api.Completion(index=chunk.index))
+            c.text += chunk.text
+            c.token_ids.extend(chunk.token_ids)
+            c.logprobs.extend(chunk.logprobs)
+            resp.prompt_logprobs.extend(chunk.prompt_logprobs)
             if chunk.finish_reason:
-                resp.finish_reason = chunk.finish_reason
-                resp.usage.CopyFrom(chunk.usage)
+                c.finish_reason = chunk.finish_reason
+                c.cumulative_logprob = chunk.cumulative_logprob
                 which = chunk.WhichOneof("stop_reason")
                 if which is not None:
-                    setattr(resp, which, getattr(chunk, which))
+                    setattr(c, which, getattr(chunk, which))
+            if chunk.HasField("usage"):
+                resp.usage.CopyFrom(chunk.usage)
+        resp.completions.extend(outputs[i] for i in sorted(outputs))
+        first = resp.completions[0]
+        resp.text, resp.finish_reason = first.text, first.finish_reason
+        resp.token_ids.extend(first.token_ids)
+        which = first.WhichOneof("stop_reason")
+        if which is not None:
+            setattr(resp, which, getattr(first, which))
         return resp
 
     async def _run(self, request: api.GenerateRequest, context) -> AsyncIterator[api.GenerateStreamResponse]:
@@ -81,24 +94,43 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                           spaces_between_special_tokens=v.spaces_between_special_tokens)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        echo = (v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, context)) if v.echo else None
         completion_tokens = 0
         finished = False
+        started: set[int] = set()
         try:
-            while not finished:
-                r = await handle.queue.get()
-                if isinstance(r, Failure):
+            while len(handle.ended_by_client) < handle.n:
+                item = await handle.queue.get()
+                if isinstance(item, Failure):
                     finished = True
-                    await context.abort(r.code, r.message)
+                    await context.abort(item.code, item.message)
+                r, d = item.result, item.delta
                 completion_tokens += len(r.token_ids)
-                chunk = api.GenerateStreamResponse(request_id=request_id, text=r.text, token_ids=r.token_ids)
+                chunk = api.GenerateStreamResponse(request_id=request_id, index=item.index, text=r.text,
+                                                   token_ids=r.token_ids)
+                _add_logprobs(chunk, d, r, prompt_ids)
+                if item.index not in started:
+                    started.add(item.index)
+                    if echo is not None:
+                        chunk.text = echo + chunk.text
+                        chunk.token_ids[:0] = prompt_ids
                 if r.finished:
-                    finished = True
-                    self._finish(chunk, r, len(prompt_ids), completion_tokens)
-                    chunk.usage.cached_prompt_tokens = handle.num_cached_tokens
+                    handle.ended_by_client.add(item.index)
+                    self._finish(chunk, r)
+                    if v.logprobs is not None or v.best_of > 1:
+                        chunk.cumulative_logprob = d.cumulative_logprob
+                    if len(handle.ended_by_client) == handle.n:
+                        finished = True
+                        chunk.usage.prompt_tokens = len(prompt_ids)
+                        chunk.usage.completion_tokens = completion_tokens
+                        chunk.usage.cached_prompt_tokens = handle.num_cached_tokens
                 yield chunk
         finally:
             if not finished:  # client cancel, deadline, or a failed write: stop the work downstream
                 self.pipeline.cancel(request_id)
+
+    async def _decode(self, ids: list[int], v: ValidatedRequest, context) -> str:
+        return await self.pipeline.decode(ids, v.skip_special_tokens, timeout=context.time_remaining())
 
     def _engine_params(self, v: ValidatedRequest, prompt_len: int, max_model_len: int) -> epb.SamplingParams:
         room = max_model_len - prompt_len
@@ -107,15 +139,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             temperature=v.temperature, top_p=v.top_p, top_k=v.top_k, max_tokens=max_tokens,
             stop_token_ids=v.stop_token_ids, min_p=v.min_p, repetition_penalty=v.repetition_penalty,
             presence_penalty=v.presence_penalty, frequency_penalty=v.frequency_penalty, logit_bias=dict(v.logit_bias),
-            allowed_token_ids=v.allowed_token_ids, min_tokens=min(v.min_tokens, max_tokens), ignore_eos=v.ignore_eos)
+            allowed_token_ids=v.allowed_token_ids, min_tokens=min(v.min_tokens, max_tokens), ignore_eos=v.ignore_eos,
+            n=v.n, best_of=v.best_of, use_beam_search=v.use_beam_search, length_penalty=v.length_penalty)
         if v.seed is not None:
             params.seed = v.seed
+        if v.logprobs is not None:
+            params.logprobs = v.logprobs
+        if v.prompt_logprobs is not None:
+            params.prompt_logprobs = v.prompt_logprobs
         return params
 
     @staticmethod
-    def _finish(chunk: api.GenerateStreamResponse, r, prompt_tokens: int, completion_tokens: int) -> None:
-        chunk.usage.prompt_tokens = prompt_tokens
-        chunk.usage.completion_tokens = completion_tokens
+    def _finish(chunk: api.GenerateStreamResponse, r) -> None:
         if r.matched_stop:
             chunk.finish_reason = api.FINISH_REASON_STOP
             chunk.stop_string = r.matched_stop
@@ -123,6 +158,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         chunk.finish_reason = _ENGINE_FINISH[r.finish]
         if r.finish == epb.ENGINE_FINISH_STOP_TOKEN and r.token_ids:
             chunk.stop_token_id = r.token_ids[-1]
+
+
+def _add_logprobs(chunk: api.GenerateStreamResponse, d: epb.RequestDelta, r, prompt_ids: list[int]) -> None:
+    """Engine logprobs with each token's text, read back from r.pieces in the order pipeline._piece_ids asked."""
+    pieces = iter(r.pieces)
+
+    def entry(lp) -> api.TokenLogprob:
+        text = next(pieces)
+        return api.TokenLogprob(token_id=lp.token_id, token=text, logprob=lp.logprob,
+                                top=[api.TopLogprob(token_id=t, token=next(pieces), logprob=v)
+                                     for t, v in zip(lp.top_token_ids, lp.top_logprobs)])
+
+    entries = [entry(lp) for lp in d.logprobs]
+    chunk.logprobs.extend(entries[:len(r.token_ids)])   # a stop string may have cut the step short
+    if d.prompt_logprobs:
+        chunk.prompt_logprobs.append(api.TokenLogprob(token_id=prompt_ids[0], token=next(pieces)))
+        chunk.prompt_logprobs.extend(entry(lp) for lp in d.prompt_logprobs)
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -38,6 +38,13 @@ class ValidatedRequest:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    n: int = 1
+    best_of: int = 1                # candidates; the beam width with beam search
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -93,6 +100,9 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
     min_tokens = p.min_tokens if p.HasField("min_tokens") else 0
     if p.HasField("max_tokens") and min_tokens > p.max_tokens:
         raise InvalidRequest(f"params.min_tokens: {min_tokens} is more than max_tokens ({p.max_tokens})")
+    group = _validate_group(p, config, temperature)
+    if group["use_beam_search"]:
+        temperature = 0.0
     return ValidatedRequest(
         prompt=prompt, chat=chat,
         max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
@@ -105,7 +115,45 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         min_tokens=min_tokens, ignore_eos=p.ignore_eos, include_stop_str_in_output=p.include_stop_str_in_output,
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
         spaces_between_special_tokens=(p.spaces_between_special_tokens
-                                       if p.HasField("spaces_between_special_tokens") else True))
+                                       if p.HasField("spaces_between_special_tokens") else True),
+        echo=p.echo, **group)
+
+
+def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature: float) -> dict:
+    """n, best_of, beam search and logprobs, and the combinations that make no sense."""
+    n = p.n if p.HasField("n") else 1
+    if not 1 <= n <= config.max_n:
+        raise InvalidRequest(f"params.n: must be in [1, {config.max_n}], got {n}")
+    best_of = p.best_of if p.HasField("best_of") else n
+    if not n <= best_of <= config.max_n:
+        raise InvalidRequest(f"params.best_of: must be in [n, {config.max_n}] (n is {n}), got {best_of}")
+    for name in ("logprobs", "prompt_logprobs"):
+        if p.HasField(name) and getattr(p, name) > config.max_logprobs:
+            raise InvalidRequest(f"params.{name}: at most {config.max_logprobs}, got {getattr(p, name)}")
+    if not p.use_beam_search:
+        for name in ("beam_width", "length_penalty"):
+            if p.HasField(name):
+                raise InvalidRequest(f"params.{name}: only applies with use_beam_search")
+    else:
+        if p.HasField("temperature") and temperature != 0.0:
+            raise InvalidRequest(f"params.temperature: beam search is deterministic and needs temperature 0 (or "
+                                 f"unset), got {temperature}")
+        if p.HasField("beam_width"):
+            if p.HasField("best_of") and p.best_of != p.beam_width:
+                raise InvalidRequest("params.beam_width: differs from best_of; set one of them")
+            best_of = p.beam_width
+            if not n <= best_of <= config.max_n:
+                raise InvalidRequest(f"params.beam_width: must be in [n, {config.max_n}] (n is {n}), got {best_of}")
+        if p.HasField("logprobs"):
+            raise InvalidRequest("params.logprobs: not available with beam search")
+        if p.HasField("seed"):
+            raise InvalidRequest("params.seed: beam search does not sample")
+    length_penalty = p.length_penalty if p.HasField("length_penalty") else 1.0
+    if not math.isfinite(length_penalty):
+        raise InvalidRequest(f"params.length_penalty: must be finite, got {length_penalty}")
+    return dict(n=n, best_of=best_of, use_beam_search=p.use_beam_search, length_penalty=length_penalty,
+                logprobs=p.logprobs if p.HasField("logprobs") else None,
+                prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
 
 
 def _ranged(p: api.GenerationParams, name: str, default: float, lo: float, hi: float) -> float:
