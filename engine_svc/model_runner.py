@@ -18,7 +18,7 @@ from engine_svc.loader import load_model, read_model_config
 from engine_svc.memory_plan import MemoryPlan, plan_memory
 from engine_svc.model_config import ModelConfig
 from engine_svc.logprobs import token_logprobs
-from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed
+from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -272,11 +272,11 @@ class _PromptRows:
                 pr.spans.append((req.request_id, s.start + 1, end - s.start, k))
             row += s.num_new_tokens
         if pr is not None:
-            pr.rows = torch.tensor(pr.rows_list, device=device)
+            pr.rows = to_device(pr.rows_list, torch.int64, device)
         return pr
 
     def score(self, logits: torch.Tensor) -> None:
-        targets = torch.tensor(self.targets, device=logits.device)
+        targets = to_device(self.targets, torch.int64, logits.device)
         self.result = token_logprobs(logits, targets, max(k for *_, k in self.spans))
 
 

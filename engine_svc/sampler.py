@@ -46,9 +46,9 @@ class SamplingBatch:
         all_greedy = all(t == 0 for t in temps)
         # An all-greedy batch (the common serving case) only takes an argmax: no per-row tensors to send.
         b = cls(
-            temperature=None if all_greedy else _to_device(temps, torch.float32, device),
-            top_p=None if all_greedy else _to_device(top_p, torch.float32, device),
-            top_k=None if all_greedy else _to_device(top_k, torch.int64, device),
+            temperature=None if all_greedy else to_device(temps, torch.float32, device),
+            top_p=None if all_greedy else to_device(top_p, torch.float32, device),
+            top_k=None if all_greedy else to_device(top_k, torch.int64, device),
             seeds=seeds,
             all_greedy=all_greedy,
             needs_top_k=any(k < vocab_size for k in top_k),
@@ -57,39 +57,39 @@ class SamplingBatch:
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         if any(p.min_p > 0 for p in params):
-            b.min_p = _to_device([p.min_p for p in params], **f32)
+            b.min_p = to_device([p.min_p for p in params], **f32)
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("penalties need each row's prompt and output ids")
             b.penalties = (_padded([h[0] for h in histories], device), _padded([h[1] for h in histories], device),
-                           _to_device([p.repetition_penalty for p in params], **f32),
-                           _to_device([p.presence_penalty for p in params], **f32),
-                           _to_device([p.frequency_penalty for p in params], **f32))
+                           to_device([p.repetition_penalty for p in params], **f32),
+                           to_device([p.presence_penalty for p in params], **f32),
+                           to_device([p.frequency_penalty for p in params], **f32))
         bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
         if bias:
             rows, ids, vals = zip(*bias)
-            b.bias = (_to_device(rows, **i64), _to_device(ids, **i64), _to_device(vals, **f32))
+            b.bias = (to_device(rows, **i64), to_device(ids, **i64), to_device(vals, **f32))
         if any(p.allowed_token_ids is not None for p in params):
             allowed = torch.ones(len(params), vocab_size, dtype=torch.bool)
             for i, p in enumerate(params):
                 if p.allowed_token_ids is not None:
                     allowed[i] = False
                     allowed[i, list(p.allowed_token_ids)] = True
-            b.allowed = _to_device(allowed, torch.bool, device)
+            b.allowed = to_device(allowed, torch.bool, device)
         banned = [(i, t) for i, (p, n) in enumerate(zip(params, output_lens)) if n < p.min_tokens
                   for t in sorted(p.stop_token_ids | (frozenset() if p.ignore_eos else eos_token_ids))]
         if banned:
             rows, ids = zip(*banned)
-            b.suppressed = (_to_device(rows, **i64), _to_device(ids, **i64))
+            b.suppressed = (to_device(rows, **i64), to_device(ids, **i64))
         return b
 
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    return _to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64, device)
+    return to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64, device)
 
 
-def _to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list or tensor on the device without stalling the host: a pageable copy would wait for the device
     to finish everything queued before it (the forward pass); a pinned one is queued behind it instead."""
     t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
