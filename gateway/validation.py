@@ -144,8 +144,9 @@ def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature:
             best_of = p.beam_width
             if not n <= best_of <= config.max_n:
                 raise InvalidRequest(f"params.beam_width: must be in [n, {config.max_n}] (n is {n}), got {best_of}")
-        if p.HasField("logprobs"):
-            raise InvalidRequest("params.logprobs: not available with beam search")
+        for name in ("logprobs", "prompt_logprobs"):
+            if p.HasField(name):
+                raise InvalidRequest(f"params.{name}: not available with beam search")
         if p.HasField("seed"):
             raise InvalidRequest("params.seed: beam search does not sample")
     length_penalty = p.length_penalty if p.HasField("length_penalty") else 1.0

@@ -17,9 +17,12 @@ from engine_svc.core.request import FinishReason, Request, SamplingParams, Token
 
 
 def member_params(params: SamplingParams, index: int) -> SamplingParams:
-    if params.seed is None or index == 0:
+    """Member 0 runs with the request's own params; the others draw from their own seed and leave the prompt's
+    logprobs to member 0 (so they can share its blocks instead of scoring the prompt again)."""
+    if index == 0:
         return params
-    return replace(params, seed=(params.seed + 0x9E3779B97F4A7C15 * index) & 0x7FFFFFFFFFFFFFFF)
+    seed = None if params.seed is None else (params.seed + 0x9E3779B97F4A7C15 * index) & 0x7FFFFFFFFFFFFFFF
+    return replace(params, seed=seed, prompt_logprobs=None)
 
 
 class RequestGroup:

@@ -91,7 +91,8 @@ def test_logprobs_and_prompt_logprobs_equal_transformers(base, hf, variant):
 def test_n_samples_share_prompt_blocks_and_are_reproducible(base):
     engine = base.with_scheduling()
     prompt = PROMPTS[0]                            # 11 tokens: blocks of 4 -> 2 full prompt blocks to share
-    params = SamplingParams(temperature=1.0, seed=42, max_tokens=8, ignore_eos=True, n=3, best_of=3)
+    params = SamplingParams(temperature=1.0, seed=42, max_tokens=8, ignore_eos=True, n=3, best_of=3,
+                            prompt_logprobs=1)
     seen = []
 
     def refcounts(e: Engine):
@@ -105,6 +106,8 @@ def test_n_samples_share_prompt_blocks_and_are_reproducible(base):
     res = collect(engine, {"s": (prompt, params)}, refcounts)
     assert seen and seen[0] == [3, 3]
     assert sorted(res["s"]) == [0, 1, 2]
+    assert len(res["s"][0]["prompt_logprobs"]) == len(prompt) - 1       # scored once, by member 0
+    assert res["s"][1]["prompt_logprobs"] is None and res["s"][2]["prompt_logprobs"] is None
     outs = [res["s"][i]["tokens"] for i in range(3)]
     assert all(len(o) == 8 for o in outs) and len({tuple(o) for o in outs}) == 3
     again = collect(base.with_scheduling(), {"s": (prompt, params)})
