@@ -19,6 +19,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     block_size: int
     num_blocks: int
+    activation_bytes: int = 0     # reserved for one step's transient tensors (CUDA)
 
     @property
     def kv_bytes(self) -> int:
@@ -29,13 +30,24 @@ class MemoryPlan:
         return self.num_blocks * self.block_size
 
     def describe(self) -> str:
-        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
+        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB, activations "
+                f"{self.activation_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
                 f"({self.kv_bytes_per_token} B/token, {self.num_blocks} blocks x {self.block_size} tokens), "
                 f"max {self.max_tokens} tokens")
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype: torch.dtype) -> int:
+    """Peak transient memory of one step, estimated from the shapes: a layer's widest per-token intermediates for
+    the step's tokens (qkv, attention output, gate_up and the SwiGLU product, hidden, residual and norm), plus the
+    fp32 logits of the sampling rows with the sampler's copies (processed logits, probabilities, noise)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_token = (q + 2 * kv) + q + 3 * cfg.intermediate_size + 4 * cfg.hidden_size
+    return max_tokens * per_token * elem + max_seqs * cfg.vocab_size * 4 * 4
 
 
 def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weights_bytes: int,
@@ -59,7 +71,8 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weig
               f"full-length sequence ({max_model_len})", file=sys.stderr, flush=True)
     if num_blocks < 1:
         raise MemoryError(f"no memory left for the KV cache (needs {per_block} bytes per block)")
-    return MemoryPlan(weights_bytes, per_token, config.block_size, int(num_blocks))
+    return MemoryPlan(weights_bytes, per_token, config.block_size, int(num_blocks),
+                      activation_peak_bytes if device.type == "cuda" else 0)
 
 
 def _available_ram() -> int:
