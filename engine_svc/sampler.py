@@ -2,9 +2,10 @@
 seeds. Order: penalties, logit bias, allowed tokens and min_tokens suppression change the logits of every row
 (greedy ones too); then temperature, min-p and top-k/top-p shape the distribution of the sampled rows.
 
-Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Seeded requests draw E from a
-generator seeded by (seed, output index), so a request's samples do not depend on what else is in the batch, nor
-on preemption.
+Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. E comes from a counter-based hash of
+(row key, token id), computed for the whole batch in one vectorised pass (no generator per row). A seeded row's key
+is derived from (seed, output index), so a request's samples do not depend on what else is in the batch, nor on
+preemption, nor on the device; an unseeded row takes a fresh random key each step.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from engine_svc import logits_processors as lp
 
 _MASKED = float("-inf")
+_MASK32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -22,10 +24,11 @@ class SamplingBatch:
     temperature: torch.Tensor | None   # [N] float32; 0 = greedy. The three are None in an all-greedy batch.
     top_p: torch.Tensor | None         # [N] float32
     top_k: torch.Tensor | None         # [N] int64; vocab size when off
-    seeds: list[tuple[int, int, int]]   # (row, seed, output index) of seeded rows
+    row_keys: torch.Tensor | None       # [N] int64 32-bit noise keys; None in an all-greedy batch
     all_greedy: bool
     needs_top_k: bool
     needs_top_p: bool
+    top_k_width: int                     # largest top-k of the batch, or the vocabulary size when a row has none
     # Processors; each is None when no row of the batch uses it.
     min_p: torch.Tensor | None = None
     penalties: tuple[torch.Tensor, ...] | None = None   # (prompt ids, output ids, repetition, presence, frequency)
@@ -41,18 +44,20 @@ class SamplingBatch:
         temps = [p.temperature for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         top_p = [p.top_p for p in params]
-        seeds = [(i, p.seed, n) for i, (p, n) in enumerate(zip(params, output_lens))
-                 if p.seed is not None and p.temperature > 0]
+        fresh = torch.randint(0, 1 << 32, (len(params),), dtype=torch.int64).tolist()   # the torch CPU generator
+        keys = [_seed_for(p.seed, n) & _MASK32 if p.seed is not None else k
+                for p, n, k in zip(params, output_lens, fresh)]
         all_greedy = all(t == 0 for t in temps)
         # An all-greedy batch (the common serving case) only takes an argmax: no per-row tensors to send.
         b = cls(
             temperature=None if all_greedy else to_device(temps, torch.float32, device),
             top_p=None if all_greedy else to_device(top_p, torch.float32, device),
             top_k=None if all_greedy else to_device(top_k, torch.int64, device),
-            seeds=seeds,
+            row_keys=None if all_greedy else to_device(keys, torch.int64, device),
             all_greedy=all_greedy,
             needs_top_k=any(k < vocab_size for k in top_k),
             needs_top_p=any(p < 1.0 for p in top_p),
+            top_k_width=max(top_k),
         )
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
@@ -115,17 +120,42 @@ def apply_top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Masks logits outside each row's top-k and top-p nucleus (the nucleus always keeps the best token)."""
     if not (b.needs_top_k or b.needs_top_p):
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    values, token_ids = top_k_top_p_candidates(logits, b)
+    return torch.full_like(logits, _MASKED).scatter_(-1, token_ids, values)
+
+
+def top_k_top_p_candidates(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates, most likely first: (logits with those outside the row's top-k and top-p nucleus at
+    -inf, their token ids). When every row has a top-k, only the batch's largest k are kept, by a partial top-k
+    instead of a sort."""
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    width = min(b.top_k_width, vocab)
+    if width < vocab:
+        values, token_ids = logits.topk(width, dim=-1)
+    else:
+        values, token_ids = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(width, device=logits.device)[None, :]
     drop = ranks >= b.top_k[:, None]
     if b.needs_top_p:
-        probs = sorted_logits.masked_fill(drop, _MASKED).softmax(dim=-1)
+        probs = values.masked_fill(drop, _MASKED).softmax(dim=-1)
         # A token is dropped when the mass strictly before it already reaches top_p.
         mass_before = probs.cumsum(dim=-1) - probs
         drop |= mass_before >= b.top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, _MASKED)
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return values.masked_fill(drop, _MASKED), token_ids
+
+
+def exponential_noise(row_keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise for each row's tokens (token_ids [vocab] shared by every row, or [N, k]): a 32-bit integer hash
+    (two multiply-xorshift rounds) of (row key, token id), mapped to a uniform in (0, 1) and through -log. A token's
+    noise depends on nothing else, so drawing it for fewer candidates changes no outcome. Every product stays
+    below 2**63: no overflow on any device."""
+    ids = token_ids if token_ids.dim() == 2 else token_ids[None, :]
+    x = row_keys[:, None] ^ ((ids * 0x9E3779B1) & _MASK32)
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (x >> 16) ^ x
+    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
 
 
 def _seed_for(seed: int, index: int) -> int:
@@ -150,10 +180,10 @@ def sample_processed(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     scaled = logits / temps[:, None]
     if b.min_p is not None:
         scaled = lp.apply_min_p(scaled, b.min_p)
-    probs = apply_top_k_top_p(scaled, b).softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for row, seed, index in b.seeds:
-        gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, index))
-        noise[row].exponential_(generator=gen)
-    sampled = (probs / noise).argmax(dim=-1)
+    if b.needs_top_k or b.needs_top_p:
+        values, token_ids = top_k_top_p_candidates(scaled, b)
+    else:
+        values, token_ids = scaled, torch.arange(scaled.shape[-1], device=scaled.device)
+    choice = (values.softmax(dim=-1) / exponential_noise(b.row_keys, token_ids)).argmax(dim=-1)
+    sampled = token_ids.gather(-1, choice[:, None])[:, 0] if token_ids.dim() == 2 else choice
     return torch.where(b.temperature > 0, sampled, greedy)

@@ -110,3 +110,31 @@ def test_min_p_never_samples_below_the_threshold():
 def test_penalties_need_the_histories():
     with pytest.raises(ValueError, match="prompt and output ids"):
         SamplingBatch.build([SamplingParams(presence_penalty=1.0)], [0], V, torch.device("cpu"))
+
+
+def test_seeded_rows_follow_the_distribution_under_top_k():
+    # One seeded row per draw (seeds 0..5999): the hashed noise across seeds must still sample p, renormalised
+    # over the top-k candidates (chi-square, 3 degrees of freedom, p=0.001 bound 16.3).
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = probs.log().expand(6000, -1).contiguous()
+    b = SamplingBatch.build([SamplingParams(temperature=1.0, top_k=4, seed=i) for i in range(6000)], [0] * 6000, 6,
+                            torch.device("cpu"))
+    counts = torch.bincount(sample(logits, b), minlength=6).double()
+    assert counts[4:].sum() == 0
+    expected = probs[:4].double() / probs[:4].sum() * 6000
+    chi2 = ((counts[:4] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 16.3, (counts, chi2)
+
+
+def test_candidate_narrowing_changes_no_seeded_draw():
+    # The noise is keyed by token id, so drawing it only for a top-k's candidates (the partial top-k path) picks
+    # what the full-vocabulary path picks when the other tokens have no probability anyway.
+    logits = torch.full((200, V), float("-inf"))
+    logits[:, :5] = torch.randn(200, 5)
+    full = SamplingBatch.build([SamplingParams(temperature=1.0, seed=i) for i in range(200)], [3] * 200, V,
+                               torch.device("cpu"))
+    narrow = SamplingBatch.build([SamplingParams(temperature=1.0, seed=i, top_k=5) for i in range(200)], [3] * 200,
+                                 V, torch.device("cpu"))
+    assert narrow.top_k_width == 5
+    a, b = sample(logits, full), sample(logits, narrow)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 5
