@@ -69,8 +69,9 @@ class LocalStack:
     """`tandem serve` as a child process (its own process group) on free local ports; output goes to `log`."""
 
     def __init__(self, model: str, device: str, dtype: str, engine_args: list[str], log: Path,
-                 start_timeout_s: float = 300.0) -> None:
+                 start_timeout_s: float = 300.0, tokenizer: str | None = None) -> None:
         self.model, self.device, self.dtype, self.engine_args = model, device, dtype, engine_args
+        self.tokenizer = tokenizer
         self.log, self.start_timeout_s = log, start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.address = ""
@@ -79,7 +80,8 @@ class LocalStack:
         gw, tk, en = _free_port(), _free_port(), _free_port()
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(gw), "--tokenizer-port", str(tk), "--engine-port", str(en), "--device", self.device,
-               "--dtype", self.dtype, "--start-timeout", str(self.start_timeout_s), "--", *self.engine_args]
+               "--dtype", self.dtype, "--start-timeout", str(self.start_timeout_s),
+               *(["--tokenizer-model", self.tokenizer] if self.tokenizer else []), "--", *self.engine_args]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[bench] starting the stack (log: {self.log}): {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         with open(self.log, "w") as out:

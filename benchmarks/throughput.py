@@ -106,7 +106,8 @@ def stack_phase(args, prompts, lengths: list[tuple[int, int]]) -> dict:
     if args.address:
         return run_stack_workload(args.address, prompts, max_tokens)
     engine_args = engine_cli_args(args) + ["--max-waiting", str(max(1024, args.num_requests))]
-    with LocalStack(args.model, args.device, args.dtype, engine_args, args.stack_log, args.start_timeout) as stack:
+    with LocalStack(args.model, args.device, args.dtype, engine_args, args.stack_log, args.start_timeout,
+                    args.tokenizer) as stack:
         return run_stack_workload(stack.address, prompts, max_tokens)
 
 
@@ -141,6 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="stack/both: a running gateway HOST:PORT instead of starting "
                                                    "one (it must serve --model, whose tokenizer builds the prompts)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a started stack to serve")
+    p.add_argument("--tokenizer", default=None,
+                   help="stack/both: the model whose tokenizer builds the prompts and serves in the stack (default: "
+                        "--model's own; for a shipped config, which has none: the default model's)")
     p.add_argument("--stack-log", type=Path, default=Path("bench_out/throughput_stack.log"))
     p.add_argument("--json", type=Path, default=Path("bench_out/throughput.json"))
     args = p.parse_args(argv)
@@ -151,6 +155,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_requests < 1:
         p.error("--num-requests must be >= 1")
     resolve_model_args(args)
+    if args.mode != "engine" and args.tokenizer is None and args.model.endswith(".json"):
+        args.tokenizer = "default"   # a bare config (random weights) has no tokenizer of its own
+    if args.tokenizer is not None:
+        from gateway.model_fetch import resolve_model
+        args.tokenizer = str(resolve_model(args.tokenizer))
     return args
 
 
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.stack_run import text_prompts as build_text_prompts
         from tokenizer_svc.loading import load_tokenizer
         try:
-            tok = load_tokenizer(args.model)
+            tok = load_tokenizer(args.tokenizer or args.model)
         except Exception as err:  # e.g. a bare config .json: the stack needs a real tokenizer
             sys.exit(f"error: --mode {args.mode} needs the model's tokenizer ({err})")
         text_prompts = build_text_prompts(tok, [n_in for n_in, _ in lengths], args.seed)

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         usage="tandem serve [options] [-- ENGINE_ARG ...]")
     serve.add_argument("--model", default=DEFAULT_MODEL,
                        help="'default' (SmolLM2-135M-Instruct, fetched on first use), an HF directory or a .gguf")
+    serve.add_argument("--tokenizer-model", default=None,
+                       help="take the tokenizer from this model instead (e.g. 'default' for a config.json served "
+                            "with --load-format dummy, which has none); its ids must fit the engine's vocabulary")
     serve.add_argument("--host", default="0.0.0.0", help="address the public gateway binds (default %(default)s)")
     serve.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="public gateway port")
     serve.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
@@ -107,10 +110,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def topology_from_args(args: argparse.Namespace, model_path: str) -> ServiceTopology:
+def topology_from_args(args: argparse.Namespace, model_path: str,
+                       tokenizer_path: str | None = None) -> ServiceTopology:
     return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
-                          device=args.device, dtype=args.dtype, engine_extra_args=tuple(args.engine_args))
+                          device=args.device, dtype=args.dtype, engine_extra_args=tuple(args.engine_args),
+                          tokenizer_path=tokenizer_path)
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:
@@ -125,7 +130,8 @@ def generate_options_from_args(args: argparse.Namespace) -> GenerateOptions:
 
 def _serve(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)  # the default model is fetched here, with pip's progress bar
-    return run_stack(topology_from_args(args, str(model)), launcher_config_from_args(args))
+    tokenizer = str(resolve_model(args.tokenizer_model)) if args.tokenizer_model else None
+    return run_stack(topology_from_args(args, str(model), tokenizer), launcher_config_from_args(args))
 
 
 def _generate(args: argparse.Namespace) -> int:

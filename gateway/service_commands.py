@@ -60,6 +60,7 @@ class ServiceTopology:
     device: str = "auto"
     dtype: str = "auto"
     engine_extra_args: tuple[str, ...] = field(default=())
+    tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -104,7 +105,7 @@ def compose_topology() -> ServiceTopology:
 
 
 def tokenizer_argv(t: ServiceTopology) -> list[str]:
-    return [t.python, "-m", "tokenizer_svc", "--model", t.model_path,
+    return [t.python, "-m", "tokenizer_svc", "--model", t.tokenizer_path or t.model_path,
             "--host", t.internal_listen_host, "--port", str(t.tokenizer_port)]
 
 

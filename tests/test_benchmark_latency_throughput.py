@@ -134,3 +134,14 @@ def test_throughput_both_modes_through_a_started_stack(smollm2_gguf, tmp_path):
     # Greedy without ignore_eos: a request may stop early, never later.
     assert 3 <= stack["output_tokens"] <= engine["output_tokens"]
     assert result["stack_vs_engine_output_tok_s"] > 0
+
+
+@pytest.mark.stack
+def test_throughput_stack_mode_of_a_shipped_config_borrows_the_default_tokenizer(smollm2_gguf, tmp_path):
+    """A shipped config has random weights and no tokenizer: the stack serves the default model's tokenizer."""
+    out = tmp_path / "tp.json"
+    throughput.main(["--model", "smollm2-135m", *CPU, "--mode", "stack", "--num-requests", "2",
+                     "--input-len", "8", "12", "--output-len", "3", "5", "--max-model-len", "128",
+                     "--num-kv-blocks", "32", "--stack-log", str(tmp_path / "stack.log"), "--json", str(out)])
+    (stack,) = json.loads(out.read_text())["runs"]
+    assert stack["finished"] == 2 and stack["errors"] == 0 and stack["output_tokens"] >= 2

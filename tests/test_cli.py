@@ -39,6 +39,14 @@ def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
     assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
 
 
+def test_serve_takes_the_tokenizer_from_another_model() -> None:
+    args = cli.parse_args(["serve", "--model", "/c/llama3-8b.json", "--tokenizer-model", "/m/x.gguf", "--",
+                           "--load-format", "dummy"])
+    topology = cli.topology_from_args(args, "/c/llama3-8b.json", "/m/x.gguf")
+    assert tokenizer_argv(topology)[1:5] == ["-m", "tokenizer_svc", "--model", "/m/x.gguf"]
+    assert engine_argv(topology)[1:5] == ["-m", "engine_svc", "--model", "/c/llama3-8b.json"]
+
+
 @pytest.mark.parametrize("argv", [["serve", "--device", "tpu"], ["serve", "--start-timeout", "0"],
                                   ["generate"], ["generate", "hi", "--max-tokens", "0"], []])
 def test_bad_arguments_exit_2(argv, capsys) -> None:
