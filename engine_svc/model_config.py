@@ -36,19 +36,23 @@ class ModelConfig:
     def from_hf_dict(cls, cfg: dict[str, Any], name: str) -> "ModelConfig":
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             architecture=archs[0],
             name=name,
             vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            hidden_size=hidden,
+            # Falcon names these ffn_hidden_size (default 4 x hidden), num_kv_heads / multi_query and
+            # layer_norm_epsilon.
+            intermediate_size=cfg.get("intermediate_size") or cfg.get("ffn_hidden_size") or 4 * hidden,
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            num_kv_heads=(cfg.get("num_key_value_heads") or cfg.get("num_kv_heads")
+                          or (1 if cfg.get("multi_query") else heads)),
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_epsilon", 1e-6)),
             rope_theta=_rope_theta(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -56,6 +60,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            extra=dict(cfg),   # the whole HF config: family-specific fields (biases, sliding window, Falcon's...)
         )
 
     @classmethod

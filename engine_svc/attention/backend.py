@@ -15,6 +15,8 @@ class AttentionBackend(Protocol):
         """Stores new keys/values [num_tokens, kv_heads, head_dim] into their slots of kv_cache
         [2, num_blocks, block_size, kv_heads, head_dim]."""
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                window: int | None = None) -> torch.Tensor:
         """Causal attention of q [num_tokens, heads, head_dim] over each sequence's cached context (which already
-        holds this step's keys/values); returns [num_tokens, heads, head_dim]."""
+        holds this step's keys/values); returns [num_tokens, heads, head_dim]. With a window, a query at position
+        p sees only keys at positions > p - window."""

@@ -18,7 +18,10 @@ class TorchPagedAttention:
         flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
         flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                window: int | None = None) -> torch.Tensor:
+        if window is not None:
+            raise NotImplementedError("sliding-window attention is not implemented yet")
         if meta.is_pure_decode:
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, meta.block_size,
                                 scale)

@@ -23,7 +23,10 @@ class TritonPagedAttention:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         write_kv(k, v, kv_cache, meta.slot_mapping)
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                window: int | None = None) -> torch.Tensor:
+        if window is not None:
+            raise NotImplementedError("sliding-window attention is not implemented yet")
         if meta.is_pure_decode:
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start,
                                           meta.block_size, scale, meta.max_seq_len or max(meta.seq_lens_cpu),

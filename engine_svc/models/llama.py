@@ -5,6 +5,7 @@ those shards.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -15,14 +16,28 @@ from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
 
+@dataclass(frozen=True)
+class LayerOptions:
+    """What the Llama-shaped families change in a decoder layer (see each family's layer_options)."""
+    qkv_bias: bool = False               # Qwen2
+    qk_norm: bool = False                # Qwen3: RMSNorm over each head of q and k, before RoPE
+    sliding_window: int | None = None    # Mistral (where set): a query sees only the last this-many keys
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
+                 options: LayerOptions = LayerOptions()) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=options.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        if options.qk_norm:   # the reference norm: the fused kernel takes 2-D rows, these are [tokens, heads, dim]
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = options.qk_norm
+        self.sliding_window = options.sliding_window
         self.scale = self.head_dim ** -0.5
         self.rope = rope
         self.backend = backend
@@ -33,9 +48,11 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         self.backend.write_kv(k, v, kv_cache, meta)
-        o = self.backend.forward(q, kv_cache, meta, self.scale)
+        o = self.backend.forward(q, kv_cache, meta, self.scale, window=self.sliding_window)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -55,10 +72,11 @@ class LlamaDecoderLayer(nn.Module):
     that follows it (residual = hidden + residual; hidden = norm(residual)), which is the same arithmetic as
     x = x + sublayer(norm(x)) and lets the fused kernel do add and norm in one pass."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend, fused: bool) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend, fused: bool,
+                 options: LayerOptions = LayerOptions()) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.self_attn = LlamaAttention(cfg, rope, backend)
+        self.self_attn = LlamaAttention(cfg, rope, backend, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.mlp = LlamaMLP(cfg, fused)
 
@@ -75,14 +93,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, options: LayerOptions = LayerOptions()) -> None:
         super().__init__()
         # The Triton backend also brings the fused RMSNorm(+residual), RoPE and SwiGLU kernels.
         fused = backend.name == "triton"
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                     fused)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rope, backend, fused)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rope, backend, fused, options)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
@@ -108,10 +126,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = LlamaModel(cfg, backend)
+        self.model = LlamaModel(cfg, backend, self.layer_options(cfg))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def layer_options(cls, cfg: ModelConfig) -> LayerOptions:
+        """Families built from these layers (Qwen2, Qwen3, Mistral) override this."""
+        return LayerOptions()
 
     def init_buffers(self, device: torch.device) -> None:
         """Builds non-parameter tables (rope) on the device; needed after construction on the meta device."""

@@ -25,9 +25,9 @@ def generate(path, backend: str, device: str, dtype: str = "float32",
     batches = []
     forward = attention.forward
 
-    def recording_forward(q, kv_cache, meta, scale):
+    def recording_forward(q, kv_cache, meta, scale, window=None):
         batches.append(list(zip(meta.query_lens_cpu, meta.seq_lens_cpu)))
-        return forward(q, kv_cache, meta, scale)
+        return forward(q, kv_cache, meta, scale, window)
 
     attention.forward = recording_forward   # the model's layers call this instance's forward
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
