@@ -49,8 +49,7 @@ class ModelConfig:
             intermediate_size=cfg.get("intermediate_size") or cfg.get("ffn_hidden_size") or 4 * hidden,
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=(cfg.get("num_key_value_heads") or cfg.get("num_kv_heads")
-                          or (1 if cfg.get("multi_query") else heads)),
+            num_kv_heads=_num_kv_heads(cfg, heads),
             head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_epsilon", 1e-6)),
             rope_theta=_rope_theta(cfg),
@@ -73,6 +72,16 @@ class ModelConfig:
             if gen_eos is not None:
                 cfg = {**cfg, "eos_token_id": gen_eos}
         return cls.from_hf_dict(cfg, name=path.name)
+
+
+def _num_kv_heads(cfg: dict[str, Any], heads: int) -> int:
+    if cfg.get("model_type") == "falcon" or "FalconForCausalLM" in (cfg.get("architectures") or ()):
+        # Falcon saves num_kv_heads (defaulting to the head count) but uses it only with new_decoder_architecture;
+        # otherwise multi_query (default True) means one K/V head and multi_query=False plain multi-head attention.
+        if cfg.get("new_decoder_architecture"):
+            return cfg.get("num_kv_heads") or heads
+        return 1 if cfg.get("multi_query", True) else heads
+    return cfg.get("num_key_value_heads") or cfg.get("num_kv_heads") or (1 if cfg.get("multi_query") else heads)
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

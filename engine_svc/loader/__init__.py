@@ -43,7 +43,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty re-creates parameters; re-tie them
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
     if load_format == "dummy":
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)

@@ -129,7 +129,11 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, backend, self.layer_options(cfg))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Shares the input embedding with lm_head (the loader calls it again after to_empty)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
     def layer_options(cls, cfg: ModelConfig) -> LayerOptions:

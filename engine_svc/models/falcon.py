@@ -1,0 +1,199 @@
+"""Falcon (7B/40B/180B, Falcon2-11B): LayerNorm with bias, RoPE, GELU MLP, and one of three K/V layouts behind one
+fused `query_key_value` projection:
+
+* multi_query (Falcon-7B): all query heads share one K/V head;
+* new_decoder_architecture (Falcon-40B/180B): num_kv_heads groups (grouped-query attention);
+* neither: plain multi-head attention.
+
+HF stores the fused projection grouped per K/V head: for each group, its query heads, then its key head, then its
+value head (multi_query is one group of all the query heads; multi-head is num_heads groups of one). load_weights
+reorders those rows into [all q | all k | all v], so forward splits the projection the way the Llama layers do and
+the attention backend sees ordinary GQA (query head i uses K/V head i // (heads / kv_heads)).
+
+Decoder layer: parallel_attn adds attention and MLP of the same input to the residual (x + attn(ln(x)) +
+mlp(ln'(x))), with two norms (ln_attn, ln_mlp) or a single input_layernorm as num_ln_in_parallel_attn says (the
+new decoder architecture defaults to two); otherwise sequential, with post_attention_layernorm before the MLP.
+ALiBi checkpoints (alibi=True, e.g. Falcon-RW) are refused at construction.
+
+Module names follow the HF checkpoint (transformer.word_embeddings, transformer.h.N..., transformer.ln_f), so every
+tensor but the fused projection loads by name.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_svc.attention import AttentionBackend, AttentionMetadata
+from engine_svc.model_config import ModelConfig
+from engine_svc.models.layers import RotaryEmbedding
+
+_GELU_APPROXIMATION = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+
+
+class FalconOptions:
+    """The Falcon switches read from the HF config (cfg.extra), with HF's defaults, checked once."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        x = cfg.extra
+        if x.get("alibi"):
+            raise ValueError(f"{cfg.name}: Falcon with ALiBi (alibi=True) is not supported; only rotary position "
+                             "embeddings are")
+        self.new_decoder_architecture = bool(x.get("new_decoder_architecture", False))
+        self.parallel_attn = bool(x.get("parallel_attn", True))
+        self.bias = bool(x.get("bias", False))
+        num_ln = x.get("num_ln_in_parallel_attn")
+        if num_ln is None:
+            num_ln = 2 if self.new_decoder_architecture else 1
+        self.two_norms = self.parallel_attn and num_ln == 2
+        if self.new_decoder_architecture and not self.parallel_attn:
+            # transformers cannot run this combination either (its layer never defines the MLP's input).
+            raise ValueError(f"{cfg.name}: Falcon with new_decoder_architecture=True needs parallel_attn=True")
+        activation = x.get("activation", "gelu")
+        if activation not in _GELU_APPROXIMATION:
+            raise ValueError(f"{cfg.name}: unsupported Falcon activation {activation!r}; "
+                             f"supported: {', '.join(sorted(_GELU_APPROXIMATION))}")
+        self.gelu_approximation = _GELU_APPROXIMATION[activation]
+        if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+            raise ValueError(f"{cfg.name}: Falcon needs hidden_size = heads x head_dim "
+                             f"({cfg.hidden_size} != {cfg.num_heads} x {cfg.head_dim})")
+
+
+class FalconAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FalconOptions, rope: RotaryEmbedding,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # Rows in [q | k | v] order once loaded (see FalconForCausalLM.load_weights), not HF's grouped order.
+        self.query_key_value = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.bias)
+        self.dense = nn.Linear(self.q_size, cfg.hidden_size, bias=opts.bias)
+        self.scale = self.head_dim ** -0.5
+        self.rope = rope
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rope(positions, q, k)
+        self.backend.write_kv(k, v, kv_cache, meta)
+        o = self.backend.forward(q, kv_cache, meta, self.scale, window=None)
+        return self.dense(o.reshape(-1, self.q_size))
+
+
+class FalconMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FalconOptions) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=opts.bias)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=opts.bias)
+        self.approximation = opts.gelu_approximation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximation))
+
+
+class FalconDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FalconOptions, rope: RotaryEmbedding,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        eps = cfg.rms_norm_eps   # ModelConfig reads Falcon's layer_norm_epsilon into this field
+        self.parallel = opts.parallel_attn
+        self.two_norms = opts.two_norms
+        if self.two_norms:
+            self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=eps)
+            self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        else:
+            self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        if not self.parallel:
+            self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        self.self_attention = FalconAttention(cfg, opts, rope, backend)
+        self.mlp = FalconMLP(cfg, opts)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        if self.two_norms:
+            attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
+        else:
+            attn_in = mlp_in = self.input_layernorm(x)
+        attn = self.self_attention(attn_in, positions, kv_cache, meta)
+        if self.parallel:
+            return x + (self.mlp(mlp_in) + attn)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class FalconModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FalconOptions, backend: AttentionBackend) -> None:
+        super().__init__()
+        # The Triton backend's fused RoPE rotates q and k in place; they are views of the projection, as in Llama.
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                    fused=backend.name == "triton")
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.h = nn.ModuleList(FalconDecoderLayer(cfg, opts, self.rope, backend) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        for layer, kv_cache in zip(self.h, kv_caches):
+            x = layer(x, positions, kv_cache, meta)
+        return self.ln_f(x)
+
+
+class FalconForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.options = FalconOptions(cfg)
+        self.transformer = FalconModel(cfg, self.options, backend)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.transformer.rope.build(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        return self.transformer(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def _qkv_to_engine_order(self, t: torch.Tensor) -> torch.Tensor:
+        """HF's grouped rows (per K/V head: its q heads, k, v) -> [all q | all k | all v]; weight or bias."""
+        c = self.cfg
+        groups = c.num_kv_heads
+        g = t.reshape(groups, c.num_heads // groups + 2, c.head_dim, *t.shape[1:])
+        q = g[:, :-2].reshape(c.num_heads * c.head_dim, *t.shape[1:])
+        k = g[:, -2].reshape(groups * c.head_dim, *t.shape[1:])
+        v = g[:, -1].reshape(groups * c.head_dim, *t.shape[1:])
+        return torch.cat([q, k, v], dim=0)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        filled: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            if ".self_attention.query_key_value." in name:
+                tensor = self._qkv_to_engine_order(tensor)
+            params[name].data.copy_(tensor)
+            filled.add(name)
+        return filled
+
+    def expected_weights(self) -> set[str]:
+        return {name for name, _ in self.named_parameters()}
