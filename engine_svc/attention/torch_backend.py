@@ -20,11 +20,11 @@ class TorchPagedAttention:
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int | None = None) -> torch.Tensor:
-        if window is not None:
-            raise NotImplementedError("sliding-window attention is not implemented yet")
+        if window is not None and window <= 0:
+            raise ValueError(f"sliding window must be positive, got {window}")
         if meta.is_pure_decode:
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, meta.block_size,
-                                scale)
+                                scale, window)
         # A mixed batch (decodes next to prefill chunks): the decode rows still go through one batched call.
         out = torch.empty_like(q)
         decode_seqs, decode_rows = [], []
@@ -35,13 +35,13 @@ class TorchPagedAttention:
                 decode_rows.append(start)
             else:
                 out[start:start + q_len] = self._one_sequence(q[start:start + q_len], kv_cache, meta, i, seq_len,
-                                                              scale)
+                                                              scale, window)
             start += q_len
         if decode_seqs:
             seqs = torch.tensor(decode_seqs, device=q.device)
             rows = torch.tensor(decode_rows, device=q.device)
             out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
-                                     [meta.seq_lens_cpu[i] for i in decode_seqs], meta.block_size, scale)
+                                     [meta.seq_lens_cpu[i] for i in decode_seqs], meta.block_size, scale, window)
         return out
 
     def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,29 +50,36 @@ class TorchPagedAttention:
         return kv[0], kv[1]
 
     def _one_sequence(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, i: int, seq_len: int,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int | None) -> torch.Tensor:
         q_len = q.shape[0]
         num_blocks = -(-seq_len // meta.block_size)
         k, v = self._gather(kv_cache, meta.block_tables[i, :num_blocks].long())
         k = k.reshape(-1, *k.shape[-2:])[:seq_len]          # [seq_len, kv_heads, head_dim]
         v = v.reshape(-1, *v.shape[-2:])[:seq_len]
-        # Query row r sits at position seq_len - q_len + r and sees keys at positions <= its own.
+        # Query row r sits at position seq_len - q_len + r and sees keys at positions <= its own (and, with a
+        # window, > its own - window).
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos[:, None]
+        if window is not None:
+            mask &= k_pos > q_pos[:, None] - window
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
             attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                seq_lens_cpu: list[int], block_size: int, scale: float) -> torch.Tensor:
+                seq_lens_cpu: list[int], block_size: int, scale: float, window: int | None) -> torch.Tensor:
         max_len = max(seq_lens_cpu)
         num_blocks = -(-max_len // block_size)
         k, v = self._gather(kv_cache, block_tables[:, :num_blocks].long())
         b = q.shape[0]
         k = k.reshape(b, -1, *k.shape[-2:])[:, :max_len]      # [B, L, kv_heads, head_dim]
         v = v.reshape(b, -1, *v.shape[-2:])[:, :max_len]
-        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
+        k_pos = torch.arange(max_len, device=q.device)[None, :]
+        mask = k_pos < seq_lens[:, None]
+        if window is not None:   # the query sits at seq_len - 1 and sees keys > seq_len - 1 - window
+            mask &= k_pos >= seq_lens[:, None] - window
         o = F.scaled_dot_product_attention(
             q[:, :, None, :], k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
             attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)

@@ -1,7 +1,8 @@
 """Paged attention with Triton kernels (engine_svc.kernels), numerically equivalent to TorchPagedAttention.
 
 A batch of decode rows only (one new token per sequence) goes to the split-KV decode kernel; any batch with a
-prefill or chunk goes to the prefill kernel, which handles its q_len == 1 rows as well.
+prefill or chunk goes to the prefill kernel, which handles its q_len == 1 rows as well. Both take the sliding
+window (a query at position p sees keys at positions > p - window).
 """
 from __future__ import annotations
 
@@ -25,11 +26,9 @@ class TritonPagedAttention:
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int | None = None) -> torch.Tensor:
-        if window is not None:
-            raise NotImplementedError("sliding-window attention is not implemented yet")
         if meta.is_pure_decode:
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start,
                                           meta.block_size, scale, meta.max_seq_len or max(meta.seq_lens_cpu),
-                                          partition_size=self.decode_partition_size)
+                                          partition_size=self.decode_partition_size, window=window)
         return paged_prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start,
-                                       meta.block_size, scale, max(meta.query_lens_cpu))
+                                       meta.block_size, scale, max(meta.query_lens_cpu), window=window)

@@ -22,12 +22,16 @@ def dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def attend_tile(acc, m, l, q, k_base, v_base, table_ptr, start, kv_end, q_pos,
-                block_size, stride_cache_block, stride_cache_tok, head_dim, scale_log2,
-                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                block_size, stride_cache_block, stride_cache_tok, head_dim, scale_log2, window,
+                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                SLIDING: tl.constexpr = False):
     """Keys at positions start .. start+BLOCK_N-1 that are < kv_end are read; with CAUSAL, row r only sees keys at
-    positions <= q_pos[r]. Without CAUSAL the caller guarantees every key of the tile is visible to every row.
-    Every row must see at least one key over the tiles folded so far, or m stays -inf (the callers order tiles so
-    that position 0, or the first position of a partition, comes first)."""
+    positions <= q_pos[r], and with SLIDING as well only keys at positions > q_pos[r] - window. Without CAUSAL the
+    caller guarantees every key of the tile is visible to every row (window is then unused).
+    Without SLIDING, every row must see at least one key over the tiles folded so far, or m stays -inf and the
+    next tile turns it into NaN (the callers order tiles so that position 0, or the first position of a partition,
+    comes first). With SLIDING a row may see nothing in its first tiles: its max is then kept -inf and the rescale
+    guarded, so the row starts accumulating at its first visible key."""
     k_pos = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     in_ctx = k_pos < kv_end
@@ -41,10 +45,18 @@ def attend_tile(acc, m, l, q, k_base, v_base, table_ptr, start, kv_end, q_pos,
     s = dot(q, tl.trans(k), IEEE) * scale_log2                     # [rows, BLOCK_N] fp32
     if CAUSAL:
         visible = (k_pos[None, :] <= q_pos[:, None]) & in_ctx[None, :]
+        if SLIDING:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp2(m - m_new)                                       # 0 on the first tile (m = -inf)
-    p = tl.exp2(s - m_new[:, None])
+    if SLIDING:
+        # A row that has seen no key yet (m_new = -inf) gets p = 0 and alpha = 0 instead of NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+    else:
+        alpha = tl.exp2(m - m_new)                                   # 0 on the first tile (m = -inf)
+        p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l
