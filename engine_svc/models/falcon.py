@@ -29,6 +29,7 @@ from torch import nn
 from engine_svc.attention import AttentionBackend, AttentionMetadata
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RotaryEmbedding
+from engine_svc.models.llama import paged_self_attention
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
@@ -77,14 +78,7 @@ class FalconAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
-        self.backend.write_kv(k, v, kv_cache, meta)
-        o = self.backend.forward(q, kv_cache, meta, self.scale, window=None)
-        return self.dense(o.reshape(-1, self.q_size))
+        return self.dense(paged_self_attention(self, self.query_key_value(x), positions, kv_cache, meta))
 
 
 class FalconMLP(nn.Module):

@@ -44,16 +44,25 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
-        self.backend.write_kv(k, v, kv_cache, meta)
-        o = self.backend.forward(q, kv_cache, meta, self.scale, window=self.sliding_window)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.o_proj(paged_self_attention(self, self.qkv_proj(x), positions, kv_cache, meta))
+
+
+def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata) -> torch.Tensor:
+    """The attention core shared by the families: splits a fused [q | k | v] projection into heads, applies the
+    per-head q/k norms when the layer has them, then RoPE; writes this step's K/V and attends over the paged cache.
+    attn carries num_heads, num_kv_heads, head_dim, q_size, kv_size, scale, rope, backend (and optionally qk_norm
+    with q_norm/k_norm, sliding_window). Returns [tokens, q_size]."""
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = q.view(-1, attn.num_heads, attn.head_dim)
+    k = k.view(-1, attn.num_kv_heads, attn.head_dim)
+    v = v.view(-1, attn.num_kv_heads, attn.head_dim)
+    if getattr(attn, "qk_norm", False):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.rope(positions, q, k)
+    attn.backend.write_kv(k, v, kv_cache, meta)
+    o = attn.backend.forward(q, kv_cache, meta, attn.scale, window=getattr(attn, "sliding_window", None))
+    return o.reshape(-1, attn.q_size)
 
 
 class LlamaMLP(nn.Module):

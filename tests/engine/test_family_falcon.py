@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
-from engine_svc.engine import Engine
 from engine_svc.model_config import ModelConfig
+from tests.engine.family_checks import PROMPTS, assert_greedy_matches, assert_logits_match, hf_model, make_engine
 
 VARIANTS = {
     "7b-multi-query-parallel": dict(multi_query=True, parallel_attn=True),
@@ -51,20 +50,6 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path
 
 
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-
-
-def make_engine(path, **kw) -> Engine:
-    cfg = dict(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=8)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
-
-
-PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 8, 9, 11, 13], [1, 3], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
-
-
 def test_config_reads_falcon_kv_heads(checkpoint):
     variant, path = checkpoint
     cfg = ModelConfig.from_hf_dir(path)
@@ -75,42 +60,12 @@ def test_config_reads_falcon_kv_heads(checkpoint):
 
 def test_prefill_and_paged_decode_logits_match(checkpoint):
     _, path = checkpoint
-    ref = hf_model(path)
-    engine = make_engine(path)
-    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"r{i}", p, greedy)
-    seqs = {f"r{i}": list(p) for i, p in enumerate(PROMPTS)}
-    steps = 0
-    while engine.has_work():
-        out = engine.scheduler.schedule()
-        logits = engine.runner.forward_logits(out)
-        sampling = [s for s in out.scheduled if s.samples]
-        with torch.no_grad():
-            for row, s in enumerate(sampling):
-                ids = torch.tensor([seqs[s.request.request_id]])
-                expected = ref(ids).logits[0, -1].float()
-                torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
-        sampled = logits.argmax(-1).tolist()
-        for s, tok in zip(sampling, sampled):
-            seqs[s.request.request_id].append(tok)
-        engine.scheduler.update(out, sampled)
-        steps += 1
-    assert steps == 8
-    # 8 decoded tokens each: every sequence crossed at least one 4-token block boundary through the cache.
-    assert [len(s) for s in seqs.values()] == [len(p) + 8 for p in PROMPTS]
-    assert engine.kv.num_used_blocks == 0
+    assert_logits_match(make_engine(path), hf_model(path))
 
 
 def test_greedy_continuations_identical(checkpoint):
     _, path = checkpoint
-    ref = hf_model(path)
-    outs = make_engine(path).generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, outs):
-        with torch.no_grad():
-            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-        assert out == gen[0, len(prompt):].tolist()
+    outs = assert_greedy_matches(make_engine(path), hf_model(path))
     assert len(set(map(tuple, outs))) == len(PROMPTS)   # discriminative logits: the prompts lead different ways
 
 

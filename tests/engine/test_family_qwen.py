@@ -4,27 +4,16 @@ interpreter on the CPU) against the torch backend; plus the unsupported-architec
 safetensors checkpoint."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-# The Triton kernels need the interpreter switched on before anything imports triton (see engine_svc.kernels).
-try:
-    if importlib.util.find_spec("triton") is None:
-        raise ImportError("triton is not installed")
-    importlib.import_module("engine_svc.kernels")
-    TRITON_SKIP = None
-except ImportError as e:
-    TRITON_SKIP = str(e)
+from engine_svc.models import MODEL_REGISTRY, model_class
+from tests.engine.family_checks import (PROMPTS, assert_greedy_matches, assert_logits_match, hf_model, make_engine,
+                                        assert_triton_greedy_equals_torch, stepped_logits, triton_unavailable)
 
-from engine_svc.config import EngineConfig  # noqa: E402
-from engine_svc.core.request import SamplingParams  # noqa: E402
-from engine_svc.engine import Engine  # noqa: E402
-from engine_svc.models import MODEL_REGISTRY, model_class  # noqa: E402
-
-PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 8, 9, 11, 13], [1, 2], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+TRITON_SKIP = triton_unavailable()
 
 # name -> (family, extra config): Qwen2 ties its embeddings like the small Qwen2.5 models; Qwen3 with a head_dim
 # that is not hidden / heads (32 vs 16), once without and once with attention_bias (q/k/v and o_proj biases).
@@ -64,68 +53,17 @@ def checkpoint(request, tmp_path_factory):
     return write_tiny_qwen(tmp_path_factory.mktemp(request.param), family, seed=11, **overrides)
 
 
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def make_engine(path, **kw) -> Engine:
-    cfg = dict(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=8)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
-
-
-def stepped_logits(engine: Engine, prompts, steps: int):
-    """Runs greedy steps through the scheduler; yields (sequence so far, the engine's logits for its next token)."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, greedy)
-    seqs = {f"r{i}": list(p) for i, p in enumerate(prompts)}
-    while engine.has_work():
-        out = engine.scheduler.schedule()
-        logits = engine.runner.forward_logits(out)
-        sampling = [s for s in out.scheduled if s.samples]
-        for row, s in enumerate(sampling):
-            yield list(seqs[s.request.request_id]), logits[row]
-        sampled = logits.argmax(-1).tolist()
-        for s, tok in zip(sampling, sampled):
-            seqs[s.request.request_id].append(tok)
-        engine.scheduler.update(out, sampled)
-
-
 def test_prefill_and_paged_decode_logits_match(checkpoint):
-    ref = hf_model(checkpoint)
-    engine = make_engine(checkpoint)
-    checked = 0
-    with torch.no_grad():
-        for seq, logits in stepped_logits(engine, PROMPTS, steps=8):
-            expected = ref(torch.tensor([seq])).logits[0, -1].float()
-            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-            checked += 1
-    # 3 prompts x 8 steps, each sequence decoding across at least two 4-token block boundaries.
-    assert checked == 3 * 8
-    assert engine.kv.num_used_blocks == 0
+    assert_logits_match(make_engine(checkpoint), hf_model(checkpoint))
 
 
 def test_greedy_continuations_identical(checkpoint):
-    ref = hf_model(checkpoint)
-    outs = make_engine(checkpoint).generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    with torch.no_grad():
-        for prompt, out in zip(PROMPTS, outs):
-            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-            assert out == gen[0, len(prompt):].tolist()
+    assert_greedy_matches(make_engine(checkpoint), hf_model(checkpoint))
 
 
 @pytest.mark.skipif(TRITON_SKIP is not None, reason=f"Triton backend unavailable: {TRITON_SKIP}")
 def test_greedy_triton_equals_torch(checkpoint):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = [PROMPTS[0], PROMPTS[1]]
-    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    expected = make_engine(checkpoint, device=device).generate(prompts, params)
-    outs = make_engine(checkpoint, device=device, attention_backend="triton", enforce_eager=True).generate(
-        prompts, params)
-    assert outs == expected
+    assert_triton_greedy_equals_torch(checkpoint, [PROMPTS[0], PROMPTS[1]], 5)
 
 
 def test_unsupported_architecture_lists_supported():

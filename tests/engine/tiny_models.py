@@ -15,8 +15,15 @@ def write_tiny_llama(path: Path, *, seed: int = 0, tie: bool = False, rope_scali
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, rope_scaling=rope_scaling,
         bos_token_id=1, eos_token_id=2, torch_dtype="float32")
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # HF's init is tiny; larger weights make logits discriminative
+    return save_redrawn(LlamaForCausalLM(cfg), path)
+
+
+def save_redrawn(model, path: Path) -> Path:
+    """Saves an HF model with its matrices redrawn from N(0, 0.15): HF's init is tiny, and larger weights make the
+    logits discriminative."""
+    import torch
+
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.15)

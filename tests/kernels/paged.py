@@ -62,3 +62,14 @@ def make_batch(q_lens: list[int], seq_lens: list[int], *, num_heads: int, kv_hea
     if extra_table_cols:
         assert meta.block_tables.stride(0) != meta.block_tables.shape[1]
     return PagedBatch(q.to(dev), cache.to(dev), meta, head_dim ** -0.5)
+
+
+class LaunchCounter:
+    """Wraps a jitted kernel to count its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]

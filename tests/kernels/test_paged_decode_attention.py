@@ -9,21 +9,11 @@ import triton
 import engine_svc.kernels.paged_decode_attention as decode_module
 from engine_svc.kernels.paged_decode_attention import paged_decode_attention
 from engine_svc.kernels.paged_prefill_attention import paged_prefill_attention
-from tests.kernels.paged import make_batch
+from tests.kernels.paged import LaunchCounter, make_batch
 
 GQA = [(2, 2), (6, 2), (4, 1)]   # (heads, kv_heads): group sizes 1, 3, 4
 SEQ_LENS = [1, 7, 33, 70, 16]    # ragged; the longest spans 5 splits of 16 keys
 
-
-class LaunchCounter:
-    """Wraps a jitted kernel to count its launches (kernel[grid](...))."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 def run(batch, **kw):

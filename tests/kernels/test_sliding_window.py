@@ -11,7 +11,7 @@ from engine_svc.attention import TorchPagedAttention
 from engine_svc.attention.triton_backend import TritonPagedAttention
 from engine_svc.kernels.paged_decode_attention import paged_decode_attention
 from engine_svc.kernels.paged_prefill_attention import paged_prefill_attention
-from tests.kernels.paged import make_batch
+from tests.kernels.paged import LaunchCounter, make_batch
 
 GQA = [(4, 4), (4, 1)]              # (heads, kv_heads): group sizes 1 and 4
 DECODE_SEQ_LENS = [1, 7, 33, 70, 16]
@@ -41,14 +41,6 @@ def dense_reference(batch, window: int | None) -> torch.Tensor:
         row += q_len
     return out
 
-
-class LaunchCounter:
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("window", [None, 1, 3, 8, 33, 100])

@@ -1,0 +1,88 @@
+"""Shared checks of a model family against Hugging Face transformers on a tiny checkpoint (fp32, CPU): the engine's
+logits step by step through the paged cache, and greedy continuations."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from engine_svc.config import EngineConfig
+from engine_svc.core.request import SamplingParams
+from engine_svc.engine import Engine
+
+PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 8, 9, 11, 13], [1, 2], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+
+
+def triton_unavailable() -> str | None:
+    """Why the Triton backend cannot run here, or None. Importing engine_svc.kernels first switches the interpreter
+    on when there is no CUDA (it must happen before anything imports triton)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        importlib.import_module("engine_svc.kernels")
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def hf_model(path, **kw):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+
+
+def make_engine(path, **kw) -> Engine:
+    cfg = dict(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=8)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
+
+
+def stepped_logits(engine: Engine, prompts, steps: int):
+    """Runs greedy steps through the scheduler; yields (sequence so far, the engine's logits for its next token)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, greedy)
+    seqs = {f"r{i}": list(p) for i, p in enumerate(prompts)}
+    while engine.has_work():
+        out = engine.scheduler.schedule()
+        logits = engine.runner.forward_logits(out)
+        sampling = [s for s in out.scheduled if s.samples]
+        for row, s in enumerate(sampling):
+            yield list(seqs[s.request.request_id]), logits[row]
+        sampled = logits.argmax(-1).tolist()
+        for s, tok in zip(sampling, sampled):
+            seqs[s.request.request_id].append(tok)
+        engine.scheduler.update(out, sampled)
+
+
+def assert_logits_match(engine: Engine, ref, prompts=PROMPTS, steps: int = 8) -> None:
+    """Prefill and paged-decode logits equal the reference's full forward at every step (block size 4: the decodes
+    cross block boundaries); every block is free afterwards."""
+    checked = 0
+    with torch.no_grad():
+        for seq, logits in stepped_logits(engine, prompts, steps):
+            expected = ref(torch.tensor([seq])).logits[0, -1].float()
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked == len(prompts) * steps
+    assert engine.kv.num_used_blocks == 0
+
+
+def assert_greedy_matches(engine: Engine, ref, prompts=PROMPTS, n: int = 16) -> list[list[int]]:
+    """n greedy tokens per prompt equal the reference's (full forwards, so no cache layout of transformers is
+    involved); returns the outputs."""
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs):
+            ids = list(prompt)
+            for _ in range(n):
+                ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+            assert out == ids[len(prompt):]
+    return outs
+
+
+def assert_triton_greedy_equals_torch(path, prompts, n: int, **engine_kw) -> None:
+    """Greedy tokens with the Triton backend (the interpreter on the CPU) equal the torch backend's."""
+    kw = dict(device="cuda" if torch.cuda.is_available() else "cpu", enforce_eager=True, **engine_kw)
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    expected = make_engine(path, attention_backend="torch", **kw).generate(prompts, params)
+    assert make_engine(path, attention_backend="triton", **kw).generate(prompts, params) == expected
