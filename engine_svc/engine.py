@@ -14,9 +14,8 @@ from engine_svc.config import EngineConfig
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
-from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from engine_svc.model_runner import LaunchedStep, ModelRunner
-from engine_svc.core.scheduler import SchedulerOutput
 
 
 class Engine:

@@ -258,6 +258,7 @@ class _PromptRows:
         self.rows_list: list[int] = []
         self.targets: list[int] = []
         self.spans: list[tuple[str, int, int, int]] = []   # (request id, first position scored, count, k)
+        self.rows: torch.Tensor | None = None              # rows_list on the device
         self.result: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
