@@ -8,6 +8,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
+KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "auto"             # auto: triton on CUDA, torch on the CPU
+    quantization: str = "none"                  # none: the checkpoint's own format (AWQ/GPTQ are detected)
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None            # explicit KV size; otherwise taken from free memory
     gpu_memory_utilization: float = 0.9
@@ -40,6 +44,8 @@ class EngineConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}"),
             (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
+            (self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}"),
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two <= 128"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
@@ -65,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="auto: triton on CUDA, torch on the CPU")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="weight quantization on load: int8 (per channel), int4 (group 128, RTN), fp8 (W8A8, "
+                        "Hopper/Ada); AWQ and GPTQ checkpoints are detected from their config")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model dtype; fp8: e4m3 (twice the tokens)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
