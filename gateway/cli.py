@@ -94,8 +94,9 @@ BENCHMARKS = {
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",
     "sampling": "benchmarks.sampling_overhead",
+    "precision": "benchmarks.precision",
 }
-_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
