@@ -95,6 +95,7 @@ BENCHMARKS = {
     "throughput": "benchmarks.throughput",
     "sampling": "benchmarks.sampling_overhead",
     "precision": "benchmarks.precision",
+    "serve": "benchmarks.serve_load",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision"}
 
