@@ -25,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -57,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
                        help="seconds between SIGTERM and SIGKILL at shutdown (default %(default)g)")
+    serve.add_argument("--max-restarts", type=_non_negative_int, default=3,
+                       help="restarts of a crashed service before the whole stack stops (0: never restart)")
 
     gen = sub.add_parser("generate", help="stream a completion from a running server",
                          usage="tandem generate PROMPT [options]")
@@ -121,7 +130,8 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:
-    return LauncherConfig(start_timeout_s=args.start_timeout, stop_grace_s=args.stop_grace)
+    return LauncherConfig(start_timeout_s=args.start_timeout, stop_grace_s=args.stop_grace,
+                          max_restarts=args.max_restarts)
 
 
 def generate_options_from_args(args: argparse.Namespace) -> GenerateOptions:

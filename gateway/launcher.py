@@ -3,8 +3,10 @@
 Order: the tokenizer and engine start together; the gateway starts once both report SERVING over
 grpc.health.v1, because it dials them at start-up. A service that exits during start-up, or a start-up that
 runs past the timeout, stops everything and is reported with the tail of that service's output. After start-up,
-a service that exits is reported and everything is shut down (`_on_service_exit` is the seam for a restart
-policy). Ctrl-C, SIGTERM or SIGHUP stop the services in reverse start order: SIGTERM to each process group,
+a service that exits is reported with its output's tail and restarted in place (same argv and port), after a
+backoff that doubles with each restart of that service, and supervision goes on once it is SERVING again; the
+gateway re-dials a restarted backend by itself. Past `max_restarts` restarts of one service, or when a restart
+does not come up, everything is shut down. Ctrl-C, SIGTERM or SIGHUP stop the services in reverse start order: SIGTERM to each process group,
 then SIGKILL after a grace period; a second signal skips the grace.
 """
 from __future__ import annotations
@@ -39,14 +41,18 @@ class LauncherConfig:
     health_timeout_s: float = 1.0    # one health RPC; the poll loop retries until start_timeout_s
     stop_grace_s: float = 10.0       # SIGTERM to SIGKILL
     tail_lines: int = 40             # output lines quoted when a service fails
+    max_restarts: int = 3            # per service, after start-up; 0: a crash shuts everything down
+    restart_backoff_s: float = 1.0   # before the first restart of a service; doubled for each later one
 
     def __post_init__(self) -> None:
-        for name in ("start_timeout_s", "poll_interval_s", "health_timeout_s", "stop_grace_s"):
+        for name in ("start_timeout_s", "poll_interval_s", "health_timeout_s", "stop_grace_s", "restart_backoff_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if not isinstance(self.tail_lines, int) or self.tail_lines < 1:
             raise ValueError(f"tail_lines must be a positive integer, got {self.tail_lines!r}")
+        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be a non-negative integer, got {self.max_restarts!r}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ class Launcher:
         self._out = sys.stderr if out is None else out
         self._out_lock = threading.Lock()
         self.processes: dict[str, ServiceProcess] = {}
+        self.restarts: dict[str, int] = {name: 0 for name in names}
         # Stop requests are counted in a plain int, not a threading.Event: a signal handler runs on the main
         # thread between bytecodes, possibly while that thread holds the very lock Event.set() would take, so
         # the handler must take no lock at all. The loops poll this counter. Two or more: skip the grace.
@@ -135,12 +142,15 @@ class Launcher:
         for stage in sorted({s.stage for s in self.specs}):
             batch = [s for s in self.specs if s.stage == stage]
             for spec in batch:  # spawned from this thread, all at once: the batch starts in parallel
-                self.say(f"starting {spec.name}: {' '.join(spec.argv)}")
-                self.processes[spec.name] = ServiceProcess(spec.name, spec.argv, self._out, self._out_lock,
-                                                           self.config.tail_lines)
+                self._spawn(spec)
             if not self._wait_serving(batch, deadline, started):
                 return False
         return True
+
+    def _spawn(self, spec: ServiceSpec) -> None:
+        self.say(f"starting {spec.name}: {' '.join(spec.argv)}")
+        self.processes[spec.name] = ServiceProcess(spec.name, spec.argv, self._out, self._out_lock,
+                                                   self.config.tail_lines)
 
     def _wait_serving(self, batch: Sequence[ServiceSpec], deadline: float, started: float) -> bool:
         channels = {s.name: healthcheck.open_channel(s.health_address) for s in batch}
@@ -176,20 +186,42 @@ class Launcher:
     # -- running -----------------------------------------------------------------------------------------------
 
     def supervise(self) -> int:
-        """Blocks until a stop is requested (returns 0) or a service exits (returns its verdict)."""
+        """Blocks until a stop is requested (returns 0) or a service exits for good (returns 1)."""
         while not self._sleep_unless_stopped(self.config.poll_interval_s):
-            for name, proc in self.processes.items():
+            for name, proc in list(self.processes.items()):
                 code = proc.poll()
                 if code is not None:
-                    return self._on_service_exit(name, code)
+                    verdict = self._on_service_exit(name, code)
+                    if verdict is not None:
+                        return verdict
         return 0
 
-    def _on_service_exit(self, name: str, code: int) -> int:
-        """A service died after start-up. Today: report it and shut everything down (exit status 1).
-        A restart policy (respawn `name`, wait SERVING, keep supervising) would live here."""
-        self.say(f"{name} exited with code {code} ({self._describe(code)}); shutting down. "
-                 f"Its last output:\n{self.processes[name].tail()}")
-        return 1
+    def _on_service_exit(self, name: str, code: int) -> int | None:
+        """A service died after start-up: restart it (None: keep supervising), or shut down (1) once it has used
+        its restarts or its restart fails. 0 when a stop was requested meanwhile."""
+        tail = self.processes[name].tail()
+        done = self.restarts[name]
+        if done >= self.config.max_restarts:
+            limit = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
+            self.say(f"{name} exited with code {code} ({self._describe(code)}){limit}; shutting down. "
+                     f"Its last output:\n{tail}")
+            return 1
+        self.restarts[name] = done + 1
+        backoff = self.config.restart_backoff_s * 2 ** done
+        self.say(f"{name} exited with code {code} ({self._describe(code)}); restarting it in {backoff:g} s "
+                 f"(restart {done + 1} of {self.config.max_restarts}). Its last output:\n{tail}")
+        if self._sleep_unless_stopped(backoff):
+            return 0
+        spec = next(s for s in self.specs if s.name == name)
+        self._spawn(spec)
+        try:
+            started = time.monotonic()
+            if not self._wait_serving([spec], started + self.config.start_timeout_s, started):
+                return 0
+        except StartupError as err:
+            self.say(f"error: restarting {name} failed: {err}")
+            return 1
+        return None
 
     @staticmethod
     def _describe(code: int) -> str:

@@ -271,14 +271,44 @@ def test_exit_during_startup_reports_the_stderr_tail(stack: Stack) -> None:
     assert _wait_dead(stack.pids().values()) == []
 
 
-def test_crash_after_start_shuts_everything_down(stack: Stack) -> None:
+def test_crash_after_start_shuts_everything_down_without_restarts(stack: Stack) -> None:
     out = io.StringIO()
-    code = run_stack(stack.topology, LauncherConfig(**FAST),
+    code = run_stack(stack.topology, LauncherConfig(**FAST, max_restarts=0),
                      wrap=stack.wrap({"tokenizer": ["--exit-after", "1.5", "--exit-code", "7"]}), out=out)
     log = out.getvalue()
     assert code == 1
     assert log.index("Press Ctrl-C to stop.") < log.index("tokenizer exited with code 7")
     assert "fatal: tokenizer could not load the model" in log[log.index("tokenizer exited with code 7"):]
+    assert _wait_dead(stack.pids().values()) == []
+
+
+def test_a_crashed_service_is_restarted_until_its_restarts_run_out(stack: Stack) -> None:
+    """The fake tokenizer crashes 1.5 s after each start: restarted twice (after 0.1 s, then 0.2 s), each time
+    back to SERVING on the same port, then the third crash stops the stack."""
+    out = io.StringIO()
+    code = run_stack(stack.topology, LauncherConfig(**FAST, max_restarts=2, restart_backoff_s=0.1),
+                     wrap=stack.wrap({"tokenizer": ["--exit-after", "1.5", "--exit-code", "7"]}), out=out)
+    log = out.getvalue()
+    assert code == 1
+    assert log.count("starting tokenizer") == 3 and log.count("starting engine") == 1
+    assert log.count("starting gateway") == 1
+    first, second = log.index("restarting it in 0.1 s (restart 1 of 2)"), log.index("in 0.2 s (restart 2 of 2)")
+    assert log.index("Press Ctrl-C to stop.") < first < second
+    assert log.count("tokenizer is SERVING") == 3
+    assert "tokenizer exited with code 7 (crashed) after 2 restarts; shutting down" in log
+    assert _wait_dead(stack.pids().values()) == []
+
+
+def test_a_restarted_service_keeps_the_stack_up(stack: Stack) -> None:
+    """One crash of the engine: it is restarted and the stack keeps running until Ctrl-C (exit 0)."""
+    driver = stack.spawn_driver({"engine": ["--exit-after", "1.0"]}, max_restarts=1, restart_backoff_s=0.1)
+    seen = _read_until(driver, "restarting it in 0.1 s (restart 1 of 1)")
+    assert "engine exited with code 3" in seen
+    first_pid = stack.pids()["engine"]
+    _read_until(driver, "engine is SERVING")
+    assert stack.pids()["engine"] != first_pid         # a new process, started after the crash
+    driver.send_signal(signal.SIGINT)
+    driver.wait(15)
     assert _wait_dead(stack.pids().values()) == []
 
 
