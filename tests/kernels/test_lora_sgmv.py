@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_svc.kernels.lora_sgmv import add_lora
+from engine_svc.kernels.lora_sgmv import add_lora, k_splits
 from engine_svc.lora.batch import LoRABatch, num_tiles, plan_tokens
 from engine_svc.lora.torch_ops import add_lora_torch
 
@@ -63,7 +63,7 @@ def run_kernel(c):
 CASES = {
     # slices (fused q|k|v-like, uneven, not multiples of the 64-column block), K, r_max, slot ranks, requests
     "qkv-mixed": ([40, 24, 24], 48, 16, [4, 8, 16], [-1, 0, 2, 1, -1, 0], [3, 5, 1, 2, 4, 1]),
-    "long-run-and-split-k": ([96], 600, 8, [8, 3], [1, -1, 1, 0], [20, 3, 1, 17]),
+    "long-run-and-split-k": ([96], 1100, 8, [8, 3], [1, -1, 1, 0], [20, 3, 1, 17]),
     "gate-up-decode": ([72, 72], 32, 16, [16, 2, 5, 0], [0, 1, 2, 0, 1, 2, 0, -1], [1] * 8),
     "all-base": ([64], 32, 16, [4], [-1, -1], [3, 1]),
 }
@@ -73,6 +73,11 @@ CASES = {
 def test_kernel_equals_per_token_reference(name, device):
     c = make_case(*CASES[name], device=device, pad_garbage=True)
     torch.testing.assert_close(run_kernel(c).cpu(), c["expected"], rtol=1e-4, atol=1e-4)
+
+
+def test_split_k_case_really_splits():
+    # long-run-and-split-k: 41 tokens, 2 adapters -> 5 tiles x 1 rank block; K = 1100 in 3 parts (the last short)
+    assert k_splits(1100, 5) == (3, 384)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
