@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus, LoRAManagerLike
 from engine_svc.config import EngineConfig
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
@@ -19,10 +20,13 @@ from engine_svc.model_runner import LaunchedStep, ModelRunner
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None,
+                 lora_manager: LoRAManagerLike | None = None) -> None:
         self.runner = runner or ModelRunner(config)
         self.config = config if runner else self.runner.config
         self.model_cfg = self.runner.model_cfg
+        # The runner owns the LoRA weights when LoRA is enabled; tests may hand in a manager of their own.
+        self.adapters = AdapterRegistry(lora_manager or getattr(self.runner, "lora_manager", None))
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -30,12 +34,16 @@ class Engine:
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
                             max_model_len=self.config.max_model_len,
                             max_waiting=self.config.max_waiting,
-                            enable_chunked_prefill=self.config.enable_chunked_prefill),
+                            enable_chunked_prefill=self.config.enable_chunked_prefill,
+                            max_loras=getattr(self.config, "max_loras", None) if self.adapters.enabled else None),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
         on = self.config.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        for name, path in self.config.lora_modules:   # --lora NAME=PATH; a shared runner may have them already
+            if not (self.adapters.enabled and self.adapters.manager.has(name)):
+                self.adapters.load(name, path)
 
     def with_scheduling(self, **changes) -> "Engine":
         """A fresh engine (empty queues and prefix cache) over this one's loaded model and KV tensors, with other
@@ -43,15 +51,43 @@ class Engine:
         benchmarks and tests that compare settings without loading the model again."""
         if changes.keys() - _SCHEDULING_FIELDS:
             raise ValueError(f"only scheduling settings can change: {sorted(_SCHEDULING_FIELDS)}")
-        return Engine(replace(self.runner.config, **changes), self.runner)
+        return Engine(replace(self.runner.config, **changes), self.runner, self.adapters.manager)
 
     @property
     def model_name(self) -> str:
         return self.config.served_model_name or self.model_cfg.name
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, cache_salt: str = "") -> None:
-        self.scheduler.add_request(request_id, prompt_token_ids, params, priority, cache_salt)
+                    priority: int = 0, cache_salt: str = "", adapter: str | None = None) -> None:
+        """adapter: a loaded LoRA adapter's name, or None for the base model; UnknownAdapter (an AdmissionError)
+        when it is not loaded or is being unloaded."""
+        if adapter is not None:
+            self.adapters.check_servable(adapter)
+        self.scheduler.add_request(request_id, prompt_token_ids, params, priority, cache_salt, adapter)
+
+    # --- LoRA adapters (see engine_svc.adapters for the unload policy) ---------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfoLike:
+        return self.adapters.load(name, path)
+
+    def begin_unload_adapter(self, name: str) -> None:
+        """New requests on name are refused from now on; drop_drained_adapters() drops it once it is unused."""
+        self.adapters.begin_unload(name, self.scheduler.requests_by_adapter().get(name, 0))
+
+    def drop_drained_adapters(self) -> list[tuple[str, int]]:
+        """Drops the unloading adapters that no unfinished request and no step in flight uses any more."""
+        in_use = set(self.scheduler.requests_by_adapter())
+        if self._in_flight is not None:
+            in_use |= self._in_flight[0].adapters
+        return self.adapters.drop_drained(in_use)
+
+    def adapter_statuses(self) -> list[AdapterStatus]:
+        return self.adapters.statuses(self.scheduler.requests_by_adapter())
+
+    def _activate_adapters(self, out: SchedulerOutput) -> None:
+        # The scheduler keeps a step's adapters within max_loras, so they all get a device slot.
+        if out.adapters:
+            out.lora_slots = self.adapters.manager.activate(out.adapters)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
@@ -68,6 +104,7 @@ class Engine:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return []
+            self._activate_adapters(out)
             result = self.runner.execute(out)
             self.num_steps += 1
             return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
@@ -77,6 +114,7 @@ class Engine:
         out = self.scheduler.schedule()
         launched = None
         if not out.is_empty:
+            self._activate_adapters(out)
             launched = self.runner.launch(out)
             self.scheduler.mark_in_flight(out)
             self.num_steps += 1

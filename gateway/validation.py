@@ -45,6 +45,7 @@ class ValidatedRequest:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     echo: bool = False
+    adapter: str = ""               # a LoRA adapter's name; empty: the base model (the engine checks it is loaded)
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -116,7 +117,7 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
         spaces_between_special_tokens=(p.spaces_between_special_tokens
                                        if p.HasField("spaces_between_special_tokens") else True),
-        echo=p.echo, **group)
+        echo=p.echo, adapter=req.adapter, **group)
 
 
 def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature: float) -> dict:

@@ -192,10 +192,20 @@ class Scheduler:
     def check_integrity(self) -> list[str]:
         return self.kv.check_integrity([r for r in self.running if r.block_ids])
 
+    def requests_by_adapter(self) -> dict[str, int]:
+        """Unfinished API requests (waiting, running, or a group not yet done) per adapter they run on."""
+        ids: dict[str, set[str]] = {}
+        for r in self.requests.values():
+            if r.adapter is not None:
+                ids.setdefault(r.adapter, set()).add(r.external_id)
+        for g in self.groups.values():
+            for m in g.members:
+                if m.adapter is not None:
+                    ids.setdefault(m.adapter, set()).add(g.request_id)
+        return {name: len(v) for name, v in ids.items()}
+
     def uses_adapter(self, name: str) -> bool:
-        """Some unfinished request (waiting, running, or a group member not yet released) runs on adapter name."""
-        return (any(r.adapter == name for r in self.requests.values())
-                or any(m.adapter == name for g in self.groups.values() for m in g.members))
+        return name in self.requests_by_adapter()
 
     # --- scheduling ------------------------------------------------------------------------------------------------
 
