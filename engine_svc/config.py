@@ -35,6 +35,10 @@ class EngineConfig:
     enforce_eager: bool = False                 # no CUDA graphs for decode
     async_scheduling: bool | None = None        # launch step k+1 before reading step k's ids; None: on CUDA only
     max_model_len: int | None = None            # default: the model's context
+    enable_lora: bool = False                   # wrap the projections with LoRA layers (off: the base path only)
+    max_loras: int = 4                          # adapters resident on the device (distinct adapters per step)
+    max_lora_rank: int = 64                     # slots are sized for this rank; a larger adapter is refused
+    max_cpu_loras: int = 16                     # adapters loaded (CPU copies) at once
     host: str = "127.0.0.1"
     port: int = 50053
     lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) of the LoRA adapters loaded at start (--lora)
@@ -56,6 +60,9 @@ class EngineConfig:
             (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
              "max_num_batched_tokens must be >= 1"),
             (self.max_waiting >= 1, "max_waiting must be >= 1"),
+            (self.max_loras >= 1, "max_loras must be >= 1"),
+            (1 <= self.max_lora_rank <= 512, "max_lora_rank must be in [1, 512]"),
+            (self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras"),
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
         ]
         for ok, message in checks:
@@ -98,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule and prepare step k+1 while the device runs step k (default on CUDA)")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT directories)")
+    p.add_argument("--max-loras", type=int, default=4, help="adapters resident on the device at once")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+    p.add_argument("--max-cpu-loras", type=int, default=16, help="adapters loaded at once (CPU copies)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50053)
     p.add_argument("--lora", dest="lora_modules", action="append", type=lora_module, default=[],

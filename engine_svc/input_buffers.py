@@ -8,7 +8,7 @@ step, so it is never overwritten while still being read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,22 +40,26 @@ class HostStep:
     table_width: int
     placeholder_dst: list[int]
     placeholder_src: list[int]
+    extra: dict[str, list[int]] = field(default_factory=dict)   # the InputBuffers' extra_fields, by name
 
 
 class InputBuffers:
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device,
+                 extra_fields: tuple[str, ...] = ()) -> None:
+        """extra_fields: further int32 per-token tensors (e.g. LoRA's token plan), filled from HostStep.extra."""
         sizes = {"tokens": max_tokens, "seqs": max_seqs, "seqs+1": max_seqs + 1,
                  "tables": max_seqs * max_blocks_per_seq}
+        self._fields = dict(_FIELDS, **{name: (torch.int32, "tokens") for name in extra_fields})
         self.device = device
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
         self._on_cuda = device.type == "cuda"
         self.device_tensors = {name: torch.zeros(sizes[key], dtype=dtype, device=device)
-                               for name, (dtype, key) in _FIELDS.items()}
+                               for name, (dtype, key) in self._fields.items()}
         if self._on_cuda:
             self._host_sets = [{name: torch.zeros(sizes[key], dtype=dtype, pin_memory=True)
-                                for name, (dtype, key) in _FIELDS.items()} for _ in range(2)]
+                                for name, (dtype, key) in self._fields.items()} for _ in range(2)]
             self._copied = [None, None]
         else:  # the device is the host: fill the model's tensors directly
             self._host_sets = [self.device_tensors]
@@ -71,8 +75,8 @@ class InputBuffers:
             self._copied[i].synchronize()   # its previous copies have left the staging memory
         arrays, host = self._arrays[i], self._host_sets[i]
         views = {}
-        for name in _FIELDS:
-            data = getattr(step, name)
+        for name in self._fields:
+            data = getattr(step, name) if name in _FIELDS else step.extra[name]
             n = len(data)
             if n:
                 arrays[name][:n] = data

@@ -18,6 +18,7 @@ from engine_svc.loader import load_model, read_model_config
 from engine_svc.memory_plan import MemoryPlan, activation_bytes, plan_memory
 from engine_svc.model_config import ModelConfig
 from engine_svc.logprobs import token_logprobs
+from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
 from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +57,12 @@ class ModelRunner:
         fmt = "dummy" if config.load_format == "dummy" else "weights"
         self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend)
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
+        if config.enable_lora:
+            from engine_svc.lora.manager import LoRAManager
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+                                    self.device, self.dtype)
+            weights_bytes += self.lora.device_bytes
         activations = activation_bytes(self.model_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
                                        self.dtype)
         self.plan: MemoryPlan = plan_memory(self.config, self.model_cfg, self.max_model_len, weights_bytes,
@@ -101,7 +108,8 @@ class ModelRunner:
             # read the old tensors, so they go.
             self._buffers = b = InputBuffers(max(num_tokens, self.config.max_num_batched_tokens),
                                              max(num_seqs, self.config.max_num_seqs),
-                                             -(-self.max_model_len // self.block_size), self.device)
+                                             -(-self.max_model_len // self.block_size), self.device,
+                                             LORA_FIELDS if self.lora is not None else ())
             self.graphs = None
         return b
 
@@ -118,6 +126,7 @@ class ModelRunner:
         bs = self.block_size
         tables = []
         prev_rows = self._prev_rows
+        lora_slots = self._lora_slots(out)
         for s in out.scheduled:
             req, start, n = s.request, s.start, s.num_new_tokens
             ids = req.token_ids[start:start + n]
@@ -144,10 +153,14 @@ class ModelRunner:
             query_start += range(query_start[-1] + 1, query_start[-1] + 1 + pad)
             tables += [[]] * pad
         buffers = self._buffers_for(len(input_ids), len(seq_lens))
+        lora_plan = {} if lora_slots is None else plan_tokens(
+            lora_slots, [s.num_new_tokens for s in out.scheduled], len(input_ids), self.lora.max_loras)
         if self.timeline is not None:
             self.timeline.step_begins()   # the host work of the step is done; its device work starts here
         t = buffers.load(HostStep(input_ids, positions, slots, seq_lens, query_start, logits_rows,
-                                  table_rows(tables, width), width, ph_dst, ph_src))
+                                  table_rows(tables, width), width, ph_dst, ph_src, lora_plan))
+        if lora_slots is not None:
+            self.lora.batch.bind(buffers.device_tensors, len(input_ids), active=any(x >= 0 for x in lora_slots))
         if ph_dst:
             t["input_ids"].index_copy_(0, t["placeholder_dst"], self._prev_sampled[t["placeholder_src"]])
         num_real = len(out.scheduled)
@@ -158,6 +171,16 @@ class ModelRunner:
             seq_lens_cpu=seq_lens, block_size=bs,
             max_seq_len=max(seq_lens[:num_real]) if pad_to is None else self.max_model_len)
         return t, meta
+
+    def _lora_slots(self, out: SchedulerOutput) -> list[int] | None:
+        """Each scheduled request's adapter slot (-1: the base model), its adapters made resident; None without
+        LoRA."""
+        if self.lora is None:
+            if any(s.adapter for s in out.scheduled):
+                raise ValueError("a request names a LoRA adapter, but LoRA is not enabled (--enable-lora)")
+            return None
+        slot_of = self.lora.activate({s.adapter for s in out.scheduled if s.adapter})
+        return [slot_of[s.adapter] if s.adapter else -1 for s in out.scheduled]
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
@@ -176,6 +199,8 @@ class ModelRunner:
                 slot_mapping=dev["slot_mapping"][:b], block_tables=dev["block_tables"][:b * width].view(b, width),
                 seq_lens=dev["seq_lens"][:b], query_start=dev["query_start"][:b + 1], query_lens_cpu=[1] * b,
                 seq_lens_cpu=[self.max_model_len] * b, block_size=self.block_size, max_seq_len=self.max_model_len)
+            if self.lora is not None:   # the graph holds the LoRA kernels; replays read the plan prepare() wrote
+                self.lora.batch.bind(dev, b, active=True)
             hidden = self.model(dev["input_ids"][:b], dev["positions"][:b], self.kv_caches, meta)
             return self.model.compute_logits(hidden)
 

@@ -71,6 +71,7 @@ class ScheduledRequest:
     num_new_tokens: int
     start: int          # first position computed this step (== num_computed_tokens before the step)
     samples: bool       # the step reaches the end of the known tokens, so its last logits pick the next token
+    adapter: str | None = None   # the LoRA adapter the request runs with; None: the base model
 
     @property
     def adapter(self) -> str | None:
