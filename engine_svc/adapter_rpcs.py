@@ -7,7 +7,8 @@ from typing import Callable
 
 import grpc
 
-from engine_svc.adapters import AdapterExists, AdapterNotFound, AdapterStatus, InvalidAdapter, LoRANotEnabled
+from engine_svc.adapters import (AdapterExists, AdapterNotFound, AdapterStatus, InvalidAdapter, LoRANotEnabled,
+                                 TooManyAdapters)
 from engine_svc.engine_loop import Reply
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
@@ -19,6 +20,8 @@ def admin_status(error: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, AdapterExists):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(error, TooManyAdapters):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, (InvalidAdapter, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL

@@ -26,13 +26,14 @@ class AdapterInfoLike(Protocol):
 
 
 class LoRAManagerLike(Protocol):
-    """The part of engine_svc.lora.manager.LoRAManager the engine relies on."""
+    """The part of engine_svc.lora.manager.LoRAManager the engine relies on (the runner calls activate)."""
+
+    max_cpu_loras: int
 
     def load(self, name: str, path: str) -> AdapterInfoLike: ...
     def unload(self, name: str) -> None: ...
     def list(self) -> list[AdapterInfoLike]: ...
     def has(self, name: str) -> bool: ...
-    def activate(self, names: set[str]) -> dict[str, int]: ...
 
 
 class LoRANotEnabled(RuntimeError):
@@ -55,6 +56,10 @@ class AdapterExists(ValueError):
 
 class InvalidAdapter(ValueError):
     """Not an adapter this engine can serve; maps to INVALID_ARGUMENT."""
+
+
+class TooManyAdapters(RuntimeError):
+    """max_cpu_loras adapters are loaded already; maps to RESOURCE_EXHAUSTED."""
 
 
 class UnknownAdapter(AdmissionError):
@@ -100,6 +105,8 @@ class AdapterRegistry:
             raise AdapterExists(f"adapter {name!r} is still being unloaded; load it again once that is done")
         if manager.has(name):
             raise AdapterExists(f"adapter {name!r} is already loaded")
+        if len(manager.list()) >= manager.max_cpu_loras:
+            raise TooManyAdapters(f"{manager.max_cpu_loras} adapters are loaded (--max-cpu-loras); unload one first")
         try:
             return manager.load(name, path)
         except (ValueError, OSError) as e:

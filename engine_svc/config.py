@@ -129,6 +129,5 @@ def config_from_args(argv: list[str] | None = None) -> EngineConfig:
     args = build_parser().parse_args(argv)
     values = vars(args)
     values["lora_modules"] = tuple(values["lora_modules"])
-    if values["lora_modules"] and "enable_lora" in values:
-        values["enable_lora"] = True
+    values["enable_lora"] |= bool(values["lora_modules"])
     return EngineConfig(**values)

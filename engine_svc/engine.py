@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus, LoRAManagerLike
+from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus
 from engine_svc.config import EngineConfig
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
@@ -20,13 +20,12 @@ from engine_svc.model_runner import LaunchedStep, ModelRunner
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None,
-                 lora_manager: LoRAManagerLike | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         self.runner = runner or ModelRunner(config)
         self.config = config if runner else self.runner.config
         self.model_cfg = self.runner.model_cfg
-        # The runner owns the LoRA weights when LoRA is enabled; tests may hand in a manager of their own.
-        self.adapters = AdapterRegistry(lora_manager or getattr(self.runner, "lora_manager", None))
+        # The runner owns the LoRA manager (and makes each step's adapters resident) when LoRA is enabled.
+        self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -35,7 +34,7 @@ class Engine:
                             max_model_len=self.config.max_model_len,
                             max_waiting=self.config.max_waiting,
                             enable_chunked_prefill=self.config.enable_chunked_prefill,
-                            max_loras=getattr(self.config, "max_loras", None) if self.adapters.enabled else None),
+                            max_loras=self.config.max_loras if self.adapters.enabled else None),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
         on = self.config.async_scheduling
@@ -51,7 +50,7 @@ class Engine:
         benchmarks and tests that compare settings without loading the model again."""
         if changes.keys() - _SCHEDULING_FIELDS:
             raise ValueError(f"only scheduling settings can change: {sorted(_SCHEDULING_FIELDS)}")
-        return Engine(replace(self.runner.config, **changes), self.runner, self.adapters.manager)
+        return Engine(replace(self.runner.config, **changes), self.runner)
 
     @property
     def model_name(self) -> str:
@@ -84,11 +83,6 @@ class Engine:
     def adapter_statuses(self) -> list[AdapterStatus]:
         return self.adapters.statuses(self.scheduler.requests_by_adapter())
 
-    def _activate_adapters(self, out: SchedulerOutput) -> None:
-        # The scheduler keeps a step's adapters within max_loras, so they all get a device slot.
-        if out.adapters:
-            out.lora_slots = self.adapters.manager.activate(out.adapters)
-
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
@@ -104,7 +98,6 @@ class Engine:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return []
-            self._activate_adapters(out)
             result = self.runner.execute(out)
             self.num_steps += 1
             return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
@@ -114,7 +107,6 @@ class Engine:
         out = self.scheduler.schedule()
         launched = None
         if not out.is_empty:
-            self._activate_adapters(out)
             launched = self.runner.launch(out)
             self.scheduler.mark_in_flight(out)
             self.num_steps += 1

@@ -73,22 +73,16 @@ class ScheduledRequest:
     samples: bool       # the step reaches the end of the known tokens, so its last logits pick the next token
     adapter: str | None = None   # the LoRA adapter the request runs with; None: the base model
 
-    @property
-    def adapter(self) -> str | None:
-        """The LoRA adapter this request's tokens run through; None is the base model."""
-        return self.request.adapter
-
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    lora_slots: dict[str, int] = field(default_factory=dict)   # adapter -> device slot, set by the engine
 
     @property
     def adapters(self) -> set[str]:
         """The distinct adapters of the scheduled requests (at most max_loras)."""
-        return {s.request.adapter for s in self.scheduled if s.request.adapter is not None}
+        return {s.adapter for s in self.scheduled if s.adapter is not None}
 
     @property
     def num_batched_tokens(self) -> int:
@@ -451,7 +445,7 @@ class Scheduler:
     @staticmethod
     def _scheduled(req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
-        return ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens)
+        return ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens, adapter=req.adapter)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -58,7 +58,8 @@ class AdminServicer:
         """Loads a PEFT adapter directory (adapter_config.json and its weights), read on the engine's host, under name.
         INVALID_ARGUMENT: not an adapter the engine can serve (rank above its maximum, target modules it cannot serve,
         a missing or malformed file); ALREADY_EXISTS: the name is taken, or still being unloaded;
-        FAILED_PRECONDITION: the engine runs without LoRA (start it with --enable-lora or --lora NAME=PATH).
+        RESOURCE_EXHAUSTED: the engine holds --max-cpu-loras adapters already; FAILED_PRECONDITION: the engine runs
+        without LoRA (start it with --enable-lora or --lora NAME=PATH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
