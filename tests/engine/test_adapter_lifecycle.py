@@ -241,3 +241,34 @@ def test_through_the_loop_the_unload_answers_after_the_last_output(engine, adapt
     assert seen.index(a1[-1]) < seen.index(("unloaded", ("a", 1)))   # the answer came after a1's last token
     assert not engine.scheduler.has_work and engine.kv.num_used_blocks == 0
     assert not engine.runner.lora.has("a")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_mixed_batch_and_an_unload_under_async_scheduling(tiny, adapter_dirs, reference):
+    """CUDA defaults: the triton backend and LoRA kernels, decode CUDA graphs, asynchronous scheduling (the drop
+    must wait for the step in flight)."""
+    engine = make_engine(tiny, device="cuda", enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=4,
+                         max_num_batched_tokens=64)
+    assert engine.async_scheduling
+    for name in ("a", "b", "c"):
+        engine.load_adapter(name, str(adapter_dirs[name]))
+    requests = (("ra", "a"), ("base", None), ("rb", "b"), ("rc", "c"), ("ra2", "a"))
+    for rid, adapter in requests:
+        engine.add_request(rid, PROMPT, GREEDY, adapter=adapter)
+    outputs: dict[str, list[int]] = {}
+    for _ in range(2):
+        for o in engine.step():
+            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    engine.begin_unload_adapter("a")
+    with pytest.raises(UnknownAdapter):
+        engine.add_request("late", PROMPT, GREEDY, adapter="a")
+    dropped = []
+    rest = run_to_end(engine, lambda: dropped.extend(
+        (name, n, {r for r in ("ra", "ra2") if r in engine.scheduler.requests})
+        for name, n in engine.drop_drained_adapters()))
+    for rid, adapter in requests:
+        assert outputs.get(rid, []) + rest[rid][0] == reference(adapter), rid
+    assert dropped == [("a", 2, set())]
+    assert "a" not in engine.runner.lora.resident() and not engine.runner.lora.has("a")
+    assert engine.kv.num_used_blocks == 0 and engine.check_integrity() == []
