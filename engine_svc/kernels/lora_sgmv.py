@@ -28,7 +28,8 @@ from engine_svc.lora.batch import TILE
 BLOCK_R = 16
 BLOCK_K = 128
 BLOCK_N = 64
-_TARGET_PROGRAMS = 1024
+_TARGET_PROGRAMS = 512
+_MIN_K_PER_SPLIT = 512   # every split's partial sums are read again by each expand program: few, large splits
 
 
 @triton.jit
@@ -103,6 +104,14 @@ def _expand_kernel(y_ptr, s_ptr, b_ptr, ranks_ptr, sorted_ptr, tstart_ptr, tlen_
         tl.store(y_ptr + y_off, (y + acc).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+def k_splits(k: int, programs: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the shrink: K is split only when the other grid dimensions alone
+    (programs) would leave the GPU idle."""
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(k, _MIN_K_PER_SPLIT)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), BLOCK_K) * BLOCK_K
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot_ranks: torch.Tensor,
              slice_bounds: torch.Tensor, sorted_tokens: torch.Tensor, tile_start: torch.Tensor,
              tile_len: torch.Tensor, tile_slot: torch.Tensor) -> None:
@@ -117,10 +126,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     k, r_max, n = x.shape[1], b.shape[2], y.shape[1]
     r_blocks = triton.cdiv(r_max, BLOCK_R)
     ieee = x.dtype == torch.float32
-    # Split K only when the tiles alone would leave the GPU idle; each split still covers >= 256 columns.
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, num_tiles * num_slices * r_blocks), triton.cdiv(k, 256)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), BLOCK_K) * BLOCK_K
-    splits = triton.cdiv(k, k_per_split)
+    splits, k_per_split = k_splits(k, num_tiles * num_slices * r_blocks)
     s = torch.empty(splits, x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
     _shrink_kernel[(num_tiles, num_slices * r_blocks, splits)](
         x, a, s, slot_ranks, sorted_tokens, tile_start, tile_len, tile_slot,
@@ -132,4 +138,4 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         NUM_SLICES=num_slices, BLOCK_T=TILE, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, IEEE=ieee)
 
 
-__all__ = ["TILE", "add_lora"]
+__all__ = ["TILE", "add_lora", "k_splits"]

@@ -68,7 +68,7 @@ def references(tiny_llama, adapter_a, adapter_b):
             "b": hf_with_adapter(tiny_llama, adapter_b)}
 
 
-def assert_matches_references(seen, outputs, references):
+def assert_matches_references(seen, outputs, references, tol=1e-4):
     with torch.no_grad():
         for i, adapter in enumerate(ADAPTERS):
             ref = references[adapter]
@@ -76,7 +76,7 @@ def assert_matches_references(seen, outputs, references):
             assert len(steps) == STEPS
             for seq, logits in steps:
                 expected = ref(torch.tensor([seq])).logits[0, -1].float()
-                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(logits.cpu(), expected, rtol=tol, atol=tol)
             ids = list(PROMPTS[i])
             for _ in range(STEPS):
                 ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
@@ -110,6 +110,15 @@ def test_mixed_batch_through_triton_lora_kernels(tiny_llama, adapter_a, adapter_
     engine.runner.enable_decode_graphs(capture=False)
     seen, outputs = run_mixed(engine)
     assert_matches_references(seen, outputs, references)
+
+
+@pytest.mark.gpu
+def test_mixed_batch_on_gpu_with_cuda_graphs(tiny_llama, adapter_a, adapter_b, references):
+    """Compiled kernels, decode replayed from CUDA graphs (captured before any adapter was loaded), fp32."""
+    engine = lora_engine(tiny_llama, adapter_a, adapter_b, device="cuda", attention_backend="triton")
+    assert engine.runner.graphs is not None and engine.runner.lora.batch.use_kernel
+    seen, outputs = run_mixed(engine)
+    assert_matches_references(seen, outputs, references, tol=1e-3)
 
 
 def test_lora_enabled_without_adapters_is_the_base_model(tiny_llama, references):
