@@ -41,6 +41,7 @@ class EngineConfig:
     max_cpu_loras: int = 16                     # adapters loaded (CPU copies) at once
     host: str = "127.0.0.1"
     port: int = 50053
+    lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) of the LoRA adapters loaded at start (--lora)
 
     def __post_init__(self) -> None:
         checks = [
@@ -110,9 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cpu-loras", type=int, default=16, help="adapters loaded at once (CPU copies)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50053)
+    p.add_argument("--lora", dest="lora_modules", action="append", type=lora_module, default=[],
+                   metavar="NAME=PATH", help="load the PEFT adapter directory PATH as adapter NAME at start "
+                                             "(repeatable; implies --enable-lora)")
     return p
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """NAME=PATH of --lora."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def config_from_args(argv: list[str] | None = None) -> EngineConfig:
     args = build_parser().parse_args(argv)
-    return EngineConfig(**{k: v for k, v in vars(args).items()})
+    values = vars(args)
+    values["lora_modules"] = tuple(values["lora_modules"])
+    values["enable_lora"] |= bool(values["lora_modules"])
+    return EngineConfig(**values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus
 from engine_svc.config import EngineConfig
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
@@ -23,6 +24,8 @@ class Engine:
         self.runner = runner or ModelRunner(config)
         self.config = config if runner else self.runner.config
         self.model_cfg = self.runner.model_cfg
+        # The runner owns the LoRA manager (and makes each step's adapters resident) when LoRA is enabled.
+        self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -30,12 +33,16 @@ class Engine:
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
                             max_model_len=self.config.max_model_len,
                             max_waiting=self.config.max_waiting,
-                            enable_chunked_prefill=self.config.enable_chunked_prefill),
+                            enable_chunked_prefill=self.config.enable_chunked_prefill,
+                            max_loras=self.config.max_loras if self.adapters.enabled else None),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
         on = self.config.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        for name, path in self.config.lora_modules:   # --lora NAME=PATH; a shared runner may have them already
+            if not (self.adapters.enabled and self.adapters.manager.has(name)):
+                self.adapters.load(name, path)
 
     def with_scheduling(self, **changes) -> "Engine":
         """A fresh engine (empty queues and prefix cache) over this one's loaded model and KV tensors, with other
@@ -50,8 +57,31 @@ class Engine:
         return self.config.served_model_name or self.model_cfg.name
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, cache_salt: str = "") -> None:
-        self.scheduler.add_request(request_id, prompt_token_ids, params, priority, cache_salt)
+                    priority: int = 0, cache_salt: str = "", adapter: str | None = None) -> None:
+        """adapter: a loaded LoRA adapter's name, or None for the base model; UnknownAdapter (an AdmissionError)
+        when it is not loaded or is being unloaded."""
+        if adapter is not None:
+            self.adapters.check_servable(adapter)
+        self.scheduler.add_request(request_id, prompt_token_ids, params, priority, cache_salt, adapter)
+
+    # --- LoRA adapters (see engine_svc.adapters for the unload policy) ---------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfoLike:
+        return self.adapters.load(name, path)
+
+    def begin_unload_adapter(self, name: str) -> None:
+        """New requests on name are refused from now on; drop_drained_adapters() drops it once it is unused."""
+        self.adapters.begin_unload(name, self.scheduler.requests_by_adapter().get(name, 0))
+
+    def drop_drained_adapters(self) -> list[tuple[str, int]]:
+        """Drops the unloading adapters that no unfinished request and no step in flight uses any more."""
+        in_use = set(self.scheduler.requests_by_adapter())
+        if self._in_flight is not None:
+            in_use |= self._in_flight[0].adapters
+        return self.adapters.drop_drained(in_use)
+
+    def adapter_statuses(self) -> list[AdapterStatus]:
+        return self.adapters.statuses(self.scheduler.requests_by_adapter())
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)

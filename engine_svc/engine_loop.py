@@ -3,6 +3,10 @@
 The loop thread owns all scheduler state, so nothing is locked: the servicer only puts commands into the inbox,
 and the loop hands each step's outputs to the sink that submitted each request. Aborts are applied before the next
 schedule, so an aborted request's KV blocks are free by the next step.
+
+LoRA admin commands (load, unload, list) go through the same inbox and answer through a reply callback, called on
+the loop thread with the result or the exception. An unload answers once its adapter is drained and dropped (see
+engine_svc.adapters), which is checked after every step.
 """
 from __future__ import annotations
 
@@ -34,11 +38,34 @@ class _Submit:
     sink: OutputSink
     priority: int
     cache_salt: str
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+# Called on the loop thread with the command's result, or the exception it raised. Must not block.
+Reply = Callable[[object], None]
+
+
+@dataclass(frozen=True)
+class _LoadAdapter:
+    name: str
+    path: str
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class _UnloadAdapter:
+    name: str
+    reply: Reply   # with (name, requests drained) once dropped
+
+
+@dataclass(frozen=True)
+class _ListAdapters:
+    reply: Reply   # with a list of AdapterStatus
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.integrity_checks = 0
         self.integrity_failures = 0
+        self._unload_replies: dict[str, list[Reply]] = {}
         self.load = self._snapshot()
         self.on_fatal: Callable[[BaseException], None] | None = None
 
@@ -79,11 +107,20 @@ class EngineLoop:
 
     # Thread-safe entry points (called from the gRPC event loop).
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: OutputSink,
-               priority: int = 0, cache_salt: str = "") -> None:
-        self._inbox.put(_Submit(request_id, prompt_token_ids, params, sink, priority, cache_salt))
+               priority: int = 0, cache_salt: str = "", adapter: str | None = None) -> None:
+        self._inbox.put(_Submit(request_id, prompt_token_ids, params, sink, priority, cache_salt, adapter))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
+
+    def load_adapter(self, name: str, path: str, reply: Reply) -> None:
+        self._inbox.put(_LoadAdapter(name, path, reply))
+
+    def unload_adapter(self, name: str, reply: Reply) -> None:
+        self._inbox.put(_UnloadAdapter(name, reply))
+
+    def list_adapters(self, reply: Reply) -> None:
+        self._inbox.put(_ListAdapters(reply))
 
     # Loop thread only below.
     def _snapshot(self) -> LoadSnapshot:
@@ -99,7 +136,7 @@ class EngineLoop:
         if isinstance(cmd, _Submit):
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.priority,
-                                        cmd.cache_salt)
+                                        cmd.cache_salt, cmd.adapter)
             except AdmissionError as e:
                 cmd.sink.reject(cmd.request_id, e)
                 return
@@ -107,6 +144,38 @@ class EngineLoop:
         elif isinstance(cmd, _Abort):
             self.engine.abort(cmd.request_id)
             self._sinks.pop(cmd.request_id, None)
+        else:
+            self._apply_admin(cmd)
+
+    def _apply_admin(self, cmd) -> None:
+        # Whatever an admin command raises goes back to its caller: a bad adapter must never stop the loop.
+        try:
+            if isinstance(cmd, _LoadAdapter):
+                cmd.reply(self.engine.load_adapter(cmd.name, cmd.path))
+            elif isinstance(cmd, _ListAdapters):
+                cmd.reply(self.engine.adapter_statuses())
+            elif isinstance(cmd, _UnloadAdapter):
+                self.engine.begin_unload_adapter(cmd.name)
+                self._unload_replies.setdefault(cmd.name, []).append(cmd.reply)
+                self._drop_drained_adapters()
+        except Exception as e:  # noqa: BLE001 - handed to the caller, which maps it to a status
+            cmd.reply(e)
+
+    def _drop_drained_adapters(self) -> None:
+        if not self._unload_replies:
+            return
+        try:
+            dropped = self.engine.drop_drained_adapters()
+        except Exception as e:  # noqa: BLE001 - the manager failed to free an adapter: tell the callers, go on
+            print(f"engine: unloading an adapter failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            for replies in self._unload_replies.values():
+                for reply in replies:
+                    reply(e)
+            self._unload_replies.clear()
+            return
+        for name, drained in dropped:
+            for reply in self._unload_replies.pop(name, []):
+                reply((name, drained))
 
     def _check_idle(self) -> None:
         # Cheap (one pass over the blocks) and only when the engine goes idle: a leak shows up at once, named.
@@ -142,6 +211,7 @@ class EngineLoop:
                     by_sink.setdefault(id(sink), (sink, []))[1].append(o)
                 for sink, outs in by_sink.values():
                     sink.emit(outs)
+                self._drop_drained_adapters()
                 self.load = self._snapshot()
                 if not self.engine.has_work() and self.engine.config.check_kv_integrity:
                     self._check_idle()

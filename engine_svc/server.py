@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine_svc.adapter_rpcs import AdapterAdminRpcs
+from engine_svc.adapters import UnknownAdapter
 from engine_svc.config import EngineConfig
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
@@ -38,7 +40,8 @@ class _QueueSink:
         self._aio.call_soon_threadsafe(self.queue.put_nowait, [_delta(o) for o in outputs])
 
     def reject(self, request_id: str, error: AdmissionError) -> None:
-        code = pb.REJECT_NO_CAPACITY if error.no_capacity else pb.REJECT_INVALID
+        code = (pb.REJECT_NOT_FOUND if isinstance(error, UnknownAdapter) else
+                pb.REJECT_NO_CAPACITY if error.no_capacity else pb.REJECT_INVALID)
         self._aio.call_soon_threadsafe(self.queue.put_nowait, [_rejection(request_id, code, str(error))])
 
 
@@ -58,7 +61,11 @@ def _rejection(request_id: str, code: int, message: str) -> pb.RequestDelta:
                            last=True)
 
 
-class EngineServicer(engine_pb2_grpc.EngineServicer):
+_REJECT_STATUS = {pb.REJECT_NO_CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  pb.REJECT_NOT_FOUND: grpc.StatusCode.NOT_FOUND}
+
+
+class EngineServicer(AdapterAdminRpcs, engine_pb2_grpc.EngineServicer):
     def __init__(self) -> None:
         self.loop: EngineLoop | None = None
 
@@ -78,7 +85,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except ValueError as e:
             sink.queue.put_nowait([_rejection(submit.request_id, pb.REJECT_INVALID, str(e))])
             return False
-        loop.submit(submit.request_id, prompt, params, sink, submit.priority, submit.cache_salt)
+        loop.submit(submit.request_id, prompt, params, sink, submit.priority, submit.cache_salt,
+                    submit.adapter or None)
         return True
 
     async def GetInfo(self, request, context) -> pb.EngineInfo:
@@ -144,9 +152,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             while not finished:
                 for d in await sink.queue.get():
                     if d.finish == pb.ENGINE_FINISH_REJECTED:
-                        code = (grpc.StatusCode.RESOURCE_EXHAUSTED if d.reject_code == pb.REJECT_NO_CAPACITY
-                                else grpc.StatusCode.INVALID_ARGUMENT)
-                        await context.abort(code, d.error)
+                        await context.abort(_REJECT_STATUS.get(d.reject_code, grpc.StatusCode.INVALID_ARGUMENT),
+                                            d.error)
                     finished = d.last
                     yield d
         finally:

@@ -6,6 +6,7 @@ without starting anything. Nothing here imports torch: the engine runs as its ow
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _lora_module(text: str) -> str:
+    """NAME=PATH, with PATH made absolute: the engine may not share the launcher's working directory."""
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return f"{name}={os.path.abspath(path)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: an LLM inference server over gRPC.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -60,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port on 127.0.0.1")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
     serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
+    serve.add_argument("--lora", dest="lora_modules", action="append", type=_lora_module, default=[],
+                       metavar="NAME=PATH", help="a PEFT adapter directory the engine loads at start as adapter "
+                                                 "NAME (repeatable; turns LoRA on in the engine)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -126,7 +138,7 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
     return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
                           device=args.device, dtype=args.dtype, engine_extra_args=tuple(args.engine_args),
-                          tokenizer_path=tokenizer_path)
+                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules))
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:

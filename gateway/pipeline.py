@@ -72,6 +72,7 @@ class Pipeline:
         # One entry per Detokenize message sent, answered in order: the engine deltas it carried, by detok id.
         self._detok_sent: collections.deque[dict[str, epb.RequestDelta]] = collections.deque()
         self.engine_info: epb.EngineInfo | None = None
+        self.engine_stub = self._engine   # unary engine calls (the admin service forwards through it)
         self.tokenizer_info: tpb.TokenizerInfo | None = None
 
     async def start(self) -> None:
@@ -113,7 +114,7 @@ class Pipeline:
     def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams,
                stop: tuple[str, ...], priority: int = 0, cache_salt: str = "", *,
                include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
-               spaces_between_special_tokens: bool = True) -> RequestHandle:
+               spaces_between_special_tokens: bool = True, adapter: str = "") -> RequestHandle:
         """Opens each output's detokenizer state (with its text options), then submits it to the engine."""
         if request_id in self._handles:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
@@ -131,7 +132,7 @@ class Pipeline:
         self._send_detok(tpb.DetokenizeInput(opens=opens))
         engine.send(epb.SessionInput(submits=[epb.Submit(request_id=request_id, prompt_token_ids=prompt_ids,
                                                          params=params, priority=priority,
-                                                         cache_salt=cache_salt)]))
+                                                         cache_salt=cache_salt, adapter=adapter)]))
         return handle
 
     def cancel(self, request_id: str) -> None:
@@ -173,9 +174,8 @@ class Pipeline:
             if handle is None:
                 continue  # cancelled, or every output already ended by a stop string
             if d.finish == epb.ENGINE_FINISH_REJECTED:
-                code = (grpc.StatusCode.RESOURCE_EXHAUSTED if d.reject_code == epb.REJECT_NO_CAPACITY
-                        else grpc.StatusCode.INVALID_ARGUMENT)
-                self._fail(d.request_id, Failure(code, d.error))
+                self._fail(d.request_id, Failure(_REJECT_STATUS.get(d.reject_code, grpc.StatusCode.INVALID_ARGUMENT),
+                                                 d.error))
                 continue
             handle.engine_done |= d.last
             if d.num_cached_tokens:
@@ -228,6 +228,8 @@ class Pipeline:
 
 
 _NO_DELTA = epb.RequestDelta()
+_REJECT_STATUS = {epb.REJECT_NO_CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  epb.REJECT_NOT_FOUND: grpc.StatusCode.NOT_FOUND}
 
 
 def _piece_ids(d: epb.RequestDelta, prompt_ids: list[int]) -> list[int]:

@@ -11,12 +11,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway import admin
 from gateway.config import GatewayConfig
 from gateway.pipeline import Failure, Pipeline
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
-from protos.tandem.v1 import generation_pb2_grpc
+from protos.tandem.v1 import admin_pb2_grpc, generation_pb2_grpc
 
 SERVICE_NAME = api.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -91,7 +92,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop, v.priority, v.cache_salt,
                                           include_stop_str_in_output=v.include_stop_str_in_output,
                                           skip_special_tokens=v.skip_special_tokens,
-                                          spaces_between_special_tokens=v.spaces_between_special_tokens)
+                                          spaces_between_special_tokens=v.spaces_between_special_tokens,
+                                          adapter=v.adapter)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         echo = (v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, context)) if v.echo else None
@@ -181,11 +183,13 @@ async def serve(config: GatewayConfig) -> None:
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     pipeline = Pipeline(config)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(config, pipeline), server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(admin.AdminServicer(pipeline.engine_stub), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, admin.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
 
     stop = asyncio.Event()
@@ -201,7 +205,7 @@ async def serve(config: GatewayConfig) -> None:
               f"{e!r}", file=sys.stderr, flush=True)
         await server.stop(0)
         raise SystemExit(1)
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})",
           file=sys.stderr, flush=True)

@@ -61,6 +61,7 @@ class ServiceTopology:
     dtype: str = "auto"
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
+    lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -78,6 +79,10 @@ class ServiceTopology:
         if not isinstance(self.engine_extra_args, tuple) or not all(
                 isinstance(a, str) for a in self.engine_extra_args):
             raise ValueError("engine_extra_args must be a tuple of strings")
+        for module in self.lora_modules:
+            name, sep, path = module.partition("=") if isinstance(module, str) else ("", "", "")
+            if not (sep and name and path):
+                raise ValueError(f"lora_modules entries must be NAME=PATH, got {module!r}")
         ports = (self.gateway_port, self.tokenizer_port, self.engine_port)
         if len(set(ports)) != len(ports):
             # All three share one host when run by the launcher, so a shared port is always a clash.
@@ -113,7 +118,8 @@ def engine_argv(t: ServiceTopology) -> list[str]:
     # Extra engine args go last, untouched: the engine's own parser decides what they mean.
     return [t.python, "-m", "engine_svc", "--model", t.model_path,
             "--host", t.internal_listen_host, "--port", str(t.engine_port),
-            "--device", t.device, "--dtype", t.dtype, *t.engine_extra_args]
+            "--device", t.device, "--dtype", t.dtype,
+            *(arg for module in t.lora_modules for arg in ("--lora", module)), *t.engine_extra_args]
 
 
 def gateway_argv(t: ServiceTopology) -> list[str]:

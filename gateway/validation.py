@@ -8,6 +8,7 @@ from gateway.config import GatewayConfig
 from protos.tandem.v1 import generation_pb2 as api
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_ADAPTER_NAME_CHARS = 64   # the engine loads adapters under names of at most this many characters
 
 
 class InvalidRequest(ValueError):
@@ -45,6 +46,7 @@ class ValidatedRequest:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     echo: bool = False
+    adapter: str = ""               # a LoRA adapter's name; empty: the base model (the engine checks it is loaded)
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -116,7 +118,7 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
         spaces_between_special_tokens=(p.spaces_between_special_tokens
                                        if p.HasField("spaces_between_special_tokens") else True),
-        echo=p.echo, **group)
+        echo=p.echo, adapter=_validate_adapter(req.adapter), **group)
 
 
 def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature: float) -> dict:
@@ -168,6 +170,12 @@ def _validate_cache_salt(salt: str, config: GatewayConfig) -> str:
     if len(salt) > config.max_cache_salt_chars:
         raise InvalidRequest(f"cache_salt: longer than {config.max_cache_salt_chars} characters")
     return salt
+
+
+def _validate_adapter(adapter: str) -> str:
+    if len(adapter) > MAX_ADAPTER_NAME_CHARS:
+        raise InvalidRequest(f"adapter: longer than {MAX_ADAPTER_NAME_CHARS} characters, so never a loaded adapter")
+    return adapter
 
 
 def _validate_chat(chat: api.Chat) -> list[tuple[str, str]]:

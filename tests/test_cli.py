@@ -144,3 +144,29 @@ def test_bench_runs_the_benchmark_module_with_the_default_model() -> None:
     assert cli.bench_command(args, default_model="unused")[1:] == ["-m", "benchmarks.engine_decode", "--model", "x.gguf"]
     args = cli.parse_args(["bench", "cancel", "--address", "h:1"])
     assert cli.bench_command(args)[1:] == ["-m", "benchmarks.cancel_latency", "--address", "h:1"]
+
+
+def test_serve_lora_reaches_the_engine_argv_with_absolute_paths(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = cli.parse_args(["serve", "--model", "/m/x.gguf", "--lora", "sql=adapters/sql", "--lora", "chat=/abs/c",
+                           "--", "--max-loras", "2"])
+    argv = engine_argv(cli.topology_from_args(args, "/m/x.gguf"))
+    assert argv[-6:] == ["--lora", f"sql={tmp_path}/adapters/sql", "--lora", "chat=/abs/c", "--max-loras", "2"]
+
+
+@pytest.mark.parametrize("bad", ["sql", "=path", "sql="])
+def test_serve_lora_needs_name_equals_path(bad) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["serve", "--lora", bad])
+    assert exit_info.value.code == 2
+
+
+def test_engine_lora_flag_is_repeatable_and_turns_lora_on() -> None:
+    from engine_svc.config import config_from_args
+
+    config = config_from_args(["--model", "m", "--lora", "a=/p/a", "--lora", "b=/p/b=c"])
+    assert config.lora_modules == (("a", "/p/a"), ("b", "/p/b=c")) and config.enable_lora
+    plain = config_from_args(["--model", "m"])
+    assert plain.lora_modules == () and not plain.enable_lora
+    with pytest.raises(SystemExit):
+        config_from_args(["--model", "m", "--lora", "nameonly"])

@@ -60,7 +60,7 @@ class KVCacheManager:
     def _hashes(self, request: Request) -> list[bytes]:
         # A trailing placeholder (asynchronous scheduling) is no token yet: its block is not hashed until it is.
         extend_block_hashes(request.block_hashes, request.token_ids, self.block_size, request.cache_salt,
-                            request.num_tokens - request.has_placeholder)
+                            request.num_tokens - request.has_placeholder, adapter=request.adapter)
         return request.block_hashes
 
     def find_cached_blocks(self, request: Request) -> list[int]:

@@ -82,6 +82,7 @@ class Request:
     arrival: int                               # admission order; larger = newer (preempted first)
     priority: int = 0                          # lower is served first; ties go by arrival
     cache_salt: str = ""                       # isolates this request's prefix-cache entries (per tenant)
+    adapter: str | None = None                 # LoRA adapter name; None is the base model
     token_ids: list[int] = field(init=False)   # prompt followed by outputs
     num_computed_tokens: int = 0               # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)

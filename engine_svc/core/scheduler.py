@@ -12,7 +12,10 @@ Invariants after each schedule():
 - every decoding running request is granted its token before any prefill chunk takes budget beyond it, so a long
   prompt never stalls the streams already running;
 - a preempted request returns to waiting with its blocks freed and num_computed_tokens = 0, keeping its generated
-  tokens, which are recomputed (or found in the prefix cache) when it is scheduled again.
+  tokens, which are recomputed (or found in the prefix cache) when it is scheduled again;
+- the running requests use at most max_loras distinct LoRA adapters (the base model is no adapter), so every
+  step's adapters fit the device's adapter slots. A waiting request whose adapter would exceed that waits while
+  the requests behind it, on the base model or on adapters already running, still join.
 
 Asynchronous scheduling (the engine launches step k+1 before it has read step k's sampled ids): schedule() counts
 the scheduled tokens as computed at once, and mark_in_flight() appends a PLACEHOLDER for each token being sampled,
@@ -44,10 +47,13 @@ class SchedulerConfig:
     max_model_len: int = 8192
     max_waiting: int = 1024
     enable_chunked_prefill: bool = True
+    max_loras: int | None = None   # distinct adapters among running requests; None: no limit
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError("max_loras must be >= 1")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         if self.max_waiting < 1:
@@ -72,6 +78,11 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def adapters(self) -> set[str]:
+        """The distinct adapters of the scheduled requests (at most max_loras)."""
+        return {s.adapter for s in self.scheduled if s.adapter is not None}
 
     @property
     def num_batched_tokens(self) -> int:
@@ -105,7 +116,8 @@ class Scheduler:
     # --- admission and abort -------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, cache_salt: str = "") -> Request:
+                    priority: int = 0, cache_salt: str = "", adapter: str | None = None) -> Request:
+        """adapter must be loaded (the engine checks it): the scheduler only groups requests by it."""
         if request_id in self.requests or request_id in self.groups:
             raise AdmissionError(f"request id {request_id!r} is already in use", no_capacity=False)
         if params.best_of > self.config.max_num_seqs:
@@ -135,17 +147,17 @@ class Scheduler:
             group = BeamSearch(request_id, replace(params, max_tokens=min(params.max_tokens, longest - n)),
                                self.eos_token_ids)
             req = Request(group.new_member_id(), prompt, group.member_params, arrival, priority, cache_salt,
-                          external_id=request_id, group=group)
+                          adapter, external_id=request_id, group=group)
             group.beams = [(req, 0.0)]
         elif params.best_of > 1:
             group = RequestGroup(request_id, params)
             group.members = [Request(f"{request_id}#{i}", prompt, member_params(params, i), arrival, priority,
-                                     cache_salt, external_id=request_id, index=i, group=group)
+                                     cache_salt, adapter, external_id=request_id, index=i, group=group)
                              for i in range(params.best_of)]
             group.waiting_to_fork = group.members[1:]
             req = group.first
         else:
-            req = Request(request_id, prompt, params, arrival, priority, cache_salt)
+            req = Request(request_id, prompt, params, arrival, priority, cache_salt, adapter)
         if group is not None:
             self.groups[request_id] = group
         self.requests[req.request_id] = req
@@ -174,6 +186,21 @@ class Scheduler:
 
     def check_integrity(self) -> list[str]:
         return self.kv.check_integrity([r for r in self.running if r.block_ids])
+
+    def requests_by_adapter(self) -> dict[str, int]:
+        """Unfinished API requests (waiting, running, or a group not yet done) per adapter they run on."""
+        ids: dict[str, set[str]] = {}
+        for r in self.requests.values():
+            if r.adapter is not None:
+                ids.setdefault(r.adapter, set()).add(r.external_id)
+        for g in self.groups.values():
+            for m in g.members:
+                if m.adapter is not None:
+                    ids.setdefault(m.adapter, set()).add(g.request_id)
+        return {name: len(v) for name, v in ids.items()}
+
+    def uses_adapter(self, name: str) -> bool:
+        return name in self.requests_by_adapter()
 
     # --- scheduling ------------------------------------------------------------------------------------------------
 
@@ -214,12 +241,17 @@ class Scheduler:
             i += 1
 
         # Then waiting requests join while seats, tokens and blocks allow, in service order. None joins after a
-        # preemption this step: the blocks are short.
+        # preemption this step: the blocks are short. One whose adapter would exceed max_loras is stepped over.
         seats = self._seats_used()
-        while self.waiting and not out.preempted and budget > 0:
-            req = self.waiting[0]
+        adapters = {r.adapter for r in self.running if r.adapter is not None}
+        i = 0
+        while i < len(self.waiting) and not out.preempted and budget > 0:
+            req = self.waiting[i]
             if req.has_placeholder:
                 break   # preempted while its last step ran: it can rejoin once that step's token is known
+            if not self._adapter_fits(req, adapters):
+                i += 1
+                continue
             need = self._seats_needed(req)
             if seats + need > self.config.max_num_seqs:
                 break
@@ -232,7 +264,9 @@ class Scheduler:
                 num_new = budget
             if not self.kv.allocate_slots(req, num_new, hits):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if req.adapter is not None:
+                adapters.add(req.adapter)
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = num_cached
                 if req.group is None or req is req.group.members[0]:   # siblings share, they do not look up
@@ -372,7 +406,8 @@ class Scheduler:
     def _fork(self, parent: Request, group: BeamSearch) -> Request:
         """A new beam on parent's tokens: its full computed blocks shared by reference, the rest recomputed."""
         child = Request(group.new_member_id(), parent.prompt_token_ids, group.member_params, parent.arrival,
-                        parent.priority, parent.cache_salt, external_id=group.request_id, group=group)
+                        parent.priority, parent.cache_salt, parent.adapter, external_id=group.request_id,
+                        group=group)
         child.token_ids = list(parent.token_ids)
         child.num_cached_tokens = parent.num_cached_tokens
         self.requests[child.request_id] = child
@@ -396,6 +431,11 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
+    def _adapter_fits(self, req: Request, running_adapters: set[str]) -> bool:
+        limit = self.config.max_loras
+        return (req.adapter is None or limit is None or req.adapter in running_adapters
+                or len(running_adapters) < limit)
+
     def _wants_decode(self, req: Request) -> bool:
         """The request's only uncomputed token is its last one and sampling after it may still be needed."""
         if req.num_tokens - req.num_computed_tokens != 1:
@@ -405,7 +445,7 @@ class Scheduler:
     @staticmethod
     def _scheduled(req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
-        return ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens)
+        return ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens, adapter=req.adapter)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/tandem/internal/v1/engine.proto\x12\x12tandem.internal.v1\"\xca\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x45\n\nlogit_bias\x18\x0c \x03(\x0b\x32\x31.tandem.internal.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\r \x03(\r\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x10 \x01(\r\x12\x17\n\x0fuse_beam_search\x18\x11 \x01(\x08\x12\x16\n\x0elength_penalty\x18\x12 \x01(\x02\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x90\x01\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".tandem.internal.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"K\n\x0cSessionInput\x12+\n\x07submits\x18\x01 \x03(\x0b\x32\x1a.tandem.internal.v1.Submit\x12\x0e\n\x06\x61\x62orts\x18\x02 \x03(\t\"_\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xf0\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\x06\x66inish\x18\x03 \x01(\x0e\x32 .tandem.internal.v1.EngineFinish\x12\x33\n\x0breject_code\x18\x04 \x01(\x0e\x32\x1e.tandem.internal.v1.RejectCode\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\r\n\x05index\x18\x07 \x01(\r\x12\x33\n\x08logprobs\x18\x08 \x03(\x0b\x32!.tandem.internal.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32!.tandem.internal.v1.TokenLogprobs\x12\x1a\n\x12\x63umulative_logprob\x18\n \x01(\x01\x12\x0c\n\x04last\x18\x0b \x01(\x08\">\n\nStepOutput\x12\x30\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32 .tandem.internal.v1.RequestDelta\"\x13\n\x11\x45ngineInfoRequest\"\xaa\x02\n\nEngineInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x16\n\x0eprefix_caching\x18\n \x01(\x08\x12\x1e\n\x16max_num_batched_tokens\x18\x0b \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0c \x01(\r\x12\x13\n\x0bmax_waiting\x18\r \x01(\r\"\x13\n\x11\x45ngineLoadRequest\"\xb6\x02\n\nEngineLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x07 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x04\x12\x1b\n\x13kv_integrity_checks\x18\x0b \x01(\x04\x12\x1d\n\x15kv_integrity_failures\x18\x0c \x01(\x04*\x95\x01\n\x0c\x45ngineFinish\x12\x16\n\x12\x45NGINE_FINISH_NONE\x10\x00\x12\x1c\n\x18\x45NGINE_FINISH_STOP_TOKEN\x10\x01\x12\x18\n\x14\x45NGINE_FINISH_LENGTH\x10\x02\x12\x19\n\x15\x45NGINE_FINISH_ABORTED\x10\x03\x12\x1a\n\x16\x45NGINE_FINISH_REJECTED\x10\x04*I\n\nRejectCode\x12\x0f\n\x0bREJECT_NONE\x10\x00\x12\x12\n\x0eREJECT_INVALID\x10\x01\x12\x16\n\x12REJECT_NO_CAPACITY\x10\x02\x32\xcc\x02\n\x06\x45ngine\x12P\n\x07GetInfo\x12%.tandem.internal.v1.EngineInfoRequest\x1a\x1e.tandem.internal.v1.EngineInfo\x12P\n\x07GetLoad\x12%.tandem.internal.v1.EngineLoadRequest\x1a\x1e.tandem.internal.v1.EngineLoad\x12O\n\x07Session\x12 .tandem.internal.v1.SessionInput\x1a\x1e.tandem.internal.v1.StepOutput(\x01\x30\x01\x12M\n\x0bGenerateIds\x12\x1a.tandem.internal.v1.Submit\x1a .tandem.internal.v1.RequestDelta0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/tandem/internal/v1/engine.proto\x12\x12tandem.internal.v1\"\xca\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x45\n\nlogit_bias\x18\x0c \x03(\x0b\x32\x31.tandem.internal.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\r \x03(\r\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x10 \x01(\r\x12\x17\n\x0fuse_beam_search\x18\x11 \x01(\x08\x12\x16\n\x0elength_penalty\x18\x12 \x01(\x02\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xa1\x01\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".tandem.internal.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\"K\n\x0cSessionInput\x12+\n\x07submits\x18\x01 \x03(\x0b\x32\x1a.tandem.internal.v1.Submit\x12\x0e\n\x06\x61\x62orts\x18\x02 \x03(\t\"_\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xf0\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\x06\x66inish\x18\x03 \x01(\x0e\x32 .tandem.internal.v1.EngineFinish\x12\x33\n\x0breject_code\x18\x04 \x01(\x0e\x32\x1e.tandem.internal.v1.RejectCode\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\r\n\x05index\x18\x07 \x01(\r\x12\x33\n\x08logprobs\x18\x08 \x03(\x0b\x32!.tandem.internal.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32!.tandem.internal.v1.TokenLogprobs\x12\x1a\n\x12\x63umulative_logprob\x18\n \x01(\x01\x12\x0c\n\x04last\x18\x0b \x01(\x08\">\n\nStepOutput\x12\x30\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32 .tandem.internal.v1.RequestDelta\"\x13\n\x11\x45ngineInfoRequest\"\xaa\x02\n\nEngineInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x16\n\x0eprefix_caching\x18\n \x01(\x08\x12\x1e\n\x16max_num_batched_tokens\x18\x0b \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0c \x01(\r\x12\x13\n\x0bmax_waiting\x18\r \x01(\r\"\x13\n\x11\x45ngineLoadRequest\"\xb6\x02\n\nEngineLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x07 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x04\x12\x1b\n\x13kv_integrity_checks\x18\x0b \x01(\x04\x12\x1d\n\x15kv_integrity_failures\x18\x0c \x01(\x04\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x87\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x11\n\tunloading\x18\x06 \x01(\x08\x12\x14\n\x0cnum_requests\x18\x07 \x01(\r\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x14num_drained_requests\x18\x02 \x01(\r\"\x15\n\x13ListAdaptersRequest\"I\n\x14ListAdaptersResponse\x12\x31\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1f.tandem.internal.v1.AdapterInfo*\x95\x01\n\x0c\x45ngineFinish\x12\x16\n\x12\x45NGINE_FINISH_NONE\x10\x00\x12\x1c\n\x18\x45NGINE_FINISH_STOP_TOKEN\x10\x01\x12\x18\n\x14\x45NGINE_FINISH_LENGTH\x10\x02\x12\x19\n\x15\x45NGINE_FINISH_ABORTED\x10\x03\x12\x1a\n\x16\x45NGINE_FINISH_REJECTED\x10\x04*_\n\nRejectCode\x12\x0f\n\x0bREJECT_NONE\x10\x00\x12\x12\n\x0eREJECT_INVALID\x10\x01\x12\x16\n\x12REJECT_NO_CAPACITY\x10\x02\x12\x14\n\x10REJECT_NOT_FOUND\x10\x03\x32\xed\x04\n\x06\x45ngine\x12P\n\x07GetInfo\x12%.tandem.internal.v1.EngineInfoRequest\x1a\x1e.tandem.internal.v1.EngineInfo\x12P\n\x07GetLoad\x12%.tandem.internal.v1.EngineLoadRequest\x1a\x1e.tandem.internal.v1.EngineLoad\x12O\n\x07Session\x12 .tandem.internal.v1.SessionInput\x1a\x1e.tandem.internal.v1.StepOutput(\x01\x30\x01\x12M\n\x0bGenerateIds\x12\x1a.tandem.internal.v1.Submit\x1a .tandem.internal.v1.RequestDelta0\x01\x12V\n\x0bLoadAdapter\x12&.tandem.internal.v1.LoadAdapterRequest\x1a\x1f.tandem.internal.v1.AdapterInfo\x12\x64\n\rUnloadAdapter\x12(.tandem.internal.v1.UnloadAdapterRequest\x1a).tandem.internal.v1.UnloadAdapterResponse\x12\x61\n\x0cListAdapters\x12\'.tandem.internal.v1.ListAdaptersRequest\x1a(.tandem.internal.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_ENGINEFINISH']._serialized_start=2064
-  _globals['_ENGINEFINISH']._serialized_end=2213
-  _globals['_REJECTCODE']._serialized_start=2215
-  _globals['_REJECTCODE']._serialized_end=2288
+  _globals['_ENGINEFINISH']._serialized_start=2474
+  _globals['_ENGINEFINISH']._serialized_end=2623
+  _globals['_REJECTCODE']._serialized_start=2625
+  _globals['_REJECTCODE']._serialized_end=2720
   _globals['_SAMPLINGPARAMS']._serialized_start=63
   _globals['_SAMPLINGPARAMS']._serialized_end=649
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=559
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=607
   _globals['_SUBMIT']._serialized_start=652
-  _globals['_SUBMIT']._serialized_end=796
-  _globals['_SESSIONINPUT']._serialized_start=798
-  _globals['_SESSIONINPUT']._serialized_end=873
-  _globals['_TOKENLOGPROBS']._serialized_start=875
-  _globals['_TOKENLOGPROBS']._serialized_end=970
-  _globals['_REQUESTDELTA']._serialized_start=973
-  _globals['_REQUESTDELTA']._serialized_end=1341
-  _globals['_STEPOUTPUT']._serialized_start=1343
-  _globals['_STEPOUTPUT']._serialized_end=1405
-  _globals['_ENGINEINFOREQUEST']._serialized_start=1407
-  _globals['_ENGINEINFOREQUEST']._serialized_end=1426
-  _globals['_ENGINEINFO']._serialized_start=1429
-  _globals['_ENGINEINFO']._serialized_end=1727
-  _globals['_ENGINELOADREQUEST']._serialized_start=1729
-  _globals['_ENGINELOADREQUEST']._serialized_end=1748
-  _globals['_ENGINELOAD']._serialized_start=1751
-  _globals['_ENGINELOAD']._serialized_end=2061
-  _globals['_ENGINE']._serialized_start=2291
-  _globals['_ENGINE']._serialized_end=2623
+  _globals['_SUBMIT']._serialized_end=813
+  _globals['_SESSIONINPUT']._serialized_start=815
+  _globals['_SESSIONINPUT']._serialized_end=890
+  _globals['_TOKENLOGPROBS']._serialized_start=892
+  _globals['_TOKENLOGPROBS']._serialized_end=987
+  _globals['_REQUESTDELTA']._serialized_start=990
+  _globals['_REQUESTDELTA']._serialized_end=1358
+  _globals['_STEPOUTPUT']._serialized_start=1360
+  _globals['_STEPOUTPUT']._serialized_end=1422
+  _globals['_ENGINEINFOREQUEST']._serialized_start=1424
+  _globals['_ENGINEINFOREQUEST']._serialized_end=1443
+  _globals['_ENGINEINFO']._serialized_start=1446
+  _globals['_ENGINEINFO']._serialized_end=1744
+  _globals['_ENGINELOADREQUEST']._serialized_start=1746
+  _globals['_ENGINELOADREQUEST']._serialized_end=1765
+  _globals['_ENGINELOAD']._serialized_start=1768
+  _globals['_ENGINELOAD']._serialized_end=2078
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2080
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2128
+  _globals['_ADAPTERINFO']._serialized_start=2131
+  _globals['_ADAPTERINFO']._serialized_end=2266
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2268
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2304
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2306
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2373
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2375
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2396
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2398
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2471
+  _globals['_ENGINE']._serialized_start=2723
+  _globals['_ENGINE']._serialized_end=3344
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,21 @@ class EngineStub:
                 request_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.Submit.SerializeToString,
                 response_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.RequestDelta.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/tandem.internal.v1.Engine/LoadAdapter',
+                request_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/tandem.internal.v1.Engine/UnloadAdapter',
+                request_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/tandem.internal.v1.Engine/ListAdapters',
+                request_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -86,6 +101,25 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoRA adapters, with the statuses of tandem.v1.Admin (which forwards to these).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +142,21 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GenerateIds,
                     request_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.Submit.FromString,
                     response_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.RequestDelta.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.AdapterInfo.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +267,87 @@ class Engine:
             '/tandem.internal.v1.Engine/GenerateIds',
             protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.Submit.SerializeToString,
             protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.RequestDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.internal.v1.Engine/LoadAdapter',
+            protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.LoadAdapterRequest.SerializeToString,
+            protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.internal.v1.Engine/UnloadAdapter',
+            protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.UnloadAdapterRequest.SerializeToString,
+            protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.internal.v1.Engine/ListAdapters',
+            protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.ListAdaptersRequest.SerializeToString,
+            protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
