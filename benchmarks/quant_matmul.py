@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64], help="M values (default: 1 16 64)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--json", type=Path, default=Path("results/quant_matmul.json"))
+    p.add_argument("--json", type=Path, default=Path("bench_out/quant_matmul.json"))
     return p.parse_args(argv)
 
 
