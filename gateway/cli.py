@@ -17,6 +17,7 @@ from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT,
                                       ServiceTopology, local_topology)
 
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
 
 
 def _positive_int(text: str) -> int:
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora", dest="lora_modules", action="append", type=_lora_module, default=[],
                        metavar="NAME=PATH", help="a PEFT adapter directory the engine loads at start as adapter "
                                                  "NAME (repeatable; turns LoRA on in the engine)")
+    serve.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                       help="engine weight quantization on load: int8, int4 (group 128), fp8 (W8A8, needs "
+                            "compute capability >= 8.9) (default %(default)s)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -117,8 +121,10 @@ BENCHMARKS = {
     "sampling": "benchmarks.sampling_overhead",
     "precision": "benchmarks.precision",
     "serve": "benchmarks.serve_load",
+    "quant": "benchmarks.quant_matmul",
+    "lora": "benchmarks.lora_throughput",
 }
-_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -137,8 +143,9 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                        tokenizer_path: str | None = None) -> ServiceTopology:
     return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
-                          device=args.device, dtype=args.dtype, engine_extra_args=tuple(args.engine_args),
-                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules))
+                          device=args.device, dtype=args.dtype, quantization=args.quantization,
+                          engine_extra_args=tuple(args.engine_args), tokenizer_path=tokenizer_path,
+                          lora_modules=tuple(args.lora_modules))
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:

@@ -170,3 +170,13 @@ def test_engine_lora_flag_is_repeatable_and_turns_lora_on() -> None:
     assert plain.lora_modules == () and not plain.enable_lora
     with pytest.raises(SystemExit):
         config_from_args(["--model", "m", "--lora", "nameonly"])
+def test_serve_passes_quantization_to_the_engine_only_when_set() -> None:
+    from engine_svc.config import QUANTIZATIONS
+    assert cli.QUANTIZATIONS == QUANTIZATIONS                       # the gateway's copy of the engine's choices
+    args = cli.parse_args(["serve", "--model", "/m/x.gguf", "--quantization", "int4", "--", "--max-num-seqs", "8"])
+    argv = engine_argv(cli.topology_from_args(args, "/m/x.gguf"))
+    assert argv[-6:] == ["--dtype", "auto", "--quantization", "int4", "--max-num-seqs", "8"]
+    plain = engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+    assert "--quantization" not in plain
+    with pytest.raises(SystemExit):
+        cli.parse_args(["serve", "--quantization", "int3"])
