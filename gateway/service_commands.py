@@ -59,6 +59,7 @@ class ServiceTopology:
     engine_port: int = DEFAULT_ENGINE_PORT
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"       # passed to the engine only when not its default
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
 
@@ -71,7 +72,7 @@ class ServiceTopology:
             _check_host(name, getattr(self, name))
         for name in ("gateway_port", "tokenizer_port", "engine_port"):
             _check_port(name, getattr(self, name))
-        for name in ("device", "dtype"):
+        for name in ("device", "dtype", "kv_cache_dtype"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value or value.startswith("-"):
                 raise ValueError(f"{name} must be a non-empty value, got {value!r}")
@@ -113,7 +114,8 @@ def engine_argv(t: ServiceTopology) -> list[str]:
     # Extra engine args go last, untouched: the engine's own parser decides what they mean.
     return [t.python, "-m", "engine_svc", "--model", t.model_path,
             "--host", t.internal_listen_host, "--port", str(t.engine_port),
-            "--device", t.device, "--dtype", t.dtype, *t.engine_extra_args]
+            "--device", t.device, "--dtype", t.dtype,
+            *(("--kv-cache-dtype", t.kv_cache_dtype) if t.kv_cache_dtype != "auto" else ()), *t.engine_extra_args]
 
 
 def gateway_argv(t: ServiceTopology) -> list[str]:

@@ -25,9 +25,9 @@ def generate(path, backend: str, device: str, dtype: str = "float32",
     batches = []
     forward = attention.forward
 
-    def recording_forward(q, kv_cache, meta, scale, window=None):
+    def recording_forward(q, kv_cache, meta, scale, **kwargs):
         batches.append(list(zip(meta.query_lens_cpu, meta.seq_lens_cpu)))
-        return forward(q, kv_cache, meta, scale, window)
+        return forward(q, kv_cache, meta, scale, **kwargs)
 
     attention.forward = recording_forward   # the model's layers call this instance's forward
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -65,7 +65,7 @@ def test_decode_graph_buckets_equal_eager(checkpoint):
             run_bucket = runner.graphs.run
             runner.graphs.run = lambda b: (buckets.append(b), run_bucket(b))[1]
         outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-        return outs, [c.clone() for c in runner.kv_caches], buckets, runner.graphs
+        return outs, [c.data.clone() for c in runner.kv_caches], buckets, runner.graphs
 
     eager_outs, eager_kv, _, _ = run(False)
     outs, kv, buckets, graphs = run(True)
