@@ -14,13 +14,13 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 8, 9, 11, 13], [1, 2], [300, 301, 302, 303
 PREFIX_HIT = [5, 17, 99, 3, 250, 42, 7, 8, 60, 61]
 
 
-def generate(path, backend: str, device: str, dtype: str = "float32",
-             eager: bool = True) -> tuple[list[list[int]], list[list]]:
+def generate(path, backend: str, device: str, dtype: str = "float32", eager: bool = True,
+             kv_cache_dtype: str = "auto") -> tuple[list[list[int]], list[list]]:
     """Returns the outputs and, per eager attention call, the (q_len, seq_len) of each sequence in the batch."""
     # A 6-token step budget splits the longer prompts into chunks that attend over their own cached prefix.
     engine = Engine(EngineConfig(model=str(path), device=device, dtype=dtype, attention_backend=backend,
                                  block_size=4, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=6,
-                                 enforce_eager=eager))
+                                 enforce_eager=eager, kv_cache_dtype=kv_cache_dtype))
     attention = engine.runner.backend
     batches = []
     forward = attention.forward
