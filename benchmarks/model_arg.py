@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import engine_svc
-from engine_svc.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig
+from engine_svc.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS,
+                               EngineConfig)
 
 CONFIGS_DIR = Path(engine_svc.__file__).resolve().parent / "configs"
 
@@ -43,6 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights at the config's shapes (implied by a shipped config name)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model dtype; fp8: e4m3 (twice the tokens of bf16)")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="auto: triton on CUDA, torch on the CPU")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
@@ -72,7 +75,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     Unset optional arguments keep the engine's defaults."""
     fields = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                   attention_backend=args.attention_backend, quantization=args.quantization,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                   enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     if args.max_num_seqs is not None:
@@ -84,7 +87,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 def engine_cli_args(args: argparse.Namespace) -> list[str]:
     """The same settings as `python -m engine_svc` arguments, for a stack started with `tandem serve -- ...`.
     device and dtype are `tandem serve` options of their own and are not included."""
-    out = ["--load-format", args.load_format, "--attention-backend", args.attention_backend]
+    out = ["--load-format", args.load_format, "--attention-backend", args.attention_backend,
+           "--kv-cache-dtype", args.kv_cache_dtype]
     if args.quantization != "none":
         out += ["--quantization", args.quantization]
     if args.enforce_eager:

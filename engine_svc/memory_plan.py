@@ -19,6 +19,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     block_size: int
     num_blocks: int
+    kv_dtype: torch.dtype         # what the cache stores: the model dtype, or float8_e4m3fn
     activation_bytes: int = 0     # reserved for one step's transient tensors (CUDA)
 
     @property
@@ -32,7 +33,8 @@ class MemoryPlan:
     def describe(self) -> str:
         return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB, activations "
                 f"{self.activation_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
-                f"({self.kv_bytes_per_token} B/token, {self.num_blocks} blocks x {self.block_size} tokens), "
+                f"({str(self.kv_dtype).removeprefix('torch.')}, {self.kv_bytes_per_token} B/token, "
+                f"{self.num_blocks} blocks x {self.block_size} tokens), "
                 f"max {self.max_tokens} tokens")
 
 
@@ -43,8 +45,10 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: torch.dtype) -> int:
+    """K and V of every layer in the cache's own dtype (1 byte an element for fp8); the per-layer fp8 scales are
+    8 bytes per layer in all, not per token."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=kv_dtype).element_size()
 
 
 def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype: torch.dtype) -> int:
@@ -58,8 +62,9 @@ def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype: to
 
 
 def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weights_bytes: int,
-                device: torch.device, dtype: torch.dtype, activation_peak_bytes: int = 0) -> MemoryPlan:
-    per_token = kv_bytes_per_token(cfg, dtype)
+                device: torch.device, kv_dtype: torch.dtype, activation_peak_bytes: int = 0) -> MemoryPlan:
+    """kv_dtype: the dtype the KV cache stores (engine_svc.attention.kv_cache.cache_dtype)."""
+    per_token = kv_bytes_per_token(cfg, kv_dtype)
     per_block = per_token * config.block_size
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
@@ -78,7 +83,7 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weig
               f"full-length sequence ({max_model_len})", file=sys.stderr, flush=True)
     if num_blocks < 1:
         raise MemoryError(f"no memory left for the KV cache (needs {per_block} bytes per block)")
-    return MemoryPlan(weights_bytes, per_token, config.block_size, int(num_blocks),
+    return MemoryPlan(weights_bytes, per_token, config.block_size, int(num_blocks), kv_dtype,
                       activation_peak_bytes if device.type == "cuda" else 0)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from engine_svc.attention import AttentionMetadata, get_backend
+from engine_svc.attention import AttentionMetadata, KVCache, get_backend
+from engine_svc.attention.kv_cache import allocate_kv_caches, cache_dtype
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
@@ -44,6 +45,7 @@ class ModelRunner:
         self.model_cfg = model_cfg or read_model_config(path)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
         self.max_model_len = min(config.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
         if config.max_model_len and config.max_model_len > self.model_cfg.max_position_embeddings:
@@ -67,11 +69,11 @@ class ModelRunner:
         activations = activation_bytes(self.model_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
                                        self.dtype)
         self.plan: MemoryPlan = plan_memory(self.config, self.model_cfg, self.max_model_len, model_bytes,
-                                            self.device, self.dtype, activations)
+                                            self.device, self.kv_cache_dtype, activations)
         print(self.plan.describe(), file=sys.stderr, flush=True)
         shape = (2, self.plan.num_blocks, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.model_cfg.num_layers)]
+        self.kv_caches: list[KVCache] = allocate_kv_caches(self.model_cfg.num_layers, shape, self.kv_cache_dtype,
+                                                           self.device)
         self._buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
         self._prev_sampled: torch.Tensor | None = None

@@ -18,6 +18,7 @@ from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT,
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
+KV_CACHE_DTYPES = ("auto", "fp8")   # engine_svc.config's, repeated: the gateway does not import the engine
 
 
 def _positive_int(text: str) -> int:
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                        help="engine weight quantization on load: int8, int4 (group 128), fp8 (W8A8, needs "
                             "compute capability >= 8.9) (default %(default)s)")
+    serve.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="engine KV cache dtype: auto (the model dtype) or fp8 (e4m3, twice the tokens)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -144,8 +147,8 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
     return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
                           device=args.device, dtype=args.dtype, quantization=args.quantization,
-                          engine_extra_args=tuple(args.engine_args), tokenizer_path=tokenizer_path,
-                          lora_modules=tuple(args.lora_modules))
+                          kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=tuple(args.engine_args),
+                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules))
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:

@@ -60,6 +60,7 @@ class ServiceTopology:
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "none"          # engine --quantization; passed only when not "none"
+    kv_cache_dtype: str = "auto"        # passed to the engine only when not its default
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
@@ -73,7 +74,7 @@ class ServiceTopology:
             _check_host(name, getattr(self, name))
         for name in ("gateway_port", "tokenizer_port", "engine_port"):
             _check_port(name, getattr(self, name))
-        for name in ("device", "dtype", "quantization"):
+        for name in ("device", "dtype", "quantization", "kv_cache_dtype"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value or value.startswith("-"):
                 raise ValueError(f"{name} must be a non-empty value, got {value!r}")
@@ -121,6 +122,7 @@ def engine_argv(t: ServiceTopology) -> list[str]:
             "--host", t.internal_listen_host, "--port", str(t.engine_port),
             "--device", t.device, "--dtype", t.dtype,
             *(["--quantization", t.quantization] if t.quantization != "none" else []),
+            *(("--kv-cache-dtype", t.kv_cache_dtype) if t.kv_cache_dtype != "auto" else ()),
             *(arg for module in t.lora_modules for arg in ("--lora", module)), *t.engine_extra_args]
 
 

@@ -39,6 +39,13 @@ def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
     assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
 
 
+def test_serve_passes_the_kv_cache_dtype_to_the_engine_only_when_set() -> None:
+    args = cli.parse_args(["serve", "--kv-cache-dtype", "fp8", "--", "--max-num-seqs", "8"])
+    assert engine_argv(cli.topology_from_args(args, "/m/x.gguf"))[-4:] == ["--kv-cache-dtype", "fp8",
+                                                                          "--max-num-seqs", "8"]
+    assert "--kv-cache-dtype" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+
+
 def test_serve_takes_the_tokenizer_from_another_model() -> None:
     args = cli.parse_args(["serve", "--model", "/c/llama3-8b.json", "--tokenizer-model", "/m/x.gguf", "--",
                            "--load-format", "dummy"])
@@ -48,6 +55,7 @@ def test_serve_takes_the_tokenizer_from_another_model() -> None:
 
 
 @pytest.mark.parametrize("argv", [["serve", "--device", "tpu"], ["serve", "--start-timeout", "0"],
+                                  ["serve", "--kv-cache-dtype", "int8"],
                                   ["generate"], ["generate", "hi", "--max-tokens", "0"], []])
 def test_bad_arguments_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

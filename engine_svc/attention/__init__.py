@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from engine_svc.attention.backend import AttentionBackend
+from engine_svc.attention.kv_cache import KVCache
 from engine_svc.attention.metadata import AttentionMetadata
 from engine_svc.attention.torch_backend import TorchPagedAttention
 
@@ -28,4 +29,4 @@ def get_backend(name: str, device_type: str = "cpu") -> AttentionBackend:
     return factory()
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "TorchPagedAttention", "get_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "TorchPagedAttention", "get_backend"]

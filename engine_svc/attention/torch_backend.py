@@ -1,30 +1,40 @@
 """Reference paged attention in plain torch. Runs anywhere (the CPU path) and is what faster backends are tested
 against. Decode rows are attended in one padded SDPA call, also when the batch mixes them with prefill chunks;
-sequences with several new tokens (prefill) are attended one by one."""
+sequences with several new tokens (prefill) are attended one by one.
+
+An fp8 cache (kv_scales given) is written and read with the arithmetic of engine_svc.attention.kv_cache: keys and
+values are dequantized to q's dtype before attention."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from engine_svc.attention.kv_cache import check_scales, dequantize_fp8, quantize_fp8
 from engine_svc.attention.metadata import AttentionMetadata
 
 
 class TorchPagedAttention:
     name = "torch"
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: torch.Tensor | None = None) -> None:
         kv_heads, head_dim = k.shape[1], k.shape[2]
         flat = kv_cache.view(2, -1, kv_heads, head_dim)
-        flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-        flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+        if check_scales(kv_cache, kv_scales):
+            # Copied as bytes: index_copy_ has no float8 kernel on the CPU.
+            flat = flat.view(torch.uint8)
+            k, v = quantize_fp8(k, kv_scales[0]).view(torch.uint8), quantize_fp8(v, kv_scales[1]).view(torch.uint8)
+        flat[0].index_copy_(0, meta.slot_mapping, k.to(flat.dtype))
+        flat[1].index_copy_(0, meta.slot_mapping, v.to(flat.dtype))
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                window: int | None = None) -> torch.Tensor:
+                window: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         if window is not None and window <= 0:
             raise ValueError(f"sliding window must be positive, got {window}")
+        check_scales(kv_cache, kv_scales)
         if meta.is_pure_decode:
-            return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, meta.block_size,
-                                scale, window)
+            return self._decode(q, kv_cache, kv_scales, meta.block_tables, meta.seq_lens, meta.seq_lens_cpu,
+                                meta.block_size, scale, window)
         # A mixed batch (decodes next to prefill chunks): the decode rows still go through one batched call.
         out = torch.empty_like(q)
         decode_seqs, decode_rows = [], []
@@ -34,26 +44,29 @@ class TorchPagedAttention:
                 decode_seqs.append(i)
                 decode_rows.append(start)
             else:
-                out[start:start + q_len] = self._one_sequence(q[start:start + q_len], kv_cache, meta, i, seq_len,
-                                                              scale, window)
+                out[start:start + q_len] = self._one_sequence(q[start:start + q_len], kv_cache, kv_scales, meta, i,
+                                                              seq_len, scale, window)
             start += q_len
         if decode_seqs:
             seqs = torch.tensor(decode_seqs, device=q.device)
             rows = torch.tensor(decode_rows, device=q.device)
-            out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
+            out[rows] = self._decode(q[rows], kv_cache, kv_scales, meta.block_tables[seqs], meta.seq_lens[seqs],
                                      [meta.seq_lens_cpu[i] for i in decode_seqs], meta.block_size, scale, window)
         return out
 
-    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # kv_cache[:, blocks] -> [2, *blocks.shape, block_size, kv_heads, head_dim]
+    def _gather(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, blocks: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # kv_cache[:, blocks] -> [2, *blocks.shape, block_size, kv_heads, head_dim], in dtype
         kv = kv_cache[:, blocks]
-        return kv[0], kv[1]
+        if kv_scales is None:
+            return kv[0].to(dtype), kv[1].to(dtype)
+        return dequantize_fp8(kv[0], kv_scales[0], dtype), dequantize_fp8(kv[1], kv_scales[1], dtype)
 
-    def _one_sequence(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, i: int, seq_len: int,
-                      scale: float, window: int | None) -> torch.Tensor:
+    def _one_sequence(self, q: torch.Tensor, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None,
+                      meta: AttentionMetadata, i: int, seq_len: int, scale: float, window: int | None) -> torch.Tensor:
         q_len = q.shape[0]
         num_blocks = -(-seq_len // meta.block_size)
-        k, v = self._gather(kv_cache, meta.block_tables[i, :num_blocks].long())
+        k, v = self._gather(kv_cache, kv_scales, meta.block_tables[i, :num_blocks].long(), q.dtype)
         k = k.reshape(-1, *k.shape[-2:])[:seq_len]          # [seq_len, kv_heads, head_dim]
         v = v.reshape(-1, *v.shape[-2:])[:seq_len]
         # Query row r sits at position seq_len - q_len + r and sees keys at positions <= its own (and, with a
@@ -64,15 +77,16 @@ class TorchPagedAttention:
         if window is not None:
             mask &= k_pos > q_pos[:, None] - window
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
             attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                seq_lens_cpu: list[int], block_size: int, scale: float, window: int | None) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: list[int], block_size: int,
+                scale: float, window: int | None) -> torch.Tensor:
         max_len = max(seq_lens_cpu)
         num_blocks = -(-max_len // block_size)
-        k, v = self._gather(kv_cache, block_tables[:, :num_blocks].long())
+        k, v = self._gather(kv_cache, kv_scales, block_tables[:, :num_blocks].long(), q.dtype)
         b = q.shape[0]
         k = k.reshape(b, -1, *k.shape[-2:])[:, :max_len]      # [B, L, kv_heads, head_dim]
         v = v.reshape(b, -1, *v.shape[-2:])[:, :max_len]
@@ -81,6 +95,6 @@ class TorchPagedAttention:
         if window is not None:   # the query sits at seq_len - 1 and sees keys > seq_len - 1 - window
             mask &= k_pos >= seq_lens[:, None] - window
         o = F.scaled_dot_product_attention(
-            q[:, :, None, :], k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
         return o[:, :, 0, :]

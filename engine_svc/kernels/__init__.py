@@ -9,6 +9,9 @@ is read then), and that includes triton.language's own jitted helpers (tl.sum, t
 first imported. Without CUDA there is nothing to compile for, so unless the caller chose, the interpreter is switched
 on here: the kernels then run, slowly but exactly, on CPU tensors (the tests). That only works if triton itself was
 not imported yet (torch may import it on its own, e.g. during a first model load), hence the early error.
+
+Under the interpreter, float -> fp8 (e4m3) conversions go through torch instead of the interpreter's own, which
+rounds wrongly (see _interpreter_fp8.py; kv_write, the only kernel that stores fp8, switches it on at import).
 """
 from __future__ import annotations
 

@@ -39,6 +39,8 @@ def attend_tile(acc, m, l, q, k_base, v_base, table_ptr, start, kv_end, q_pos,
     block = tl.load(table_ptr + k_pos // block_size, mask=in_ctx, other=0).to(tl.int64)
     offs = block[:, None] * stride_cache_block + (k_pos % block_size)[:, None] * stride_cache_tok + d[None, :]
     kv_mask = in_ctx[:, None] & (d < head_dim)[None, :]
+    # An fp8 (e4m3) cache converts exactly: every e4m3 value is an fp16, bf16 and fp32 value. Its scales are the
+    # callers' to apply (folded into scale_log2 and the output).
     k = tl.load(k_base + offs, mask=kv_mask, other=0.0).to(q.dtype)
     v = tl.load(v_base + offs, mask=kv_mask, other=0.0).to(q.dtype)
 

@@ -12,6 +12,10 @@ Sliding window (SLIDING, window w): the query at position seq_len - 1 sees keys 
 The splits then tile that range instead of the whole context: split s covers [lo + s * partition_size, ...) with
 lo = max(0, seq_len - w), so the grid needs cdiv(min(max_seq_len, w), partition_size) splits, no split lies wholly
 before the window, and splits past a short sequence's end are empty (the reduce skips them) as without a window.
+
+fp8 cache (FP8): tiles are loaded as e4m3 and converted exactly to q's dtype; the dequantization by the layer's
+scales (engine_svc.attention.kv_cache) is folded into scalars, s = (q . k_stored) * (softmax scale * K scale) and
+o = (sum p v_stored / l) * V scale, so no tile is multiplied element-wise.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine_svc.attention.kv_cache import check_scales
 from engine_svc.kernels._attention_tile import attend_tile
 
 LOG2E = 1.4426950408889634
@@ -28,17 +33,19 @@ MIN_PARTITION = 256          # a split below this many keys costs more in the re
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    scale_log2, partition_size, block_size, head_dim, window,
+    q_ptr, cache_ptr, kv_scales_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr, part_o_ptr,
+    part_lse_ptr, scale_log2, partition_size, block_size, head_dim, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_kv, stride_cache_block, stride_cache_tok, stride_cache_head, stride_table,
     stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, SLIDING: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, SLIDING: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if FP8:
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
     seq_len = tl.load(seq_lens_ptr + seq)
     row = tl.load(query_start_ptr + seq).to(tl.int64)
 
@@ -74,6 +81,8 @@ def _decode_kernel(
     has_keys = l > 0.0
     l_safe = tl.where(has_keys, l, 1.0)
     o = acc / l_safe[:, None]
+    if FP8:   # linear in o, so the partial outputs of the splits may carry it into the reduction
+        o = o * tl.load(kv_scales_ptr + 1)
     if SPLIT:
         po = part_o_ptr + seq * stride_po_s + split * stride_po_p
         tl.store(po + heads[:, None] * stride_po_h + d[None, :], o, mask=row_mask)
@@ -134,11 +143,14 @@ def default_partition_size(max_seq_len: int, num_seqs: int, kv_heads: int, devic
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
                            max_seq_len: int, partition_size: int | None = None,
-                           block_n: int = BLOCK_N, window: int | None = None) -> torch.Tensor:
+                           block_n: int = BLOCK_N, window: int | None = None,
+                           kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [num_seqs, heads, head_dim], one row per sequence (row query_start[i] for sequence i); kv_cache
     [2, num_blocks, block_size, kv_heads, head_dim] already holding each sequence's seq_lens[i] keys/values.
     partition_size: keys per split (a multiple of block_n, or a power of two >= 16 below it); None picks
-    default_partition_size. window: attend only to the last this-many keys of each sequence (None: all)."""
+    default_partition_size. window: attend only to the last this-many keys of each sequence (None: all).
+    kv_scales: float32 [2] (K, V) of an fp8 cache, None for any other."""
+    fp8 = check_scales(kv_cache, kv_scales)
     num_seqs, num_heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     assert num_heads % kv_heads == 0, "query heads must be a multiple of KV heads"
@@ -164,13 +176,13 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     else:  # unused; any tensor fills the pointer slots
         part_o, part_lse = out, out
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, query_start, out, part_o, part_lse,
+        q, kv_cache, kv_scales if fp8 else seq_lens, block_tables, seq_lens, query_start, out, part_o, part_lse,
         scale * LOG2E, partition_size, block_size, head_dim, window if sliding else 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         *(part_o.stride()[:3] if split else (0, 0, 0)), *(part_lse.stride()[:2] if split else (0, 0)),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        SPLIT=split, IEEE=q.dtype == torch.float32, SLIDING=sliding,
+        SPLIT=split, IEEE=q.dtype == torch.float32, SLIDING=sliding, FP8=fp8,
     )
     if split:
         _reduce_kernel[(num_seqs, num_heads)](

@@ -15,6 +15,9 @@ Sliding window (SLIDING, window w): row r at position p sees keys p - w < j <= p
 key its first row sees, max(0, first_pos - w + 1); the tiles below max(0, last_pos - w + 1) that some of its rows
 see only partly are masked like the diagonal ones, then come the unmasked tiles every row sees entirely (none when
 w is shorter than the program's span of positions), then the diagonal tiles.
+
+fp8 cache (FP8): as in the decode kernel, the K scale is folded into the softmax scale and the V scale into the
+normalised output; the tiles are only converted (exactly) from e4m3 to q's dtype.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine_svc.attention.kv_cache import check_scales
 from engine_svc.kernels._attention_tile import attend_tile
 
 LOG2E = 1.4426950408889634
@@ -31,16 +35,18 @@ BLOCK_N = 64     # keys per tile
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    q_ptr, cache_ptr, kv_scales_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
     scale_log2, block_size, head_dim, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_kv, stride_cache_block, stride_cache_tok, stride_cache_head, stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, SLIDING: tl.constexpr,
+    IEEE: tl.constexpr, SLIDING: tl.constexpr, FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
+    if FP8:
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -91,6 +97,8 @@ def _prefill_kernel(
 
     l = tl.where(l > 0.0, l, 1.0)   # only inactive programs have l == 0, and they store nothing
     o = acc / l[:, None]
+    if FP8:
+        o = o * tl.load(kv_scales_ptr + 1)
     out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -98,11 +106,13 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
                             max_query_len: int, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                            window: int | None = None) -> torch.Tensor:
+                            window: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [num_tokens, heads, head_dim] (sequence i owns rows query_start[i]:query_start[i+1]); kv_cache
     [2, num_blocks, block_size, kv_heads, head_dim] already holding every sequence's seq_lens[i] keys/values.
     window: a query at position p sees only keys at positions > p - window (None: all up to p).
+    kv_scales: float32 [2] (K, V) of an fp8 cache, None for any other.
     Returns [num_tokens, heads, head_dim] in q's dtype."""
+    fp8 = check_scales(kv_cache, kv_scales)
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = kv_cache.shape[3]
     assert num_heads % kv_heads == 0, "query heads must be a multiple of KV heads"
@@ -116,12 +126,12 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         return out
     grid = (triton.cdiv(max_query_len * group, block_m), num_seqs, kv_heads)
     _prefill_kernel[grid](
-        q, kv_cache, block_tables, seq_lens, query_start, out,
+        q, kv_cache, kv_scales if fp8 else seq_lens, block_tables, seq_lens, query_start, out,
         scale * LOG2E, block_size, head_dim, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IEEE=q.dtype == torch.float32, SLIDING=window is not None,
+        IEEE=q.dtype == torch.float32, SLIDING=window is not None, FP8=fp8,
     )
     return out
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_svc.attention import AttentionBackend, AttentionMetadata
+from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RotaryEmbedding
 from engine_svc.models.llama import paged_self_attention
@@ -76,7 +76,7 @@ class FalconAttention(nn.Module):
         self.rope = rope
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.dense(paged_self_attention(self, self.query_key_value(x), positions, kv_cache, meta))
 
@@ -109,7 +109,7 @@ class FalconDecoderLayer(nn.Module):
         self.self_attention = FalconAttention(cfg, opts, rope, backend)
         self.mlp = FalconMLP(cfg, opts)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         if self.two_norms:
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
@@ -132,7 +132,7 @@ class FalconModel(nn.Module):
         self.h = nn.ModuleList(FalconDecoderLayer(cfg, opts, self.rope, backend) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.word_embeddings(input_ids)
         for layer, kv_cache in zip(self.h, kv_caches):
@@ -156,7 +156,7 @@ class FalconForCausalLM(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         self.transformer.rope.build(device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.transformer(input_ids, positions, kv_caches, meta)
 

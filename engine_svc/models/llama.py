@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from engine_svc.attention import AttentionBackend, AttentionMetadata
+from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
@@ -42,12 +42,12 @@ class LlamaAttention(nn.Module):
         self.rope = rope
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.o_proj(paged_self_attention(self, self.qkv_proj(x), positions, kv_cache, meta))
 
 
-def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                          meta: AttentionMetadata) -> torch.Tensor:
     """The attention core shared by the families: splits a fused [q | k | v] projection into heads, applies the
     per-head q/k norms when the layer has them, then RoPE; writes this step's K/V and attends over the paged cache.
@@ -60,8 +60,9 @@ def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Te
     if getattr(attn, "qk_norm", False):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = attn.rope(positions, q, k)
-    attn.backend.write_kv(k, v, kv_cache, meta)
-    o = attn.backend.forward(q, kv_cache, meta, attn.scale, window=getattr(attn, "sliding_window", None))
+    attn.backend.write_kv(k, v, kv_cache.data, meta, kv_scales=kv_cache.scales)
+    o = attn.backend.forward(q, kv_cache.data, meta, attn.scale, window=getattr(attn, "sliding_window", None),
+                             kv_scales=kv_cache.scales)
     return o.reshape(-1, attn.q_size)
 
 
@@ -90,7 +91,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, fused)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:  # first layer: the embeddings are the residual stream
             residual = x
             h = self.input_layernorm(x)
@@ -113,7 +114,7 @@ class LlamaModel(nn.Module):
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
@@ -153,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         """Builds non-parameter tables (rope) on the device; needed after construction on the meta device."""
         self.model.rope.build(device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

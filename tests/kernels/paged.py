@@ -2,12 +2,13 @@
 blocks scattered over a shuffled cache, the reference output from TorchPagedAttention."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 
 import torch
 
 from engine_svc.attention import AttentionMetadata, TorchPagedAttention
+from engine_svc.attention.kv_cache import quantize_fp8
 
 GARBAGE = 1e3   # unwritten cache slots hold large values, so a kernel reading one shows in its output
 
@@ -18,9 +19,17 @@ class PagedBatch:
     kv_cache: torch.Tensor   # every sequence's whole context already written
     meta: AttentionMetadata  # the attention step: query rows are the new tokens only
     scale: float
+    kv_scales: torch.Tensor | None = None   # float32 [2] (K, V) when kv_cache is fp8
 
-    def reference(self) -> torch.Tensor:
-        return TorchPagedAttention().forward(self.q, self.kv_cache, self.meta, self.scale)
+    def reference(self, window: int | None = None) -> torch.Tensor:
+        return TorchPagedAttention().forward(self.q, self.kv_cache, self.meta, self.scale, window=window,
+                                             kv_scales=self.kv_scales)
+
+    def quantized(self, k_scale: float, v_scale: float) -> "PagedBatch":
+        """The same batch over an fp8 copy of the cache (garbage slots clamp to 448: still far off the values)."""
+        scales = torch.tensor([k_scale, v_scale], dtype=torch.float32, device=self.kv_cache.device)
+        cache = torch.stack([quantize_fp8(self.kv_cache[0], scales[0]), quantize_fp8(self.kv_cache[1], scales[1])])
+        return replace(self, kv_cache=cache, kv_scales=scales)
 
 
 def make_batch(q_lens: list[int], seq_lens: list[int], *, num_heads: int, kv_heads: int, head_dim: int = 16,

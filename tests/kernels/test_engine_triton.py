@@ -14,20 +14,20 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 8, 9, 11, 13], [1, 2], [300, 301, 302, 303
 PREFIX_HIT = [5, 17, 99, 3, 250, 42, 7, 8, 60, 61]
 
 
-def generate(path, backend: str, device: str, dtype: str = "float32",
-             eager: bool = True) -> tuple[list[list[int]], list[list]]:
+def generate(path, backend: str, device: str, dtype: str = "float32", eager: bool = True,
+             kv_cache_dtype: str = "auto") -> tuple[list[list[int]], list[list]]:
     """Returns the outputs and, per eager attention call, the (q_len, seq_len) of each sequence in the batch."""
     # A 6-token step budget splits the longer prompts into chunks that attend over their own cached prefix.
     engine = Engine(EngineConfig(model=str(path), device=device, dtype=dtype, attention_backend=backend,
                                  block_size=4, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=6,
-                                 enforce_eager=eager))
+                                 enforce_eager=eager, kv_cache_dtype=kv_cache_dtype))
     attention = engine.runner.backend
     batches = []
     forward = attention.forward
 
-    def recording_forward(q, kv_cache, meta, scale, window=None):
+    def recording_forward(q, kv_cache, meta, scale, **kwargs):
         batches.append(list(zip(meta.query_lens_cpu, meta.seq_lens_cpu)))
-        return forward(q, kv_cache, meta, scale, window)
+        return forward(q, kv_cache, meta, scale, **kwargs)
 
     attention.forward = recording_forward   # the model's layers call this instance's forward
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -65,7 +65,7 @@ def test_decode_graph_buckets_equal_eager(checkpoint):
             run_bucket = runner.graphs.run
             runner.graphs.run = lambda b: (buckets.append(b), run_bucket(b))[1]
         outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-        return outs, [c.clone() for c in runner.kv_caches], buckets, runner.graphs
+        return outs, [c.data.clone() for c in runner.kv_caches], buckets, runner.graphs
 
     eager_outs, eager_kv, _, _ = run(False)
     outs, kv, buckets, graphs = run(True)
