@@ -15,7 +15,6 @@ import gc
 import json
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,18 +51,6 @@ def write_random_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int) -> 
     return path
 
 
-def assign_adapters(engine: Engine, adapter_of) -> None:
-    """Scheduled requests carry adapter_of(request_id). Stands in for the request's own adapter field (submitted
-    through the API by the request plumbing), so the benchmark measures the compute alone."""
-    schedule = engine.scheduler.schedule
-
-    def scheduled_with_adapters():
-        out = schedule()
-        out.scheduled = [replace(s, adapter=adapter_of(s.request.request_id)) for s in out.scheduled]
-        return out
-    engine.scheduler.schedule = scheduled_with_adapters
-
-
 def run_with_adapters(args, num_loras: int, lengths, adapter_root: Path) -> tuple[dict, str]:
     lora = dict(enable_lora=True, max_loras=num_loras, max_lora_rank=args.lora_rank,
                 max_cpu_loras=num_loras) if num_loras else {}
@@ -74,11 +61,10 @@ def run_with_adapters(args, num_loras: int, lengths, adapter_root: Path) -> tupl
     for i, name in enumerate(names):
         engine.runner.lora.load(name, str(write_random_adapter(adapter_root / name, engine.model_cfg,
                                                                args.lora_rank, seed=i)))
-    if num_loras:   # tp-{i}: the throughput benchmark's request ids
-        assign_adapters(engine, lambda rid: names[int(rid.split("-")[-1]) % num_loras])
     engine.generate([[100 + i for i in range(8)]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     prompts = random_prompts(lengths, engine.model_cfg.vocab_size, args.seed)
-    row = run_engine(engine, prompts, [n_out for _, n_out in lengths])
+    row = run_engine(engine, prompts, [n_out for _, n_out in lengths],
+                     (lambda i: names[i % num_loras]) if num_loras else None)
     row.update(num_loras=num_loras, lora_rank=args.lora_rank if num_loras else None)
     device = engine.runner.device
     del engine

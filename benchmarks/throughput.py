@@ -45,7 +45,8 @@ def random_prompts(lengths: list[tuple[int, int]], vocab: int, seed: int) -> lis
     return [[rng.randrange(lo, vocab) for _ in range(n_in)] for n_in, _ in lengths]
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], output_lens: list[int]) -> dict:
+def run_engine(engine: Engine, prompts: list[list[int]], output_lens: list[int], adapter_of=None) -> dict:
+    """adapter_of(i): the LoRA adapter of request i (None: the base model)."""
     assert not engine.has_work()
     n = len(prompts)
     produced = [0] * n
@@ -56,7 +57,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_lens: list[int])
     timeline = gpu_gaps.attach(engine)
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(zip(prompts, output_lens)):
-        engine.add_request(f"tp-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
+        engine.add_request(f"tp-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True),
+                           adapter=adapter_of(i) if adapter_of else None)
     while engine.has_work():
         for o in engine.step():
             i = int(o.request_id[3:])

@@ -103,4 +103,8 @@ def test_kernel_with_more_tiles_than_full_ones(device):
 def test_kernel_half_precision_llama3_8b_shapes(dtype, slices, fan_in):
     requests = [-1, 0, 1, 2, 3, 4, 5, 6, 7] * 7 + [3, -1]
     c = make_case(slices, fan_in, 16, [16] * 8, requests, [1] * 63 + [300, 40], device="cuda", dtype=dtype)
-    torch.testing.assert_close(run_kernel(c).float().cpu(), c["expected"], rtol=3e-2, atol=3e-2)
+    # The reference is fp32 from unrounded inputs, outputs reach ~100: a 16-bit result is off by a few of its own
+    # ulps of the largest values (bf16: 2^-8 relative, fp16: 2^-11), wherever the element itself is small.
+    scale = c["expected"].abs().max().item()
+    ulps = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(run_kernel(c).float().cpu(), c["expected"], rtol=0, atol=ulps * scale)

@@ -11,14 +11,10 @@ from benchmarks import lora_throughput, throughput
 
 
 def test_lora_benchmark_on_a_tiny_model(tiny_llama, tmp_path, capsys, monkeypatch):
+    from engine_svc.lora.manager import LoRAManager
     used: list[set[str]] = []
-    assign = lora_throughput.assign_adapters
-
-    def recording(engine, adapter_of):
-        assign(engine, adapter_of)
-        activate = engine.runner.lora.activate
-        engine.runner.lora.activate = lambda names: used.append(set(names)) or activate(names)
-    monkeypatch.setattr(lora_throughput, "assign_adapters", recording)
+    activate = LoRAManager.activate
+    monkeypatch.setattr(LoRAManager, "activate", lambda self, names: used.append(set(names)) or activate(self, names))
     out = tmp_path / "lora.json"
     lora_throughput.main(["--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32", "--num-requests", "5",
                           "--input-len", "3", "12", "--output-len", "2", "6", "--num-loras", "0", "3",

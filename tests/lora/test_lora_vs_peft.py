@@ -115,7 +115,9 @@ def test_mixed_batch_through_triton_lora_kernels(tiny_llama, adapter_a, adapter_
 @pytest.mark.gpu
 def test_mixed_batch_on_gpu_with_cuda_graphs(tiny_llama, adapter_a, adapter_b, references):
     """Compiled kernels, decode replayed from CUDA graphs (captured before any adapter was loaded), fp32."""
-    engine = lora_engine(tiny_llama, adapter_a, adapter_b, device="cuda", attention_backend="triton")
+    # The test drives schedule/forward/update itself, which is the synchronous step: no async scheduling.
+    engine = lora_engine(tiny_llama, adapter_a, adapter_b, device="cuda", attention_backend="triton",
+                         async_scheduling=False)
     assert engine.runner.graphs is not None and engine.runner.lora.batch.use_kernel
     seen, outputs = run_mixed(engine)
     assert_matches_references(seen, outputs, references, tol=1e-3)
