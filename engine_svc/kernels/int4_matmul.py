@@ -4,17 +4,18 @@ Dequantization happens in registers with fp32 accumulation.
 
 The kernels walk K in sub-groups of SUB = the largest power of two dividing G, capped at 128, so that one scale
 and one offset per weight row cover a whole sub-group; SUB >= 32 is required (group sizes that are multiples of
-32: every AWQ/GPTQ/GGUF 4-bit layout in use). A byte tile [rows, SUB / 2] unpacks into the even-k (low nibble) and
-odd-k (high nibble) halves, which meet the even and odd elements of x: no interleaving in registers.
+32: every AWQ/GPTQ/GGUF 4-bit layout in use). A byte tile unpacks into the even-k (low nibble) and odd-k (high
+nibble) halves, which meet the even and odd elements of x: no interleaving in registers.
 
-- GEMV (M <= GEMV_MAX_ROWS), the decode shape, memory-bound: grid (M, cdiv(N, GEMV_BLOCK_N)); a program streams
-  GEMV_BLOCK_N whole packed rows in [GEMV_BLOCK_N, SUBS, SUB / 2] byte tiles (SUBS sub-groups, 256 bytes per row
-  per tile), dequantizing elementwise (q * s + o) into an fp32 tile summed once at the end. Nibbles become floats
-  exactly with an OR and a subtraction (nibble_to_float). The row index is the fastest grid axis (L2 reuse across
-  the M rows, as in int8_matmul).
-- tiled (M > GEMV_MAX_ROWS): grid (cdiv(M, BM), cdiv(N, BN), splits), one sub-group per K step. The scale and
-  offset factor out of the sub-group's dot product: sum_k x_k (q_k s + o) = s * (x . q) + o * sum_k x_k, so the raw
-  nibbles (exact in any float dtype) go to tl.dot and s, o are applied per output tile.
+- GEMV (M <= GEMV_MAX_ROWS), the decode shape, memory-bound: grid (M, cdiv(N, GEMV_BLOCK_N), splits). A program
+  streams GEMV_BLOCK_N packed rows over its K split, GEMV_UNROLL sub-groups per iteration, on the CUDA cores; the
+  scale and offset factor out of each sub-group's sum. The row index is the fastest grid axis (L2 reuse across the
+  M rows). K is split until there are about four programs per SM.
+- tiled (M > GEMV_MAX_ROWS): grid (cdiv(M, BM), cdiv(N, BN), splits), one sub-group per K step, dequantized in
+  registers to x's dtype and multiplied on the tensor cores.
+Both write fp32 partials per split; one reduce sums them, adds the bias and rounds once (no atomics: runs are
+bitwise reproducible). Measured on an H100 (bf16, M = 1, CUDA graphs; benchmarks.quant_matmul): 0.5-0.7x the
+time of a bf16 F.linear of the same shape.
 """
 from __future__ import annotations
 
@@ -22,12 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.kernels._quant_matmul_common import (as_rows, choose_split_k, dot, gemv_block_n,
-                                                     nibble_to_float, reduce_splits)
+from engine_svc.kernels._quant_matmul_common import as_rows, dot, gemv_block_n, num_sms, reduce_splits
 
 GEMV_MAX_ROWS = 4
-GEMV_BLOCK_N = 8
-GEMV_TILE_K = 512     # weights per row per GEMV tile (256 bytes)
+GEMV_BLOCK_N = 32     # output rows per GEMV program (measured best on an H100 at Llama-3-8B shapes)
+GEMV_UNROLL = 4       # sub-groups per GEMV iteration: 4 x 64 bytes per row in flight
 MAX_SUB = 128
 MIN_SUB = 32
 
@@ -42,74 +42,69 @@ def sub_group(group_size: int) -> int:
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, b_ptr, out_ptr, n, k, group_size,
-                      stride_xm, stride_wn, stride_sn, stride_on, stride_om,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr, SUB: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    safe_cols = tl.minimum(cols, n - 1).to(tl.int64)   # rows past N read row N - 1, dropped at the store
-    sub = tl.arange(0, SUBS)
-    j = tl.arange(0, SUB // 2)
-    w_rows = w_ptr + safe_cols[:, None, None] * stride_wn
-    s_rows = s_ptr + safe_cols[:, None] * stride_sn
-    o_rows = o_ptr + safe_cols[:, None] * stride_on
-    x_row = x_ptr + row * stride_xm
-    acc = tl.zeros([BLOCK_N, SUBS, SUB // 2], tl.float32)
-    for k0 in range(0, k, SUBS * SUB):
-        starts = k0 + sub * SUB                      # first k of each sub-group; K is a multiple of SUB
-        live = starts < k
-        even_k = starts[None, :, None] + 2 * j[None, None, :]
-        packed = tl.load(w_rows + even_k // 2, mask=live[None, :, None], other=0)
-        xe = tl.load(x_row + even_k, mask=live[None, :, None], other=0.0).to(tl.float32)
-        xo = tl.load(x_row + even_k + 1, mask=live[None, :, None], other=0.0).to(tl.float32)
-        g = starts // group_size
-        s = tl.load(s_rows + g[None, :], mask=live[None, :], other=0.0).to(tl.float32)[:, :, None]
-        o = tl.load(o_rows + g[None, :], mask=live[None, :], other=0.0).to(tl.float32)[:, :, None]
-        lo = nibble_to_float(packed & 0xF)
-        hi = nibble_to_float(packed >> 4)
-        acc += (lo * s + o) * xe + (hi * s + o) * xo
-    y = tl.sum(tl.sum(acc, 2), 1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, part_ptr, n, num_subs, subs_per_split, group_size,
+                      stride_xm, stride_wn, stride_sn, stride_on, stride_ps, stride_pm,
+                      BLOCK_N: tl.constexpr, SUB: tl.constexpr, UNROLL: tl.constexpr):
+    """One program: BLOCK_N output rows of one input row over one K split, UNROLL sub-groups (SUB weights each)
+    per iteration as one [BLOCK_N, UNROLL * SUB / 2] byte tile. A sub-group lies in one group, so its scale and
+    offset factor out: sum_k x_k (q_k s + o) = s (x . q) + o sum_k x_k."""
+    HALF: tl.constexpr = SUB // 2
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    safe = tl.minimum(rows, n - 1).to(tl.int64)   # rows past N read row N - 1, dropped at the store
+    j = tl.arange(0, UNROLL * HALF)
+    u = tl.arange(0, UNROLL)
+    first = split * subs_per_split
+    last = tl.minimum(first + subs_per_split, num_subs)
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for sg in range(first, last, UNROLL):
+        byte = sg * HALF + j
+        live = (sg + j // HALF) < last
+        p = tl.load(w_ptr + safe[:, None] * stride_wn + byte[None, :], mask=live[None, :], other=0)
+        xe = tl.load(x_row + 2 * byte, mask=live, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + 2 * byte + 1, mask=live, other=0.0).to(tl.float32)
+        prod = (p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :]
+        xq = tl.sum(tl.reshape(prod, [BLOCK_N, UNROLL, HALF]), 2)              # x . q per sub-group
+        xs = tl.sum(tl.reshape(xe + xo, [UNROLL, HALF]), 1)                    # sum x per sub-group
+        g = (sg + u) * SUB // group_size
+        glive = (sg + u) < last
+        s = tl.load(s_ptr + safe[:, None] * stride_sn + g[None, :], mask=glive[None, :], other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + safe[:, None] * stride_on + g[None, :], mask=glive[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(s * xq + o * xs[None, :], 1)
+    tl.store(part_ptr + split * stride_ps + m * stride_pm + rows, acc, mask=rows < n)
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, m, n, k, group_size, k_per_split,
-                        stride_xm, stride_wn, stride_sn, stride_on, stride_om, stride_ps, stride_pm,
-                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, part_ptr, m, n, group_size, subs_per_split, num_subs,
+                        stride_xm, stride_wn, stride_sn, stride_on, stride_ps, stride_pm,
+                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """Tiles of [BLOCK_M, BLOCK_N] over one K split: each sub-group's weight tile is dequantized in registers
+    (q * s + o, in x's dtype) and fed to the tensor cores as the even-k and odd-k halves."""
+    HALF: tl.constexpr = SUB // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
-    safe_cols = tl.minimum(cols, n - 1).to(tl.int64)
-    j = tl.arange(0, SUB // 2)
-    x_rows = x_ptr + tl.minimum(rows, m - 1).to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + safe_cols[None, :] * stride_wn                  # packed W^T tile [SUB / 2, BLOCK_N]
-    k_lo = split * k_per_split                                       # a multiple of SUB, like K
-    k_hi = tl.minimum(k_lo + k_per_split, k)
+    safe_r = tl.minimum(rows, m - 1).to(tl.int64)
+    safe_c = tl.minimum(cols, n - 1).to(tl.int64)
+    j = tl.arange(0, HALF)
+    first = split * subs_per_split
+    last = tl.minimum(first + subs_per_split, num_subs)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, SUB):
-        xe = tl.load(x_rows + (k0 + 2 * j)[None, :])
-        xo = tl.load(x_rows + (k0 + 2 * j + 1)[None, :])
-        packed = tl.load(w_cols + (k0 // 2 + j)[:, None])
-        lo = (packed & 0xF).to(xe.dtype)
-        hi = (packed >> 4).to(xe.dtype)
-        raw = dot(xe, lo, IEEE) + dot(xo, hi, IEEE)                  # sum_k x_k q_k over the sub-group
-        x_sum = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), 1)
-        g = k0 // group_size
-        s = tl.load(s_ptr + safe_cols * stride_sn + g).to(tl.float32)
-        o = tl.load(o_ptr + safe_cols * stride_on + g).to(tl.float32)
-        acc += raw * s[None, :] + x_sum[:, None] * o[None, :]
-    out_mask = (rows < m)[:, None] & (cols < n)[None, :]
-    if SPLIT:
-        tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm + cols[None, :], acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
+    for sg in range(first, last):
+        byte = sg * HALF + j
+        xe = tl.load(x_ptr + safe_r[:, None] * stride_xm + 2 * byte[None, :])
+        xo = tl.load(x_ptr + safe_r[:, None] * stride_xm + 2 * byte[None, :] + 1)
+        p = tl.load(w_ptr + safe_c[None, :] * stride_wn + byte[:, None])            # packed W^T [HALF, BLOCK_N]
+        g = sg * SUB // group_size
+        s = tl.load(s_ptr + safe_c * stride_sn + g).to(tl.float32)[None, :]
+        o = tl.load(o_ptr + safe_c * stride_on + g).to(tl.float32)[None, :]
+        lo = ((p & 0xF).to(tl.float32) * s + o).to(xe.dtype)
+        hi = ((p >> 4).to(tl.float32) * s + o).to(xe.dtype)
+        acc += dot(xe, lo, IEEE) + dot(xo, hi, IEEE)
+    mask = (rows < m)[:, None] & (cols < n)[None, :]
+    tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm + cols[None, :], acc, mask=mask)
 
 
 def tile_shape(m: int) -> tuple[int, int, int]:
@@ -121,13 +116,23 @@ def tile_shape(m: int) -> tuple[int, int, int]:
     return 128, 128, 8
 
 
+def _splits(units: int, programs: int, device: torch.device, multiple: int, forced: int | None) -> int:
+    """K splits (in sub-groups, each a multiple of `multiple`): enough programs for about four per SM."""
+    if forced is not None:
+        return max(1, min(forced, units))
+    sms = num_sms(device)
+    if sms is None:
+        return 1
+    return max(1, min(triton.cdiv(4 * sms, programs), units // (2 * multiple)))
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
                 gemv_max_rows: int = GEMV_MAX_ROWS, gemv_rows: int | None = None) -> torch.Tensor:
     """x [..., K] (fp32/fp16/bf16), qweight uint8 [N, K // 2] (unit stride), scales and offsets [N, K // G], bias
-    [N] or None -> [..., N] in x's dtype. split_k forces the K split of the tiled kernel (None: by the SM count);
-    gemv_max_rows: the largest M that takes the GEMV kernel (tests use it to reach both kernels);
-    gemv_rows: output rows per GEMV program (None: gemv_block_n's choice)."""
+    [N] or None -> [..., N] in x's dtype. split_k forces the K split (None: by the SM count); gemv_max_rows: the
+    largest M that takes the GEMV kernel (tests use it to reach both kernels); gemv_rows: output rows per GEMV
+    program (None: gemv_block_n's choice). Every kernel writes fp32 partials that one reduce sums (+ bias)."""
     n, half_k = qweight.shape
     k = 2 * half_k
     assert qweight.dtype == torch.uint8 and qweight.stride(1) == 1, "qweight must be uint8 [N, K // 2]"
@@ -140,30 +145,31 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    has_bias = bias is not None
-    b = bias if has_bias else scales
+    num_subs = k // sub
     if m <= gemv_max_rows:
-        rows_per_program = gemv_block_n(n, x.device, GEMV_BLOCK_N, gemv_rows)
-        _int4_gemv_kernel[(m, triton.cdiv(n, rows_per_program))](
-            x2, qweight, scales, offsets, b, out, n, k, group_size,
-            x2.stride(0), qweight.stride(0), scales.stride(0), offsets.stride(0), out.stride(0),
-            HAS_BIAS=has_bias, BLOCK_N=rows_per_program, SUBS=GEMV_TILE_K // sub, SUB=sub, num_warps=4)
-        return out.view(*x.shape[:-1], n)
-    block_m, block_n, warps = tile_shape(m)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = k // sub
-    splits = max(1, min(split_k if split_k is not None else choose_split_k(tiles, k_tiles, x.device), k_tiles))
-    k_per_split = triton.cdiv(k_tiles, splits) * sub
-    splits = triton.cdiv(k, k_per_split)   # no empty split
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
-    _int4_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-        x2, qweight, scales, offsets, b, out, part, m, n, k, group_size, k_per_split,
-        x2.stride(0), qweight.stride(0), scales.stride(0), offsets.stride(0), out.stride(0),
-        part.stride(0) if splits > 1 else 0, part.stride(1) if splits > 1 else 0,
-        HAS_BIAS=has_bias, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, num_warps=warps, num_stages=3)
-    if splits > 1:
-        reduce_splits(part, bias, out)
+        block_n = gemv_block_n(n, x.device, GEMV_BLOCK_N, gemv_rows)
+        tiles = m * triton.cdiv(n, block_n)
+        splits = _splits(num_subs, tiles, x.device, GEMV_UNROLL, split_k)
+        per_split = triton.cdiv(triton.cdiv(num_subs, splits), GEMV_UNROLL) * GEMV_UNROLL
+        splits = triton.cdiv(num_subs, per_split)
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        _int4_gemv_kernel[(m, triton.cdiv(n, block_n), splits)](
+            x2, qweight, scales, offsets, part, n, num_subs, per_split, group_size,
+            x2.stride(0), qweight.stride(0), scales.stride(0), offsets.stride(0), part.stride(0), part.stride(1),
+            BLOCK_N=block_n, SUB=sub, UNROLL=GEMV_UNROLL, num_warps=4)
+    else:
+        block_m, block_n, warps = tile_shape(m)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        splits = _splits(num_subs, tiles, x.device, 1, split_k)
+        per_split = triton.cdiv(num_subs, splits)
+        splits = triton.cdiv(num_subs, per_split)
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        _int4_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
+            x2, qweight, scales, offsets, part, m, n, group_size, per_split, num_subs,
+            x2.stride(0), qweight.stride(0), scales.stride(0), offsets.stride(0), part.stride(0), part.stride(1),
+            IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, num_warps=warps,
+            num_stages=3)
+    reduce_splits(part, bias, out)
     return out.view(*x.shape[:-1], n)
 
 

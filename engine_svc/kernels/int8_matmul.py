@@ -42,7 +42,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, n, k, stride_xm, stri
         else:
             k_mask = k0 + kk < k
             x = tl.load(x_row + k0 + kk, mask=k_mask, other=0.0)
-            w = tl.load(w_rows + (k0 + kk)[None, :], mask=k_mask[None, :], other=0)
+            w = tl.load(w_rows + (k0 + kk)[None, :], mask=k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1) * tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -87,6 +87,20 @@ def tile_shape(m: int) -> tuple[int, int, int, int]:
     if m <= 64:
         return (32 if m <= 32 else 64), 64, 128, 4
     return 128, 128, 64, 8
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] @ (weight * scales[:, None])^T for a few rows, with the GEMV kernel: any 8-bit weight whose elements
+    convert exactly to fp32 (int8, float8_e4m3fn), any x dtype (e4m3 too). Returns [M, N] in out_dtype."""
+    n, k = weight.shape
+    m = x.shape[0]
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and x.shape[1] == k
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    block_n = gemv_block_n(n, x.device, GEMV_BLOCK_N, None)
+    _int8_gemv_kernel[(m, triton.cdiv(n, block_n))](
+        x, weight, scales, scales, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=False, EVEN_K=k % GEMV_BLOCK_K == 0, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K, num_warps=4)
+    return out
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,

@@ -8,13 +8,13 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 MIN_CAPABILITY = (8, 9)            # torch._scaled_mm's fp8 tensor cores: Ada (8.9) and Hopper (9.0) on
-_TINY = 1e-12                      # floor of a scale: an all-zero row quantizes to zeros, not NaN
+SCALE_FLOOR = 1e-12                      # floor of a scale: an all-zero row quantizes to zeros, not NaN
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[R, C] float -> (e4m3 [R, C], float32 scale [R, 1]); round to nearest even, |x / scale| <= 448."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_(min=_TINY)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_(min=SCALE_FLOOR)
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 

@@ -1,15 +1,20 @@
 """Fp8Linear: W8A8 with e4m3 weights (one float32 scale per output channel) and activations quantized per token
 at run time (scale = absmax / 448), multiplied on the fp8 tensor cores by torch._scaled_mm with row-wise scales
 (CUDA, compute capability >= 8.9). emulate=True runs the same arithmetic in pure torch (quantize the activations
-to e4m3, dequantize both operands, matmul in fp32): the reference, and the only path off those GPUs."""
+to e4m3, dequantize both operands, matmul in fp32): the reference, and the only path off those GPUs.
+
+On the GPU the activations are quantized by one Triton kernel (kernels.fp8_act_quant). Decode rows (M <= 4) then
+take the weight-streaming GEMV of kernels.int8_matmul over the same e4m3 operands (fp32 products and sums, then
+both scales): at M = 1 cuBLAS's fp8 GEMM, which needs M padded to 16, measured no faster than bf16 on an H100 for
+two of Llama-3-8B's four projection shapes."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine_svc.quant.fp8_format import E4M3, dequantize_fp8, quantize_fp8, quantize_fp8_rows
 
+GEMV_MAX_ROWS = 4         # decode rows: the Triton GEMV instead of _scaled_mm
 SCALED_MM_MULTIPLE = 16   # torch._scaled_mm wants every dimension a multiple of 16: K and N are checked, M padded
 
 
@@ -55,14 +60,19 @@ class Fp8Linear(nn.Module):
         return y.to(x2.dtype)
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        from engine_svc.kernels.fp8_act_quant import quantize_rows_fp8
         m = x2.shape[0]
-        pad = -m % SCALED_MM_MULTIPLE
-        if pad:
-            x2 = F.pad(x2, (0, 0, 0, pad))     # zero rows: scale floor, zero output, sliced off below
-        xq, x_scale = quantize_fp8_rows(x2)
-        # Row-wise scaling produces bf16 only; qweight.t() is the column-major operand _scaled_mm wants.
-        y = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scales.view(1, -1),
-                             out_dtype=torch.bfloat16)[:m]
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        if m <= GEMV_MAX_ROWS:
+            from engine_svc.kernels.int8_matmul import int8_gemv
+            xq, x_scale = quantize_rows_fp8(x2)
+            y = int8_gemv(xq, self.qweight, self.scales, out_dtype=torch.float32) * x_scale
+        else:
+            # zero padding rows (scale floor, zero output) up to _scaled_mm's multiple, sliced off below
+            xq, x_scale = quantize_rows_fp8(x2, m + (-m % SCALED_MM_MULTIPLE))
+            # Row-wise scaling produces bf16 only; qweight.t() is the column-major operand _scaled_mm wants.
+            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scales.view(1, -1),
+                                 out_dtype=torch.bfloat16)[:m]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x2.dtype)

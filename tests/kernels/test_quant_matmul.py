@@ -77,3 +77,27 @@ def test_int4_kernel_errors():
         int4_matmul(x, q, s[:, :1], o, 32)
     with pytest.raises(ValueError, match="input has 63 features"):
         int8_matmul(x[:, :63], *quantize_int8(w))
+
+
+@pytest.mark.parametrize("m,k,rows", [(1, 300, 16), (3, 4096, 3), (5, 64, 16)])
+def test_fp8_activation_quantization_kernel_matches_the_format(m, k, rows):
+    """The fused per-token quantization is bytewise quantize_fp8_rows; padding rows are zeros at the floor scale."""
+    from engine_svc.kernels.fp8_act_quant import quantize_rows_fp8
+    from engine_svc.quant.fp8_format import SCALE_FLOOR, quantize_fp8_rows
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    x[0, :7] = torch.tensor([0.0, 1e-9, -447.9, 7.93, 2.5e-3, -0.0, 1e4])   # floor, ties, clamp
+    q, s = quantize_rows_fp8(x, rows)
+    q_ref, s_ref = quantize_fp8_rows(x)
+    assert torch.equal(q[:m].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s[:m], s_ref)
+    assert q.shape == (rows, k) and not q[m:].float().any() and (s[m:] == SCALE_FLOOR).all()
+
+
+def test_gemv_takes_fp8_operands():
+    """int8_gemv over e4m3 activations and weights is the W8A8 product (both scales applied after)."""
+    from engine_svc.kernels.int8_matmul import int8_gemv
+    from engine_svc.quant.fp8_format import dequantize_fp8, quantize_fp8, quantize_fp8_rows
+    gen = torch.Generator().manual_seed(9)
+    xq, xs = quantize_fp8_rows(torch.randn(3, 600, generator=gen))
+    wq, ws = quantize_fp8(torch.randn(40, 600, generator=gen))
+    y = int8_gemv(xq, wq, ws, out_dtype=torch.float32) * xs
+    torch.testing.assert_close(y, dequantize_fp8(xq, xs) @ dequantize_fp8(wq, ws).t(), rtol=1e-5, atol=1e-4)
