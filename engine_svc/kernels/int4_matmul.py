@@ -28,6 +28,8 @@ from engine_svc.kernels._quant_matmul_common import as_rows, dot, gemv_block_n, 
 GEMV_MAX_ROWS = 4
 GEMV_BLOCK_N = 32     # output rows per GEMV program (measured best on an H100 at Llama-3-8B shapes)
 GEMV_UNROLL = 4       # sub-groups per GEMV iteration: 4 x 64 bytes per row in flight
+GEMV_WARPS = 4
+PROGRAMS_PER_SM = 4   # K is split until the programs reach this many per SM
 MAX_SUB = 128
 MIN_SUB = 32
 
@@ -117,13 +119,13 @@ def tile_shape(m: int) -> tuple[int, int, int]:
 
 
 def _splits(units: int, programs: int, device: torch.device, multiple: int, forced: int | None) -> int:
-    """K splits (in sub-groups, each a multiple of `multiple`): enough programs for about four per SM."""
+    """K splits (in sub-groups, each a multiple of `multiple`): enough programs for PROGRAMS_PER_SM per SM."""
     if forced is not None:
         return max(1, min(forced, units))
     sms = num_sms(device)
     if sms is None:
         return 1
-    return max(1, min(triton.cdiv(4 * sms, programs), units // (2 * multiple)))
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, programs), units // (2 * multiple)))
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -156,7 +158,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
         _int4_gemv_kernel[(m, triton.cdiv(n, block_n), splits)](
             x2, qweight, scales, offsets, part, n, num_subs, per_split, group_size,
             x2.stride(0), qweight.stride(0), scales.stride(0), offsets.stride(0), part.stride(0), part.stride(1),
-            BLOCK_N=block_n, SUB=sub, UNROLL=GEMV_UNROLL, num_warps=4)
+            BLOCK_N=block_n, SUB=sub, UNROLL=GEMV_UNROLL, num_warps=GEMV_WARPS)
     else:
         block_m, block_n, warps = tile_shape(m)
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

@@ -25,8 +25,9 @@ GEMV_BLOCK_K = 512
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, n, k, stride_xm, stride_wn, stride_om,
-                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, row_scale_ptr, n, k, stride_xm, stride_wn, stride_om,
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      ROW_SCALE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n
@@ -45,6 +46,8 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, n, k, stride_xm, stri
             w = tl.load(w_rows + (k0 + kk)[None, :], mask=k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1) * tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if ROW_SCALE:   # W8A8: the input row's own quantization scale
+        y *= tl.load(row_scale_ptr + row)
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
@@ -89,17 +92,23 @@ def tile_shape(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 64, 8
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] @ (weight * scales[:, None])^T for a few rows, with the GEMV kernel: any 8-bit weight whose elements
-    convert exactly to fp32 (int8, float8_e4m3fn), any x dtype (e4m3 too). Returns [M, N] in out_dtype."""
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, row_scales: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+              block_n: int | None = None) -> torch.Tensor:
+    """y[m, n] = row_scales[m] * scales[n] * (x[m] . weight[n]) + bias[n] for a few rows, with the GEMV kernel: any
+    8-bit weight whose elements convert exactly to fp32 (int8, float8_e4m3fn) and any x dtype (e4m3 too: W8A8 with
+    per-token row_scales [M, 1] float32). Returns [M, N] in out_dtype (default x's); block_n: output rows per
+    program (None: gemv_block_n's choice)."""
     n, k = weight.shape
     m = x.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and x.shape[1] == k
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    block_n = gemv_block_n(n, x.device, GEMV_BLOCK_N, None)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    block_n = gemv_block_n(n, x.device, GEMV_BLOCK_N, block_n)
     _int8_gemv_kernel[(m, triton.cdiv(n, block_n))](
-        x, weight, scales, scales, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=False, EVEN_K=k % GEMV_BLOCK_K == 0, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K, num_warps=4)
+        x, weight, scales, bias if bias is not None else scales, out,
+        row_scales if row_scales is not None else scales, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % GEMV_BLOCK_K == 0, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K,
+        ROW_SCALE=row_scales is not None, num_warps=4)
     return out
 
 
@@ -119,12 +128,7 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return out.view(*x.shape[:-1], n)
     has_bias = bias is not None
     if m <= gemv_max_rows:
-        rows_per_program = gemv_block_n(n, x.device, GEMV_BLOCK_N, gemv_rows)
-        _int8_gemv_kernel[(m, triton.cdiv(n, rows_per_program))](
-            x2, qweight, scales, bias if has_bias else scales, out, n, k, x2.stride(0), qweight.stride(0),
-            out.stride(0), HAS_BIAS=has_bias, EVEN_K=k % GEMV_BLOCK_K == 0, BLOCK_N=rows_per_program,
-            BLOCK_K=GEMV_BLOCK_K, num_warps=4)
-        return out.view(*x.shape[:-1], n)
+        return int8_gemv(x2, qweight, scales, bias=bias, block_n=gemv_rows).view(*x.shape[:-1], n)
     block_m, block_n, block_k, warps = tile_shape(m)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)

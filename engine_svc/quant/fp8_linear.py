@@ -66,13 +66,12 @@ class Fp8Linear(nn.Module):
         if m <= GEMV_MAX_ROWS:
             from engine_svc.kernels.int8_matmul import int8_gemv
             xq, x_scale = quantize_rows_fp8(x2)
-            y = int8_gemv(xq, self.qweight, self.scales, out_dtype=torch.float32) * x_scale
-        else:
-            # zero padding rows (scale floor, zero output) up to _scaled_mm's multiple, sliced off below
-            xq, x_scale = quantize_rows_fp8(x2, m + (-m % SCALED_MM_MULTIPLE))
-            # Row-wise scaling produces bf16 only; qweight.t() is the column-major operand _scaled_mm wants.
-            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scales.view(1, -1),
-                                 out_dtype=torch.bfloat16)[:m]
+            return int8_gemv(xq, self.qweight, self.scales, row_scales=x_scale, bias=self.bias, out_dtype=x2.dtype)
+        # zero padding rows (scale floor, zero output) up to _scaled_mm's multiple, sliced off below
+        xq, x_scale = quantize_rows_fp8(x2, m + (-m % SCALED_MM_MULTIPLE))
+        # Row-wise scaling produces bf16 only; qweight.t() is the column-major operand _scaled_mm wants.
+        y = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scales.view(1, -1),
+                             out_dtype=torch.bfloat16)[:m]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x2.dtype)

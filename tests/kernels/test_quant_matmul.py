@@ -99,5 +99,7 @@ def test_gemv_takes_fp8_operands():
     gen = torch.Generator().manual_seed(9)
     xq, xs = quantize_fp8_rows(torch.randn(3, 600, generator=gen))
     wq, ws = quantize_fp8(torch.randn(40, 600, generator=gen))
-    y = int8_gemv(xq, wq, ws, out_dtype=torch.float32) * xs
-    torch.testing.assert_close(y, dequantize_fp8(xq, xs) @ dequantize_fp8(wq, ws).t(), rtol=1e-5, atol=1e-4)
+    bias = torch.randn(40, generator=gen)
+    y = int8_gemv(xq, wq, ws, row_scales=xs, bias=bias, out_dtype=torch.float32)
+    expected = dequantize_fp8(xq, xs) @ dequantize_fp8(wq, ws).t() + bias
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)

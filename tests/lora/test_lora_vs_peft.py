@@ -51,7 +51,8 @@ def run_mixed(engine):
         if first:   # the whole mix runs in one step (and every decode step after it)
             assert sorted(s.adapter or "" for s in out.scheduled) == sorted(a or "" for a in ADAPTERS)
             first = False
-        logits = engine.runner.forward_logits(out)
+        # A copy: a replayed CUDA graph returns its static output buffer, which the next replay overwrites.
+        logits = engine.runner.forward_logits(out).clone()
         sampling = [s for s in out.scheduled if s.samples]
         for row, s in enumerate(sampling):
             seen[s.request.request_id].append((list(seqs[s.request.request_id]), logits[row]))
