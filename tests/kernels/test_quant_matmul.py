@@ -16,6 +16,7 @@ from engine_svc.quant.int4_format import dequantize_int4, quantize_int4
 from engine_svc.quant.int8_format import dequantize_int8, quantize_int8
 
 TOL = dict(rtol=1e-4, atol=1e-4)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # compiled kernels there, else interpreted
 
 # (M, N, K, split_k); split_k only matters to the tiled kernel (M > 4)
 INT8_CASES = [(1, 70, 1024, None), (3, 12, 600, None), (5, 70, 300, 1), (5, 70, 640, 3), (37, 130, 512, 2),
@@ -26,8 +27,8 @@ INT4_CASES = [(1, 70, 512, 128, None), (3, 12, 256, 32, None), (1, 9, 192, 96, N
 
 def data(m, n, k, seed):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) * 0.1,
-            torch.randn(n, generator=gen))
+    return (torch.randn(m, k, generator=gen).to(DEV), (torch.randn(n, k, generator=gen) * 0.1).to(DEV),
+            torch.randn(n, generator=gen).to(DEV))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -86,6 +87,7 @@ def test_fp8_activation_quantization_kernel_matches_the_format(m, k, rows):
     from engine_svc.quant.fp8_format import SCALE_FLOOR, quantize_fp8_rows
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
     x[0, :7] = torch.tensor([0.0, 1e-9, -447.9, 7.93, 2.5e-3, -0.0, 1e4])   # floor, ties, clamp
+    x = x.to(DEV)
     q, s = quantize_rows_fp8(x, rows)
     q_ref, s_ref = quantize_fp8_rows(x)
     assert torch.equal(q[:m].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s[:m], s_ref)
@@ -97,9 +99,9 @@ def test_gemv_takes_fp8_operands():
     from engine_svc.kernels.int8_matmul import int8_gemv
     from engine_svc.quant.fp8_format import dequantize_fp8, quantize_fp8, quantize_fp8_rows
     gen = torch.Generator().manual_seed(9)
-    xq, xs = quantize_fp8_rows(torch.randn(3, 600, generator=gen))
-    wq, ws = quantize_fp8(torch.randn(40, 600, generator=gen))
-    bias = torch.randn(40, generator=gen)
+    xq, xs = quantize_fp8_rows(torch.randn(3, 600, generator=gen).to(DEV))
+    wq, ws = quantize_fp8(torch.randn(40, 600, generator=gen).to(DEV))
+    bias = torch.randn(40, generator=gen).to(DEV)
     y = int8_gemv(xq, wq, ws, row_scales=xs, bias=bias, out_dtype=torch.float32)
     expected = dequantize_fp8(xq, xs) @ dequantize_fp8(wq, ws).t() + bias
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
