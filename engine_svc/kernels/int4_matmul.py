@@ -13,8 +13,7 @@ nibble) halves, which meet the even and odd elements of x: no interleaving in re
   M rows). K is split until there are about four programs per SM.
 - tiled (M > GEMV_MAX_ROWS): grid (cdiv(M, BM), cdiv(N, BN), splits), one sub-group per K step, dequantized in
   registers to x's dtype and multiplied on the tensor cores.
-Nibbles become floats with an OR and a subtraction (nibble_to_float): the hardware's int-to-float conversion runs
-at a quarter of the FMA rate and would bound a 4-bit GEMV before memory does.
+Nibbles become floats by plain conversion: the OR-and-subtract form (nibble_to_float) measured slower here.
 Both write fp32 partials per split; one reduce sums them, adds the bias and rounds once (no atomics: runs are
 bitwise reproducible). Measured on an H100 (bf16, M = 1, CUDA graphs; benchmarks.quant_matmul): 0.5-0.7x the
 time of a bf16 F.linear of the same shape.
@@ -25,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.kernels._quant_matmul_common import (as_rows, dot, gemv_block_n, nibble_to_float, num_sms,
-                                                     reduce_splits)
+from engine_svc.kernels._quant_matmul_common import as_rows, dot, gemv_block_n, num_sms, reduce_splits
 
 GEMV_MAX_ROWS = 4
 GEMV_BLOCK_N = 64     # output rows per GEMV program (the GEMV settings: best of 96 on an H100, Llama-3-8B shapes)
@@ -70,7 +68,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, part_ptr, n, num_subs, subs_pe
         p = tl.load(w_ptr + safe[:, None] * stride_wn + byte[None, :], mask=live[None, :], other=0)
         xe = tl.load(x_row + 2 * byte, mask=live, other=0.0).to(tl.float32)
         xo = tl.load(x_row + 2 * byte + 1, mask=live, other=0.0).to(tl.float32)
-        prod = nibble_to_float(p & 0xF) * xe[None, :] + nibble_to_float(p >> 4) * xo[None, :]
+        prod = (p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :]
         xq = tl.sum(tl.reshape(prod, [BLOCK_N, UNROLL, HALF]), 2)              # x . q per sub-group
         xs = tl.sum(tl.reshape(xe + xo, [UNROLL, HALF]), 1)                    # sum x per sub-group
         g = (sg + u) * SUB // group_size
@@ -105,8 +103,8 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, part_ptr, m, n, group_size, 
         g = sg * SUB // group_size
         s = tl.load(s_ptr + safe_c * stride_sn + g).to(tl.float32)[None, :]
         o = tl.load(o_ptr + safe_c * stride_on + g).to(tl.float32)[None, :]
-        lo = (nibble_to_float(p & 0xF) * s + o).to(xe.dtype)
-        hi = (nibble_to_float(p >> 4) * s + o).to(xe.dtype)
+        lo = ((p & 0xF).to(tl.float32) * s + o).to(xe.dtype)
+        hi = ((p >> 4).to(tl.float32) * s + o).to(xe.dtype)
         acc += dot(xe, lo, IEEE) + dot(xo, hi, IEEE)
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm + cols[None, :], acc, mask=mask)
