@@ -124,11 +124,29 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
 
+QUANTIZED_BUFFER_NAMES = frozenset({"qweight", "scales", "offsets"})   # Int4Linear / Int8Linear (engine_svc.quant)
+
 # HF checkpoint name suffix -> (our parameter suffix, shard index within the fused parameter)
 _FUSED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+
+
+def fused_module_name(hf_module: str) -> str:
+    """The module of ours that holds an HF module's weight: model.layers.0.self_attn.q_proj -> ...qkv_proj."""
+    parent, _, leaf = hf_module.rpartition(".")
+    fused = _FUSED.get(leaf)
+    return f"{parent}.{fused[0]}" if fused else hf_module
+
+
+def loadable_tensors(model: nn.Module, remove_duplicate: bool = False) -> dict[str, torch.Tensor]:
+    """What a checkpoint fills: the parameters, and the quantized linears' buffers (int4 / int8 formats), whose
+    rows are output features like a weight's, so fused shards split them the same way."""
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=remove_duplicate))
+    tensors.update((name, buf) for name, buf in model.named_buffers(remove_duplicate=remove_duplicate)
+                   if name.rpartition(".")[2] in QUANTIZED_BUFFER_NAMES)
+    return tensors
 
 
 class LlamaForCausalLM(nn.Module):
@@ -168,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
+        params = loadable_tensors(self)
         filled: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -193,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
 
     def expected_weights(self) -> set[str]:
         names: set[str] = set()
-        for name, _ in self.named_parameters():
+        for name in loadable_tensors(self, remove_duplicate=True):
             leaf = name.rsplit(".", 2)
             if len(leaf) == 3 and leaf[-2] in ("qkv_proj", "gate_up_proj"):
                 names.update(f"{name}#{i}" for i in range(len(self.fused_shard_sizes(leaf[-2]))))
