@@ -43,7 +43,11 @@ def iter_gguf_quantized_weights(path: Path, quantization: str, is_quantized: Cal
             for buffer, tensor in zip(QUANTIZED_BUFFERS[quantization], _quantized(t, name, cfg, quantization)):
                 yield f"{layer}.{buffer}", tensor
 
-    return _Sized(gen(), len(reader.tensors))
+    def yields(t: ReaderTensor) -> int:
+        layer, _, leaf = hf_name(t.name).rpartition(".")
+        return len(QUANTIZED_BUFFERS[quantization]) if leaf == "weight" and is_quantized(layer) else 1
+
+    return _Sized(gen(), sum(yields(t) for t in reader.tensors))
 
 
 def _quantized(t: ReaderTensor, name: str, cfg: ModelConfig, quantization: str) -> tuple[torch.Tensor, ...]:

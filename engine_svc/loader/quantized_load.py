@@ -44,6 +44,27 @@ def plan_quantized_load(path: Path, cfg: ModelConfig, quantization: str, load_fo
     return None
 
 
+def build_quantized_linears(model: nn.Module, plan: QuantizedLoad, dtype: torch.dtype, use_triton: bool,
+                            device: torch.device | str = "meta") -> list[str]:
+    """Swaps the decoder linears (quantize_model.DECODER_LINEARS; not lm_head) for empty Int4Linear / Int8Linear
+    modules on `device` (meta before the model is materialised), for quantized_weights to fill."""
+    from engine_svc.quant.int4_linear import Int4Linear
+    from engine_svc.quant.int8_linear import Int8Linear
+    from engine_svc.quant.quantize_model import replace_linears
+
+    def make(_: str, linear: nn.Linear) -> nn.Module:
+        bias = linear.bias is not None
+        if plan.kind == "int8":
+            return Int8Linear(linear.in_features, linear.out_features, bias, dtype, device, use_triton)
+        return Int4Linear(linear.in_features, linear.out_features, plan.group_for(linear.in_features), bias, dtype,
+                          device, use_triton)
+
+    replaced = replace_linears(model, make)
+    if not replaced:
+        raise ValueError(f"{type(model).__name__} has no decoder linears to hold {plan.kind} weights")
+    return replaced
+
+
 def quantized_weights(path: Path, plan: QuantizedLoad, model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     if plan.packed is not None:
         from engine_svc.loader.hf_loader import iter_safetensors
