@@ -124,8 +124,6 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
 
-QUANTIZED_BUFFER_NAMES = frozenset({"qweight", "scales", "offsets"})   # Int4Linear / Int8Linear (engine_svc.quant)
-
 # HF checkpoint name suffix -> (our parameter suffix, shard index within the fused parameter)
 _FUSED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -141,11 +139,13 @@ def fused_module_name(hf_module: str) -> str:
 
 
 def loadable_tensors(model: nn.Module, remove_duplicate: bool = False) -> dict[str, torch.Tensor]:
-    """What a checkpoint fills: the parameters, and the quantized linears' buffers (int4 / int8 formats), whose
-    rows are output features like a weight's, so fused shards split them the same way."""
+    """What a checkpoint fills: the parameters, and every buffer of the quantized linears (int4 / int8 formats:
+    qweight, scales, offsets and their bias), whose rows are output features like a weight's, so fused shards
+    split them the same way."""
     tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=remove_duplicate))
-    tensors.update((name, buf) for name, buf in model.named_buffers(remove_duplicate=remove_duplicate)
-                   if name.rpartition(".")[2] in QUANTIZED_BUFFER_NAMES)
+    for prefix, module in model.named_modules(remove_duplicate=remove_duplicate):
+        if "qweight" in module._buffers:
+            tensors.update((f"{prefix}.{name}", buf) for name, buf in module.named_buffers(recurse=False))
     return tensors
 
 

@@ -71,3 +71,14 @@ def test_smollm2_gguf_quantized_load_matches_the_float_load(smollm2_gguf, smol_f
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     assert engine.generate([SMOL_PROMPT], greedy) == smol_float.generate([SMOL_PROMPT], greedy)
+
+
+def test_gptq_qwen2_with_qkv_bias(tmp_path):
+    """The biases of quantized linears are buffers of Int4Linear: the fused qkv bias shards fill them too."""
+    from tests.engine.test_family_qwen import write_tiny_qwen
+    quantized, reference = write_packed_pair(tmp_path, "gptq", write_plain=lambda p: write_tiny_qwen(p, "qwen2"))
+    engine = make_engine(quantized)
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Int4Linear) and qkv.bias is not None
+    ref = hf_model(reference)
+    assert_logits_match(engine, ref, steps=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,9 +29,11 @@ def _rtn(w: np.ndarray, group: int):
     return q.reshape(n, k).astype(np.int64), zero.astype(np.int64), scale, deq
 
 
-def write_packed_pair(root: Path, method: str, group: int = 32, seed: int = 0) -> tuple[Path, Path]:
-    """-> (quantized checkpoint dir, dequantized reference dir)."""
-    plain = write_tiny_llama(root / "plain", seed=seed)
+def write_packed_pair(root: Path, method: str, group: int = 32, seed: int = 0,
+                      write_plain: Callable[[Path], Path] | None = None) -> tuple[Path, Path]:
+    """-> (quantized checkpoint dir, dequantized reference dir). write_plain(path) writes the float checkpoint to
+    quantize (default: a tiny Llama)."""
+    plain = (write_plain or (lambda p: write_tiny_llama(p, seed=seed)))(root / "plain")
     tensors = load_file(plain / "model.safetensors")
     packed: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
