@@ -98,6 +98,7 @@ BENCHMARKS = {
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",
     "sampling": "benchmarks.sampling_overhead",
+    "quant": "benchmarks.quant_matmul",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling"}
 

@@ -144,3 +144,15 @@ def test_bench_runs_the_benchmark_module_with_the_default_model() -> None:
     assert cli.bench_command(args, default_model="unused")[1:] == ["-m", "benchmarks.engine_decode", "--model", "x.gguf"]
     args = cli.parse_args(["bench", "cancel", "--address", "h:1"])
     assert cli.bench_command(args)[1:] == ["-m", "benchmarks.cancel_latency", "--address", "h:1"]
+
+
+def test_serve_passes_quantization_to_the_engine_only_when_set() -> None:
+    from engine_svc.config import QUANTIZATIONS
+    assert cli.QUANTIZATIONS == QUANTIZATIONS                       # the gateway's copy of the engine's choices
+    args = cli.parse_args(["serve", "--model", "/m/x.gguf", "--quantization", "int4", "--", "--max-num-seqs", "8"])
+    argv = engine_argv(cli.topology_from_args(args, "/m/x.gguf"))
+    assert argv[-6:] == ["--dtype", "auto", "--quantization", "int4", "--max-num-seqs", "8"]
+    plain = engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+    assert "--quantization" not in plain
+    with pytest.raises(SystemExit):
+        cli.parse_args(["serve", "--quantization", "int3"])

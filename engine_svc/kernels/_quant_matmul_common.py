@@ -14,6 +14,7 @@ import triton.language as tl
 
 MIN_K_TILES_PER_SPLIT = 4     # a split streams at least this many K tiles: less and the reduction costs more
 REDUCE_BLOCK_N = 256
+INTERPRETER_GEMV_BLOCK_N = 256   # the interpreter pays per program, not per element: few wide programs off CUDA
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -34,6 +35,16 @@ def choose_split_k(output_tiles: int, k_tiles: int, device: torch.device) -> int
     if sms is None or output_tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, output_tiles), k_tiles // MIN_K_TILES_PER_SPLIT))
+
+
+def gemv_block_n(n: int, device: torch.device, cuda_block_n: int, block_n: int | None) -> int:
+    """Output rows per GEMV program: block_n if given, else the kernel's CUDA tiling, or wide programs when the
+    Triton interpreter runs the kernel (the arithmetic per row is the same)."""
+    if block_n is not None:
+        return block_n
+    if device.type == "cuda":
+        return cuda_block_n
+    return min(INTERPRETER_GEMV_BLOCK_N, max(cuda_block_n, triton.next_power_of_2(n)))
 
 
 @triton.jit

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.kernels._quant_matmul_common import (as_rows, choose_split_k, dot, nibble_to_float,
-                                                     reduce_splits)
+from engine_svc.kernels._quant_matmul_common import (as_rows, choose_split_k, dot, gemv_block_n,
+                                                     nibble_to_float, reduce_splits)
 
 GEMV_MAX_ROWS = 4
 GEMV_BLOCK_N = 8
@@ -123,10 +123,11 @@ def tile_shape(m: int) -> tuple[int, int, int]:
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
-                gemv_max_rows: int = GEMV_MAX_ROWS) -> torch.Tensor:
+                gemv_max_rows: int = GEMV_MAX_ROWS, gemv_rows: int | None = None) -> torch.Tensor:
     """x [..., K] (fp32/fp16/bf16), qweight uint8 [N, K // 2] (unit stride), scales and offsets [N, K // G], bias
     [N] or None -> [..., N] in x's dtype. split_k forces the K split of the tiled kernel (None: by the SM count);
-    gemv_max_rows: the largest M that takes the GEMV kernel (tests use it to reach both kernels)."""
+    gemv_max_rows: the largest M that takes the GEMV kernel (tests use it to reach both kernels);
+    gemv_rows: output rows per GEMV program (None: gemv_block_n's choice)."""
     n, half_k = qweight.shape
     k = 2 * half_k
     assert qweight.dtype == torch.uint8 and qweight.stride(1) == 1, "qweight must be uint8 [N, K // 2]"
@@ -142,10 +143,11 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     has_bias = bias is not None
     b = bias if has_bias else scales
     if m <= gemv_max_rows:
-        _int4_gemv_kernel[(m, triton.cdiv(n, GEMV_BLOCK_N))](
+        rows_per_program = gemv_block_n(n, x.device, GEMV_BLOCK_N, gemv_rows)
+        _int4_gemv_kernel[(m, triton.cdiv(n, rows_per_program))](
             x2, qweight, scales, offsets, b, out, n, k, group_size,
             x2.stride(0), qweight.stride(0), scales.stride(0), offsets.stride(0), out.stride(0),
-            HAS_BIAS=has_bias, BLOCK_N=GEMV_BLOCK_N, SUBS=GEMV_TILE_K // sub, SUB=sub, num_warps=4)
+            HAS_BIAS=has_bias, BLOCK_N=rows_per_program, SUBS=GEMV_TILE_K // sub, SUB=sub, num_warps=4)
         return out.view(*x.shape[:-1], n)
     block_m, block_n, warps = tile_shape(m)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.kernels._quant_matmul_common import as_rows, choose_split_k, dot, reduce_splits
+from engine_svc.kernels._quant_matmul_common import as_rows, choose_split_k, dot, gemv_block_n, reduce_splits
 
 GEMV_MAX_ROWS = 4
 GEMV_BLOCK_N = 4
@@ -90,10 +90,12 @@ def tile_shape(m: int) -> tuple[int, int, int, int]:
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                split_k: int | None = None, gemv_max_rows: int = GEMV_MAX_ROWS) -> torch.Tensor:
+                split_k: int | None = None, gemv_max_rows: int = GEMV_MAX_ROWS,
+                gemv_rows: int | None = None) -> torch.Tensor:
     """x [..., K] (fp32/fp16/bf16), qweight int8 [N, K] (unit stride along K), scales [N], bias [N] or None ->
     [..., N] in x's dtype. split_k forces the K split of the tiled kernel (None: by the SM count);
-    gemv_max_rows: the largest M that takes the GEMV kernel (tests use it to reach both kernels)."""
+    gemv_max_rows: the largest M that takes the GEMV kernel (tests use it to reach both kernels);
+    gemv_rows: output rows per GEMV program (None: gemv_block_n's choice)."""
     n, k = qweight.shape
     assert qweight.dtype == torch.int8 and qweight.stride(1) == 1, "qweight must be int8 [N, K], K contiguous"
     x2 = as_rows(x, k)
@@ -103,9 +105,10 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return out.view(*x.shape[:-1], n)
     has_bias = bias is not None
     if m <= gemv_max_rows:
-        _int8_gemv_kernel[(m, triton.cdiv(n, GEMV_BLOCK_N))](
+        rows_per_program = gemv_block_n(n, x.device, GEMV_BLOCK_N, gemv_rows)
+        _int8_gemv_kernel[(m, triton.cdiv(n, rows_per_program))](
             x2, qweight, scales, bias if has_bias else scales, out, n, k, x2.stride(0), qweight.stride(0),
-            out.stride(0), HAS_BIAS=has_bias, EVEN_K=k % GEMV_BLOCK_K == 0, BLOCK_N=GEMV_BLOCK_N,
+            out.stride(0), HAS_BIAS=has_bias, EVEN_K=k % GEMV_BLOCK_K == 0, BLOCK_N=rows_per_program,
             BLOCK_K=GEMV_BLOCK_K, num_warps=4)
         return out.view(*x.shape[:-1], n)
     block_m, block_n, block_k, warps = tile_shape(m)

@@ -141,12 +141,20 @@ def test_fp8_on_the_cpu_fails_at_start(checkpoint):
         Engine(EngineConfig(model=str(checkpoint), device="cpu", quantization="fp8", num_kv_blocks=8))
 
 
-def test_engine_with_triton_kernels_generates_like_the_torch_path(checkpoint):
-    """attention_backend=triton also routes the quantized linears to the Triton kernels (interpreted on the CPU):
-    the same greedy tokens as the torch reference path."""
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+def test_triton_backend_selects_the_kernels(checkpoint):
     for method in ("int8", "int4"):
-        torch_outs = make_engine(checkpoint, quantization=method).generate(PROMPTS, params)
-        engine = make_engine(checkpoint, quantization=method, attention_backend="triton")
-        assert engine.runner.model.model.layers[0].mlp.gate_up_proj.use_triton
-        assert engine.generate(PROMPTS, params) == torch_outs
+        model = make_engine(checkpoint, quantization=method, attention_backend="triton").runner.model
+        assert all(m.use_triton for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+        assert not any(m.use_triton for m in make_engine(checkpoint, quantization=method).runner.model.modules()
+                       if isinstance(m, (Int8Linear, Int4Linear)))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_engine_with_triton_kernels_generates_like_the_torch_path(checkpoint, method):
+    """The quantized linears on the Triton kernels (interpreted on the CPU; torch attention, to keep it quick):
+    the same greedy tokens as the torch reference path."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = make_engine(checkpoint, quantization=method).generate(PROMPTS, params)
+    engine = make_engine(checkpoint)
+    quantize_model(engine.runner.model, method, use_triton=True)
+    assert engine.generate(PROMPTS, params) == expected
