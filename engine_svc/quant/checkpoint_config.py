@@ -6,7 +6,8 @@ Fields read (as AutoAWQ / AutoGPTQ / transformers write them):
 - bits (AWQ also calls it w_bit): only 4.
 - group_size (AWQ also q_group_size): a positive group along the input dimension, or -1 for one group per row.
 - AWQ: version "gemm" (the layout awq.py reads); "gemv", "gemv_fast", "marlin", "exllama" are other layouts.
-  zero_point False is refused (no AWQ GEMM checkpoint without zero points is written by AutoAWQ).
+  zero_point False is refused (no AWQ GEMM checkpoint without zero points is written by AutoAWQ), and so is
+  modules_to_not_convert naming anything but lm_head (all decoder linears are loaded as int4).
 - GPTQ: sym, desc_act, static_groups, checkpoint_format ("gptq" = v1 with zero - 1 stored, "gptq_v2" = zero as is).
   desc_act (act order) is refused unless static_groups makes g_idx the trivial k // group_size; the loader
   still checks every layer's g_idx.
@@ -63,6 +64,9 @@ def _awq(q: dict[str, Any], bits: int, group: int) -> PackedQuantConfig:
         raise ValueError(f"AWQ version {version!r} is not supported; only 'gemm'")
     if not q.get("zero_point", True):
         raise ValueError("AWQ checkpoints without zero points are not supported")
+    kept_float = [m for m in q.get("modules_to_not_convert") or () if m != "lm_head"]
+    if kept_float:   # every decoder linear is built as int4; a float one among them would have nowhere to go
+        raise ValueError(f"AWQ checkpoints with unquantized decoder modules {kept_float} are not supported")
     return PackedQuantConfig("awq", bits, group)
 
 

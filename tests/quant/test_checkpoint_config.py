@@ -33,6 +33,7 @@ def test_gptq_v1_default_and_v2():
     ({"quant_method": "gptq", "bits": 3}, "3 bits"),
     ({"quant_method": "awq", "version": "gemv"}, "version 'gemv'"),
     ({"quant_method": "awq", "zero_point": False}, "without zero points"),
+    ({"quant_method": "awq", "modules_to_not_convert": ["lm_head", "mlp.gate"]}, r"modules \['mlp.gate'\]"),
     ({"quant_method": "gptq", "desc_act": True}, "desc_act"),
     ({"quant_method": "gptq", "checkpoint_format": "marlin"}, "marlin"),
     ({"quant_method": "gptq", "group_size": 0}, "positive or -1"),
