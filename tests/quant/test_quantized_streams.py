@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_svc.loader.gguf_loader import gguf_model_config, hf_name, iter_gguf_weights, open_gguf
+from engine_svc.loader.gguf_loader import gguf_model_config, iter_gguf_weights, open_gguf
 from engine_svc.loader.gguf_quantized import iter_gguf_quantized_weights
 from engine_svc.quant.checkpoint_config import PackedQuantConfig
 from engine_svc.quant.int4_format import dequantize_int4
