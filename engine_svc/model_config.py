@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine_svc.quant.checkpoint_config import PackedQuantConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     torch_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def checkpoint_quantization(self) -> "PackedQuantConfig | None":
+        """The AWQ / GPTQ quantization_config of an HF checkpoint (None when it has none); ValueError when the
+        checkpoint's quantization is one we cannot serve."""
+        from engine_svc.quant.checkpoint_config import parse_quantization_config
+        return parse_quantization_config(self.extra)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

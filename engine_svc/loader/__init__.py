@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from engine_svc.attention import AttentionBackend
+from engine_svc.loader.quantized_load import build_quantized_linears, plan_quantized_load, quantized_weights
 from engine_svc.model_config import ModelConfig
 from engine_svc.models import model_class
 
@@ -33,17 +34,23 @@ def _json_config(path: Path) -> ModelConfig:
 def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.device, dtype: torch.dtype,
                backend: AttentionBackend, quantization: str = "none") -> nn.Module:
     """quantization: none, or a method of engine_svc.quant.quantize_model applied once the weights are in (RTN);
-    int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do."""
+    int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do. AWQ / GPTQ
+    checkpoints (detected) and GGUF files with int4 / int8 load into quantized linears instead (quantized_load)."""
     cls = model_class(cfg.architecture)
     if quantization == "fp8":   # refused before minutes of loading, not after
         from engine_svc.quant.fp8_format import require_fp8_support
         require_fp8_support(device)
+    # An AWQ / GPTQ checkpoint, or a GGUF file asked for as int4 / int8, fills quantized linears directly.
+    plan = plan_quantized_load(path, cfg, quantization, load_format)
+    use_triton = backend.name == "triton"
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = cls(cfg, backend)
+            if plan is not None:
+                build_quantized_linears(model, plan, dtype, use_triton)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
@@ -53,16 +60,19 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)
     else:
-        weights = _weights_iter(path)
+        weights = _weights_iter(path) if plan is None else quantized_weights(path, plan, model)
         filled = model.load_weights(_progress(weights, path))
         missing = model.expected_weights() - filled
         if missing:
             raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:8]}")
     model.init_buffers(device)
     model.eval()
-    if quantization != "none":
+    if plan is not None:
+        print(f"[engine] loaded the decoder linears as {plan.kind} (group {plan.group_size})" if plan.kind == "int4"
+              else "[engine] loaded the decoder linears as int8", file=sys.stderr, flush=True)
+    elif quantization != "none":
         from engine_svc.quant.quantize_model import quantize_model
-        replaced = quantize_model(model, quantization, use_triton=backend.name == "triton")
+        replaced = quantize_model(model, quantization, use_triton=use_triton)
         print(f"[engine] quantized {len(replaced)} linear layers to {quantization}", file=sys.stderr, flush=True)
     print(f"[engine] loaded {cfg.architecture} ({load_format}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)

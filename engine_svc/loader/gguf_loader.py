@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from engine_svc.loader.hf_loader import _Sized
@@ -103,10 +103,20 @@ def hf_name(gguf_name: str) -> str:
     return f"{_GGUF_TO_HF[base]}.{kind}"
 
 
-def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k row permutation: per head, rows (pair, half) -> (half, pair)."""
+def unpermute_rotary(w, n_heads: int):
+    """Inverse of llama.cpp's q/k row permutation: per head, rows (pair, half) -> (half, pair). Works on numpy
+    arrays and torch tensors with rows first (weights, and a quantized layer's qweight / scales / offsets)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rotary_heads(name: str, cfg: ModelConfig) -> int | None:
+    """The head count whose rows llama.cpp permuted in this tensor (q and k projections), else None."""
+    if name.endswith("self_attn.q_proj.weight"):
+        return cfg.num_heads
+    if name.endswith("self_attn.k_proj.weight"):
+        return cfg.num_kv_heads
+    return None
 
 
 def iter_gguf_weights(path: Path) -> _Sized:
@@ -116,14 +126,18 @@ def iter_gguf_weights(path: Path) -> _Sized:
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
         for t in reader.tensors:
             name = hf_name(t.name)
-            w = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
-            w = w.reshape([int(d) for d in reversed(t.shape.tolist())])
-            if name.endswith("self_attn.q_proj.weight"):
-                w = unpermute_rotary(w, cfg.num_heads)
-            elif name.endswith("self_attn.k_proj.weight"):
-                w = unpermute_rotary(w, cfg.num_kv_heads)
-            if not w.flags.writeable or not w.flags.c_contiguous:  # F32 tensors are views of the read-only map
-                w = np.array(w, order="C")
-            yield name, torch.from_numpy(w)
+            yield name, dequantized_tensor(t, name, cfg)
 
     return _Sized(gen(), len(reader.tensors))
+
+
+def dequantized_tensor(t: ReaderTensor, name: str, cfg: ModelConfig) -> torch.Tensor:
+    """One GGUF tensor as float32 in HF's layout (q/k rows un-permuted)."""
+    w = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
+    w = w.reshape([int(d) for d in reversed(t.shape.tolist())])
+    heads = rotary_heads(name, cfg)
+    if heads:
+        w = unpermute_rotary(w, heads)
+    if not w.flags.writeable or not w.flags.c_contiguous:  # F32 tensors are views of the read-only map
+        w = np.array(w, order="C")
+    return torch.from_numpy(w)

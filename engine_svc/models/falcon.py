@@ -29,7 +29,7 @@ from torch import nn
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RotaryEmbedding
-from engine_svc.models.llama import paged_self_attention
+from engine_svc.models.llama import loadable_tensors, paged_self_attention
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
@@ -174,7 +174,7 @@ class FalconForCausalLM(nn.Module):
         return torch.cat([q, k, v], dim=0)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters(remove_duplicate=False))
+        params = loadable_tensors(self)
         filled: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -183,11 +183,11 @@ class FalconForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            if ".self_attention.query_key_value." in name:
+            if ".self_attention.query_key_value." in name:   # rows: a weight's, and a quantized one's buffers
                 tensor = self._qkv_to_engine_order(tensor)
             params[name].data.copy_(tensor)
             filled.add(name)
         return filled
 
     def expected_weights(self) -> set[str]:
-        return {name for name, _ in self.named_parameters()}
+        return set(loadable_tensors(self, remove_duplicate=True))

@@ -132,6 +132,24 @@ _FUSED = {
 }
 
 
+def fused_module_name(hf_module: str) -> str:
+    """The module of ours that holds an HF module's weight: model.layers.0.self_attn.q_proj -> ...qkv_proj."""
+    parent, _, leaf = hf_module.rpartition(".")
+    fused = _FUSED.get(leaf)
+    return f"{parent}.{fused[0]}" if fused else hf_module
+
+
+def loadable_tensors(model: nn.Module, remove_duplicate: bool = False) -> dict[str, torch.Tensor]:
+    """What a checkpoint fills: the parameters, and every buffer of the quantized linears (int4 / int8 formats:
+    qweight, scales, offsets and their bias), whose rows are output features like a weight's, so fused shards
+    split them the same way."""
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=remove_duplicate))
+    for prefix, module in model.named_modules(remove_duplicate=remove_duplicate):
+        if "qweight" in module._buffers:
+            tensors.update((f"{prefix}.{name}", buf) for name, buf in module.named_buffers(recurse=False))
+    return tensors
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -169,7 +187,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
+        params = loadable_tensors(self)
         filled: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -194,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
 
     def expected_weights(self) -> set[str]:
         names: set[str] = set()
-        for name, _ in self.named_parameters():
+        for name in loadable_tensors(self, remove_duplicate=True):
             leaf = name.rsplit(".", 2)
             if len(leaf) == 3 and leaf[-2] in ("qkv_proj", "gate_up_proj"):
                 names.update(f"{name}#{i}" for i in range(len(self.fused_shard_sizes(leaf[-2]))))
