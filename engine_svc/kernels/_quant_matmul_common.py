@@ -1,6 +1,5 @@
 """Shared by the quantized matmul kernels (int8_matmul, int4_matmul): the split-K heuristic, the kernel that sums
-the splits' fp32 partials (adding the bias and rounding to the output dtype), and exact small-integer -> float
-conversion.
+the splits' fp32 partials (adding the bias and rounding to the output dtype), and the fp32-exact dot.
 
 Split-K: when the output tiles alone would leave SMs idle (small M, small N), the K range is cut into `splits`
 contiguous slices; each program writes an fp32 partial [M, N] for its slice and one extra launch sums them. The
@@ -69,13 +68,6 @@ def reduce_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.
         partials, bias if bias is not None else partials, out, n, splits,
         partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block)
     return out
-
-
-@triton.jit
-def nibble_to_float(q):
-    """An integer in [0, 2**23) -> the same value in fp32, exactly, with an OR and a subtraction instead of an
-    int-to-float conversion (slower on the GPU): 2**23 + q has q as its mantissa bits."""
-    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit

@@ -13,7 +13,6 @@ nibble) halves, which meet the even and odd elements of x: no interleaving in re
   M rows). K is split until there are about four programs per SM.
 - tiled (M > GEMV_MAX_ROWS): grid (cdiv(M, BM), cdiv(N, BN), splits), one sub-group per K step, dequantized in
   registers to x's dtype and multiplied on the tensor cores.
-Nibbles become floats by plain conversion: the OR-and-subtract form (nibble_to_float) measured slower here.
 Both write fp32 partials per split; one reduce sums them, adds the bias and rounds once (no atomics: runs are
 bitwise reproducible). Measured on an H100 (bf16, M = 1, CUDA graphs; benchmarks.quant_matmul): 0.5-0.7x the
 time of a bf16 F.linear of the same shape.
