@@ -8,7 +8,6 @@ import math
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import serve_load
