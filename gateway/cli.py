@@ -13,8 +13,8 @@ import sys
 from gateway.generate_client import GenerateOptions, run_generate
 from gateway.launcher import LauncherConfig, run_stack
 from gateway.model_fetch import DEFAULT_MODEL, resolve_model
-from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_TOKENIZER_PORT,
-                                      ServiceTopology, local_topology)
+from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT,
+                                      DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
                        help="tokenizer service port on 127.0.0.1")
     serve.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port on 127.0.0.1")
+    serve.add_argument("--metrics-port", type=_non_negative_int, default=DEFAULT_METRICS_PORT,
+                       help="the gateway's Prometheus /metrics HTTP port, on --host (default %(default)s; 0: off)")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
     serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
     serve.add_argument("--lora", dest="lora_modules", action="append", type=_lora_module, default=[],
@@ -148,7 +150,8 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
                           device=args.device, dtype=args.dtype, quantization=args.quantization,
                           kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=tuple(args.engine_args),
-                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules))
+                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules),
+                          metrics_port=args.metrics_port)
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:

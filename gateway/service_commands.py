@@ -22,6 +22,7 @@ SERVICE_NAMES = (TOKENIZER, ENGINE, GATEWAY)
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_TOKENIZER_PORT = 50052
 DEFAULT_ENGINE_PORT = 50053
+DEFAULT_METRICS_PORT = 9090    # `tandem serve`'s; the gateway itself and compose leave metrics off
 
 # In docker compose the model service fetches into a named volume mounted here, with TANDEM_CACHE=/cache,
 # so model_fetch.cache_dir() is /cache/models.
@@ -64,6 +65,7 @@ class ServiceTopology:
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
+    metrics_port: int = 0               # the gateway's Prometheus /metrics port, on gateway_host; 0: off
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -85,10 +87,13 @@ class ServiceTopology:
             name, sep, path = module.partition("=") if isinstance(module, str) else ("", "", "")
             if not (sep and name and path):
                 raise ValueError(f"lora_modules entries must be NAME=PATH, got {module!r}")
-        ports = (self.gateway_port, self.tokenizer_port, self.engine_port)
+        if self.metrics_port != 0:
+            _check_port("metrics_port", self.metrics_port)
+        ports = (self.gateway_port, self.tokenizer_port, self.engine_port) + (
+            (self.metrics_port,) if self.metrics_port else ())
         if len(set(ports)) != len(ports):
             # All three share one host when run by the launcher, so a shared port is always a clash.
-            raise ValueError(f"gateway, tokenizer and engine ports must differ, got {ports}")
+            raise ValueError(f"gateway, tokenizer, engine (and metrics) ports must differ, got {ports}")
 
 
 def local_topology(model_path: str, **overrides) -> ServiceTopology:
@@ -129,7 +134,8 @@ def engine_argv(t: ServiceTopology) -> list[str]:
 def gateway_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "gateway", "--host", t.gateway_host, "--port", str(t.gateway_port),
             "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
-            "--engine", f"{t.engine_host}:{t.engine_port}"]
+            "--engine", f"{t.engine_host}:{t.engine_port}",
+            *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else [])]
 
 
 def model_fetch_argv(python: str) -> list[str]:

@@ -35,8 +35,17 @@ def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
                                          "--max-num-seqs", "64", "--port", "not-for-the-launcher"]
     assert tokenizer_argv(topology)[-2:] == ["--port", "6001"]
     assert gateway_argv(topology)[3:] == ["--host", "127.0.0.1", "--port", "6000", "--tokenizer",
-                                          "127.0.0.1:6001", "--engine", "127.0.0.1:6002"]
+                                          "127.0.0.1:6001", "--engine", "127.0.0.1:6002", "--metrics-port", "9090"]
     assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
+
+
+def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
+    on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
+    assert gateway_argv(on)[-2:] == ["--metrics-port", "9191"]
+    off = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "0"]), "/m/x.gguf")
+    assert "--metrics-port" not in gateway_argv(off)
+    with pytest.raises(ValueError, match="ports must differ"):
+        cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "50051"]), "/m/x.gguf")
 
 
 def test_serve_passes_the_kv_cache_dtype_to_the_engine_only_when_set() -> None:
