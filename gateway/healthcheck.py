@@ -23,8 +23,13 @@ _CHANNEL_OPTIONS = (
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+def open_channel(address: str, tls_roots: bytes | None = None, tls_server_name: str | None = None) -> grpc.Channel:
+    """Plaintext, or TLS trusting tls_roots (PEM) when given; tls_server_name overrides the name the certificate
+    is checked against (the probe dials 127.0.0.1, which a public certificate may not name)."""
+    if tls_roots is None:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    options = _CHANNEL_OPTIONS + ((("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ())
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_roots), options=options)
 
 
 def check(channel: grpc.Channel, timeout_s: float) -> str:

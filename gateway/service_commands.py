@@ -64,6 +64,14 @@ class ServiceTopology:
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
+    # TLS on the public port only: internal services stay plaintext on loopback (or the compose network).
+    gateway_tls_cert: str | None = None
+    gateway_tls_key: str | None = None
+    gateway_extra_args: tuple[str, ...] = ()   # the gateway's own flags (API keys, limits, drain, logs), last
+    # Only for the launcher's health probe of a TLS gateway: the CA to trust (default: the certificate file, right
+    # for a self-signed one) and the name to check the certificate against (default: the dialled 127.0.0.1).
+    gateway_tls_ca: str | None = None
+    gateway_tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -85,6 +93,11 @@ class ServiceTopology:
             name, sep, path = module.partition("=") if isinstance(module, str) else ("", "", "")
             if not (sep and name and path):
                 raise ValueError(f"lora_modules entries must be NAME=PATH, got {module!r}")
+        if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
+            raise ValueError("gateway_tls_cert and gateway_tls_key go together")
+        if not isinstance(self.gateway_extra_args, tuple) or not all(
+                isinstance(a, str) for a in self.gateway_extra_args):
+            raise ValueError("gateway_extra_args must be a tuple of strings")
         ports = (self.gateway_port, self.tokenizer_port, self.engine_port)
         if len(set(ports)) != len(ports):
             # All three share one host when run by the launcher, so a shared port is always a clash.
@@ -129,7 +142,9 @@ def engine_argv(t: ServiceTopology) -> list[str]:
 def gateway_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "gateway", "--host", t.gateway_host, "--port", str(t.gateway_port),
             "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
-            "--engine", f"{t.engine_host}:{t.engine_port}"]
+            "--engine", f"{t.engine_host}:{t.engine_port}",
+            *(("--tls-cert", t.gateway_tls_cert, "--tls-key", t.gateway_tls_key) if t.gateway_tls_cert else ()),
+            *t.gateway_extra_args]
 
 
 def model_fetch_argv(python: str) -> list[str]:
