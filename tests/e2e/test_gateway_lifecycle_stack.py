@@ -159,6 +159,15 @@ def test_past_max_in_flight_resource_exhausted_carries_retry_after_ms(secured, s
     _wait(lambda: _engine_idle(secured.engine_address), "the engine freeing the cancelled requests", 60)
 
 
+def test_engine_capacity_rejection_carries_retry_after_ms_too(stub):
+    # 256 KV blocks of 16 tokens hold 4096 tokens; the engine refuses what could never fit (RESOURCE_EXHAUSTED).
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(api.GenerateRequest(prompt="Hi", params=api.GenerationParams(max_tokens=6000)),
+                      metadata=AUTH, timeout=60)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV blocks" in e.value.details()
+    assert dict(e.value.trailing_metadata())[RETRY_AFTER_KEY] == "1000"
+
+
 def test_size_limits(stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(api.GenerateRequest(prompt="x" * 2001), metadata=AUTH, timeout=60)
