@@ -112,6 +112,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
             if record.first_token_at is None and (response.token_ids or response.text):
                 record.first_token_at = time.monotonic()
                 _emit(record, "first_token")
+            record.output_tokens += len(response.token_ids)   # so far; a stream's usage (at its end) settles it
             if response.HasField("usage"):
                 record.prompt_tokens = response.usage.prompt_tokens
                 record.output_tokens = response.usage.completion_tokens
@@ -123,7 +124,8 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
         def failed(record: RequestRecord, context, error: BaseException) -> None:
             if isinstance(error, asyncio.CancelledError):
                 expired = context.time_remaining() is not None and context.time_remaining() <= 0
-                status, message = ("DEADLINE_EXCEEDED" if expired else "CANCELLED"), "ended by the client"
+                status, message = ("DEADLINE_EXCEEDED", "the client's deadline passed") if expired \
+                    else ("CANCELLED", "cancelled by the client")
                 code = context.code()
                 if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
                     status, message = code.name, context.details() or message

@@ -169,7 +169,8 @@ def test_drain_refuses_new_calls_reports_not_serving_and_lets_in_flight_finish()
     _run(_config(), scenario)
 
 
-def test_drain_timeout_ends_the_rest_with_unavailable_and_cancels_their_work():
+def test_drain_timeout_ends_the_rest_with_unavailable_and_cancels_their_work(caplog):
+    caplog.set_level(logging.INFO, logger="tandem.gateway.requests")
     async def scenario(stub, _h, servicer, server, health_servicer, admission):
         inflight = stub.GenerateStream(api.GenerateRequest(prompt="x"))
         assert (await inflight.read()).text == "a"
@@ -179,6 +180,8 @@ def test_drain_timeout_ends_the_rest_with_unavailable_and_cancels_their_work():
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
         assert servicer.cancelled == 1   # the servicer's cleanup (the engine abort) ran
     _run(_config(), scenario)
+    errors = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "error"]
+    assert [(e["status"], e["output_tokens"]) for e in errors] == [("UNAVAILABLE", 1)]   # tokens sent so far
 
 
 # --- request ids and logs ------------------------------------------------------------------------------------------
