@@ -51,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Exit 0 when the service at ADDRESS reports SERVING.")
     parser.add_argument("address", help="HOST:PORT of a Tandem service")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    parser.add_argument("--tls-ca", help="probe over TLS, trusting this PEM CA")
+    parser.add_argument("--tls-server-name", help="name the certificate is checked against")
     args = parser.parse_args(argv)
-    with open_channel(args.address) as channel:
+    roots = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            roots = f.read()
+    with open_channel(args.address, roots, args.tls_server_name) as channel:
         status = check(channel, args.timeout)
     if status != "SERVING":
         print(f"{args.address}: {status}", file=sys.stderr)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gateway import healthcheck
 from gateway.admission import RETRY_AFTER_KEY, Admission
 from gateway.auth import ENV_VAR, check_metadata, key_matches, load_api_keys
 from gateway.config import GatewayConfig
@@ -20,6 +21,7 @@ from gateway.request_log import InvalidRequestId, validate_request_id
 from gateway.validation import InvalidRequest, validate
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
+from tests.tls_certs import write_ca_and_server_cert
 
 KEY = "s3cret-key"
 
@@ -256,3 +258,33 @@ def test_max_prompt_chars():
     chat = api.Chat(messages=[api.ChatMessage(role="user", content="x" * 6)] * 2)
     with pytest.raises(InvalidRequest, match="chat.messages: 12 characters of content, more than the limit of 10"):
         validate(api.GenerateRequest(chat=chat), config, 100)
+
+
+# --- TLS -----------------------------------------------------------------------------------------------------------
+
+def test_tls_port_serves_a_client_with_the_ca_and_the_healthcheck_probe(tmp_path):
+    tls = write_ca_and_server_cert(tmp_path)
+    config = _config(tls_cert=str(tls.cert), tls_key=str(tls.key))
+
+    async def main():
+        server, servicer, health_servicer, _admission, address = await _start(config)
+        servicer.release.set()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        port = address.rsplit(":", 1)[1]
+        try:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls.ca.read_bytes())
+            async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
+                out = await _collect(generation_pb2_grpc.GenerationStub(channel).GenerateStream(
+                    api.GenerateRequest(prompt="x")))
+                assert "".join(r.text for r in out) == "abc"
+            async with grpc.aio.insecure_channel(address) as plain:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await _collect(generation_pb2_grpc.GenerationStub(plain).GenerateStream(
+                        api.GenerateRequest(prompt="x"), timeout=10))
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            probe = await asyncio.to_thread(healthcheck.main, [address, "--tls-ca", str(tls.ca)])
+            plain_probe = await asyncio.to_thread(healthcheck.main, [address, "--timeout", "2"])
+            assert (probe, plain_probe) == (0, 1)
+        finally:
+            await server.stop(0)
+    asyncio.run(main())

@@ -23,7 +23,7 @@ from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
 from tests.e2e.conftest import START_TIMEOUT_S, free_port
 from tests.e2e.test_grpcurl import _split_json_stream, grpcurl
-from tests.e2e.tls_certs import TlsFiles, write_ca_and_server_cert
+from tests.tls_certs import TlsFiles, write_ca_and_server_cert
 
 KEY = "tandem-test-key-0123456789"
 AUTH = (("authorization", f"Bearer {KEY}"),)
