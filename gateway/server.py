@@ -12,10 +12,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import admin
+from gateway.admission import Admission, retry_hint
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_export import MetricsPortError, poll_engine_load, serve_metrics_http
+from gateway.logs import setup_logging
 from gateway.pipeline import Failure, Pipeline
+from gateway.public_server import add_public_port, create_server, drain
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
@@ -114,7 +117,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 item = await handle.queue.get()
                 if isinstance(item, Failure):
                     finished = True
-                    await context.abort(item.code, item.message)
+                    hint = retry_hint(self.config.retry_after_ms) \
+                        if item.code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
+                    await context.abort(item.code, item.message, hint)
                 r, d = item.result, item.delta
                 completion_tokens += len(r.token_ids)
                 chunk = api.GenerateStreamResponse(request_id=request_id, index=item.index, text=r.text,
@@ -192,7 +197,9 @@ def _add_logprobs(chunk: api.GenerateStreamResponse, d: epb.RequestDelta, r, pro
 
 
 async def serve(config: GatewayConfig) -> None:
-    server = grpc.aio.server()
+    setup_logging(config.log_format)
+    admission = Admission(config.max_in_flight, config.retry_after_ms)
+    server = create_server(config, admission)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
@@ -203,7 +210,7 @@ async def serve(config: GatewayConfig) -> None:
     admin_pb2_grpc.add_AdminServicer_to_server(admin.AdminServicer(pipeline.engine_stub), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, admin.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_public_port(server, config)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -235,8 +242,10 @@ async def serve(config: GatewayConfig) -> None:
           + (f", metrics on http://{config.host}:{config.metrics_port}/metrics" if metrics_http else ""),
           file=sys.stderr, flush=True)
     await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5.0)
+    print(f"gateway: draining {admission.in_flight} requests (up to {config.drain_timeout_s:g} s)",
+          file=sys.stderr, flush=True)
+    ended = await drain(server, health_servicer, admission, config.drain_timeout_s)
+    print(f"gateway: drained; {ended} requests ended by the drain timeout", file=sys.stderr, flush=True)
     if poller is not None:
         poller.cancel()
         metrics_http.shutdown()

@@ -66,6 +66,14 @@ class ServiceTopology:
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
     metrics_port: int = 0               # the gateway's Prometheus /metrics port, on gateway_host; 0: off
+    # TLS on the public port only: internal services stay plaintext on loopback (or the compose network).
+    gateway_tls_cert: str | None = None
+    gateway_tls_key: str | None = None
+    gateway_extra_args: tuple[str, ...] = ()   # the gateway's own flags (API keys, limits, drain, logs), last
+    # Only for the launcher's health probe of a TLS gateway: the CA to trust (default: the certificate file, right
+    # for a self-signed one) and the name to check the certificate against (default: the dialled 127.0.0.1).
+    gateway_tls_ca: str | None = None
+    gateway_tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -89,6 +97,11 @@ class ServiceTopology:
                 raise ValueError(f"lora_modules entries must be NAME=PATH, got {module!r}")
         if self.metrics_port != 0:
             _check_port("metrics_port", self.metrics_port)
+        if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
+            raise ValueError("gateway_tls_cert and gateway_tls_key go together")
+        if not isinstance(self.gateway_extra_args, tuple) or not all(
+                isinstance(a, str) for a in self.gateway_extra_args):
+            raise ValueError("gateway_extra_args must be a tuple of strings")
         ports = (self.gateway_port, self.tokenizer_port, self.engine_port) + (
             (self.metrics_port,) if self.metrics_port else ())
         if len(set(ports)) != len(ports):
@@ -135,7 +148,9 @@ def gateway_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "gateway", "--host", t.gateway_host, "--port", str(t.gateway_port),
             "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
             "--engine", f"{t.engine_host}:{t.engine_port}",
-            *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else [])]
+            *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else []),
+            *(("--tls-cert", t.gateway_tls_cert, "--tls-key", t.gateway_tls_key) if t.gateway_tls_cert else ()),
+            *t.gateway_extra_args]
 
 
 def model_fetch_argv(python: str) -> list[str]:
