@@ -33,15 +33,45 @@ from engine_svc.config import ATTENTION_BACKENDS, DEVICES, EngineConfig
 GB = 1 << 30   # the engine's memory plan prints GB of 2^30 bytes; the table matches it
 CPU_DEFAULT_MODES = ["fp32", "bf16", "int8", "int4"]
 CUDA_DEFAULT_MODES = ["bf16", "fp16", "int8", "int4", "fp8", "fp8kv"]
+CPU_TOKEN_BUDGET, CUDA_TOKEN_BUDGET = 2048, 8192   # tokens per engine step, as the engine's own defaults
 
 
 def say(message: str) -> None:
     print(f"[eval] {message}", file=sys.stderr, flush=True)
 
 
+def windows_in_flight(budget: int, context: int) -> int:
+    """Windows to keep in the engine so each step's token budget is filled: a step may end one window's prefill
+    and start the next ones."""
+    return budget // context + 2
+
+
+def eval_engine_config(model: str, args: argparse.Namespace, device_type: str, windows: list[list[int]],
+                       prompts: list[list[int]]) -> EngineConfig:
+    """The engine settings every mode shares. The KV cache is sized for what the eval runs (the windows in
+    flight, or all the greedy prompts at once), not from free memory: the same cache in every mode, and no
+    gigabytes of it allocated on a CPU for a few windows. No prefix caching: windows never share a prefix, and
+    greedy outputs must not depend on what ran before."""
+    block = 16
+
+    def blocks(tokens: int) -> int:
+        return -(-tokens // block)
+
+    budget = CUDA_TOKEN_BUDGET if device_type == "cuda" else CPU_TOKEN_BUDGET
+    longest = max(len(w) for w in windows)
+    in_flight = min(len(windows), windows_in_flight(budget, longest))
+    scoring = in_flight * blocks(longest + 1)
+    greedy = sum(blocks(len(p) + args.gen_len) for p in prompts)
+    return EngineConfig(model=model, device=args.device, attention_backend=args.attention_backend,
+                        enforce_eager=args.enforce_eager, enable_prefix_caching=False, block_size=block,
+                        max_num_batched_tokens=budget, max_num_seqs=max(in_flight, len(prompts)),
+                        num_kv_blocks=max(scoring, greedy))
+
+
 def evaluate_mode(base: EngineConfig, mode: Mode, windows: list[list[int]], prompts: list[list[int]],
                   gen_len: int) -> dict:
-    """Loads the model in `mode`, scores the windows and generates greedily; the engine is freed on return."""
+    """Loads the model in `mode`, scores the windows and generates greedily. The engine is unreachable once this
+    returns or raises; free_memory then gives its memory back."""
     from dataclasses import replace
 
     from benchmarks.quality_runs import greedy_outputs, precision_problem, window_nll
@@ -51,39 +81,36 @@ def evaluate_mode(base: EngineConfig, mode: Mode, windows: list[list[int]], prom
     say(f"{mode.name}: loading ({mode.describe()})")
     t0 = time.perf_counter()
     engine = Engine(config)
-    try:
-        problem = precision_problem(engine, mode)
-        if problem:
-            raise RuntimeError(problem)
-        if max(len(w) for w in windows) >= engine.config.max_model_len:
-            raise ValueError(f"--context {max(len(w) for w in windows)} must be below the engine's max_model_len "
-                             f"{engine.config.max_model_len}")
-        tenth = max(1, len(windows) // 10)
+    problem = precision_problem(engine, mode)
+    if problem:
+        raise RuntimeError(problem)
+    longest = max(len(w) for w in windows)
+    if longest >= engine.config.max_model_len:
+        raise ValueError(f"--context {longest} must be below the engine's max_model_len {engine.config.max_model_len}")
+    tenth = max(1, len(windows) // 10)
 
-        def progress(done: int, total: int) -> None:
-            if done % tenth == 0 or done == total:
-                say(f"{mode.name}: perplexity windows {done}/{total}")
+    def progress(done: int, total: int) -> None:
+        if done % tenth == 0 or done == total:
+            say(f"{mode.name}: perplexity windows {done}/{total}")
 
-        nll, count = window_nll(engine, windows, progress)
-        say(f"{mode.name}: greedy, {len(prompts)} prompts x {gen_len} tokens")
-        outputs = greedy_outputs(engine, prompts, gen_len) if prompts else []
-        plan = engine.runner.plan
-        return {"mode": mode.name, "dtype": str(engine.runner.dtype).split(".")[-1],
-                "quantization": mode.quantization, "kv_cache_dtype": mode.kv_cache_dtype,
-                "weights_bytes": plan.weights_bytes, "kv_bytes_per_token": plan.kv_bytes_per_token,
-                "nll_sum": nll, "predicted_tokens": count, "perplexity": perplexity(nll, count),
-                "seconds": time.perf_counter() - t0, "greedy_outputs": outputs}
-    finally:
-        _release(engine)
+    in_flight = windows_in_flight(engine.config.max_num_batched_tokens, longest)
+    nll, count = window_nll(engine, windows, in_flight, progress)
+    say(f"{mode.name}: greedy, {len(prompts)} prompts x {gen_len} tokens")
+    outputs = greedy_outputs(engine, prompts, gen_len) if prompts else []
+    plan = engine.runner.plan
+    return {"mode": mode.name, "dtype": str(engine.runner.dtype).split(".")[-1],
+            "quantization": mode.quantization, "kv_cache_dtype": mode.kv_cache_dtype,
+            "weights_bytes": plan.weights_bytes, "kv_bytes_per_token": plan.kv_bytes_per_token,
+            "nll_sum": nll, "predicted_tokens": count, "perplexity": perplexity(nll, count),
+            "seconds": time.perf_counter() - t0, "greedy_outputs": outputs}
 
 
-def _release(engine) -> None:
-    """Frees the engine's weights and KV cache before the next mode loads (on a GPU both may not fit twice)."""
-    import torch
-    device = engine.runner.device
-    del engine
+def free_memory(device_type: str) -> None:
+    """Gives the last mode's weights and KV cache back before the next mode loads (on a GPU both may not fit
+    twice)."""
     gc.collect()
-    if device.type == "cuda":
+    if device_type == "cuda":
+        import torch
         torch.cuda.empty_cache()
 
 
@@ -191,9 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [tokenizer.encode_text(t) for t in prompt_texts[:args.num_prompts]]
     say(f"{len(ids)} text tokens in {len(windows)} windows; {len(prompts)} prompts; modes {[m.name for m in modes]}")
 
-    # No prefix caching: windows never share a prefix, and greedy outputs must not depend on what ran before.
-    base = EngineConfig(model=model, device=args.device, attention_backend=args.attention_backend,
-                        enforce_eager=args.enforce_eager, enable_prefix_caching=False)
+    base = eval_engine_config(model, args, device.type, windows, prompts)
     rows = []
     for mode in modes:
         try:
@@ -204,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"the reference mode {reference} failed: {err}") from err
             say(f"{mode.name}: failed: {err}")
             row = {"mode": mode.name, "error": str(err)}
+        free_memory(device.type)
         rows.append(row)
     compare(rows, reference)
     result = {"benchmark": "quality_eval", "model": Path(model).name, "model_path": model, "device": str(device),

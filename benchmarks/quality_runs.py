@@ -15,15 +15,16 @@ from engine_svc.engine import Engine
 _SCORE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_logprobs=0)
 
 
-def window_nll(engine: Engine, windows: list[list[int]],
+def window_nll(engine: Engine, windows: list[list[int]], max_in_flight: int,
                on_window: Callable[[int, int], None] = lambda done, total: None) -> tuple[float, int]:
     """(summed NLL, tokens predicted) over the windows, each scored as the prompt of its own request. At most
-    max_num_seqs windows are queued at once, so any number of windows stays within the engine's queue bound."""
+    max_in_flight windows are in the engine at once: enough to fill a step's token budget, while the KV cache
+    needs room for only that many and any number of windows stays within the engine's queue bound."""
     pending = deque(enumerate(windows))
     live: set[str] = set()
     nll, count, done = 0.0, 0, 0
     while pending or engine.has_work():
-        while pending and len(live) < engine.config.max_num_seqs:
+        while pending and len(live) < max_in_flight:
             i, window = pending.popleft()
             rid = f"ppl-{i}"
             engine.add_request(rid, window, _SCORE)

@@ -144,3 +144,11 @@ def test_bench_runs_the_benchmark_module_with_the_default_model() -> None:
     assert cli.bench_command(args, default_model="unused")[1:] == ["-m", "benchmarks.engine_decode", "--model", "x.gguf"]
     args = cli.parse_args(["bench", "cancel", "--address", "h:1"])
     assert cli.bench_command(args)[1:] == ["-m", "benchmarks.cancel_latency", "--address", "h:1"]
+
+
+def test_eval_hands_every_argument_to_the_eval_module() -> None:
+    # Options right after `eval` are the module's, not argparse's own (they would be refused as unknown).
+    args = cli.parse_args(["eval", "--modes", "fp32", "int8", "--max-tokens", "64"])
+    assert cli.eval_command(args)[1:] == ["-m", "benchmarks.quality_eval", "--modes", "fp32", "int8",
+                                          "--max-tokens", "64"]
+    assert cli.eval_command(cli.parse_args(["eval"]))[1:] == ["-m", "benchmarks.quality_eval"]
