@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "latency", "model": engine.model_name, "model_path": args.model,
               "load_format": args.load_format, "device": str(engine.runner.device),
               "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.runner.backend.name,
-              "cuda_graphs": engine.runner.graphs is not None, "async_scheduling": engine.async_scheduling,
+              "quantization": engine.config.quantization, "cuda_graphs": engine.runner.graphs is not None, "async_scheduling": engine.async_scheduling,
               "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft}
     write_json(args.json, result)
     return result

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import engine_svc
-from engine_svc.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+from engine_svc.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig
 
 CONFIGS_DIR = Path(engine_svc.__file__).resolve().parent / "configs"
 
@@ -45,6 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="auto: triton on CUDA, torch on the CPU")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="weight quantization on load: int8, int4 (group 128, RTN), fp8 (W8A8, Ada/Hopper)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
                    help="overlap scheduling with the device (engine default: on CUDA only)")
@@ -69,7 +71,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     """EngineConfig from the shared arguments; `overrides` are the benchmark's own settings (e.g. max_waiting).
     Unset optional arguments keep the engine's defaults."""
     fields = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                  attention_backend=args.attention_backend, max_num_batched_tokens=args.max_num_batched_tokens,
+                  attention_backend=args.attention_backend, quantization=args.quantization,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                   enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     if args.max_num_seqs is not None:
@@ -82,6 +85,8 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
     """The same settings as `python -m engine_svc` arguments, for a stack started with `tandem serve -- ...`.
     device and dtype are `tandem serve` options of their own and are not included."""
     out = ["--load-format", args.load_format, "--attention-backend", args.attention_backend]
+    if args.quantization != "none":
+        out += ["--quantization", args.quantization]
     if args.enforce_eager:
         out.append("--enforce-eager")
     if args.async_scheduling is not None:
@@ -97,8 +102,9 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
 def describe(engine) -> str:
     """One line naming what ran: model, device, dtype, backend, budget."""
     cfg = engine.config
+    weights = "" if cfg.quantization == "none" else f", {cfg.quantization} weights"
     return (f"{engine.model_name} ({cfg.load_format}) on {engine.runner.device} "
-            f"({str(engine.runner.dtype).split('.')[-1]}), {engine.runner.backend.name} attention, "
+            f"({str(engine.runner.dtype).split('.')[-1]}{weights}), {engine.runner.backend.name} attention, "
             f"decode {'CUDA graphs' if engine.runner.graphs is not None else 'eager'}, "
             f"{'async' if engine.async_scheduling else 'sync'} scheduling, "
             f"max_num_seqs {cfg.max_num_seqs}, budget {cfg.max_num_batched_tokens} tokens/step, "

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(header, workload, rows, ratio)
     result = {"benchmark": "throughput", "model_path": args.model, "load_format": args.load_format,
               "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
-              "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
+              "quantization": args.quantization, "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
               "mode": args.mode, "workload": workload, "runs": rows, "stack_vs_engine_output_tok_s": ratio}
     write_json(args.json, result)
     return result

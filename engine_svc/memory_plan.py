@@ -36,6 +36,13 @@ class MemoryPlan:
                 f"max {self.max_tokens} tokens")
 
 
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each tensor once (tied weights are shared). Quantized layers
+    keep their weights in buffers, so parameters alone would undercount them."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 

@@ -15,7 +15,7 @@ from engine_svc.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.gpu_timeline import GpuTimeline
 from engine_svc.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
-from engine_svc.memory_plan import MemoryPlan, activation_bytes, plan_memory
+from engine_svc.memory_plan import MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.model_config import ModelConfig
 from engine_svc.logprobs import token_logprobs
 from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
@@ -54,11 +54,12 @@ class ModelRunner:
         self._eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
-        self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend)
-        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
+                                config.quantization)
+        model_bytes = weights_bytes(self.model)
         activations = activation_bytes(self.model_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
                                        self.dtype)
-        self.plan: MemoryPlan = plan_memory(self.config, self.model_cfg, self.max_model_len, weights_bytes,
+        self.plan: MemoryPlan = plan_memory(self.config, self.model_cfg, self.max_model_len, model_bytes,
                                             self.device, self.dtype, activations)
         print(self.plan.describe(), file=sys.stderr, flush=True)
         shape = (2, self.plan.num_blocks, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)

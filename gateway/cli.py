@@ -16,6 +16,7 @@ from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT,
                                       ServiceTopology, local_topology)
 
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port on 127.0.0.1")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
     serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
+    serve.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                       help="engine weight quantization on load: int8, int4 (group 128), fp8 (W8A8, needs "
+                            "compute capability >= 8.9) (default %(default)s)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -98,6 +102,7 @@ BENCHMARKS = {
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",
     "sampling": "benchmarks.sampling_overhead",
+    "quant": "benchmarks.quant_matmul",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
@@ -122,7 +127,8 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                        tokenizer_path: str | None = None) -> ServiceTopology:
     return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
-                          device=args.device, dtype=args.dtype, engine_extra_args=tuple(args.engine_args),
+                          device=args.device, dtype=args.dtype, quantization=args.quantization,
+                          engine_extra_args=tuple(args.engine_args),
                           tokenizer_path=tokenizer_path)
 
 

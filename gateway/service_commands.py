@@ -59,6 +59,7 @@ class ServiceTopology:
     engine_port: int = DEFAULT_ENGINE_PORT
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"          # engine --quantization; passed only when not "none"
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
 
@@ -71,7 +72,7 @@ class ServiceTopology:
             _check_host(name, getattr(self, name))
         for name in ("gateway_port", "tokenizer_port", "engine_port"):
             _check_port(name, getattr(self, name))
-        for name in ("device", "dtype"):
+        for name in ("device", "dtype", "quantization"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value or value.startswith("-"):
                 raise ValueError(f"{name} must be a non-empty value, got {value!r}")
@@ -113,7 +114,8 @@ def engine_argv(t: ServiceTopology) -> list[str]:
     # Extra engine args go last, untouched: the engine's own parser decides what they mean.
     return [t.python, "-m", "engine_svc", "--model", t.model_path,
             "--host", t.internal_listen_host, "--port", str(t.engine_port),
-            "--device", t.device, "--dtype", t.dtype, *t.engine_extra_args]
+            "--device", t.device, "--dtype", t.dtype,
+            *(["--quantization", t.quantization] if t.quantization != "none" else []), *t.engine_extra_args]
 
 
 def gateway_argv(t: ServiceTopology) -> list[str]:

@@ -145,3 +145,14 @@ def test_throughput_stack_mode_of_a_shipped_config_borrows_the_default_tokenizer
                      "--num-kv-blocks", "32", "--stack-log", str(tmp_path / "stack.log"), "--json", str(out)])
     (stack,) = json.loads(out.read_text())["runs"]
     assert stack["finished"] == 2 and stack["errors"] == 0 and stack["output_tokens"] >= 2
+
+
+def test_quantization_reaches_the_engine_config_and_the_stack_args():
+    import argparse
+    p = argparse.ArgumentParser()
+    model_arg.add_engine_args(p)
+    args = p.parse_args(["--model", "m", "--quantization", "int8"])
+    assert model_arg.engine_config(args).quantization == "int8"
+    assert model_arg.engine_cli_args(args)[-2:] == ["--quantization", "int8"]
+    assert "--quantization" not in model_arg.engine_cli_args(p.parse_args(["--model", "m"]))
+

@@ -152,3 +152,15 @@ def test_eval_hands_every_argument_to_the_eval_module() -> None:
     assert cli.eval_command(args)[1:] == ["-m", "benchmarks.quality_eval", "--modes", "fp32", "int8",
                                           "--max-tokens", "64"]
     assert cli.eval_command(cli.parse_args(["eval"]))[1:] == ["-m", "benchmarks.quality_eval"]
+
+
+def test_serve_passes_quantization_to_the_engine_only_when_set() -> None:
+    from engine_svc.config import QUANTIZATIONS
+    assert cli.QUANTIZATIONS == QUANTIZATIONS                       # the gateway's copy of the engine's choices
+    args = cli.parse_args(["serve", "--model", "/m/x.gguf", "--quantization", "int4", "--", "--max-num-seqs", "8"])
+    argv = engine_argv(cli.topology_from_args(args, "/m/x.gguf"))
+    assert argv[-6:] == ["--dtype", "auto", "--quantization", "int4", "--max-num-seqs", "8"]
+    plain = engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+    assert "--quantization" not in plain
+    with pytest.raises(SystemExit):
+        cli.parse_args(["serve", "--quantization", "int3"])

@@ -1,5 +1,5 @@
 """Builds a model on the meta device, materialises it on the target device and fills its weights from an HF
-directory, a GGUF file, or random values (`dummy`)."""
+directory, a GGUF file, or random values (`dummy`); then quantizes its decoder linears when asked to."""
 from __future__ import annotations
 
 import sys
@@ -31,8 +31,13 @@ def _json_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.device, dtype: torch.dtype,
-               backend: AttentionBackend) -> nn.Module:
+               backend: AttentionBackend, quantization: str = "none") -> nn.Module:
+    """quantization: none, or a method of engine_svc.quant.quantize_model applied once the weights are in (RTN);
+    int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do."""
     cls = model_class(cfg.architecture)
+    if quantization == "fp8":   # refused before minutes of loading, not after
+        from engine_svc.quant.fp8_format import require_fp8_support
+        require_fp8_support(device)
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -55,6 +60,10 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
             raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:8]}")
     model.init_buffers(device)
     model.eval()
+    if quantization != "none":
+        from engine_svc.quant.quantize_model import quantize_model
+        replaced = quantize_model(model, quantization, use_triton=backend.name == "triton")
+        print(f"[engine] quantized {len(replaced)} linear layers to {quantization}", file=sys.stderr, flush=True)
     print(f"[engine] loaded {cfg.architecture} ({load_format}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)
     return model
