@@ -158,3 +158,26 @@ def test_int8_costs_little_and_int4_more(smollm2_eval):
     # Same fp32 KV cache; the decoder linears shrink 4x and 8x, the fp32 embedding (tied, 113 MB) stays.
     assert int8["kv_bytes_per_token"] == int4["kv_bytes_per_token"] == fp32["kv_bytes_per_token"]
     assert int4["weights_bytes"] < int8["weights_bytes"] < fp32["weights_bytes"] / 2
+
+
+# Issue 7's acceptance on an H100, SmolLM2 real weights, the whole text: perplexity delta vs bf16.
+GPU_BOUNDS = {"fp16": 1.0, "int8": 1.0, "fp8": 1.0, "int4": 5.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantized_perplexity_deltas_on_cuda(smollm2_gguf, tmp_path):
+    out = tmp_path / "eval_cuda.json"
+    cmd = [sys.executable, "-m", "gateway.cli", "eval", "--model", str(smollm2_gguf), "--device", "cuda",
+           "--modes", "bf16", *GPU_BOUNDS, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                          text=True, timeout=1200)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reference"] == "bf16" and result["text_tokens"] > 39_000
+    rows = {r["mode"]: r for r in result["rows"]}
+    for mode, bound in GPU_BOUNDS.items():
+        assert abs(rows[mode]["perplexity_delta_percent"]) <= bound, (mode, rows[mode]["perplexity_delta_percent"])
+    assert rows["int4"]["weights_bytes"] < rows["int8"]["weights_bytes"] < rows["bf16"]["weights_bytes"]
+    assert rows["fp8"]["weights_bytes"] < rows["bf16"]["weights_bytes"]
