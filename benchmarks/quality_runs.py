@@ -70,6 +70,12 @@ def precision_problem(engine: Engine, mode: Mode) -> str | None:
         if not stored & set(_QUANTIZED_DTYPES[mode.quantization]):
             return (f"asked for {mode.quantization} weights, but the loaded model holds none "
                     f"(dtypes {sorted(str(d) for d in stored)}): this engine does not apply --quantization")
-    if mode.kv_cache_dtype == "fp8" and runner.kv_caches[0].dtype not in _FP8:
-        return f"asked for an fp8 KV cache, the engine's is {runner.kv_caches[0].dtype}"
+    if mode.kv_cache_dtype == "fp8" and _kv_cache_dtype(runner) not in _FP8:
+        return f"asked for an fp8 KV cache, the engine's is {_kv_cache_dtype(runner)}"
     return None
+
+
+def _kv_cache_dtype(runner):
+    # A runner with an fp8 KV cache names its cache dtype (its caches hold data and scales); before that, the
+    # caches are plain tensors in the model dtype.
+    return getattr(runner, "kv_cache_dtype", None) or runner.kv_caches[0].dtype

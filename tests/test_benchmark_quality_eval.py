@@ -98,6 +98,9 @@ def test_a_mode_the_engine_does_not_apply_is_refused():
     assert "fp8 KV cache" in precision_problem(_fake_engine(), MODES["fp8kv"])
     if hasattr(torch, "float8_e4m3fn"):
         assert precision_problem(_fake_engine(kv_dtype=torch.float8_e4m3fn), MODES["fp8kv"]) is None
+        named = _fake_engine()
+        named.runner.kv_cache_dtype = torch.float8_e4m3fn   # a runner whose caches are (data, scales) objects
+        assert precision_problem(named, MODES["fp8kv"]) is None
 
 
 EVAL_MODES = ["fp32", "bf16", "int8", "int4"]   # what CI runs on the CPU (fp8 needs an Ada/Hopper GPU)
