@@ -114,17 +114,13 @@ def free_memory(device_type: str) -> None:
         torch.cuda.empty_cache()
 
 
-def compare(rows: list[dict], reference: str) -> None:
-    """Adds each row's delta and agreement against the reference row (in place)."""
-    ref = next(r for r in rows if r["mode"] == reference)
-    for row in rows:
-        if "error" in row:
-            continue
-        row["perplexity_delta_percent"] = delta_percent(row["perplexity"], ref["perplexity"])
-        if ref["greedy_outputs"]:
-            agree = greedy_agreement(ref["greedy_outputs"], row["greedy_outputs"])
-            row["agreement_percent"] = agree.positions_percent
-            row["identical_percent"] = agree.identical_percent
+def compare(row: dict, ref: dict) -> None:
+    """Adds the row's perplexity delta and greedy agreement against the reference row (in place)."""
+    row["perplexity_delta_percent"] = delta_percent(row["perplexity"], ref["perplexity"])
+    if ref["greedy_outputs"]:
+        agree = greedy_agreement(ref["greedy_outputs"], row["greedy_outputs"])
+        row["agreement_percent"] = agree.positions_percent
+        row["identical_percent"] = agree.identical_percent
 
 
 HEADER = (f"{'mode':<7} {'weights GB':>10} {'KV B/token':>10} {'ppl':>9} {'delta %':>8} {'agreement %':>11} "
@@ -141,6 +137,15 @@ def format_row(row: dict) -> str:
     return (f"{row['mode']:<7} {row['weights_bytes'] / GB:>10.3f} {row['kv_bytes_per_token']:>10} "
             f"{row['perplexity']:>9.3f} {row['perplexity_delta_percent']:>+8.2f} {pct('agreement_percent'):>11} "
             f"{pct('identical_percent'):>11}")
+
+
+def summary(row: dict, reference: str) -> str:
+    """One mode's figures in a line, printed as soon as it is done: a long CPU run stopped early keeps them."""
+    agree = (f", agreement {row['agreement_percent']:.1f}%, identical {row['identical_percent']:.1f}%"
+             if "agreement_percent" in row else "")
+    return (f"perplexity {row['perplexity']:.3f} ({row['perplexity_delta_percent']:+.2f}% vs {reference}){agree}, "
+            f"weights {row['weights_bytes'] / GB:.3f} GB, KV {row['kv_bytes_per_token']} B/token "
+            f"({row['seconds']:.0f} s)")
 
 
 def print_table(result: dict) -> None:
@@ -220,10 +225,11 @@ def run(args: argparse.Namespace) -> dict:
 
     base = eval_engine_config(model, args, device.type, windows, prompts)
     rows = []
-    for mode in modes:
+    for mode in modes:   # the reference first
         try:
             row = evaluate_mode(base, mode, windows, prompts, args.gen_len)
-            say(f"{mode.name}: perplexity {row['perplexity']:.3f} ({row['seconds']:.0f} s)")
+            compare(row, rows[0] if rows else row)
+            say(f"{mode.name}: {summary(row, reference)}")
         except (ValueError, RuntimeError, NotImplementedError) as err:
             if mode.name == reference:
                 raise RuntimeError(f"the reference mode {reference} failed: {err}") from err
@@ -231,7 +237,6 @@ def run(args: argparse.Namespace) -> dict:
             row = {"mode": mode.name, "error": str(err)}
         free_memory(device.type)
         rows.append(row)
-    compare(rows, reference)
     result = {"benchmark": "quality_eval", "model": Path(model).name, "model_path": model, "device": str(device),
               "reference": reference, "text": args.text.name, "text_tokens": len(ids), "context": args.context,
               "windows": len(windows), "predicted_tokens": sum(len(w) - 1 for w in windows),

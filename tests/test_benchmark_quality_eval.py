@@ -134,6 +134,8 @@ def test_tandem_eval_prints_one_row_per_mode_and_writes_json(smollm2_eval):
     assert list(rows) == EVAL_MODES
     assert all(r["predicted_tokens"] == 126 for r in rows.values())   # SmolLM2 adds no BOS: 2 x 63
     for mode, row in rows.items():
+        assert f"[eval] {mode}: perplexity {row['perplexity']:.3f} ({row['perplexity_delta_percent']:+.2f}% vs fp32)" \
+            in proc.stderr
         assert f"{row['perplexity']:.3f}" == table[mode][3]
         assert f"{row['perplexity_delta_percent']:+.2f}" == table[mode][4]
 
