@@ -1,7 +1,7 @@
 """Precision and quantization modes side by side, engine only (no gRPC): weights' memory, KV capacity, batch-1
 and batch-N decode speed, one engine per mode in one process. Prints a table, writes JSON.
 
-    tandem bench precision --model llama3-8b --device cuda                      # bf16 int8 int4 fp8 fp8kv
+    tandem bench precision --model llama3-8b --device cuda                      # bf16 int8 int4 fp8 fp8+kv
     tandem bench precision --model default --modes fp32 bf16 int8 int4 --output-len 16 --batch 8
 
 - batch-1: one request (prompt --prompt-len, --output-len tokens, greedy, ignore_eos) alone; decode tok/s counts
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.latency import decode_run, random_prompt
 from benchmarks.model_arg import add_engine_args, engine_config, resolve_model_args, sync
-from benchmarks.precision_modes import MODES, mode_fields
+from benchmarks.quality_modes import MODES, mode_fields
 from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
@@ -96,7 +96,7 @@ def print_table(rows: list[dict], batch: int, header: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
-    p.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4", "fp8", "fp8kv"], choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4", "fp8", "fp8+kv"], choices=list(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=64, help="requests decoded together in the batch-N column")

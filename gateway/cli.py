@@ -1,4 +1,4 @@
-"""The `tandem` command: serve, generate, fetch-model, bench.
+"""The `tandem` command: serve, generate, fetch-model, bench, eval.
 
 Parsing is kept apart from running (`parse_args` and the `*_from_args` builders are pure) so it can be tested
 without starting anything. Nothing here imports torch: the engine runs as its own process.
@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         usage="tandem bench NAME [BENCHMARK_ARG ...]")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    # Listed here for `tandem --help` only: parse_args hands everything after `eval` to the module unparsed.
+    sub.add_parser("eval", add_help=False, usage="tandem eval [--model M] [--modes MODE ...] [EVAL_ARG ...]",
+                   help="perplexity and greedy agreement per precision/quantization mode (tandem eval --help)")
     return parser
 
 
@@ -148,10 +152,14 @@ BENCHMARKS = {
     "lora": "benchmarks.lora_throughput",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora"}
+EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parses argv; for `serve`, everything after the first `--` becomes `engine_args`."""
+    """Parses argv; for `serve`, everything after the first `--` becomes `engine_args`; for `eval`, everything
+    after `eval` becomes `eval_args` (argparse would take an option there for one of its own)."""
+    if argv[:1] == ["eval"]:
+        return argparse.Namespace(command="eval", eval_args=list(argv[1:]))
     engine_args: list[str] = []
     if argv[:1] == ["serve"] and "--" in argv:
         cut = argv.index("--")
@@ -228,7 +236,15 @@ def _bench(args: argparse.Namespace) -> int:
     return subprocess.call(bench_command(args))
 
 
-_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model, "bench": _bench}
+def eval_command(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", EVAL_MODULE, *args.eval_args]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    return subprocess.call(eval_command(args))
+
+
+_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model, "bench": _bench, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> None:

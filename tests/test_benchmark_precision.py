@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import precision
-from benchmarks.precision_modes import mode_fields
+from benchmarks.quality_modes import mode_fields
 from tests.engine.tiny_models import write_tiny_llama
 
 

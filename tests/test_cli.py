@@ -203,6 +203,16 @@ def test_engine_lora_flag_is_repeatable_and_turns_lora_on() -> None:
     assert plain.lora_modules == () and not plain.enable_lora
     with pytest.raises(SystemExit):
         config_from_args(["--model", "m", "--lora", "nameonly"])
+
+
+def test_eval_hands_every_argument_to_the_eval_module() -> None:
+    # Options right after `eval` are the module's, not argparse's own (they would be refused as unknown).
+    args = cli.parse_args(["eval", "--modes", "fp32", "int8", "--max-tokens", "64"])
+    assert cli.eval_command(args)[1:] == ["-m", "benchmarks.quality_eval", "--modes", "fp32", "int8",
+                                          "--max-tokens", "64"]
+    assert cli.eval_command(cli.parse_args(["eval"]))[1:] == ["-m", "benchmarks.quality_eval"]
+
+
 def test_serve_passes_quantization_to_the_engine_only_when_set() -> None:
     from engine_svc.config import QUANTIZATIONS
     assert cli.QUANTIZATIONS == QUANTIZATIONS                       # the gateway's copy of the engine's choices
