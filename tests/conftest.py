@@ -16,3 +16,17 @@ def smollm2_gguf() -> Path:
     from gateway.model_fetch import fetch_default_model
 
     return fetch_default_model(quiet=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip cleanly without CUDA (torch imported only when such a test was collected: the gateway
+    and tokenizer tests never need it)."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu:
+        item.add_marker(skip)

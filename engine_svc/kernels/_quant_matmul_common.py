@@ -1,5 +1,5 @@
 """Shared by the quantized matmul kernels (int8_matmul, int4_matmul): the split-K heuristic, the kernel that sums
-the splits' fp32 partials (adding the bias and rounding to the output dtype), and the fp32-exact dot.
+the splits' fp32 partials (adding the bias and rounding to the output dtype).
 
 Split-K: when the output tiles alone would leave SMs idle (small M, small N), the K range is cut into `splits`
 contiguous slices; each program writes an fp32 partial [M, N] for its slice and one extra launch sums them. The
@@ -68,16 +68,6 @@ def reduce_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.
         partials, bias if bias is not None else partials, out, n, splits,
         partials.stride(0), partials.stride(1), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block)
     return out
-
-
-@triton.jit
-def dot(a, b, IEEE: tl.constexpr):
-    """fp32 inputs need input_precision="ieee" to match torch in fp32 (the default would round them to tf32)."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:

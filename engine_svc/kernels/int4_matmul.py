@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.kernels._quant_matmul_common import as_rows, dot, gemv_block_n, num_sms, reduce_splits
+from engine_svc.kernels._attention_tile import dot
+from engine_svc.kernels._quant_matmul_common import as_rows, gemv_block_n, num_sms, reduce_splits
 
 GEMV_MAX_ROWS = 4
 GEMV_BLOCK_N = 64     # output rows per GEMV program (the GEMV settings: best of 96 on an H100, Llama-3-8B shapes)

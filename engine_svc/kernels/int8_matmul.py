@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.kernels._quant_matmul_common import as_rows, choose_split_k, dot, gemv_block_n, reduce_splits
+from engine_svc.kernels._attention_tile import dot
+from engine_svc.kernels._quant_matmul_common import as_rows, choose_split_k, gemv_block_n, reduce_splits
 
 GEMV_MAX_ROWS = 4
 GEMV_BLOCK_N = 4

@@ -31,12 +31,3 @@ def device() -> torch.device:
     """Where the fp32 equivalence tests run: the GPU when there is one (compiled kernels), else the CPU
     (interpreted kernels)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

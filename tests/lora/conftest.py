@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 
 import pytest
-import torch
 
 if importlib.util.find_spec("triton") is not None:
     # Switches the Triton interpreter on without CUDA; must come before peft/transformers import triton.
@@ -36,12 +35,3 @@ def adapter_b(tiny_llama, tmp_path_factory):
     """Rank 8, all seven projections."""
     return write_peft_adapter(tiny_llama, tmp_path_factory.mktemp("adapter-b"), r=8, alpha=16, targets=ALL_TARGETS,
                               seed=2)
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

@@ -5,17 +5,5 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-import pytest
-import torch
-
 if importlib.util.find_spec("triton") is not None:
     importlib.import_module("engine_svc.kernels")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
