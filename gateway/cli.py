@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
                        help="tokenizer service port on 127.0.0.1")
     serve.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port on 127.0.0.1")
+    serve.add_argument("--engine-replicas", type=int, default=1,
+                       help="engine processes, on --engine-port and the ports after it; the gateway routes over "
+                            "all of them (default %(default)s)")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
     serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
     serve.add_argument("--lora", dest="lora_modules", action="append", type=_lora_module, default=[],
@@ -148,7 +151,8 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
                           device=args.device, dtype=args.dtype, quantization=args.quantization,
                           kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=tuple(args.engine_args),
-                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules))
+                          tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules),
+                          engine_replicas=args.engine_replicas)
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:
