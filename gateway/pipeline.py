@@ -122,12 +122,14 @@ class Pipeline:
     @staticmethod
     def _load_of(r: Replica) -> ReplicaLoad:
         total = r.load.kv_blocks_total
-        return ReplicaLoad(r.name, live=r.live, in_flight=r.num_in_flight, num_running=r.load.num_running,
-                           num_waiting=r.load.num_waiting, kv_usage=r.load.kv_blocks_used / total if total else 0.0)
+        others = max(0, r.load.num_running + r.load.num_waiting - r.in_flight_at_poll)
+        return ReplicaLoad(r.name, live=r.live, in_flight=r.num_in_flight, others=others,
+                           kv_usage=r.load.kv_blocks_used / total if total else 0.0)
 
     async def _poll_replica(self, replica: Replica) -> None:
         try:
             replica.load = await replica.engine.GetLoad(epb.EngineLoadRequest(), timeout=POLL_TIMEOUT_S)
+            replica.in_flight_at_poll = replica.num_in_flight
         except grpc.aio.AioRpcError as e:
             if replica.live:
                 self._mark_down(replica, f"load poll failed: {e.code().name} {e.details() or ''}".strip(),

@@ -6,9 +6,11 @@ never share KV never match). A bounded LRU remembers which replica last served e
 the live replica that holds its longest matching prefix, unless that replica's load exceeds the least-loaded live
 replica's by more than `load_margin`; otherwise (no match, or too busy) to the least-loaded live replica.
 
-Load of a replica = the gateway's own in-flight requests on it + the engine's last reported running and waiting
-requests + its KV usage fraction (0..1, a tie-breaker between equally busy replicas). Ties go round-robin, so
-unrelated concurrent requests spread over idle replicas.
+Load of a replica = the gateway's own in-flight requests on it (exact, now) + the engine's other requests (running
+and waiting in its last GetLoad, less this gateway's in-flight requests at that moment: those of other gateways)
++ its KV usage fraction (0..1, a tie-breaker between equally busy replicas). Counting this gateway's requests only
+once keeps a poll that is up to one interval old from making a replica that just finished its work look busy.
+Ties go round-robin, so unrelated concurrent requests spread over idle replicas.
 """
 from __future__ import annotations
 
@@ -26,13 +28,12 @@ class ReplicaLoad:
     name: str
     live: bool = True
     in_flight: int = 0        # the gateway's own requests on it, exact
-    num_running: int = 0      # from the engine's last GetLoad
-    num_waiting: int = 0
-    kv_usage: float = 0.0     # used / total KV blocks
+    others: int = 0           # the engine's running + waiting beyond this gateway's requests, at its last GetLoad
+    kv_usage: float = 0.0     # used / total KV blocks, at its last GetLoad
 
     @property
     def score(self) -> float:
-        return self.in_flight + self.num_running + self.num_waiting + self.kv_usage
+        return self.in_flight + self.others + self.kv_usage
 
 
 def prefix_block_keys(token_ids: list[int], block_size: int, cache_salt: str = "", adapter: str = "") -> list[bytes]:

@@ -73,11 +73,11 @@ def loads(*scores: int, live=None) -> list[ReplicaLoad]:
     return [ReplicaLoad(f"r{i}", live=True if live is None else live[i], in_flight=s) for i, s in enumerate(scores)]
 
 
-def test_least_loaded_uses_in_flight_engine_queue_and_kv_usage():
+def test_least_loaded_uses_in_flight_other_load_and_kv_usage():
     router = Router("least_loaded")
     assert router.choose(loads(3, 1, 2), []) == "r1"
-    busy_engine = [ReplicaLoad("r0", num_running=2, num_waiting=3), ReplicaLoad("r1", in_flight=4)]
-    assert router.choose(busy_engine, []) == "r1"               # 4 < 2 + 3
+    busy_engine = [ReplicaLoad("r0", in_flight=1, others=4), ReplicaLoad("r1", in_flight=4)]
+    assert router.choose(busy_engine, []) == "r1"               # 4 < 1 + 4
     kv = [ReplicaLoad("r0", in_flight=1, kv_usage=0.9), ReplicaLoad("r1", in_flight=1, kv_usage=0.2)]
     assert router.choose(kv, []) == "r1"
 
