@@ -22,6 +22,7 @@ LLAMA3_8B_SHAPES = {"qkv 4096->6144": (4096, 6144), "o 4096->4096": (4096, 4096)
 SMALL_SHAPES = {"small 256->384": (256, 384), "small 512->128": (512, 128)}
 GROUP_SIZE = 128
 METHODS = ("bf16", "int8", "int4", "fp8")
+GRAPH_CALLS = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,20 +62,32 @@ def layer_bytes(layer, m: int, k: int, n: int, act_bytes: int) -> int:
 
 
 def time_us(fn, device, warmup: int, repeats: int) -> float:
-    """Median microseconds of fn(): CUDA events around each call on the GPU, perf_counter on the CPU."""
+    """Median microseconds of fn(). On the GPU, GRAPH_CALLS calls are captured in one CUDA graph and each replay is
+    timed with CUDA events, as the engine's decode runs them: timing single eager calls would measure the host's
+    launch overhead (tens of microseconds for a Triton launch), not the kernels. perf_counter on the CPU."""
     import torch
     for _ in range(warmup):
         fn()
     samples = []
     if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):   # allocations settle outside the capture
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        graph.replay()
         torch.cuda.synchronize(device)
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            graph.replay()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
+            samples.append(start.elapsed_time(end) * 1e3 / GRAPH_CALLS)
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -135,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = run(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter; not a speed)"
-    header = (f"quantized linear layers on {device}: median of {args.repeats} after {args.warmup} warm-up; "
+    header = (f"quantized linear layers on {device}: median of {args.repeats} after {args.warmup} warm-up"
+              f"{f' (CUDA graphs of {GRAPH_CALLS} calls)' if torch.cuda.is_available() else ''}; "
               f"GB/s = (weights + scales + x + y bytes) / time; int4 group {GROUP_SIZE}")
     print_table(rows, header)
     result = {"benchmark": "quant_matmul", "device": device, "group_size": GROUP_SIZE, "rows": rows}

@@ -97,7 +97,10 @@ async def _stream(stub, rec: RequestRecord, prompt: str, ignore_eos: bool, reque
 
 
 async def run_load(address: str, workload: list[tuple[str, int]], rate: float, concurrency: int | None,
-                   seed: int, ignore_eos: bool, progress: bool) -> tuple[list[RequestRecord], float]:
+                   seed: int, ignore_eos: bool, progress: bool
+                   ) -> tuple[list[RequestRecord], float, RequestRecord]:
+    """The records, the run's duration, and the warm-up request's record (sent first, outside the summary; a
+    server's counters see it too)."""
     records = [RequestRecord(prompt_chars=len(p), max_tokens=m) for p, m in workload]
     offsets = arrival_times(len(workload), rate, seed)
     limit = asyncio.Semaphore(concurrency or len(workload))
@@ -107,7 +110,8 @@ async def run_load(address: str, workload: list[tuple[str, int]], rate: float, c
         bar = tqdm(total=len(workload), desc="requests", unit="req", file=sys.stderr, dynamic_ncols=True)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
-        await _stream(stub, RequestRecord(0, 2), "Hello, warm-up.", True, f"bench-serve-warmup-{seed}")
+        warmup = RequestRecord(0, 2)
+        await _stream(stub, warmup, "Hello, warm-up.", True, f"bench-serve-warmup-{seed}")
         start = time.perf_counter()
 
         async def one(i: int) -> None:
@@ -121,7 +125,7 @@ async def run_load(address: str, workload: list[tuple[str, int]], rate: float, c
         duration = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return records, duration
+    return records, duration, warmup
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,19 +167,19 @@ def main(argv: list[str] | None = None) -> dict:
     mode = (f"Poisson {args.request_rate:g} req/s" if args.request_rate != float("inf") else "all at once") + (
         f", concurrency {args.concurrency}" if args.concurrency else "")
 
-    def run(address: str) -> tuple[list[RequestRecord], float]:
+    def run(address: str) -> tuple[list[RequestRecord], float, RequestRecord]:
         return asyncio.run(run_load(address, workload, args.request_rate, args.concurrency, args.seed,
                                     args.ignore_eos, args.progress))
 
     if args.address:
         address = args.address
-        records, duration = run(address)
+        records, duration, warmup = run(address)
     else:
         from benchmarks.stack_run import LocalStack
         with LocalStack(args.model, args.device, args.dtype, args.engine_args, args.stack_log,
                         args.start_timeout, args.tokenizer) as stack:
             address = stack.address
-            records, duration = run(address)
+            records, duration, warmup = run(address)
     summary = summarize(records, duration)
     title = f"tandem bench serve: {len(workload)} requests to {address}, {mode}"
     print("\n" + format_table(summary, title))
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "serve", "address": address, "model": args.model, "mode": mode,
               "request_rate": None if args.request_rate == float("inf") else args.request_rate,
               "concurrency": args.concurrency, "ignore_eos": args.ignore_eos, "summary": summary,
-              "plots": [str(p) for p in plots], "requests": [asdict(r) for r in records]}
+              "plots": [str(p) for p in plots], "requests": [asdict(r) for r in records], "warmup": asdict(warmup)}
     write_json(args.json, result)
     return result
 

@@ -80,7 +80,7 @@ class LocalStack:
         gw, tk, en = _free_port(), _free_port(), _free_port()
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(gw), "--tokenizer-port", str(tk), "--engine-port", str(en), "--device", self.device,
-               "--dtype", self.dtype, "--start-timeout", str(self.start_timeout_s),
+               "--dtype", self.dtype, "--metrics-port", "0", "--start-timeout", str(self.start_timeout_s),
                *(["--tokenizer-model", self.tokenizer] if self.tokenizer else []), "--", *self.engine_args]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[bench] starting the stack (log: {self.log}): {' '.join(cmd[2:])}", file=sys.stderr, flush=True)

@@ -14,10 +14,14 @@ def main() -> None:
     except ValueError as e:
         sys.exit(f"gateway: {e}")
     try:
-        import uvloop
-        uvloop.run(serve(config))
-    except ImportError:
-        asyncio.run(serve(config))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(config))
+        else:
+            uvloop.run(serve(config))
+    except ValueError as e:   # an unreadable key file or TLS file: a message, not a traceback
+        sys.exit(f"gateway: {e}")
 
 
 if __name__ == "__main__":

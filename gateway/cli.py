@@ -10,11 +10,11 @@ import os
 import subprocess
 import sys
 
-from gateway.generate_client import GenerateOptions, run_generate
+from gateway.generate_client import ConnectionOptions, GenerateOptions, run_generate
 from gateway.launcher import LauncherConfig, run_stack
 from gateway.model_fetch import DEFAULT_MODEL, resolve_model
-from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_TOKENIZER_PORT,
-                                      ServiceTopology, local_topology)
+from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT,
+                                      DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-replicas", type=int, default=1,
                        help="engine processes, on --engine-port and the ports after it; the gateway routes over "
                             "all of them (default %(default)s)")
+    serve.add_argument("--metrics-port", type=_non_negative_int, default=DEFAULT_METRICS_PORT,
+                       help="the gateway's Prometheus /metrics HTTP port, on --host (default %(default)s; 0: off)")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
     serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
     serve.add_argument("--lora", dest="lora_modules", action="append", type=_lora_module, default=[],
@@ -86,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
                        help="seconds between SIGTERM and SIGKILL at shutdown (default %(default)g)")
+    sec = serve.add_argument_group("gateway security, limits and lifecycle (passed to the gateway)")
+    sec.add_argument("--api-key-file", help="API keys, one per line (or env TANDEM_API_KEYS, comma-separated); "
+                                            "public RPCs then need metadata 'authorization: Bearer <key>'")
+    sec.add_argument("--tls-cert", help="PEM certificate for TLS on the public port (with --tls-key)")
+    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-ca", help="CA the launcher's health probe trusts (default: --tls-cert itself)")
+    sec.add_argument("--tls-server-name", help="name the probe checks the certificate against (default: the "
+                                               "dialled 127.0.0.1)")
+    sec.add_argument("--max-in-flight", type=_positive_int, help="gateway bound on generation calls in flight")
+    sec.add_argument("--max-request-bytes", type=_positive_int, help="largest public request message")
+    sec.add_argument("--max-prompt-chars", type=_positive_int, help="longest prompt in characters")
+    sec.add_argument("--drain-timeout", type=float, default=8.0,
+                     help="on stop, seconds in-flight requests may still run (default %(default)g; --stop-grace "
+                          "is raised to cover it)")
+    sec.add_argument("--log-format", choices=("json", "text"), help="gateway request log format")
     serve.add_argument("--max-restarts", type=_non_negative_int, default=3,
                        help="restarts of a crashed service before the whole stack stops (0: never restart)")
 
@@ -103,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop string(s); may be given several times")
     gen.add_argument("--address", default=f"localhost:{DEFAULT_GATEWAY_PORT}", help="gateway HOST:PORT")
     gen.add_argument("--timeout", type=_positive_float, help="deadline for the whole call, in seconds")
+    gen.add_argument("--tls-ca", help="connect over TLS trusting this PEM CA (without it: plaintext)")
+    gen.add_argument("--tls", action="store_true", help="connect over TLS trusting the system's CAs")
+    gen.add_argument("--api-key", help="sent as 'authorization: Bearer <key>' (default: env TANDEM_API_KEY)")
 
     fetch = sub.add_parser("fetch-model", help="fetch the model (if needed) and print its path")
     fetch.add_argument("--model", default=DEFAULT_MODEL)
@@ -152,11 +172,29 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                           device=args.device, dtype=args.dtype, quantization=args.quantization,
                           kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=tuple(args.engine_args),
                           tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules),
-                          engine_replicas=args.engine_replicas)
+                          engine_replicas=args.engine_replicas,
+                          metrics_port=args.metrics_port,
+                          gateway_tls_cert=args.tls_cert, gateway_tls_key=args.tls_key, gateway_tls_ca=args.tls_ca,
+                          gateway_tls_server_name=args.tls_server_name,
+                          gateway_extra_args=gateway_args_from_args(args))
+
+
+def gateway_args_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The gateway flags `tandem serve` passes on; files are made absolute (the gateway may run elsewhere)."""
+    out = ["--drain-timeout", f"{args.drain_timeout:g}"]
+    if args.api_key_file:
+        out += ["--api-key-file", os.path.abspath(args.api_key_file)]
+    for flag in ("max_in_flight", "max_request_bytes", "max_prompt_chars", "log_format"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    return tuple(out)
 
 
 def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:
-    return LauncherConfig(start_timeout_s=args.start_timeout, stop_grace_s=args.stop_grace,
+    # The gateway is stopped first and drains for up to --drain-timeout; it must not be killed meanwhile.
+    return LauncherConfig(start_timeout_s=args.start_timeout, stop_grace_s=max(args.stop_grace,
+                                                                               args.drain_timeout + 5.0),
                           max_restarts=args.max_restarts)
 
 
@@ -173,7 +211,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    return run_generate(generate_options_from_args(args), args.address, args.timeout)
+    return run_generate(generate_options_from_args(args), args.address, args.timeout,
+                        connection=ConnectionOptions(tls=args.tls or bool(args.tls_ca), tls_ca=args.tls_ca,
+                                                     api_key=args.api_key or os.environ.get("TANDEM_API_KEY")))
 
 
 def _fetch_model(args: argparse.Namespace) -> int:

@@ -21,6 +21,17 @@ class GatewayConfig:
     max_n: int = 16                 # n, best_of and the beam width
     max_logprobs: int = 20          # alternatives per token for logprobs and prompt_logprobs
     connect_timeout_s: float = 60.0
+    metrics_port: int = 0           # Prometheus /metrics over HTTP on the gateway's host; 0: off
+    # Security, backpressure, lifecycle and logs (see gateway/auth.py, tls.py, admission.py, request_log.py).
+    api_key_file: str | None = None     # plus TANDEM_API_KEYS; no keys at all: authentication off
+    tls_cert: str | None = None         # PEM; with tls_key, the public port speaks TLS
+    tls_key: str | None = None
+    max_in_flight: int = 256            # generation calls in flight; past it RESOURCE_EXHAUSTED + retry-after-ms
+    retry_after_ms: int = 1000          # the retry hint sent with every RESOURCE_EXHAUSTED for capacity
+    max_request_bytes: int = 4 * 1024 * 1024   # gRPC max receive message size on the public port
+    max_prompt_chars: int = 1_000_000   # prompt, or all chat message contents together
+    drain_timeout_s: float = 30.0       # after SIGTERM, how long in-flight calls may still run
+    log_format: str = "text"
     routing: str = "prefix"             # gateway.router.POLICIES
     routing_load_margin: float = 4.0    # how much busier than the least-loaded replica a prefix holder may be
     load_poll_interval_s: float = 0.25  # GetLoad per replica; a failed poll marks the replica down
@@ -36,10 +47,23 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError("metrics_port must be in [0, 65535] (0: off)")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port and port must differ, both are {self.port}")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
         if not self.engine or not self.tokenizer:
             raise ValueError("engine and tokenizer addresses are required")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for name in ("max_in_flight", "retry_after_ms", "max_request_bytes", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
         for name, addresses in (("engine", self.engine_addresses), ("tokenizer", self.tokenizer_addresses)):
             if not addresses or len(set(addresses)) != len(addresses):
                 raise ValueError(f"{name} addresses must be non-empty and distinct, got {getattr(self, name)!r}")
@@ -72,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how requests are spread over engine replicas (default %(default)s)")
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this HTTP port "
+                                                                "(default 0: off)")
+    p.add_argument("--api-key-file", help="API keys, one per line (also: env TANDEM_API_KEYS, comma-separated); "
+                                          "public RPCs then need metadata 'authorization: Bearer <key>'")
+    p.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the public port")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument("--max-in-flight", type=int, default=256,
+                   help="generation calls in flight; beyond it RESOURCE_EXHAUSTED with a retry-after-ms hint")
+    p.add_argument("--retry-after-ms", type=int, default=1000, help="the retry hint sent with RESOURCE_EXHAUSTED")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request message accepted on the public port")
+    p.add_argument("--max-prompt-chars", type=int, default=1_000_000,
+                   help="longest prompt (or all chat contents together) in characters")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=30.0,
+                   help="after SIGTERM, seconds in-flight calls may run before they end with UNAVAILABLE")
+    p.add_argument("--log-format", choices=("json", "text"), default="text", help="request log lines on stderr")
     return p
 
 

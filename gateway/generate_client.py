@@ -10,6 +10,7 @@ from typing import Iterable, TextIO
 
 import grpc
 
+from gateway.tls import channel_credentials
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -41,6 +42,23 @@ class GenerateOptions:
             raise ValueError("seed must be in [0, 2**64)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How to reach the gateway: TLS (trusting tls_ca, or the system roots) and an API key."""
+
+    tls: bool = False
+    tls_ca: str | None = None
+    api_key: str | None = None
+
+    def channel(self, address: str) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, channel_credentials(self.tls_ca))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
 
 def build_request(opts: GenerateOptions) -> pb.GenerateRequest:
@@ -93,13 +111,15 @@ def write_stream(responses: Iterable[pb.GenerateStreamResponse], out: TextIO, er
 
 
 def run_generate(opts: GenerateOptions, address: str, timeout_s: float | None = None,
-                 out: TextIO | None = None, err: TextIO | None = None) -> int:
+                 out: TextIO | None = None, err: TextIO | None = None,
+                 connection: ConnectionOptions = ConnectionOptions()) -> int:
     """Returns the exit status: 0 on success, 1 on a gRPC error, 130 on Ctrl-C (the call is cancelled).
     out/err default to the process's streams at call time."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    with grpc.insecure_channel(address) as channel:
-        call = pb_grpc.GenerationStub(channel).GenerateStream(build_request(opts), timeout=timeout_s)
+    with connection.channel(address) as channel:
+        call = pb_grpc.GenerationStub(channel).GenerateStream(build_request(opts), timeout=timeout_s,
+                                                              metadata=connection.metadata())
         try:
             write_stream(call, out, err)
         except grpc.RpcError as error:

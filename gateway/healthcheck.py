@@ -23,8 +23,13 @@ _CHANNEL_OPTIONS = (
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+def open_channel(address: str, tls_roots: bytes | None = None, tls_server_name: str | None = None) -> grpc.Channel:
+    """Plaintext, or TLS trusting tls_roots (PEM) when given; tls_server_name overrides the name the certificate
+    is checked against (the probe dials 127.0.0.1, which a public certificate may not name)."""
+    if tls_roots is None:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    options = _CHANNEL_OPTIONS + ((("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ())
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_roots), options=options)
 
 
 def check(channel: grpc.Channel, timeout_s: float) -> str:
@@ -46,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Exit 0 when the service at ADDRESS reports SERVING.")
     parser.add_argument("address", help="HOST:PORT of a Tandem service")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    parser.add_argument("--tls-ca", help="probe over TLS, trusting this PEM CA")
+    parser.add_argument("--tls-server-name", help="name the certificate is checked against")
     args = parser.parse_args(argv)
-    with open_channel(args.address) as channel:
+    roots = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            roots = f.read()
+    with open_channel(args.address, roots, args.tls_server_name) as channel:
         status = check(channel, args.timeout)
     if status != "SERVING":
         print(f"{args.address}: {status}", file=sys.stderr)

@@ -63,6 +63,8 @@ class ServiceSpec:
     listen_host: str
     port: int
     stage: int
+    tls_roots: bytes | None = None         # the health probe speaks TLS trusting these PEM roots
+    tls_server_name: str | None = None
 
     @property
     def health_address(self) -> str:
@@ -81,9 +83,22 @@ def services_for(topology: ServiceTopology, wrap: CommandWrap | None = None) -> 
     specs = []
     for name, argv in argvs.items():
         host, port = listens[name]
+        tls = _gateway_probe_tls(topology) if name == GATEWAY else {}
         specs.append(ServiceSpec(name=name, argv=tuple(wrap(name, argv) if wrap else argv),
-                                 listen_host=host, port=port, stage=_STAGES.get(name, _STAGES[ENGINE])))
+                                 listen_host=host, port=port, stage=_STAGES.get(name, _STAGES[ENGINE]), **tls))
     return specs
+
+
+def _gateway_probe_tls(topology: ServiceTopology) -> dict:
+    if not topology.gateway_tls_cert:
+        return {}
+    roots = topology.gateway_tls_ca or topology.gateway_tls_cert
+    try:
+        with open(roots, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ValueError(f"TLS roots for the gateway health probe: cannot read {roots}: {e.strerror}") from None
+    return {"tls_roots": pem, "tls_server_name": topology.gateway_tls_server_name}
 
 
 def ensure_ports_free(specs: Sequence[ServiceSpec]) -> None:
@@ -154,7 +169,8 @@ class Launcher:
                                                    self.config.tail_lines)
 
     def _wait_serving(self, batch: Sequence[ServiceSpec], deadline: float, started: float) -> bool:
-        channels = {s.name: healthcheck.open_channel(s.health_address) for s in batch}
+        channels = {s.name: healthcheck.open_channel(s.health_address, s.tls_roots, s.tls_server_name)
+                    for s in batch}
         last_status = {s.name: "not probed yet" for s in batch}
         pending = [s.name for s in batch]
         try:
@@ -307,11 +323,15 @@ def ready_banner(topology: ServiceTopology) -> str:
     host = topology.gateway_host
     local = "localhost" if host in ("0.0.0.0", "::", "[::]", "127.0.0.1") else host
     address = f"{local}:{topology.gateway_port}"
+    grpcurl_tls = f"-cacert {topology.gateway_tls_ca or topology.gateway_tls_cert}" if topology.gateway_tls_cert \
+        else "-plaintext"
+    generate_tls = f" --tls-ca {topology.gateway_tls_ca or topology.gateway_tls_cert}" \
+        if topology.gateway_tls_cert else ""
     return (f"Tandem is serving on {host}:{topology.gateway_port} (model: {topology.model_path})\n"
             f"Try it:\n"
-            f"  grpcurl -plaintext -d '{{\"prompt\":\"Hello\",\"params\":{{\"max_tokens\":32}}}}' {address} "
+            f"  grpcurl {grpcurl_tls} -d '{{\"prompt\":\"Hello\",\"params\":{{\"max_tokens\":32}}}}' {address} "
             f"tandem.v1.Generation/GenerateStream\n"
-            f"  tandem generate \"Hello\" --max-tokens 32 --address {address}\n"
+            f"  tandem generate \"Hello\" --max-tokens 32 --address {address}{generate_tls}\n"
             f"Press Ctrl-C to stop.")
 
 

@@ -12,8 +12,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import admin
+from gateway.admission import Admission, retry_hint
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_export import MetricsPortError, poll_engine_load, serve_metrics_http
+from gateway.logs import setup_logging
 from gateway.pipeline import Failure, Pipeline
+from gateway.public_server import add_public_port, create_server, drain
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
@@ -27,11 +32,16 @@ _ENGINE_FINISH = {
     epb.ENGINE_FINISH_ABORTED: api.FINISH_REASON_CANCELLED,
 }
 
+# request_success_total's finished_reason values (vLLM's "stop" and "length"; "abort" is counted apart).
+_FINISHED_REASON = {api.FINISH_REASON_STOP: "stop", api.FINISH_REASON_LENGTH: "length",
+                    api.FINISH_REASON_CANCELLED: "cancelled"}
+
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.metrics: GatewayMetrics | None = None   # set by serve() once the engine's model is known
 
     async def GetModelInfo(self, request, context) -> api.ModelInfo:
         info = self.pipeline.engine_info
@@ -71,6 +81,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def _run(self, request: api.GenerateRequest, context) -> AsyncIterator[api.GenerateStreamResponse]:
         info = self.pipeline.engine_info
+        recorder = self.metrics.request(replica=self.config.engine)
         try:
             v = validate(request, self.config, info.vocab_size)
         except InvalidRequest as e:
@@ -96,6 +107,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                           adapter=v.adapter)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        recorder.routed(handle.replica)
+        recorder.submitted(len(prompt_ids))
         echo = (v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, context)) if v.echo else None
         completion_tokens = 0
         finished = False
@@ -105,11 +118,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 item = await handle.queue.get()
                 if isinstance(item, Failure):
                     finished = True
-                    await context.abort(item.code, item.message)
+                    hint = retry_hint(self.config.retry_after_ms) \
+                        if item.code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
+                    await context.abort(item.code, item.message, hint)
                 r, d = item.result, item.delta
                 completion_tokens += len(r.token_ids)
                 chunk = api.GenerateStreamResponse(request_id=request_id, index=item.index, text=r.text,
                                                    token_ids=r.token_ids)
+                recorder.chunk(item.index, len(r.token_ids))
                 _add_logprobs(chunk, d, r, prompt_ids)
                 if item.index not in started:
                     started.add(item.index)
@@ -126,10 +142,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         chunk.usage.prompt_tokens = len(prompt_ids)
                         chunk.usage.completion_tokens = completion_tokens
                         chunk.usage.cached_prompt_tokens = handle.num_cached_tokens
+                        recorder.finished(_FINISHED_REASON[chunk.finish_reason])
                 yield chunk
         finally:
             if not finished:  # client cancel, deadline, or a failed write: stop the work downstream
                 self.pipeline.cancel(request_id)
+                recorder.aborted()
 
     async def _decode(self, ids: list[int], v: ValidatedRequest, context) -> str:
         return await self.pipeline.decode(ids, v.skip_special_tokens, timeout=context.time_remaining())
@@ -180,17 +198,20 @@ def _add_logprobs(chunk: api.GenerateStreamResponse, d: epb.RequestDelta, r, pro
 
 
 async def serve(config: GatewayConfig) -> None:
-    server = grpc.aio.server()
+    setup_logging(config.log_format)
+    admission = Admission(config.max_in_flight, config.retry_after_ms)
+    server = create_server(config, admission)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     pipeline = Pipeline(config)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(config, pipeline), server)
+    servicer = GenerationServicer(config, pipeline)
+    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin.AdminServicer(pipeline.engine_stub), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, admin.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_public_port(server, config)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -205,11 +226,30 @@ async def serve(config: GatewayConfig) -> None:
               f"{e!r}", file=sys.stderr, flush=True)
         await server.stop(0)
         raise SystemExit(1)
+    info = pipeline.engine_info
+    servicer.metrics = GatewayMetrics(info.model_name, info.max_model_len)
+    metrics_http, pollers = None, []
+    if config.metrics_port:
+        try:
+            metrics_http = serve_metrics_http(servicer.metrics, config.host, config.metrics_port)
+        except MetricsPortError as e:
+            print(f"gateway: {e}", file=sys.stderr, flush=True)
+            await server.stop(0)
+            raise SystemExit(1)
+        pollers = [asyncio.ensure_future(poll_engine_load(servicer.metrics, r.name, r.get_load))
+                   for r in pipeline.replicas]
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})",
+    print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})"
+          + (f", metrics on http://{config.host}:{config.metrics_port}/metrics" if metrics_http else ""),
           file=sys.stderr, flush=True)
     await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5.0)
+    print(f"gateway: draining {admission.in_flight} requests (up to {config.drain_timeout_s:g} s)",
+          file=sys.stderr, flush=True)
+    ended = await drain(server, health_servicer, admission, config.drain_timeout_s)
+    print(f"gateway: drained; {ended} requests ended by the drain timeout", file=sys.stderr, flush=True)
+    for poller in pollers:
+        poller.cancel()
+    if metrics_http is not None:
+        metrics_http.shutdown()
     await pipeline.close()

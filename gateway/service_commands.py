@@ -22,6 +22,7 @@ SERVICE_NAMES = (TOKENIZER, ENGINE, GATEWAY)
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_TOKENIZER_PORT = 50052
 DEFAULT_ENGINE_PORT = 50053
+DEFAULT_METRICS_PORT = 9090    # `tandem serve`'s; the gateway itself and compose leave metrics off
 
 # In docker compose the model service fetches into a named volume mounted here, with TANDEM_CACHE=/cache,
 # so model_fetch.cache_dir() is /cache/models.
@@ -65,6 +66,15 @@ class ServiceTopology:
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
     engine_replicas: int = 1            # engines on engine_port, engine_port + 1, ...; the gateway dials them all
+    metrics_port: int = 0               # the gateway's Prometheus /metrics port, on gateway_host; 0: off
+    # TLS on the public port only: internal services stay plaintext on loopback (or the compose network).
+    gateway_tls_cert: str | None = None
+    gateway_tls_key: str | None = None
+    gateway_extra_args: tuple[str, ...] = ()   # the gateway's own flags (API keys, limits, drain, logs), last
+    # Only for the launcher's health probe of a TLS gateway: the CA to trust (default: the certificate file, right
+    # for a self-signed one) and the name to check the certificate against (default: the dialled 127.0.0.1).
+    gateway_tls_ca: str | None = None
+    gateway_tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -90,10 +100,18 @@ class ServiceTopology:
                 1 <= self.engine_replicas <= 65535 - self.engine_port + 1):
             raise ValueError(f"engine_replicas must be >= 1 with every engine port <= 65535, got "
                              f"{self.engine_replicas!r} from port {self.engine_port}")
-        ports = (self.gateway_port, self.tokenizer_port, *engine_ports(self))
+        if self.metrics_port != 0:
+            _check_port("metrics_port", self.metrics_port)
+        if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
+            raise ValueError("gateway_tls_cert and gateway_tls_key go together")
+        if not isinstance(self.gateway_extra_args, tuple) or not all(
+                isinstance(a, str) for a in self.gateway_extra_args):
+            raise ValueError("gateway_extra_args must be a tuple of strings")
+        ports = (self.gateway_port, self.tokenizer_port, *engine_ports(self)) + (
+            (self.metrics_port,) if self.metrics_port else ())
         if len(set(ports)) != len(ports):
             # All three share one host when run by the launcher, so a shared port is always a clash.
-            raise ValueError(f"gateway, tokenizer and engine ports must differ, got {ports}")
+            raise ValueError(f"gateway, tokenizer, engine (and metrics) ports must differ, got {ports}")
 
 
 def local_topology(model_path: str, **overrides) -> ServiceTopology:
@@ -143,7 +161,10 @@ def engine_argv(t: ServiceTopology, replica: int = 0) -> list[str]:
 def gateway_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "gateway", "--host", t.gateway_host, "--port", str(t.gateway_port),
             "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
-            *(arg for port in engine_ports(t) for arg in ("--engine", f"{t.engine_host}:{port}"))]
+            *(arg for port in engine_ports(t) for arg in ("--engine", f"{t.engine_host}:{port}")),
+            *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else []),
+            *(("--tls-cert", t.gateway_tls_cert, "--tls-key", t.gateway_tls_key) if t.gateway_tls_cert else ()),
+            *t.gateway_extra_args]
 
 
 def model_fetch_argv(python: str) -> list[str]:

@@ -58,8 +58,14 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         if not req.prompt:
             raise InvalidRequest("prompt: must not be empty")
         prompt = req.prompt
+        if len(prompt) > config.max_prompt_chars:
+            raise InvalidRequest(f"prompt: {len(prompt)} characters, more than the limit of {config.max_prompt_chars}")
     else:
         chat = _validate_chat(req.chat)
+        chars = sum(len(content) for _, content in chat)
+        if chars > config.max_prompt_chars:
+            raise InvalidRequest(f"chat.messages: {chars} characters of content, more than the limit of "
+                                 f"{config.max_prompt_chars}")
 
     p = req.params
     if p.HasField("max_tokens") and p.max_tokens < 1:

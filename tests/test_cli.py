@@ -35,8 +35,33 @@ def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
                                          "--max-num-seqs", "64", "--port", "not-for-the-launcher"]
     assert tokenizer_argv(topology)[-2:] == ["--port", "6001"]
     assert gateway_argv(topology)[3:] == ["--host", "127.0.0.1", "--port", "6000", "--tokenizer",
-                                          "127.0.0.1:6001", "--engine", "127.0.0.1:6002"]
+                                          "127.0.0.1:6001", "--engine", "127.0.0.1:6002", "--metrics-port", "9090",
+                                          "--drain-timeout", "8"]
     assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
+
+
+def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
+    on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
+    argv = gateway_argv(on)
+    assert argv[argv.index("--metrics-port") + 1] == "9191"
+    off = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "0"]), "/m/x.gguf")
+    assert "--metrics-port" not in gateway_argv(off)
+    with pytest.raises(ValueError, match="ports must differ"):
+        cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "50051"]), "/m/x.gguf")
+
+
+def test_serve_passes_security_limits_and_drain_to_the_gateway(tmp_path) -> None:
+    args = cli.parse_args(["serve", "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--api-key-file", "/keys",
+                           "--max-in-flight", "7", "--max-request-bytes", "1000", "--max-prompt-chars", "99",
+                           "--drain-timeout", "20", "--log-format", "json", "--stop-grace", "3"])
+    topology = cli.topology_from_args(args, "/m/x.gguf")
+    assert gateway_argv(topology)[13:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--drain-timeout", "20",
+                                           "--api-key-file", "/keys", "--max-in-flight", "7",
+                                           "--max-request-bytes", "1000", "--max-prompt-chars", "99",
+                                           "--log-format", "json"]
+    assert cli.launcher_config_from_args(args).stop_grace_s == 25.0   # never kills a draining gateway
+    with pytest.raises(ValueError, match="go together"):
+        cli.topology_from_args(cli.parse_args(["serve", "--tls-cert", "/c.pem"]), "/m/x.gguf")
 
 
 def test_serve_passes_the_kv_cache_dtype_to_the_engine_only_when_set() -> None:

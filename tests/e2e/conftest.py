@@ -31,6 +31,7 @@ class Stack:
     tokenizer_address: str
     model_path: Path
     log: Path
+    metrics_url: str = ""     # the gateway's Prometheus endpoint
 
 
 def _serving(address: str) -> bool:
@@ -44,12 +45,12 @@ def _serving(address: str) -> bool:
 
 @pytest.fixture(scope="session")
 def stack(smollm2_gguf, tmp_path_factory):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     log = tmp_path_factory.mktemp("stack") / "serve.log"
     cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
            "--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-           "--device", "cpu", "--dtype", "float32",
+           "--metrics-port", str(ports[3]), "--device", "cpu", "--dtype", "float32",
            "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
            # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
            "--check-kv-integrity", "--async-scheduling"]
@@ -63,7 +64,8 @@ def stack(smollm2_gguf, tmp_path_factory):
             proc.kill()
             pytest.fail(f"tandem serve did not come up; log:\n{log.read_text()[-4000:]}")
         time.sleep(0.5)
-    yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log)
+    yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log,
+                f"http://127.0.0.1:{ports[3]}/metrics")
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(30)

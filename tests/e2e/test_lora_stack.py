@@ -52,7 +52,7 @@ def lora_stack(files, smollm2_gguf, tmp_path_factory):
     cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
            "--model", str(files["base"]), "--tokenizer-model", str(smollm2_gguf), "--host", "127.0.0.1",
            "--port", str(ports[0]), "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-           "--device", "cpu", "--dtype", "float32", "--lora", f"pre={files['pre']}",
+           "--device", "cpu", "--dtype", "float32", "--metrics-port", "0", "--lora", f"pre={files['pre']}",
            "--", "--max-loras", "2", "--max-lora-rank", "16", "--num-kv-blocks", "256", "--max-num-seqs", "16",
            "--check-kv-integrity", "--async-scheduling"]
     with open(log, "w") as out:

@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Calls may carry metadata `authorization: Bearer <key>` (required when the server has API keys, else
+    UNAUTHENTICATED) and `x-request-id` (printable ASCII, <= 128 chars; the request_id when the field is empty).
+    RESOURCE_EXHAUSTED for capacity (the gateway's max in flight, a full engine queue) carries trailing metadata
+    `retry-after-ms`: wait that long before retrying. UNAVAILABLE "draining: ..." means the server is shutting down.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +56,11 @@ class GenerationStub:
 
 
 class GenerationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Calls may carry metadata `authorization: Bearer <key>` (required when the server has API keys, else
+    UNAUTHENTICATED) and `x-request-id` (printable ASCII, <= 128 chars; the request_id when the field is empty).
+    RESOURCE_EXHAUSTED for capacity (the gateway's max in flight, a full engine queue) carries trailing metadata
+    `retry-after-ms`: wait that long before retrying. UNAVAILABLE "draining: ..." means the server is shutting down.
+    """
 
     def Generate(self, request, context):
         """Generates a completion and returns it whole.
@@ -102,7 +110,11 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Missing associated documentation comment in .proto file."""
+    """Calls may carry metadata `authorization: Bearer <key>` (required when the server has API keys, else
+    UNAUTHENTICATED) and `x-request-id` (printable ASCII, <= 128 chars; the request_id when the field is empty).
+    RESOURCE_EXHAUSTED for capacity (the gateway's max in flight, a full engine queue) carries trailing metadata
+    `retry-after-ms`: wait that long before retrying. UNAVAILABLE "draining: ..." means the server is shutting down.
+    """
 
     @staticmethod
     def Generate(request,

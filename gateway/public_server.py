@@ -1,0 +1,39 @@
+"""The public grpc.aio server's policies, assembled from the config: API keys, request ids and logs, admission
+(max in flight, drain), the request size limit and TLS. Health and reflection pass through every interceptor."""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from gateway import tls
+from gateway.admission import Admission, AdmissionInterceptor
+from gateway.auth import ApiKeyInterceptor, load_api_keys
+from gateway.config import GatewayConfig
+from gateway.request_log import RequestLogInterceptor
+
+
+def create_server(config: GatewayConfig, admission: Admission) -> grpc.aio.Server:
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    keys = load_api_keys(config.api_key_file)
+    if keys:
+        interceptors.append(ApiKeyInterceptor(keys))   # first: nothing else runs for an unauthenticated call
+    interceptors += [RequestLogInterceptor(config.engine), AdmissionInterceptor(admission)]
+    return grpc.aio.server(interceptors=interceptors,
+                           options=[("grpc.max_receive_message_length", config.max_request_bytes)])
+
+
+def add_public_port(server: grpc.aio.Server, config: GatewayConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        return server.add_secure_port(address, tls.server_credentials(config.tls_cert, config.tls_key))
+    return server.add_insecure_port(address)
+
+
+async def drain(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, admission: Admission,
+                timeout_s: float) -> int:
+    """SIGTERM: NOT_SERVING at once, refuse new calls, let in-flight calls finish for timeout_s, end the rest with
+    UNAVAILABLE, then stop the server. Returns how many calls were ended by the timeout."""
+    await health_servicer.enter_graceful_shutdown()   # every service NOT_SERVING, and it stays so
+    ended = await admission.drain(timeout_s)
+    await server.stop(grace=1.0)
+    return ended
