@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import admin
+from gateway import admin, request_log
 from gateway.admission import Admission, retry_hint
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
@@ -108,6 +108,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         recorder.routed(handle.replica)
+        request_log.annotate(replica=handle.replica)
         recorder.submitted(len(prompt_ids))
         echo = (v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, context)) if v.echo else None
         completion_tokens = 0
