@@ -63,3 +63,9 @@ class BidiStream:
 
 def wait_ready(channel: grpc.aio.Channel, timeout: float) -> Awaitable[None]:
     return asyncio.wait_for(channel.channel_ready(), timeout)
+
+
+# Internal channels retry a lost backend within a second (gRPC's default backoff grows to two minutes), so a
+# restarted engine or tokenizer is seen by the next load poll.
+INTERNAL_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                            ("grpc.max_reconnect_backoff_ms", 1000))

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
                        help="tokenizer service port on 127.0.0.1")
     serve.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port on 127.0.0.1")
+    serve.add_argument("--engine-replicas", type=int, default=1,
+                       help="engine processes, on --engine-port and the ports after it; the gateway routes over "
+                            "all of them (default %(default)s)")
     serve.add_argument("--metrics-port", type=_non_negative_int, default=DEFAULT_METRICS_PORT,
                        help="the gateway's Prometheus /metrics HTTP port, on --host (default %(default)s; 0: off)")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
@@ -177,6 +180,7 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                           device=args.device, dtype=args.dtype, quantization=args.quantization,
                           kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=tuple(args.engine_args),
                           tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules),
+                          engine_replicas=args.engine_replicas,
                           metrics_port=args.metrics_port,
                           gateway_tls_cert=args.tls_cert, gateway_tls_key=args.tls_key, gateway_tls_ca=args.tls_ca,
                           gateway_tls_server_name=args.tls_server_name,

@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from gateway.router import POLICIES
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 50051
-    engine: str = "127.0.0.1:50053"
-    tokenizer: str = "127.0.0.1:50052"
+    engine: str = "127.0.0.1:50053"      # one address, or several separated by commas (one per engine replica)
+    tokenizer: str = "127.0.0.1:50052"   # likewise
     default_max_tokens: int = 256
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
@@ -30,6 +32,17 @@ class GatewayConfig:
     max_prompt_chars: int = 1_000_000   # prompt, or all chat message contents together
     drain_timeout_s: float = 30.0       # after SIGTERM, how long in-flight calls may still run
     log_format: str = "text"
+    routing: str = "prefix"             # gateway.router.POLICIES
+    routing_load_margin: float = 4.0    # how much busier than the least-loaded replica a prefix holder may be
+    load_poll_interval_s: float = 0.25  # GetLoad per replica; a failed poll marks the replica down
+
+    @property
+    def engine_addresses(self) -> tuple[str, ...]:
+        return _addresses(self.engine)
+
+    @property
+    def tokenizer_addresses(self) -> tuple[str, ...]:
+        return _addresses(self.tokenizer)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -51,14 +64,36 @@ class GatewayConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.log_format not in ("json", "text"):
             raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
+        for name, addresses in (("engine", self.engine_addresses), ("tokenizer", self.tokenizer_addresses)):
+            if not addresses or len(set(addresses)) != len(addresses):
+                raise ValueError(f"{name} addresses must be non-empty and distinct, got {getattr(self, name)!r}")
+        if self.routing not in POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
+        if self.routing_load_margin < 0:
+            raise ValueError("routing_load_margin must be >= 0")
+        if not 0 < self.load_poll_interval_s <= 1.0:
+            raise ValueError("load_poll_interval_s must be in (0, 1]: a lost replica is marked down within a second")
+
+
+def _addresses(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def _join(values: list[str] | None, default: str) -> str:
+    """--engine A --engine B and --engine A,B mean the same."""
+    return ",".join(values) if values else default
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway", description="Tandem gateway: the public gRPC API.")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--engine", default="127.0.0.1:50053", help="engine service address")
-    p.add_argument("--tokenizer", default="127.0.0.1:50052", help="tokenizer service address")
+    p.add_argument("--engine", action="append", help="engine service address; repeat, or separate with commas, "
+                                                     "for several replicas (default 127.0.0.1:50053)")
+    p.add_argument("--tokenizer", action="append", help="tokenizer service address; repeatable like --engine "
+                                                        "(default 127.0.0.1:50052)")
+    p.add_argument("--routing", choices=POLICIES, default="prefix",
+                   help="how requests are spread over engine replicas (default %(default)s)")
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--connect-timeout-s", type=float, default=60.0)
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this HTTP port "
@@ -81,4 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
-    return GatewayConfig(**vars(build_parser().parse_args(argv)))
+    args = vars(build_parser().parse_args(argv))
+    args["engine"] = _join(args["engine"], GatewayConfig.engine)
+    args["tokenizer"] = _join(args["tokenizer"], GatewayConfig.tokenizer)
+    return GatewayConfig(**args)

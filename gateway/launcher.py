@@ -25,7 +25,8 @@ from gateway.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopolog
                                       service_argvs)
 from gateway.service_process import NAME_WIDTH, ServiceProcess
 
-# Stage of each service: a stage starts only when every service of the previous stages is SERVING.
+# Stage of each service: a stage starts only when every service of the previous stages is SERVING. Engine
+# replicas past the first (engine-2, ...) share the engine's stage.
 _STAGES = {TOKENIZER: 0, ENGINE: 0, GATEWAY: 1}
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -84,7 +85,7 @@ def services_for(topology: ServiceTopology, wrap: CommandWrap | None = None) -> 
         host, port = listens[name]
         tls = _gateway_probe_tls(topology) if name == GATEWAY else {}
         specs.append(ServiceSpec(name=name, argv=tuple(wrap(name, argv) if wrap else argv),
-                                 listen_host=host, port=port, stage=_STAGES[name], **tls))
+                                 listen_host=host, port=port, stage=_STAGES.get(name, _STAGES[ENGINE]), **tls))
     return specs
 
 

@@ -127,6 +127,10 @@ class RequestMetrics:
         self.generation_tokens = 0
         self._ended = False
 
+    def routed(self, replica: str) -> None:
+        """The engine replica the router picked; every later observation is labelled with it."""
+        self._labels = (self._m.model_name, replica)
+
     def submitted(self, prompt_tokens: int) -> None:
         self._submitted = self._m.clock()
         self.prompt_tokens = prompt_tokens

@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import admin
+from gateway import admin, request_log
 from gateway.admission import Admission, retry_hint
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
@@ -107,6 +107,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                           adapter=v.adapter)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        recorder.routed(handle.replica)
+        request_log.annotate(replica=handle.replica)
         recorder.submitted(len(prompt_ids))
         echo = (v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, context)) if v.echo else None
         completion_tokens = 0
@@ -227,7 +229,7 @@ async def serve(config: GatewayConfig) -> None:
         raise SystemExit(1)
     info = pipeline.engine_info
     servicer.metrics = GatewayMetrics(info.model_name, info.max_model_len)
-    metrics_http, poller = None, None
+    metrics_http, pollers = None, []
     if config.metrics_port:
         try:
             metrics_http = serve_metrics_http(servicer.metrics, config.host, config.metrics_port)
@@ -235,7 +237,8 @@ async def serve(config: GatewayConfig) -> None:
             print(f"gateway: {e}", file=sys.stderr, flush=True)
             await server.stop(0)
             raise SystemExit(1)
-        poller = asyncio.ensure_future(poll_engine_load(servicer.metrics, config.engine, pipeline.engine_load))
+        pollers = [asyncio.ensure_future(poll_engine_load(servicer.metrics, r.name, r.get_load))
+                   for r in pipeline.replicas]
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})"
@@ -246,7 +249,8 @@ async def serve(config: GatewayConfig) -> None:
           file=sys.stderr, flush=True)
     ended = await drain(server, health_servicer, admission, config.drain_timeout_s)
     print(f"gateway: drained; {ended} requests ended by the drain timeout", file=sys.stderr, flush=True)
-    if poller is not None:
+    for poller in pollers:
         poller.cancel()
+    if metrics_http is not None:
         metrics_http.shutdown()
     await pipeline.close()

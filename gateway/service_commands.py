@@ -65,6 +65,7 @@ class ServiceTopology:
     engine_extra_args: tuple[str, ...] = field(default=())
     tokenizer_path: str | None = None   # another model's tokenizer (e.g. for a dummy-weight config); None: model_path
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
+    engine_replicas: int = 1            # engines on engine_port, engine_port + 1, ...; the gateway dials them all
     metrics_port: int = 0               # the gateway's Prometheus /metrics port, on gateway_host; 0: off
     # TLS on the public port only: internal services stay plaintext on loopback (or the compose network).
     gateway_tls_cert: str | None = None
@@ -95,6 +96,10 @@ class ServiceTopology:
             name, sep, path = module.partition("=") if isinstance(module, str) else ("", "", "")
             if not (sep and name and path):
                 raise ValueError(f"lora_modules entries must be NAME=PATH, got {module!r}")
+        if not isinstance(self.engine_replicas, int) or isinstance(self.engine_replicas, bool) or not (
+                1 <= self.engine_replicas <= 65535 - self.engine_port + 1):
+            raise ValueError(f"engine_replicas must be >= 1 with every engine port <= 65535, got "
+                             f"{self.engine_replicas!r} from port {self.engine_port}")
         if self.metrics_port != 0:
             _check_port("metrics_port", self.metrics_port)
         if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
@@ -102,7 +107,7 @@ class ServiceTopology:
         if not isinstance(self.gateway_extra_args, tuple) or not all(
                 isinstance(a, str) for a in self.gateway_extra_args):
             raise ValueError("gateway_extra_args must be a tuple of strings")
-        ports = (self.gateway_port, self.tokenizer_port, self.engine_port) + (
+        ports = (self.gateway_port, self.tokenizer_port, *engine_ports(self)) + (
             (self.metrics_port,) if self.metrics_port else ())
         if len(set(ports)) != len(ports):
             # All three share one host when run by the launcher, so a shared port is always a clash.
@@ -129,15 +134,24 @@ def compose_topology() -> ServiceTopology:
     )
 
 
+def engine_ports(t: ServiceTopology) -> list[int]:
+    return [t.engine_port + k for k in range(t.engine_replicas)]
+
+
+def engine_names(t: ServiceTopology) -> list[str]:
+    """`engine` alone, or `engine`, `engine-2`, ... for several replicas (each its own supervised service)."""
+    return [ENGINE if k == 0 else f"{ENGINE}-{k + 1}" for k in range(t.engine_replicas)]
+
+
 def tokenizer_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "tokenizer_svc", "--model", t.tokenizer_path or t.model_path,
             "--host", t.internal_listen_host, "--port", str(t.tokenizer_port)]
 
 
-def engine_argv(t: ServiceTopology) -> list[str]:
+def engine_argv(t: ServiceTopology, replica: int = 0) -> list[str]:
     # Extra engine args go last, untouched: the engine's own parser decides what they mean.
     return [t.python, "-m", "engine_svc", "--model", t.model_path,
-            "--host", t.internal_listen_host, "--port", str(t.engine_port),
+            "--host", t.internal_listen_host, "--port", str(engine_ports(t)[replica]),
             "--device", t.device, "--dtype", t.dtype,
             *(["--quantization", t.quantization] if t.quantization != "none" else []),
             *(("--kv-cache-dtype", t.kv_cache_dtype) if t.kv_cache_dtype != "auto" else ()),
@@ -147,7 +161,7 @@ def engine_argv(t: ServiceTopology) -> list[str]:
 def gateway_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "gateway", "--host", t.gateway_host, "--port", str(t.gateway_port),
             "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
-            "--engine", f"{t.engine_host}:{t.engine_port}",
+            *(arg for port in engine_ports(t) for arg in ("--engine", f"{t.engine_host}:{port}")),
             *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else []),
             *(("--tls-cert", t.gateway_tls_cert, "--tls-key", t.gateway_tls_key) if t.gateway_tls_cert else ()),
             *t.gateway_extra_args]
@@ -160,11 +174,12 @@ def model_fetch_argv(python: str) -> list[str]:
 
 def service_argvs(t: ServiceTopology) -> dict[str, list[str]]:
     """Every service's argv, keyed by service name, in start order."""
-    return {TOKENIZER: tokenizer_argv(t), ENGINE: engine_argv(t), GATEWAY: gateway_argv(t)}
+    return {TOKENIZER: tokenizer_argv(t), **{name: engine_argv(t, k) for k, name in enumerate(engine_names(t))},
+            GATEWAY: gateway_argv(t)}
 
 
 def listen_addresses(t: ServiceTopology) -> dict[str, tuple[str, int]]:
     """The (host, port) each service binds, keyed like service_argvs."""
     return {TOKENIZER: (t.internal_listen_host, t.tokenizer_port),
-            ENGINE: (t.internal_listen_host, t.engine_port),
+            **{name: (t.internal_listen_host, port) for name, port in zip(engine_names(t), engine_ports(t))},
             GATEWAY: (t.gateway_host, t.gateway_port)}

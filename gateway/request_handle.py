@@ -1,0 +1,45 @@
+"""What one request carries through the gateway: its queue of chunks or a failure, and its outputs' state."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+
+from protos.tandem.internal.v1 import engine_pb2 as epb
+from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: grpc.StatusCode
+    message: str
+
+
+class Unavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One step's text of one output, with the engine delta it came from (logprobs, cumulative logprob)."""
+    index: int
+    result: tpb.DetokResult
+    delta: epb.RequestDelta
+
+
+class RequestHandle:
+    def __init__(self, request_id: str, prompt_ids: list[int], n: int) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.n = n
+        self.queue: asyncio.Queue = asyncio.Queue()   # Chunk | Failure
+        self.num_cached_tokens = 0                    # from the engine's first delta
+        self.ended: set[int] = set()                  # outputs whose text has ended (pipeline side)
+        self.ended_by_client: set[int] = set()        # of which the client has been sent the end
+        self.engine_done = False                      # the engine sent the request's last delta
+        self.replica = ""                             # the engine replica serving it (its address)
+
+    def detok_id(self, index: int) -> str:
+        """Each output has its own detokenizer state (text, stop strings)."""
+        return self.request_id if self.n == 1 else f"{self.request_id}#{index}"
