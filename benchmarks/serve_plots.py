@@ -18,7 +18,7 @@ def write_plots(records: list[RequestRecord], out_dir: Path, title: str) -> list
 
     fig, ax = plt.subplots(figsize=(6, 5))
     counts, _, _, image = ax.hist2d([r.prompt_tokens for r in ok], [r.output_tokens for r in ok],
-                                    bins=min(30, max(2, len(ok) // 2)), cmap="viridis", cmin=1)
+                                    bins=min(30, max(2, round(len(ok) ** 0.5))), cmap="viridis", cmin=1)
     fig.colorbar(image, ax=ax, label="requests")
     ax.set(xlabel="input sequence length (tokens)", ylabel="output sequence length (tokens)",
            title=f"ISL x OSL: {title}")
