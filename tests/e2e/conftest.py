@@ -2,6 +2,7 @@
 `tandem serve`, plus transformers on the same GGUF as the reference."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -43,29 +44,21 @@ def _serving(address: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def stack(smollm2_gguf, tmp_path_factory):
-    ports = [free_port() for _ in range(4)]
-    log = tmp_path_factory.mktemp("stack") / "serve.log"
-    cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
-           "--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
-           "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-           "--metrics-port", str(ports[3]), "--device", "cpu", "--dtype", "float32",
-           "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
-           # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
-           "--check-kv-integrity", "--async-scheduling"]
+@contextlib.contextmanager
+def serve_process(serve_args: list[str], address: str, log: Path):
+    """`tandem serve SERVE_ARGS` in its own process group, output to `log`; yields the process once `address`
+    reports SERVING. At exit, Ctrl-C must stop it cleanly within 30 s."""
+    cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", *serve_args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    address = f"127.0.0.1:{ports[0]}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _serving(address):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"tandem serve did not come up; log:\n{log.read_text()[-4000:]}")
         time.sleep(0.5)
-    yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log,
-                f"http://127.0.0.1:{ports[3]}/metrics")
+    yield proc
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(30)
@@ -73,6 +66,22 @@ def stack(smollm2_gguf, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("tandem serve did not stop within 30 s of Ctrl-C")
     assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+@pytest.fixture(scope="session")
+def stack(smollm2_gguf, tmp_path_factory):
+    ports = [free_port() for _ in range(4)]
+    log = tmp_path_factory.mktemp("stack") / "serve.log"
+    address = f"127.0.0.1:{ports[0]}"
+    args = ["--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
+            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
+            "--metrics-port", str(ports[3]), "--device", "cpu", "--dtype", "float32",
+            "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
+            # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
+            "--check-kv-integrity", "--async-scheduling"]
+    with serve_process(args, address, log):
+        yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log,
+                    f"http://127.0.0.1:{ports[3]}/metrics")
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import grpc
 import pytest
 import torch
 
-from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import engine_pb2_grpc
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
 from protos.tandem.internal.v1 import tokenizer_pb2_grpc
@@ -25,7 +19,7 @@ from protos.tandem.v1 import admin_pb2 as admin
 from protos.tandem.v1 import admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
-from tests.e2e.conftest import START_TIMEOUT_S, _serving, free_port
+from tests.e2e.conftest import free_port, serve_process
 from tests.e2e.test_batching_and_cancel import wait_all_blocks_free
 from tests.e2e.test_grpcurl import run as grpcurl
 from tests.engine.lora_files import MLP, hf_merged, write_lora_adapter
@@ -49,30 +43,14 @@ def files(smollm2_gguf, tmp_path_factory):
 def lora_stack(files, smollm2_gguf, tmp_path_factory):
     ports = [free_port() for _ in range(3)]
     log = tmp_path_factory.mktemp("lora-stack-log") / "serve.log"
-    cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
-           "--model", str(files["base"]), "--tokenizer-model", str(smollm2_gguf), "--host", "127.0.0.1",
-           "--port", str(ports[0]), "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-           "--device", "cpu", "--dtype", "float32", "--metrics-port", "0", "--lora", f"pre={files['pre']}",
-           "--", "--max-loras", "2", "--max-lora-rank", "16", "--num-kv-blocks", "256", "--max-num-seqs", "16",
-           "--check-kv-integrity", "--async-scheduling"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     address = f"127.0.0.1:{ports[0]}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _serving(address):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tandem serve did not come up; log:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    yield {"address": address, "engine": f"127.0.0.1:{ports[2]}", "tokenizer": f"127.0.0.1:{ports[1]}"}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("tandem serve did not stop within 30 s of Ctrl-C")
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    args = ["--model", str(files["base"]), "--tokenizer-model", str(smollm2_gguf), "--host", "127.0.0.1",
+            "--port", str(ports[0]), "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
+            "--device", "cpu", "--dtype", "float32", "--metrics-port", "0", "--lora", f"pre={files['pre']}",
+            "--", "--max-loras", "2", "--max-lora-rank", "16", "--num-kv-blocks", "256", "--max-num-seqs", "16",
+            "--check-kv-integrity", "--async-scheduling"]
+    with serve_process(args, address, log):
+        yield {"address": address, "engine": f"127.0.0.1:{ports[2]}", "tokenizer": f"127.0.0.1:{ports[1]}"}
 
 
 @pytest.fixture(scope="module")
