@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Callable
 
 import grpc
 
@@ -42,6 +43,8 @@ class Pipeline:
         self.tokenizer_info: tpb.TokenizerInfo | None = None
         self._pollers: list[asyncio.Task] = []
         self._fallback = 0
+        # Called with (replica name, EngineLoad) after every answered poll (the metrics read the routing's polls).
+        self.load_observer: Callable[[str, epb.EngineLoad], None] | None = None
 
     def live_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.live]
@@ -135,6 +138,8 @@ class Pipeline:
                 self._mark_down(replica, f"load poll failed: {e.code().name} {e.details() or ''}".strip(),
                                 end_requests=e.code() != grpc.StatusCode.DEADLINE_EXCEEDED)
             return
+        if self.load_observer is not None:
+            self.load_observer(replica.name, replica.load)
         if not replica.live:
             replica.live = True
             print(f"[gateway] engine replica {replica.name} is up", file=sys.stderr, flush=True)

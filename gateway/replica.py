@@ -50,9 +50,6 @@ class Replica:
     def num_in_flight(self) -> int:
         return len(self._handles)
 
-    async def get_load(self) -> epb.EngineLoad:
-        return await self.engine.GetLoad(epb.EngineLoadRequest(), timeout=5)
-
     def has(self, request_id: str) -> bool:
         return request_id in self._handles
 

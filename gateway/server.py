@@ -15,7 +15,7 @@ from gateway import admin, request_log
 from gateway.admission import Admission, retry_hint
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.metrics_export import MetricsPortError, poll_engine_load, serve_metrics_http
+from gateway.metrics_export import MetricsPortError, serve_metrics_http
 from gateway.logs import setup_logging
 from gateway.pipeline import Failure, Pipeline
 from gateway.public_server import add_public_port, create_server, drain
@@ -229,7 +229,7 @@ async def serve(config: GatewayConfig) -> None:
         raise SystemExit(1)
     info = pipeline.engine_info
     servicer.metrics = GatewayMetrics(info.model_name, info.max_model_len)
-    metrics_http, pollers = None, []
+    metrics_http = None
     if config.metrics_port:
         try:
             metrics_http = serve_metrics_http(servicer.metrics, config.host, config.metrics_port)
@@ -237,8 +237,7 @@ async def serve(config: GatewayConfig) -> None:
             print(f"gateway: {e}", file=sys.stderr, flush=True)
             await server.stop(0)
             raise SystemExit(1)
-        pollers = [asyncio.ensure_future(poll_engine_load(servicer.metrics, r.name, r.get_load))
-                   for r in pipeline.replicas]
+        pipeline.load_observer = servicer.metrics.observe_engine_load
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})"
@@ -249,8 +248,6 @@ async def serve(config: GatewayConfig) -> None:
           file=sys.stderr, flush=True)
     ended = await drain(server, health_servicer, admission, config.drain_timeout_s)
     print(f"gateway: drained; {ended} requests ended by the drain timeout", file=sys.stderr, flush=True)
-    for poller in pollers:
-        poller.cancel()
     if metrics_http is not None:
         metrics_http.shutdown()
     await pipeline.close()

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics, token_buckets
-from gateway.metrics_export import MetricsPortError, poll_engine_load, serve_metrics_http
+from gateway.metrics_export import MetricsPortError, serve_metrics_http
 from protos.tandem.internal.v1 import engine_pb2 as epb
 
 MODEL, REPLICA = "smol", "10.0.0.1:50053"
@@ -137,24 +137,39 @@ def test_engine_load_sets_gauges_and_turns_totals_into_increments(setup):
     assert value(m, "num_requests_running") == 0
 
 
-def test_the_poller_feeds_every_answer_and_survives_a_failed_call(setup):
+def test_the_pipeline_poller_feeds_every_answer_and_survives_a_failed_call(setup):
+    """The metrics read the routing's load polls: each answered GetLoad is observed, a failed one is not (the
+    gauges keep their last values) and polling goes on."""
     import grpc
+
+    from gateway.config import GatewayConfig
+    from gateway.pipeline import Pipeline
 
     m, _ = setup
     answers = [epb.EngineLoad(num_waiting=4), grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None),
                epb.EngineLoad(num_waiting=6)]
+    seen = []
 
-    async def fetch():
-        if not answers:
-            raise asyncio.CancelledError
-        a = answers.pop(0)
-        if isinstance(a, Exception):
-            raise a
-        return a
+    class Engine:
+        async def GetLoad(self, request, timeout=None):
+            a = answers.pop(0)
+            if isinstance(a, Exception):
+                raise a
+            return a
 
-    with pytest.raises(asyncio.CancelledError):
-        asyncio.run(poll_engine_load(m, REPLICA, fetch, interval_s=0))
-    assert value(m, "num_requests_waiting") == 6
+    async def run():
+        pipeline = Pipeline(GatewayConfig(engine=REPLICA))
+        pipeline.load_observer = lambda name, load: (seen.append(load.num_waiting), m.observe_engine_load(name, load))
+        (replica,) = pipeline.replicas
+        replica.engine = Engine()
+        for _ in range(3):
+            await pipeline._poll_replica(replica)
+            if len(seen) == 1:
+                assert value(m, "num_requests_waiting") == 4
+        await pipeline.close()
+
+    asyncio.run(run())
+    assert seen == [4, 6] and value(m, "num_requests_waiting") == 6
 
 
 def _free_port() -> int:
