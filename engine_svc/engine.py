@@ -8,6 +8,7 @@ first waits for the step in flight.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus
@@ -17,6 +18,8 @@ from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from engine_svc.model_runner import LaunchedStep, ModelRunner
+
+_LOG = logging.getLogger("tandem.engine")
 
 
 class Engine:
@@ -40,6 +43,7 @@ class Engine:
         on = self.config.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._stepping: list[SchedulerOutput] = []   # what the current step scheduled (blamed if it fails)
         for name, path in self.config.lora_modules:   # --lora NAME=PATH; a shared runner may have them already
             if not (self.adapters.enabled and self.adapters.manager.has(name)):
                 self.adapters.load(name, path)
@@ -86,6 +90,9 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
+    def is_live(self, request_id: str) -> bool:
+        return self.scheduler.is_live(request_id)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
 
@@ -94,8 +101,20 @@ class Engine:
         return self.scheduler.check_integrity()
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. An exception in a request's own results fails that request alone (the scheduler); one
+        raised by the step as a whole (scheduling, the model, sampling) fails the requests that step carried, and
+        the engine goes on with the others."""
+        self._stepping = []
+        try:
+            return self._step()
+        except Exception as e:  # noqa: BLE001 - see the docstring: the engine must outlive any one request
+            _LOG.exception("an engine step failed")
+            return self._fail_step(f"{type(e).__name__}: {e}")
+
+    def _step(self) -> list[RequestOutput]:
         if not self.async_scheduling:
             out = self.scheduler.schedule()
+            self._stepping.append(out)
             if out.is_empty:
                 return []
             result = self.runner.execute(out)
@@ -105,6 +124,7 @@ class Engine:
         if self._in_flight is not None and self._needs_real_ids():
             outputs = self._finish_in_flight()
         out = self.scheduler.schedule()
+        self._stepping.append(out)
         launched = None
         if not out.is_empty:
             launched = self.runner.launch(out)
@@ -115,6 +135,23 @@ class Engine:
         if launched is not None:
             self._in_flight = (out, launched)
         return outputs
+
+    def _fail_step(self, error: str) -> list[RequestOutput]:
+        """Fails every API request of the failed step (and of the step in flight, whose results are lost with it).
+        When the failure came before any step was scheduled, no request can be blamed, so all of them fail: the
+        scheduler's state may be half-changed, and a clean slate keeps the KV cache sound."""
+        outs = list(self._stepping)
+        if self._in_flight is not None:
+            outs.append(self._in_flight[0])
+            self._in_flight = None
+        if self._stepping:
+            ids = {s.request.external_id for o in outs for s in o.scheduled}
+        else:
+            ids = {r.external_id for r in self.scheduler.requests.values()} | set(self.scheduler.groups)
+        failed = []
+        for rid in sorted(ids):
+            failed += self.scheduler.fail(rid, error)
+        return failed
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         out, launched = self._in_flight

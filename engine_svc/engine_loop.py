@@ -4,12 +4,22 @@ The loop thread owns all scheduler state, so nothing is locked: the servicer onl
 and the loop hands each step's outputs to the sink that submitted each request. Aborts are applied before the next
 schedule, so an aborted request's KV blocks are free by the next step.
 
+Request ids here are the engine's own (new_request_id()), never a client's text: the servicer maps each
+session's ids onto them, so no client can name, collide with or read another request, nor with the ids of a
+group's members that the scheduler derives from them.
+
+No request can stop the loop: an exception in admitting one fails that request alone; one in a step fails the
+requests the engine blames (see Engine.step); and a request the engine no longer knows that never had its last
+output gets a FAILED one, so every admitted request ends with a result or an error.
+
 LoRA admin commands (load, unload, list) go through the same inbox and answer through a reply callback, called on
 the loop thread with the result or the exception. An unload answers once its adapter is drained and dropped (see
 engine_svc.adapters), which is checked after every step.
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import queue
 import sys
 import threading
@@ -17,9 +27,11 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from engine_svc.core.request import SamplingParams
+from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
 from engine_svc.engine import Engine
+
+_LOG = logging.getLogger("tandem.engine.loop")
 
 
 class OutputSink(Protocol):
@@ -96,6 +108,12 @@ class EngineLoop:
         self._unload_replies: dict[str, list[Reply]] = {}
         self.load = self._snapshot()
         self.on_fatal: Callable[[BaseException], None] | None = None
+        self._ids = itertools.count()
+
+    def new_request_id(self) -> str:
+        """A fresh id for one request (thread-safe: count() is atomic in CPython). Digits only, while group
+        members' ids contain '#', so they never collide."""
+        return str(next(self._ids))
 
     def start(self) -> None:
         self._thread.start()
@@ -134,18 +152,26 @@ class EngineLoop:
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Submit):
-            try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.priority,
-                                        cmd.cache_salt, cmd.adapter)
-            except AdmissionError as e:
-                cmd.sink.reject(cmd.request_id, e)
-                return
-            self._sinks[cmd.request_id] = cmd.sink
+            self._admit(cmd)
         elif isinstance(cmd, _Abort):
             self.engine.abort(cmd.request_id)
             self._sinks.pop(cmd.request_id, None)
         else:
             self._apply_admin(cmd)
+
+    def _admit(self, cmd: _Submit) -> None:
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.priority,
+                                    cmd.cache_salt, cmd.adapter)
+        except AdmissionError as e:
+            cmd.sink.reject(cmd.request_id, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug met by one request fails that request, not the engine
+            _LOG.exception("request %s failed at admission", cmd.request_id)
+            self.engine.abort(cmd.request_id)   # whatever it got before the error
+            cmd.sink.emit([_failed(cmd.request_id, f"{type(e).__name__}: {e}")])
+            return
+        self._sinks[cmd.request_id] = cmd.sink
 
     def _apply_admin(self, cmd) -> None:
         # Whatever an admin command raises goes back to its caller: a bad adapter must never stop the loop.
@@ -177,6 +203,23 @@ class EngineLoop:
             for reply in self._unload_replies.pop(name, []):
                 reply((name, drained))
 
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        by_sink: dict[int, tuple[OutputSink, list[RequestOutput]]] = {}
+        for o in outputs:
+            sink = self._sinks.pop(o.request_id, None) if o.last else self._sinks.get(o.request_id)
+            if sink is not None:   # None: aborted while the step ran
+                by_sink.setdefault(id(sink), (sink, []))[1].append(o)
+        for sink, outs in by_sink.values():
+            sink.emit(outs)
+
+    def _end_orphans(self) -> None:
+        """Guarantees every admitted request an end: one the engine has dropped without a last output (a bug, never
+        the normal path) is failed here instead of leaving its client waiting forever."""
+        orphans = [rid for rid in self._sinks if not self.engine.is_live(rid)]
+        for rid in orphans:
+            _LOG.error("request %s ended in the engine without a result; failing it", rid)
+            self._sinks.pop(rid).emit([_failed(rid, "the engine ended the request without a result")])
+
     def _check_idle(self) -> None:
         # Cheap (one pass over the blocks) and only when the engine goes idle: a leak shows up at once, named.
         problems = self.engine.check_integrity()
@@ -204,13 +247,8 @@ class EngineLoop:
                 self.load = self._snapshot()
                 if self._stop.is_set() or not self.engine.has_work():
                     continue
-                outputs = self.engine.step()
-                by_sink: dict[int, tuple[OutputSink, list[RequestOutput]]] = {}
-                for o in outputs:
-                    sink = self._sinks.pop(o.request_id) if o.last else self._sinks[o.request_id]
-                    by_sink.setdefault(id(sink), (sink, []))[1].append(o)
-                for sink, outs in by_sink.values():
-                    sink.emit(outs)
+                self._emit(self.engine.step())
+                self._end_orphans()
                 self._drop_drained_adapters()
                 self.load = self._snapshot()
                 if not self.engine.has_work() and self.engine.config.check_kv_integrity:
@@ -219,3 +257,7 @@ class EngineLoop:
             traceback.print_exc(file=sys.stderr)
             if self.on_fatal is not None:
                 self.on_fatal(e)
+
+
+def _failed(request_id: str, error: str) -> RequestOutput:
+    return RequestOutput(request_id, [], FinishReason.FAILED, error=error, last=True)

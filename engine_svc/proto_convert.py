@@ -12,7 +12,12 @@ FINISH_TO_PB = {
     FinishReason.STOP_TOKEN: pb.ENGINE_FINISH_STOP_TOKEN,
     FinishReason.LENGTH: pb.ENGINE_FINISH_LENGTH,
     FinishReason.ABORTED: pb.ENGINE_FINISH_ABORTED,
+    FinishReason.FAILED: pb.ENGINE_FINISH_FAILED,
 }
+
+# Below this a temperature would overflow the logits it divides (1.4e-45 makes them inf): it is read as greedy.
+MIN_TEMPERATURE = 1e-5
+MAX_ABS_LENGTH_PENALTY = 10.0   # keeps length ** length_penalty finite for every length a context can have
 
 
 def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
@@ -41,10 +46,12 @@ def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         raise ValueError(f"best_of ({best_of}) must be >= n ({n})")
     if p.use_beam_search and p.temperature != 0.0:
         raise ValueError(f"use_beam_search needs temperature 0 (beam search is deterministic), got {p.temperature}")
-    if not math.isfinite(p.length_penalty):
-        raise ValueError("length_penalty must be finite")
+    if not (math.isfinite(p.length_penalty) and abs(p.length_penalty) <= MAX_ABS_LENGTH_PENALTY):
+        raise ValueError(f"length_penalty must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
+                         f"got {p.length_penalty}")
+    temperature = 0.0 if p.temperature < MIN_TEMPERATURE else p.temperature
     return SamplingParams(
-        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        temperature=temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens,
         stop_token_ids=frozenset(p.stop_token_ids), ignore_eos=p.ignore_eos, min_p=p.min_p,
         repetition_penalty=p.repetition_penalty or 1.0, presence_penalty=p.presence_penalty,

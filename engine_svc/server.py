@@ -30,25 +30,40 @@ _END = object()
 
 
 class _QueueSink:
-    """Hands loop-thread outputs to one asyncio consumer, thread-safely and without blocking the loop thread."""
+    """Hands loop-thread outputs to one asyncio consumer, thread-safely and without blocking the loop thread.
+
+    The engine knows requests by its own ids; `names` maps each back to the id its session gave it. An entry is
+    added before the request is submitted and removed by the consumer after its last delta, so an output the loop
+    emits for a request aborted meanwhile finds no name and is dropped."""
 
     def __init__(self, aio_loop: asyncio.AbstractEventLoop) -> None:
         self._aio = aio_loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.names: dict[str, str] = {}
+
+    # Queue items: lists of (engine id, delta); the engine id is None for a request refused before submission.
 
     def emit(self, outputs: list[RequestOutput]) -> None:
-        self._aio.call_soon_threadsafe(self.queue.put_nowait, [_delta(o) for o in outputs])
+        deltas = [(o.request_id, _delta(o, name)) for o in outputs
+                  if (name := self.names.get(o.request_id)) is not None]
+        self._aio.call_soon_threadsafe(self.queue.put_nowait, deltas)
 
     def reject(self, request_id: str, error: AdmissionError) -> None:
         code = (pb.REJECT_NOT_FOUND if isinstance(error, UnknownAdapter) else
                 pb.REJECT_NO_CAPACITY if error.no_capacity else pb.REJECT_INVALID)
-        self._aio.call_soon_threadsafe(self.queue.put_nowait, [_rejection(request_id, code, str(error))])
+        name = self.names.get(request_id)
+        if name is not None:
+            self._aio.call_soon_threadsafe(self.queue.put_nowait, [(request_id, _rejection(name, code, str(error)))])
+
+    def refuse(self, name: str, message: str) -> None:
+        """A request refused before it reached the engine (asyncio thread)."""
+        self.queue.put_nowait([(None, _rejection(name, pb.REJECT_INVALID, message))])
 
 
-def _delta(o: RequestOutput) -> pb.RequestDelta:
-    d = pb.RequestDelta(request_id=o.request_id, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason],
+def _delta(o: RequestOutput, name: str) -> pb.RequestDelta:
+    d = pb.RequestDelta(request_id=name, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason],
                         num_cached_tokens=o.num_cached_tokens or 0, index=o.index, last=o.last,
-                        cumulative_logprob=o.cumulative_logprob or 0.0)
+                        cumulative_logprob=o.cumulative_logprob or 0.0, error=o.error)
     if o.logprobs:
         d.logprobs.extend(logprob_to_pb(lp) for lp in o.logprobs)
     if o.prompt_logprobs:
@@ -74,7 +89,8 @@ class EngineServicer(AdapterAdminRpcs, engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading its model")
         return self.loop
 
-    def _admit(self, loop: EngineLoop, submit: pb.Submit, sink: _QueueSink) -> bool:
+    def _admit(self, loop: EngineLoop, submit: pb.Submit, sink: _QueueSink) -> str | None:
+        """Submits under a fresh engine id and returns it; None (with a rejection queued) for a bad request."""
         vocab = loop.engine.model_cfg.vocab_size
         try:
             if not submit.request_id:
@@ -83,11 +99,12 @@ class EngineServicer(AdapterAdminRpcs, engine_pb2_grpc.EngineServicer):
             params = params_from_pb(submit.params, vocab)
             check_cache_salt(submit.cache_salt)
         except ValueError as e:
-            sink.queue.put_nowait([_rejection(submit.request_id, pb.REJECT_INVALID, str(e))])
-            return False
-        loop.submit(submit.request_id, prompt, params, sink, submit.priority, submit.cache_salt,
-                    submit.adapter or None)
-        return True
+            sink.refuse(submit.request_id, str(e))
+            return None
+        engine_id = loop.new_request_id()
+        sink.names[engine_id] = submit.request_id
+        loop.submit(engine_id, prompt, params, sink, submit.priority, submit.cache_salt, submit.adapter or None)
+        return engine_id
 
     async def GetInfo(self, request, context) -> pb.EngineInfo:
         loop = await self._ready(context)
@@ -107,18 +124,29 @@ class EngineServicer(AdapterAdminRpcs, engine_pb2_grpc.EngineServicer):
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.StepOutput]:
         loop = await self._ready(context)
         sink = _QueueSink(asyncio.get_running_loop())
-        owned: set[str] = set()
+        owned: dict[str, str] = {}   # this session's request ids in flight -> the engine's ids for them
+
+        def forget(engine_id: str) -> None:
+            name = sink.names.pop(engine_id, None)
+            if owned.get(name) == engine_id:
+                del owned[name]
 
         async def pump() -> None:
             try:
                 async for msg in request_iterator:
                     for submit in msg.submits:
-                        if self._admit(loop, submit, sink):
-                            owned.add(submit.request_id)
+                        if submit.request_id in owned:
+                            sink.refuse(submit.request_id,
+                                        f"request_id {submit.request_id!r} is already in flight on this session")
+                            continue
+                        engine_id = self._admit(loop, submit, sink)
+                        if engine_id is not None:
+                            owned[submit.request_id] = engine_id
                     for rid in msg.aborts:
-                        if rid in owned:
-                            owned.discard(rid)
-                            loop.abort(rid)
+                        engine_id = owned.get(rid)
+                        if engine_id is not None:
+                            forget(engine_id)
+                            loop.abort(engine_id)
             finally:
                 sink.queue.put_nowait(_END)
 
@@ -130,35 +158,37 @@ class EngineServicer(AdapterAdminRpcs, engine_pb2_grpc.EngineServicer):
                 if item is _END:
                     inputs_done = True
                     continue
-                deltas = [d for d in item if d.request_id in owned or d.finish == pb.ENGINE_FINISH_REJECTED]
-                for d in deltas:
-                    if d.last:
-                        owned.discard(d.request_id)
-                if deltas:
-                    yield pb.StepOutput(deltas=deltas)
+                for engine_id, d in item:
+                    if d.last and engine_id is not None:
+                        forget(engine_id)
+                if item:
+                    yield pb.StepOutput(deltas=[d for _, d in item])
         finally:
             reader.cancel()
-            for rid in owned:  # the gateway went away: free everything it had in flight
-                loop.abort(rid)
+            for engine_id in owned.values():  # the gateway went away: free everything it had in flight
+                loop.abort(engine_id)
 
     async def GenerateIds(self, request, context) -> AsyncIterator[pb.RequestDelta]:
         loop = await self._ready(context)
         sink = _QueueSink(asyncio.get_running_loop())
-        if not self._admit(loop, request, sink):
-            d = (await sink.queue.get())[0]
+        engine_id = self._admit(loop, request, sink)
+        if engine_id is None:
+            _, d = (await sink.queue.get())[0]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, d.error)
         finished = False
         try:
             while not finished:
-                for d in await sink.queue.get():
+                for _, d in await sink.queue.get():
                     if d.finish == pb.ENGINE_FINISH_REJECTED:
                         await context.abort(_REJECT_STATUS.get(d.reject_code, grpc.StatusCode.INVALID_ARGUMENT),
                                             d.error)
+                    if d.finish == pb.ENGINE_FINISH_FAILED:
+                        await context.abort(grpc.StatusCode.INTERNAL, d.error)
                     finished = d.last
                     yield d
         finally:
             if not finished:
-                loop.abort(request.request_id)
+                loop.abort(engine_id)
 
 
 def _load_in_daemon_thread(fn, aio_loop: asyncio.AbstractEventLoop) -> asyncio.Future:
@@ -179,7 +209,11 @@ def _load_in_daemon_thread(fn, aio_loop: asyncio.AbstractEventLoop) -> asyncio.F
 
 
 async def serve(config: EngineConfig) -> None:
-    server = grpc.aio.server()
+    # A Session message carries whole prompts, and the gateway's channels take up to this much (gRPC's default of
+    # 4 MiB would refuse a long prompt's submit and break the stream every request of that gateway shares).
+    limit = 256 * 1024 * 1024
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
     servicer = EngineServicer()
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -211,7 +245,13 @@ async def serve(config: EngineConfig) -> None:
         await server.stop(0)
         raise SystemExit(1)
     loop = EngineLoop(engine)
-    loop.on_fatal = lambda e: aio_loop.call_soon_threadsafe(stop.set)
+    fatal: list[BaseException] = []
+
+    def on_fatal(e: BaseException) -> None:
+        fatal.append(e)
+        aio_loop.call_soon_threadsafe(stop.set)
+
+    loop.on_fatal = on_fatal
     loop.start()
     servicer.loop = loop
     for name in ("", SERVICE_NAME):
@@ -222,3 +262,7 @@ async def serve(config: EngineConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     loop.stop()
+    if fatal:   # a crash is never a clean exit: the launcher (or compose) must see it and restart the engine
+        print(f"engine_svc: the engine loop died: {type(fatal[0]).__name__}: {fatal[0]}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(1)

@@ -65,7 +65,19 @@ def wait_ready(channel: grpc.aio.Channel, timeout: float) -> Awaitable[None]:
     return asyncio.wait_for(channel.channel_ready(), timeout)
 
 
-# Internal channels retry a lost backend within a second (gRPC's default backoff grows to two minutes), so a
-# restarted engine or tokenizer is seen by the next load poll.
-INTERNAL_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                            ("grpc.max_reconnect_backoff_ms", 1000))
+# The tokenizer and engine servers take messages up to this size (gRPC's default is 4 MiB).
+MIN_INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def internal_channel_options(max_request_bytes: int) -> tuple[tuple[str, int], ...]:
+    """Options of the gateway's channels to its tokenizers and engines.
+
+    They retry a lost backend within a second (gRPC's default backoff grows to two minutes), so a restarted engine
+    or tokenizer is seen by the next load poll. Their message limit follows the public one: whatever a public
+    request of max_request_bytes becomes on an internal hop (its ids, at most 5 wire bytes each for each byte of
+    text, or a step's batch of every request's tokens and logprobs) must pass, or one request's reply would break
+    a stream shared by all."""
+    limit = max(MIN_INTERNAL_MESSAGE_BYTES, 8 * max_request_bytes)
+    return (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit))

@@ -16,6 +16,7 @@ from typing import Callable
 
 import grpc
 
+from gateway.bidi_stream import internal_channel_options
 from gateway.config import GatewayConfig
 from gateway.replica import Replica
 from gateway.replica_admin import AllReplicasEngine
@@ -34,8 +35,9 @@ DEFAULT_BLOCK_SIZE = 16   # the engine's; its EngineInfo.block_size wins when se
 class Pipeline:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.tokenizers = TokenizerPool(config.tokenizer_addresses)
-        self.replicas = [Replica(address, lambda i=i: self.tokenizers.stub_for(i), self._on_engine_lost)
+        options = internal_channel_options(config.max_request_bytes)
+        self.tokenizers = TokenizerPool(config.tokenizer_addresses, options)
+        self.replicas = [Replica(address, lambda i=i: self.tokenizers.stub_for(i), self._on_engine_lost, options)
                          for i, address in enumerate(config.engine_addresses)]
         self.router = Router(config.routing, config.routing_load_margin)
         self.engine_stub = AllReplicasEngine(self.live_replicas)   # the admin service forwards through it
@@ -84,8 +86,10 @@ class Pipeline:
 
     # --- per-request API -------------------------------------------------------------------------------------------
 
-    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None) -> list[int]:
-        return await self.tokenizers.encode(prompt, chat, timeout)
+    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None,
+                     max_tokens: int = 0) -> list[int]:
+        """max_tokens > 0: a prompt of that many tokens or more is refused (INVALID_ARGUMENT) by the tokenizer."""
+        return await self.tokenizers.encode(prompt, chat, timeout, max_tokens)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool, timeout: float | None) -> str:
         return await self.tokenizers.decode(ids, skip_special_tokens, timeout)
@@ -99,9 +103,8 @@ class Pipeline:
                stop: tuple[str, ...], priority: int = 0, cache_salt: str = "", *,
                include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
                spaces_between_special_tokens: bool = True, adapter: str = "") -> RequestHandle:
-        """Routes the request to a replica and submits it there; handle.replica says which."""
-        if any(r.has(request_id) for r in self.replicas):
-            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        """Routes the request to a replica and submits it there; handle.replica says which. request_id is the
+        gateway's own id for the call, unique among the requests in flight."""
         block_size = (self.engine_info.block_size if self.engine_info else 0) or DEFAULT_BLOCK_SIZE
         keys = prefix_block_keys(prompt_ids, block_size, cache_salt, adapter)
         chosen = self.router.choose([self._load_of(r) for r in self.replicas], keys)

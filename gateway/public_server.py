@@ -9,11 +9,13 @@ from gateway import tls
 from gateway.admission import Admission, AdmissionInterceptor
 from gateway.auth import ApiKeyInterceptor, load_api_keys
 from gateway.config import GatewayConfig
+from gateway.request_decoding import RequestDecodingInterceptor
 from gateway.request_log import RequestLogInterceptor
 
 
 def create_server(config: GatewayConfig, admission: Admission) -> grpc.aio.Server:
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    # First, so that its wrapper is outermost (see gateway/request_decoding.py).
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestDecodingInterceptor()]
     keys = load_api_keys(config.api_key_file)
     if keys:
         interceptors.append(ApiKeyInterceptor(keys))   # first: nothing else runs for an unauthenticated call

@@ -18,7 +18,7 @@ from typing import Callable
 
 import grpc
 
-from gateway.bidi_stream import INTERNAL_CHANNEL_OPTIONS, BidiStream
+from gateway.bidi_stream import BidiStream
 from gateway.request_handle import Chunk, Failure, RequestHandle
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import engine_pb2_grpc
@@ -30,9 +30,9 @@ PROMPT_CONTEXT_TOKENS = 8   # prompt tail the detokenizer needs to decode the fi
 
 class Replica:
     def __init__(self, address: str, tokenizer: Callable[[], tokenizer_pb2_grpc.TokenizerStub],
-                 on_engine_lost: Callable[["Replica", str], None]) -> None:
+                 on_engine_lost: Callable[["Replica", str], None], channel_options: tuple = ()) -> None:
         self.name = address
-        self.channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options)
         self.engine = engine_pb2_grpc.EngineStub(self.channel)
         self.live = False                       # set by the pipeline: start-up, the load poller, a broken stream
         self.load = epb.EngineLoad()            # the engine's last GetLoad answer
@@ -49,9 +49,6 @@ class Replica:
     @property
     def num_in_flight(self) -> int:
         return len(self._handles)
-
-    def has(self, request_id: str) -> bool:
-        return request_id in self._handles
 
     async def close(self) -> None:
         await self._close_streams()
@@ -138,6 +135,9 @@ class Replica:
             if d.finish == epb.ENGINE_FINISH_REJECTED:
                 self._fail(d.request_id, Failure(_REJECT_STATUS.get(d.reject_code, grpc.StatusCode.INVALID_ARGUMENT),
                                                  d.error))
+                continue
+            if d.finish == epb.ENGINE_FINISH_FAILED:
+                self._fail(d.request_id, Failure(grpc.StatusCode.INTERNAL, f"the engine failed it: {d.error}"))
                 continue
             handle.engine_done |= d.last
             if d.num_cached_tokens:

@@ -30,15 +30,17 @@ class InvalidRequestId(ValueError):
     pass
 
 
-def validate_request_id(value: object) -> str:
+def validate_request_id(value: object, source: str = REQUEST_ID_KEY) -> str:
+    """The same rule for the metadata and the request's field: an id is written into log lines, so a newline or
+    a control character in it could forge lines."""
     if not isinstance(value, str):
-        raise InvalidRequestId(f"{REQUEST_ID_KEY}: must be text, not binary metadata")
+        raise InvalidRequestId(f"{source}: must be text, not binary metadata")
     if not value:
-        raise InvalidRequestId(f"{REQUEST_ID_KEY}: must not be empty")
+        raise InvalidRequestId(f"{source}: must not be empty")
     if len(value) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequestId(f"{REQUEST_ID_KEY}: at most {MAX_REQUEST_ID_CHARS} characters, got {len(value)}")
+        raise InvalidRequestId(f"{source}: at most {MAX_REQUEST_ID_CHARS} characters, got {len(value)}")
     if not (value.isascii() and value.isprintable()):
-        raise InvalidRequestId(f"{REQUEST_ID_KEY}: must be printable ASCII")
+        raise InvalidRequestId(f"{source}: must be printable ASCII")
     return value
 
 
@@ -99,6 +101,8 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
         async def begin(request, context) -> RequestRecord:
             try:
                 from_metadata = request_id_from_metadata(metadata)
+                if request.request_id:
+                    validate_request_id(request.request_id, "request_id")
             except InvalidRequestId as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             if not request.request_id:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import grpc
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, unary_unary=None, unary_stream=None) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler, unary_unary=None, unary_stream=None,
+                 request_deserializer=None) -> grpc.RpcMethodHandler:
     """Replaces the behaviour of a unary-request handler: `unary_unary(behaviour)` / `unary_stream(behaviour)` must
-    return the new behaviour. Streaming-request handlers (none on the public API) pass through unchanged."""
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return the new behaviour (and request_deserializer, when given, the deserializer). Streaming-request handlers
+    (none on the public API) pass through unchanged."""
+    kw = dict(request_deserializer=request_deserializer or handler.request_deserializer,
+              response_serializer=handler.response_serializer)
     if handler.unary_unary is not None and unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_unary(handler.unary_unary), **kw)
     if handler.unary_stream is not None and unary_stream is not None:

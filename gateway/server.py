@@ -19,7 +19,7 @@ from gateway.metrics_export import MetricsPortError, serve_metrics_http
 from gateway.logs import setup_logging
 from gateway.pipeline import Failure, Pipeline
 from gateway.public_server import add_public_port, create_server, drain
-from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_length, validate
+from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_bytes, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import admin_pb2_grpc, generation_pb2_grpc
@@ -86,9 +86,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             v = validate(request, self.config, info.vocab_size)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or uuid.uuid4().hex   # the client's label (the log interceptor checked it)
+        # Downstream the request is known by an id of the gateway's own, unique per call: a client reusing a label
+        # (or naming one like another's) can never reach another request's state, tokens or detokenizer.
+        internal_id = uuid.uuid4().hex
         try:
-            prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=context.time_remaining())
+            check_prompt_bytes(v, info.max_model_len, self.pipeline.tokenizer_info.max_bytes_per_token)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=context.time_remaining(),
+                                                    max_tokens=info.max_model_len)
         except grpc.aio.AioRpcError as e:
             code = e.code() if e.code() == grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"{'input' if code == grpc.StatusCode.INVALID_ARGUMENT else 'tokenizer'}: "
@@ -100,7 +108,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
         params = self._engine_params(v, len(prompt_ids), info.max_model_len)
         try:
-            handle = self.pipeline.submit(request_id, prompt_ids, params, v.stop, v.priority, v.cache_salt,
+            handle = self.pipeline.submit(internal_id, prompt_ids, params, v.stop, v.priority, v.cache_salt,
                                           include_stop_str_in_output=v.include_stop_str_in_output,
                                           skip_special_tokens=v.skip_special_tokens,
                                           spaces_between_special_tokens=v.spaces_between_special_tokens,
@@ -121,7 +129,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     finished = True
                     hint = retry_hint(self.config.retry_after_ms) \
                         if item.code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
-                    await context.abort(item.code, item.message, hint)
+                    message = f"request {request_id}: {item.message}" \
+                        if item.code == grpc.StatusCode.INTERNAL else item.message
+                    await context.abort(item.code, message, hint)
                 r, d = item.result, item.delta
                 completion_tokens += len(r.token_ids)
                 chunk = api.GenerateStreamResponse(request_id=request_id, index=item.index, text=r.text,
@@ -147,7 +157,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield chunk
         finally:
             if not finished:  # client cancel, deadline, or a failed write: stop the work downstream
-                self.pipeline.cancel(request_id)
+                self.pipeline.cancel(internal_id)
                 recorder.aborted()
 
     async def _decode(self, ids: list[int], v: ValidatedRequest, context) -> str:

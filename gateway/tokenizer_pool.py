@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.bidi_stream import INTERNAL_CHANNEL_OPTIONS
-
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
 from protos.tandem.internal.v1 import tokenizer_pb2_grpc
 
 
 class TokenizerPool:
-    def __init__(self, addresses: tuple[str, ...]) -> None:
+    def __init__(self, addresses: tuple[str, ...], channel_options: tuple = ()) -> None:
         if not addresses:
             raise ValueError("at least one tokenizer address is required")
         self.addresses = addresses
-        self.channels = [grpc.aio.insecure_channel(a, options=INTERNAL_CHANNEL_OPTIONS) for a in addresses]
+        self.channels = [grpc.aio.insecure_channel(a, options=channel_options) for a in addresses]
         self.stubs = [tokenizer_pb2_grpc.TokenizerStub(c) for c in self.channels]
         self.live = [False] * len(addresses)
         self._next = 0
@@ -51,11 +49,13 @@ class TokenizerPool:
                 error = e
         raise error
 
-    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None) -> list[int]:
+    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None,
+                     max_tokens: int = 0) -> list[int]:
         if prompt is not None:
-            req = tpb.EncodeRequest(text=prompt)
+            req = tpb.EncodeRequest(text=prompt, max_tokens=max_tokens)
         else:
-            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat]))
+            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat]),
+                                    max_tokens=max_tokens)
         return list((await self._call("Encode", req, timeout)).token_ids)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool, timeout: float | None) -> str:

@@ -200,3 +200,16 @@ def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
         raise InvalidRequest(
             f"prompt: {num_tokens} tokens do not fit the model's context of {max_model_len} tokens "
             f"(at most {max_model_len - 1} leave room to generate)")
+
+
+def check_prompt_bytes(v: ValidatedRequest, max_model_len: int, max_bytes_per_token: int) -> None:
+    """Refuses, before any tokenizing, a prompt too long in bytes for any encoding of it to fit the context: each
+    token stands for at most max_bytes_per_token bytes (0: unknown, no check)."""
+    if not max_bytes_per_token:
+        return
+    size = len(v.prompt.encode("utf-8")) if v.prompt is not None else sum(len(c.encode("utf-8")) for _, c in v.chat)
+    if size > (max_model_len - 1) * max_bytes_per_token:
+        field = "prompt" if v.prompt is not None else "chat.messages"
+        raise InvalidRequest(
+            f"{field}: {size} bytes need more than {max_model_len - 1} tokens (a token stands for at most "
+            f"{max_bytes_per_token} bytes), so they cannot fit the model's context of {max_model_len} tokens")

@@ -15,6 +15,7 @@ from tokenizer_svc.chat_template import ChatTemplateError
 from tokenizer_svc.config import TokenizerServiceConfig
 from tokenizer_svc.detokenizer import Detokenizer
 from tokenizer_svc.loaded import LoadedTokenizer, NoChatTemplateError
+from tokenizer_svc.token_span import max_bytes_per_token
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 
@@ -30,7 +31,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self._loaded = loaded
         self._info = tokenizer_pb2.TokenizerInfo(vocab_size=loaded.vocab_size,
                                                  eos_token_ids=loaded.eos_token_ids,
-                                                 has_chat_template=loaded.chat_template is not None)
+                                                 has_chat_template=loaded.chat_template is not None,
+                                                 max_bytes_per_token=max_bytes_per_token(loaded.tokenizer))
 
     async def GetInfo(self, request, context):
         return self._info
@@ -50,6 +52,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 ids = await asyncio.to_thread(self._loaded.encode_chat, messages)
         except (NoChatTemplateError, ChatTemplateError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.max_tokens and len(ids) >= request.max_tokens:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt: {len(ids)} tokens do not fit the model's context of {request.max_tokens} "
+                                f"tokens (at most {request.max_tokens - 1} leave room to generate)")
         return tokenizer_pb2.EncodeResponse(token_ids=ids)
 
     async def Decode(self, request, context):

@@ -17,6 +17,7 @@ computed blocks by reference and recomputes only the partial last block (fewer t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from engine_svc.core.outputs import RequestOutput
@@ -96,7 +97,10 @@ class BeamSearch:
             del self.finished[self.width:]
         self.num_generated = t + 1
         best_live = next_beams[0].score / self.num_generated ** self.params.length_penalty
-        worst_done = self.finished[-1].score if len(self.finished) == self.width else _NEG
+        # Until width hypotheses are finished any live beam can still enter (transformers' is_done), whatever the
+        # scores: a finite stand-in here would end a search with nothing finished once scores pass it (a large
+        # negative length_penalty scales them past any constant), and that request would never be answered.
+        worst_done = self.finished[-1].score if len(self.finished) == self.width else -math.inf
         self.improvable = self.improvable and best_live > worst_done
         return next_beams, not self.improvable or all(ends)
 

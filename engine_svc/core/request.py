@@ -29,6 +29,7 @@ class FinishReason(enum.Enum):
     STOP_TOKEN = "stop_token"   # EOS or a stop token id; it is the last output token
     LENGTH = "length"           # max_tokens or the model's context
     ABORTED = "aborted"
+    FAILED = "failed"           # an error while processing this request; the engine went on serving the others
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from dataclasses import dataclass, field, replace
 
 from engine_svc.core.beam_search import BeamSearch
@@ -38,6 +39,8 @@ from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.outputs import RequestOutput
 from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams, TokenLogprob
 from engine_svc.core.request_group import RequestGroup, member_params
+
+_LOG = logging.getLogger("tandem.engine.scheduler")
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,26 @@ class Scheduler:
 
     def abort(self, request_id: str) -> bool:
         """request_id is the API's id: every member of its group goes."""
+        return self._end(request_id, FinishReason.ABORTED)
+
+    def fail(self, request_id: str, error: str) -> list[RequestOutput]:
+        """Ends the API request after an error in its own processing: every member goes and its blocks are freed;
+        its last output carries the error. The other requests are untouched."""
+        if not self._end(request_id, FinishReason.FAILED):
+            return []
+        return [RequestOutput(request_id, [], FinishReason.FAILED, error=error, last=True)]
+
+    def is_live(self, request_id: str) -> bool:
+        """The API request is admitted and has not ended (its last output is still to come)."""
+        return request_id in self.groups or request_id in self.requests
+
+    def _end(self, request_id: str, reason: FinishReason) -> bool:
         group = self.groups.pop(request_id, None)
         members = [r for r in group.members if r.request_id in self.requests] if group else \
             [self.requests[request_id]] if request_id in self.requests else []
         for req in members:
-            self._drop(req, FinishReason.ABORTED)
-        return bool(members)
+            self._drop(req, reason)
+        return bool(members) or group is not None
 
     def _drop(self, req: Request, reason: FinishReason) -> None:
         if req.status is RequestStatus.RUNNING:
@@ -297,52 +314,59 @@ class Scheduler:
         lps = iter(logprobs) if logprobs is not None else None
         outputs: list[RequestOutput] = []
         for s in out.scheduled:
-            req = s.request
             token = next(samples) if s.samples else None
             lp = next(lps) if s.samples and lps is not None else None
-            if req.is_finished:
-                continue  # aborted, or ended on the step before, while this step ran; its blocks are free already
-            if prompt_logprobs and req.request_id in prompt_logprobs:
-                _add_prompt_logprobs(req, *prompt_logprobs[req.request_id])
-            if token is None:
-                self.kv.cache_full_blocks(req)
-                continue
-            if isinstance(req.group, BeamSearch):
-                self.kv.cache_full_blocks(req)
-                if req.group.report(req, list(lp.top)):
-                    outputs += self._advance_beams(req.group)
-                continue
-            position = s.start + s.num_new_tokens
-            if position < req.num_tokens:
-                req.token_ids[position] = token   # over the placeholder mark_in_flight put there
-            else:
-                req.token_ids.append(token)
-            if req.status is RequestStatus.RUNNING:
-                self.kv.cache_full_blocks(req)
-            if lp is not None:
-                req.cumulative_logprob += lp.logprob
-            reason = self._stop_reason(req, token, position)
-            if reason is not None:
-                self._drop(req, reason)
-            num_outputs = position + 1 - req.num_prompt_tokens
-            cached = req.num_cached_tokens if num_outputs == 1 else None
-            prompt_lps = None
-            if num_outputs == 1 and req.index == 0 and req.params.prompt_logprobs is not None:
-                prompt_lps, req.prompt_logprobs = req.prompt_logprobs, []
-            group = req.group
-            if group is None:
-                wants = req.params.logprobs is not None
-                outputs.append(RequestOutput(
-                    req.external_id, [token], reason, cached, logprobs=[lp] if wants else None,
-                    prompt_logprobs=prompt_lps,
-                    cumulative_logprob=req.cumulative_logprob if wants and reason is not None else None,
-                    last=reason is not None))
-                continue
-            if num_outputs == 1 and req is group.first:
-                self._release_siblings(group)
-            outputs += group.on_token(req, token, lp, reason, cached, prompt_lps)
-            if group.num_unfinished == 0:
-                del self.groups[group.request_id]
+            if s.request.is_finished:
+                continue  # aborted, failed, or ended on the step before, while this step ran; its blocks are free
+            try:
+                outputs += self._apply(s, token, lp, prompt_logprobs)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not reach the others
+                _LOG.exception("request %s failed while applying a step's results", s.request.external_id)
+                outputs += self.fail(s.request.external_id, f"{type(e).__name__}: {e}")
+        return outputs
+
+    def _apply(self, s: ScheduledRequest, token: int | None, lp: TokenLogprob | None,
+               prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None) -> list[RequestOutput]:
+        """One scheduled request's share of a step's results: the outputs it produces."""
+        req = s.request
+        if prompt_logprobs and req.request_id in prompt_logprobs:
+            _add_prompt_logprobs(req, *prompt_logprobs[req.request_id])
+        if token is None:
+            self.kv.cache_full_blocks(req)
+            return []
+        if isinstance(req.group, BeamSearch):
+            self.kv.cache_full_blocks(req)
+            return self._advance_beams(req.group) if req.group.report(req, list(lp.top)) else []
+        position = s.start + s.num_new_tokens
+        if position < req.num_tokens:
+            req.token_ids[position] = token   # over the placeholder mark_in_flight put there
+        else:
+            req.token_ids.append(token)
+        if req.status is RequestStatus.RUNNING:
+            self.kv.cache_full_blocks(req)
+        if lp is not None:
+            req.cumulative_logprob += lp.logprob
+        reason = self._stop_reason(req, token, position)
+        if reason is not None:
+            self._drop(req, reason)
+        num_outputs = position + 1 - req.num_prompt_tokens
+        cached = req.num_cached_tokens if num_outputs == 1 else None
+        prompt_lps = None
+        if num_outputs == 1 and req.index == 0 and req.params.prompt_logprobs is not None:
+            prompt_lps, req.prompt_logprobs = req.prompt_logprobs, []
+        group = req.group
+        if group is None:
+            wants = req.params.logprobs is not None
+            return [RequestOutput(
+                req.external_id, [token], reason, cached, logprobs=[lp] if wants else None,
+                prompt_logprobs=prompt_lps,
+                cumulative_logprob=req.cumulative_logprob if wants and reason is not None else None,
+                last=reason is not None)]
+        if num_outputs == 1 and req is group.first:
+            self._release_siblings(group)
+        outputs = group.on_token(req, token, lp, reason, cached, prompt_lps)
+        if group.num_unfinished == 0:
+            del self.groups[group.request_id]
         return outputs
 
     # --- groups ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ class EngineFinish(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENGINE_FINISH_LENGTH: _ClassVar[EngineFinish]
     ENGINE_FINISH_ABORTED: _ClassVar[EngineFinish]
     ENGINE_FINISH_REJECTED: _ClassVar[EngineFinish]
+    ENGINE_FINISH_FAILED: _ClassVar[EngineFinish]
 
 class RejectCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +27,7 @@ ENGINE_FINISH_STOP_TOKEN: EngineFinish
 ENGINE_FINISH_LENGTH: EngineFinish
 ENGINE_FINISH_ABORTED: EngineFinish
 ENGINE_FINISH_REJECTED: EngineFinish
+ENGINE_FINISH_FAILED: EngineFinish
 REJECT_NONE: RejectCode
 REJECT_INVALID: RejectCode
 REJECT_NO_CAPACITY: RejectCode

@@ -12,14 +12,16 @@ class TokenizerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("vocab_size", "eos_token_ids", "has_chat_template")
+    __slots__ = ("vocab_size", "eos_token_ids", "has_chat_template", "max_bytes_per_token")
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     has_chat_template: bool
-    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    max_bytes_per_token: int
+    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., max_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class ChatTurn(_message.Message):
     __slots__ = ("role", "content")
@@ -30,12 +32,14 @@ class ChatTurn(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("text", "chat")
+    __slots__ = ("text", "chat", "max_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatTurns
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatTurns, _Mapping]] = ...) -> None: ...
+    max_tokens: int
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatTurns, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatTurns(_message.Message):
     __slots__ = ("turns",)
