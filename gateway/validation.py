@@ -8,7 +8,8 @@ from gateway.config import GatewayConfig
 from protos.tandem.v1 import generation_pb2 as api
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-MAX_ADAPTER_NAME_CHARS = 64   # the engine loads adapters under names of at most this many characters
+MAX_ADAPTER_NAME_CHARS = 64
+MAX_ABS_LENGTH_PENALTY = 10.0   # the engine's bound too: length ** length_penalty stays finite for any context   # the engine loads adapters under names of at most this many characters
 
 
 class InvalidRequest(ValueError):
@@ -158,8 +159,9 @@ def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature:
         if p.HasField("seed"):
             raise InvalidRequest("params.seed: beam search does not sample")
     length_penalty = p.length_penalty if p.HasField("length_penalty") else 1.0
-    if not math.isfinite(length_penalty):
-        raise InvalidRequest(f"params.length_penalty: must be finite, got {length_penalty}")
+    if not (math.isfinite(length_penalty) and abs(length_penalty) <= MAX_ABS_LENGTH_PENALTY):
+        raise InvalidRequest(f"params.length_penalty: must be in [-{MAX_ABS_LENGTH_PENALTY:g}, "
+                             f"{MAX_ABS_LENGTH_PENALTY:g}], got {length_penalty}")
     return dict(n=n, best_of=best_of, use_beam_search=p.use_beam_search, length_penalty=length_penalty,
                 logprobs=p.logprobs if p.HasField("logprobs") else None,
                 prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
