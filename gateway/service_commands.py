@@ -51,7 +51,7 @@ class ServiceTopology:
 
     model_path: str
     python: str = sys.executable
-    gateway_host: str = "0.0.0.0"
+    gateway_host: str = "127.0.0.1"     # the public API and /metrics; not loopback: reachable by other machines
     gateway_port: int = DEFAULT_GATEWAY_PORT
     internal_listen_host: str = "127.0.0.1"
     tokenizer_host: str = "127.0.0.1"
