@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine_svc.model_name import hf_dir_served_name
+
 if TYPE_CHECKING:
     from engine_svc.quant.checkpoint_config import PackedQuantConfig
 
@@ -81,7 +83,7 @@ class ModelConfig:
             gen_eos = json.loads(gen.read_text()).get("eos_token_id")
             if gen_eos is not None:
                 cfg = {**cfg, "eos_token_id": gen_eos}
-        return cls.from_hf_dict(cfg, name=path.name)
+        return cls.from_hf_dict(cfg, name=hf_dir_served_name(path))
 
 
 def _num_kv_heads(cfg: dict[str, Any], heads: int) -> int:

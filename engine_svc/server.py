@@ -13,7 +13,6 @@ from typing import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine_svc.adapter_rpcs import AdapterAdminRpcs
 from engine_svc.adapters import UnknownAdapter
@@ -22,6 +21,7 @@ from engine_svc.core.scheduler import AdmissionError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
 from engine_svc.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, logprob_to_pb,
                                       params_from_pb)
+from protos.reflection import enable_reflection
 from protos.tandem.internal.v1 import engine_pb2 as pb
 from protos.tandem.internal.v1 import engine_pb2_grpc
 
@@ -218,8 +218,7 @@ async def serve(config: EngineConfig) -> None:
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = server.add_insecure_port(f"{config.host}:{config.port}")

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from gateway.generate_client import ConnectionOptions, GenerateOptions, run_generate
+from gateway.generate_client import ConnectionOptions, GenerateOptions, run_generate, unescape
 from gateway.launcher import LauncherConfig, run_stack
 from gateway.model_fetch import DEFAULT_MODEL, resolve_model
 from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT,
@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokenizer-model", default=None,
                        help="take the tokenizer from this model instead (e.g. 'default' for a config.json served "
                             "with --load-format dummy, which has none); its ids must fit the engine's vocabulary")
-    serve.add_argument("--host", default="0.0.0.0", help="address the public gateway binds (default %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address the public gateway and its /metrics bind (default %(default)s: this machine "
+                            "only; --host 0.0.0.0 exposes them, set API keys then)")
     serve.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="public gateway port")
     serve.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
                        help="tokenizer service port on 127.0.0.1")
@@ -104,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "is raised to cover it)")
     sec.add_argument("--log-format", choices=("json", "text"), help="gateway request log format")
     serve.add_argument("--max-restarts", type=_non_negative_int, default=3,
-                       help="restarts of a crashed service before the whole stack stops (0: never restart)")
+                       help="restarts of one crashed service allowed within --restart-window; one more crash in "
+                            "that window stops the whole stack (default %(default)s; 0: never restart)")
+    serve.add_argument("--restart-window", type=_positive_float, default=300.0, metavar="SECONDS",
+                       help="the sliding window --max-restarts counts over: crashes further apart never use the "
+                            "restarts up; the backoff before a restart (1 s, doubled for each restart still in "
+                            "the window) is back at 1 s after a service stayed up that long (default %(default)g)")
 
     gen = sub.add_parser("generate", help="stream a completion from a running server",
                          usage="tandem generate PROMPT [options]")
@@ -116,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
-                     help="stop string(s); may be given several times")
+    gen.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR", type=unescape,
+                     help="stop string(s); may be given several times; \\n, \\t, \\r and \\\\ are unescaped, so "
+                          "--stop '\\n\\n' stops at a blank line")
     gen.add_argument("--address", default=f"localhost:{DEFAULT_GATEWAY_PORT}", help="gateway HOST:PORT")
     gen.add_argument("--timeout", type=_positive_float, help="deadline for the whole call, in seconds")
     gen.add_argument("--tls-ca", help="connect over TLS trusting this PEM CA (without it: plaintext)")
@@ -203,7 +211,7 @@ def launcher_config_from_args(args: argparse.Namespace) -> LauncherConfig:
     # The gateway is stopped first and drains for up to --drain-timeout; it must not be killed meanwhile.
     return LauncherConfig(start_timeout_s=args.start_timeout, stop_grace_s=max(args.stop_grace,
                                                                                args.drain_timeout + 5.0),
-                          max_restarts=args.max_restarts)
+                          max_restarts=args.max_restarts, restart_window_s=args.restart_window)
 
 
 def generate_options_from_args(args: argparse.Namespace) -> GenerateOptions:

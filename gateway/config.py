@@ -9,7 +9,7 @@ from gateway.router import POLICIES
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"             # loopback, like llama.cpp and Ollama; 0.0.0.0 exposes the API (and /metrics)
     port: int = 50051
     engine: str = "127.0.0.1:50053"      # one address, or several separated by commas (one per engine replica)
     tokenizer: str = "127.0.0.1:50052"   # likewise
@@ -86,7 +86,9 @@ def _join(values: list[str] | None, default: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway", description="Tandem gateway: the public gRPC API.")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default=GatewayConfig.host,
+                   help="address the public API and /metrics bind (default %(default)s: this machine only; "
+                        "0.0.0.0 exposes them, as in a container)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--engine", action="append", help="engine service address; repeat, or separate with commas, "
                                                      "for several replicas (default 127.0.0.1:50053)")

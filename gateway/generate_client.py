@@ -4,6 +4,7 @@ stdout carries only the generated text, so it can be piped; the finish reason an
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Iterable, TextIO
@@ -13,6 +14,15 @@ import grpc
 from gateway.tls import channel_credentials
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A shell passes `--stop "\\n\\n"` as backslash-n twice: \\n, \\t, \\r and \\\\ become the characters they name.
+    Any other backslash stays as typed."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 @dataclass(frozen=True)

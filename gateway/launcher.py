@@ -4,10 +4,11 @@ Order: the tokenizer and engine start together; the gateway starts once both rep
 grpc.health.v1, because it dials them at start-up. A service that exits during start-up, or a start-up that
 runs past the timeout, stops everything and is reported with the tail of that service's output. After start-up,
 a service that exits is reported with its output's tail and restarted in place (same argv and port), after a
-backoff that doubles with each restart of that service, and supervision goes on once it is SERVING again; the
-gateway re-dials a restarted backend by itself. Past `max_restarts` restarts of one service, or when a restart
-does not come up, everything is shut down. Ctrl-C, SIGTERM or SIGHUP stop the services in reverse start order: SIGTERM to each process group,
-then SIGKILL after a grace period; a second signal skips the grace.
+backoff that doubles with each recent restart of that service, and supervision goes on once it is SERVING again;
+the gateway re-dials a restarted backend by itself. A crash that would be the service's restart number
+`max_restarts + 1` within `restart_window_s` seconds, or a restart that does not come up, shuts everything down
+(restart_budget.py). Ctrl-C, SIGTERM or SIGHUP stop the services in reverse start order: SIGTERM to each process
+group, then SIGKILL after a grace period; a second signal skips the grace.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, TextIO
 
 from gateway import healthcheck
+from gateway.restart_budget import RestartBudget
 from gateway.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses,
                                       service_argvs)
 from gateway.service_process import NAME_WIDTH, ServiceProcess
@@ -42,11 +44,13 @@ class LauncherConfig:
     health_timeout_s: float = 1.0    # one health RPC; the poll loop retries until start_timeout_s
     stop_grace_s: float = 10.0       # SIGTERM to SIGKILL
     tail_lines: int = 40             # output lines quoted when a service fails
-    max_restarts: int = 3            # per service, after start-up; 0: a crash shuts everything down
-    restart_backoff_s: float = 1.0   # before the first restart of a service; doubled for each later one
+    max_restarts: int = 3            # per service within restart_window_s; 0: a crash shuts everything down
+    restart_window_s: float = 300.0  # the sliding window max_restarts counts over
+    restart_backoff_s: float = 1.0   # before a restart with none other in the window; doubled for each one there
 
     def __post_init__(self) -> None:
-        for name in ("start_timeout_s", "poll_interval_s", "health_timeout_s", "stop_grace_s", "restart_backoff_s"):
+        for name in ("start_timeout_s", "poll_interval_s", "health_timeout_s", "stop_grace_s", "restart_window_s",
+                     "restart_backoff_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -131,7 +135,8 @@ class Launcher:
         self._out = sys.stderr if out is None else out
         self._out_lock = threading.Lock()
         self.processes: dict[str, ServiceProcess] = {}
-        self.restarts: dict[str, int] = {name: 0 for name in names}
+        self.restart_budgets = {name: RestartBudget(config.max_restarts, config.restart_window_s,
+                                                    config.restart_backoff_s) for name in names}
         # Stop requests are counted in a plain int, not a threading.Event: a signal handler runs on the main
         # thread between bytecodes, possibly while that thread holds the very lock Event.set() would take, so
         # the handler must take no lock at all. The loops poll this counter. Two or more: skip the grace.
@@ -214,19 +219,22 @@ class Launcher:
         return 0
 
     def _on_service_exit(self, name: str, code: int) -> int | None:
-        """A service died after start-up: restart it (None: keep supervising), or shut down (1) once it has used
-        its restarts or its restart fails. 0 when a stop was requested meanwhile."""
+        """A service died after start-up: restart it (None: keep supervising), or shut down (1) once its restarts
+        within the window are used up or its restart fails. 0 when a stop was requested meanwhile."""
         tail = self.processes[name].tail()
-        done = self.restarts[name]
-        if done >= self.config.max_restarts:
-            limit = f" after {done} restart{'s' if done != 1 else ''}" if done else ""
+        budget = self.restart_budgets[name]
+        now = time.monotonic()
+        window = f"{self.config.restart_window_s:g} s"
+        backoff = budget.take(now)
+        if backoff is None:
+            done = budget.recent(now)
+            limit = f" after {done} restart{'s' if done != 1 else ''} within {window}" if done else ""
             self.say(f"{name} exited with code {code} ({self._describe(code)}){limit}; shutting down. "
                      f"Its last output:\n{tail}")
             return 1
-        self.restarts[name] = done + 1
-        backoff = self.config.restart_backoff_s * 2 ** done
         self.say(f"{name} exited with code {code} ({self._describe(code)}); restarting it in {backoff:g} s "
-                 f"(restart {done + 1} of {self.config.max_restarts}). Its last output:\n{tail}")
+                 f"(restart {budget.recent(now)} of {self.config.max_restarts} within {window}). "
+                 f"Its last output:\n{tail}")
         if self._sleep_unless_stopped(backoff):
             return 0
         spec = next(s for s in self.specs if s.name == name)

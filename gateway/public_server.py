@@ -2,6 +2,9 @@
 (max in flight, drain), the request size limit and TLS. Health and reflection pass through every interceptor."""
 from __future__ import annotations
 
+import ipaddress
+import sys
+
 import grpc
 from grpc_health.v1 import health, health_pb2
 
@@ -17,11 +20,36 @@ def create_server(config: GatewayConfig, admission: Admission) -> grpc.aio.Serve
     # First, so that its wrapper is outermost (see gateway/request_decoding.py).
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestDecodingInterceptor()]
     keys = load_api_keys(config.api_key_file)
+    warning = exposure_warning(config, keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if keys:
         interceptors.append(ApiKeyInterceptor(keys))   # first: nothing else runs for an unauthenticated call
     interceptors += [RequestLogInterceptor(config.engine), AdmissionInterceptor(admission)]
     return grpc.aio.server(interceptors=interceptors,
                            options=[("grpc.max_receive_message_length", config.max_request_bytes)])
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost); a name or a wildcard
+    such as 0.0.0.0 is taken as reachable from elsewhere."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(config: GatewayConfig, keys: tuple[str, ...]) -> str | None:
+    """The warning for a public port other machines can reach with no API key configured; None otherwise."""
+    if keys or is_loopback(config.host):
+        return None
+    metrics = f" (and /metrics on port {config.metrics_port})" if config.metrics_port else ""
+    return (f"gateway: WARNING: the public API on {config.host}:{config.port}{metrics} is reachable from other "
+            f"machines and no API key is configured: anyone who can connect can generate and load or unload "
+            f"adapters. Set --api-key-file or TANDEM_API_KEYS, or bind --host 127.0.0.1.")
 
 
 def add_public_port(server: grpc.aio.Server, config: GatewayConfig) -> int:

@@ -9,7 +9,6 @@ from typing import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gateway import admin, request_log
 from gateway.admission import Admission, retry_hint
@@ -22,6 +21,7 @@ from gateway.public_server import add_public_port, create_server, drain
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_bytes, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
+from protos.reflection import enable_reflection
 from protos.tandem.v1 import admin_pb2_grpc, generation_pb2_grpc
 
 SERVICE_NAME = api.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -220,8 +220,7 @@ async def serve(config: GatewayConfig) -> None:
     servicer = GenerationServicer(config, pipeline)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin.AdminServicer(pipeline.engine_stub), server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, admin.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, admin.SERVICE_NAME, health.SERVICE_NAME), server)
     port = add_public_port(server, config)
 
     stop = asyncio.Event()

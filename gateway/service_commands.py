@@ -22,7 +22,7 @@ SERVICE_NAMES = (TOKENIZER, ENGINE, GATEWAY)
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_TOKENIZER_PORT = 50052
 DEFAULT_ENGINE_PORT = 50053
-DEFAULT_METRICS_PORT = 9090    # `tandem serve`'s; the gateway itself and compose leave metrics off
+DEFAULT_METRICS_PORT = 9090    # `tandem serve`'s and compose's; `python -m gateway` leaves metrics off
 
 # In docker compose the model service fetches into a named volume mounted here, with TANDEM_CACHE=/cache,
 # so model_fetch.cache_dir() is /cache/models.
@@ -51,7 +51,7 @@ class ServiceTopology:
 
     model_path: str
     python: str = sys.executable
-    gateway_host: str = "0.0.0.0"
+    gateway_host: str = "127.0.0.1"     # the public API and /metrics; not loopback: reachable by other machines
     gateway_port: int = DEFAULT_GATEWAY_PORT
     internal_listen_host: str = "127.0.0.1"
     tokenizer_host: str = "127.0.0.1"
@@ -120,8 +120,9 @@ def local_topology(model_path: str, **overrides) -> ServiceTopology:
 
 
 def compose_topology() -> ServiceTopology:
-    """The docker-compose layout: every service binds 0.0.0.0 inside the compose network, the gateway dials the
-    internal services by their compose names, and the engine is told `cuda` so that a container without the
+    """The docker-compose layout: every service binds 0.0.0.0 inside the compose network (a container is reached
+    through its own interface, never its loopback), the gateway dials the internal services by their compose
+    names and serves /metrics like `tandem serve`, and the engine is told `cuda` so that a container without the
     GPU reservation fails loudly instead of quietly running on the CPU."""
     return ServiceTopology(
         model_path=COMPOSE_MODEL_PATH,
@@ -131,6 +132,7 @@ def compose_topology() -> ServiceTopology:
         tokenizer_host=TOKENIZER,
         engine_host=ENGINE,
         device="cuda",
+        metrics_port=DEFAULT_METRICS_PORT,
     )
 
 

@@ -16,11 +16,17 @@ from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 
 def test_serve_defaults() -> None:
     args = cli.parse_args(["serve"])
-    assert (args.model, args.host, args.port, args.device, args.dtype) == ("default", "0.0.0.0", 50051, "auto",
+    assert (args.model, args.host, args.port, args.device, args.dtype) == ("default", "127.0.0.1", 50051, "auto",
                                                                           "auto")
     assert args.engine_args == []
     config = cli.launcher_config_from_args(args)
     assert config.start_timeout_s == 300.0
+    assert (config.max_restarts, config.restart_window_s) == (3, 300.0)
+
+
+def test_serve_restart_budget_flags_reach_the_launcher() -> None:
+    config = cli.launcher_config_from_args(cli.parse_args(["serve", "--max-restarts", "5", "--restart-window", "60"]))
+    assert (config.max_restarts, config.restart_window_s) == (5, 60.0)
 
 
 def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
@@ -81,6 +87,7 @@ def test_serve_takes_the_tokenizer_from_another_model() -> None:
 
 @pytest.mark.parametrize("argv", [["serve", "--device", "tpu"], ["serve", "--start-timeout", "0"],
                                   ["serve", "--kv-cache-dtype", "int8"],
+                                  ["serve", "--restart-window", "0"], ["serve", "--max-restarts", "-1"],
                                   ["generate"], ["generate", "hi", "--max-tokens", "0"], []])
 def test_bad_arguments_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -102,6 +109,13 @@ def test_generate_options_from_flags() -> None:
     assert opts == GenerateOptions(prompt="Hello", max_tokens=32, temperature=0.0, top_p=0.9, top_k=40, seed=7,
                                    stop=("###", "END", "\n\n"))
     assert (args.address, args.timeout) == ("h:1", 5.0)
+
+
+def test_generate_stop_strings_are_unescaped() -> None:
+    r"""What a shell passes for `--stop "\n\n"`: a backslash and an n, twice."""
+    args = cli.parse_args(["generate", "Hi", "--stop", "\\n\\n", "a\\tb", "--stop", "c:\\\\n", "\\x", "\\"])
+    assert cli.generate_options_from_args(args).stop == ("\n\n", "a\tb", "c:\\n", "\\x", "\\")
+    assert build_request(cli.generate_options_from_args(args)).params.stop[0] == "\n\n"
 
 
 def test_plain_prompt_sends_only_the_fields_set() -> None:

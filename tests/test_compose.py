@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import model_fetch
-from gateway.service_commands import (COMPOSE_CACHE, COMPOSE_MODEL_PATH, ENGINE, GATEWAY, TOKENIZER,
-                                      compose_topology, listen_addresses, model_fetch_argv, service_argvs)
+from gateway import cli, model_fetch
+from gateway.launcher import services_for
+from gateway.service_commands import (COMPOSE_CACHE, COMPOSE_MODEL_PATH, DEFAULT_METRICS_PORT, ENGINE, GATEWAY,
+                                      TOKENIZER, compose_topology, listen_addresses, model_fetch_argv,
+                                      service_argvs)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU_DOCKERFILE = "gateway/Dockerfile"
@@ -61,6 +63,24 @@ def test_commands_are_the_service_commands_argvs(services) -> None:
     assert topology.tokenizer_host in services and topology.engine_host in services
 
 
+def test_compose_commands_are_what_the_launcher_runs(services) -> None:
+    """The launcher's own specs for the compose layout run exactly the compose commands, and those differ from
+    `tandem serve`'s defaults only where a container must: addresses, device, paths, the interpreter and the
+    drain (compose's stop_grace_period covers the gateway's own 30 s; `tandem serve` passes 8)."""
+    for spec in services_for(compose_topology()):
+        assert services[spec.name]["command"] == list(spec.argv), spec.name
+    local = service_argvs(cli.topology_from_args(cli.parse_args(["serve"]), "/m.gguf"))
+    for name, argv in service_argvs(compose_topology()).items():
+        flags = lambda a: [x for x in a if x.startswith("--")]  # noqa: E731
+        assert flags(argv) == [f for f in flags(local[name]) if f != "--drain-timeout"], name
+
+
+def test_compose_serves_metrics_and_the_gateway_binds_every_interface(services) -> None:
+    command = services[GATEWAY]["command"]
+    assert command[command.index("--metrics-port") + 1] == str(DEFAULT_METRICS_PORT)
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+
+
 def test_the_model_path_is_in_the_volume_the_model_service_fills(services, monkeypatch) -> None:
     assert services["model"]["environment"]["TANDEM_CACHE"] == COMPOSE_CACHE
     monkeypatch.setenv("TANDEM_CACHE", COMPOSE_CACHE)
@@ -77,8 +97,10 @@ def test_engine_reserves_a_gpu(services) -> None:
 
 
 def test_only_the_gateway_is_published(services) -> None:
-    port = compose_topology().gateway_port
-    assert services[GATEWAY]["ports"] == [f"{port}:{port}"]
+    topology = compose_topology()
+    port, metrics = topology.gateway_port, topology.metrics_port
+    # The API on every host interface; /metrics, which has no authentication, on the host's loopback only.
+    assert services[GATEWAY]["ports"] == [f"{port}:{port}", f"127.0.0.1:{metrics}:{metrics}"]
     for name in ("model", TOKENIZER, ENGINE):
         assert "ports" not in services[name], f"{name} must not be published"
 
@@ -127,6 +149,14 @@ def test_the_engine_image_installs_torch() -> None:
     assert re.search(r"pip install .*TORCH_SPEC", runs)
     args = dict(a.split("=", 1) for instr, a in _dockerfile_instructions(ENGINE_DOCKERFILE) if instr == "ARG")
     assert args["TORCH_SPEC"].strip('"').startswith("torch")
+
+
+def test_the_engine_image_pins_the_torch_the_readme_installs() -> None:
+    args = dict(a.split("=", 1) for instr, a in _dockerfile_instructions(ENGINE_DOCKERFILE) if instr == "ARG")
+    pin = re.fullmatch(r"torch==(\d+\.\d+\.\d+)", args["TORCH_SPEC"].strip('"'))
+    assert pin, f"TORCH_SPEC must pin one torch version, got {args['TORCH_SPEC']}"
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert set(re.findall(r"pip install torch==(\S+) ", readme)) == {pin.group(1)}
 
 
 def test_the_gateway_package_never_imports_torch() -> None:

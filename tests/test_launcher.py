@@ -20,6 +20,7 @@ import pytest
 
 from gateway.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack,
                               services_for)
+from gateway.restart_budget import RestartBudget
 from gateway.service_commands import local_topology
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -292,17 +293,18 @@ def test_a_crashed_service_is_restarted_until_its_restarts_run_out(stack: Stack)
     assert code == 1
     assert log.count("starting tokenizer") == 3 and log.count("starting engine") == 1
     assert log.count("starting gateway") == 1
-    first, second = log.index("restarting it in 0.1 s (restart 1 of 2)"), log.index("in 0.2 s (restart 2 of 2)")
+    first = log.index("restarting it in 0.1 s (restart 1 of 2 within 300 s)")
+    second = log.index("in 0.2 s (restart 2 of 2 within 300 s)")
     assert log.index("Press Ctrl-C to stop.") < first < second
     assert log.count("tokenizer is SERVING") == 3
-    assert "tokenizer exited with code 7 (crashed) after 2 restarts; shutting down" in log
+    assert "tokenizer exited with code 7 (crashed) after 2 restarts within 300 s; shutting down" in log
     assert _wait_dead(stack.pids().values()) == []
 
 
 def test_a_restarted_service_keeps_the_stack_up(stack: Stack) -> None:
     """One crash of the engine: it is restarted and the stack keeps running until Ctrl-C (exit 0)."""
     driver = stack.spawn_driver({"engine": ["--exit-after", "1.0"]}, max_restarts=1, restart_backoff_s=0.1)
-    seen = _read_until(driver, "restarting it in 0.1 s (restart 1 of 1)")
+    seen = _read_until(driver, "restarting it in 0.1 s (restart 1 of 1 within 300 s)")
     assert "engine exited with code 3" in seen
     first_pid = stack.pids()["engine"]
     _read_until(driver, "engine is SERVING")
@@ -310,6 +312,47 @@ def test_a_restarted_service_keeps_the_stack_up(stack: Stack) -> None:
     driver.send_signal(signal.SIGINT)
     driver.wait(15)
     assert _wait_dead(stack.pids().values()) == []
+
+
+def test_crashes_further_apart_than_the_window_never_use_the_restarts_up(stack: Stack) -> None:
+    """One restart allowed per 1 s window; the engine crashes 1.5 s after each start, so each earlier restart has
+    left the window by the next crash: restarted again and again, each time after the base backoff."""
+    driver = stack.spawn_driver({"engine": ["--exit-after", "1.5"]}, max_restarts=1, restart_window_s=1.0,
+                                restart_backoff_s=0.1)
+    for _ in range(3):
+        _read_until(driver, "engine exited with code 3 (crashed); restarting it in 0.1 s (restart 1 of 1 within 1 s)")
+    assert driver.poll() is None       # still supervising after three crashes with a budget of one
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(15) == 0
+    assert _wait_dead(stack.pids().values()) == []
+
+
+def test_the_restart_budget_counts_within_a_sliding_window() -> None:
+    budget = RestartBudget(limit=2, window_s=10.0, backoff_s=1.0)
+    assert [budget.take(t) for t in (0.0, 1.0)] == [1.0, 2.0]   # doubling inside the window
+    assert budget.take(2.0) is None                             # a third restart within 10 s: stay down
+    assert budget.take(9.9) is None
+    # 10 s after the first restart it has left the window: one restart inside it, so one more is allowed.
+    assert budget.take(10.0) == 2.0
+    assert budget.recent(10.0) == 2
+
+
+def test_the_restart_budget_never_runs_out_for_crashes_days_apart() -> None:
+    budget = RestartBudget(limit=3, window_s=300.0, backoff_s=1.0)
+    day = 86400.0
+    assert [budget.take(k * day) for k in range(10)] == [1.0] * 10
+
+
+def test_the_backoff_is_back_at_its_base_after_a_healthy_period() -> None:
+    budget = RestartBudget(limit=5, window_s=60.0, backoff_s=0.5)
+    assert [budget.take(t) for t in (0.0, 2.0, 5.0)] == [0.5, 1.0, 2.0]
+    # Restarted at 5 s, then up longer than the window: every earlier restart is outside it.
+    assert budget.take(5.0 + 60.0 + 1.0) == 0.5
+    assert budget.take(70.0) == 1.0
+
+
+def test_no_restarts_means_the_first_crash_stops_the_stack() -> None:
+    assert RestartBudget(limit=0, window_s=300.0, backoff_s=1.0).take(0.0) is None
 
 
 def test_startup_timeout_names_the_slow_service(stack: Stack) -> None:
@@ -357,12 +400,12 @@ def test_services_for_keeps_the_real_argvs_and_stages() -> None:
     specs = services_for(local_topology("/m.gguf"))
     assert [(s.name, s.stage, s.port) for s in specs] == [("tokenizer", 0, 50052), ("engine", 0, 50053),
                                                            ("gateway", 1, 50051)]
-    assert specs[2].argv[1:] == ("-m", "gateway", "--host", "0.0.0.0", "--port", "50051",
+    assert specs[2].argv[1:] == ("-m", "gateway", "--host", "127.0.0.1", "--port", "50051",
                                  "--tokenizer", "127.0.0.1:50052", "--engine", "127.0.0.1:50053")
 
 
 @pytest.mark.parametrize("bad", [dict(start_timeout_s=0), dict(stop_grace_s=-1), dict(tail_lines=0),
-                                 dict(poll_interval_s=True)])
+                                 dict(poll_interval_s=True), dict(restart_window_s=0), dict(max_restarts=-1)])
 def test_launcher_config_is_validated(bad) -> None:
     with pytest.raises(ValueError):
         LauncherConfig(**bad)

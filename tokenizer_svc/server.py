@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from protos.reflection import enable_reflection
 from protos.tandem.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.chat_template import ChatTemplateError
 from tokenizer_svc.config import TokenizerServiceConfig
@@ -90,8 +90,7 @@ async def start_server(config: TokenizerServiceConfig, loaded: LoadedTokenizer) 
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(loaded), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"could not bind {config.address}")

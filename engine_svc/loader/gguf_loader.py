@@ -18,6 +18,7 @@ from gguf.quants import dequantize
 
 from engine_svc.loader.hf_loader import _Sized
 from engine_svc.model_config import ModelConfig
+from engine_svc.model_name import gguf_served_name
 
 _GGUF_TO_HF = {
     "token_embd": "model.embed_tokens",
@@ -76,7 +77,7 @@ def gguf_model_config(path: Path) -> ModelConfig:
                          "use the HF checkpoint")
     return ModelConfig(
         architecture=_ARCHITECTURES[arch],
-        name=gguf_field(reader, "general.name") or path.stem,
+        name=gguf_served_name(path, lambda key: gguf_field(reader, key)),
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=a("feed_forward_length"),

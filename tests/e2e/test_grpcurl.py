@@ -22,7 +22,8 @@ def run(*args: str) -> str:
 
 def test_lists_services(stack):
     services = run(stack.address, "list").split()
-    assert set(services) >= {"tandem.v1.Generation", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert set(services) >= {"tandem.v1.Generation", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                             "grpc.reflection.v1.ServerReflection"}
     methods = run(stack.address, "list", "tandem.v1.Generation").split()
     assert methods == ["tandem.v1.Generation.Generate", "tandem.v1.Generation.GenerateStream",
                        "tandem.v1.Generation.GetModelInfo"]
@@ -30,8 +31,19 @@ def test_lists_services(stack):
 
 
 def test_internal_services_reflect(stack):
-    assert "tandem.internal.v1.Engine" in run(stack.engine_address, "list").split()
-    assert "tandem.internal.v1.Tokenizer" in run(stack.tokenizer_address, "list").split()
+    for address, service in ((stack.engine_address, "tandem.internal.v1.Engine"),
+                             (stack.tokenizer_address, "tandem.internal.v1.Tokenizer")):
+        assert {service, "grpc.reflection.v1.ServerReflection"} <= set(run(address, "list").split())
+
+
+def test_reflection_v1_answers_on_the_public_port(stack):
+    out = json.loads(run("-d", '{"list_services": ""}', stack.address,
+                         "grpc.reflection.v1.ServerReflection/ServerReflectionInfo"))
+    assert "tandem.v1.Generation" in {s["name"] for s in out["list_services_response"]["service"]}
+
+
+def test_model_info_names_the_default_model(stack):
+    assert json.loads(run(stack.address, "tandem.v1.Generation/GetModelInfo"))["model_name"] == "SmolLM2-135M-Instruct"
 
 
 def test_streams_a_generation(stack):

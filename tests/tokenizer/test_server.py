@@ -183,7 +183,30 @@ def test_reflection_lists_services(channels):
     stub = reflection_pb2_grpc.ServerReflectionStub(channels["smollm"])
     (response,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in response.list_services_response.service}
-    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection"} <= names
+
+
+def _v1_reflection(channel, request):
+    """One call to grpc.reflection.v1 (v1's messages are v1alpha's under another package: the same bytes)."""
+    call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    (response,) = call(iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=10)
+    return response
+
+
+def test_reflection_v1_lists_and_describes_services(channels):
+    from google.protobuf import descriptor_pb2
+
+    names = {s.name for s in _v1_reflection(channels["smollm"], {"list_services": ""}).list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+    for symbol, package in ((SERVICE_NAME, "tandem.internal.v1"), ("grpc.reflection.v1.ServerReflection",
+                                                                   "grpc.reflection.v1")):
+        response = _v1_reflection(channels["smollm"], {"file_containing_symbol": symbol})
+        first = descriptor_pb2.FileDescriptorProto.FromString(
+            response.file_descriptor_response.file_descriptor_proto[0])
+        assert first.package == package, symbol
 
 
 def test_long_encode_does_not_stall_detokenize(stub, smollm):
