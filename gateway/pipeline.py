@@ -84,8 +84,9 @@ class Pipeline:
 
     # --- per-request API -------------------------------------------------------------------------------------------
 
-    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None) -> list[int]:
-        return await self.tokenizers.encode(prompt, chat, timeout)
+    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None,
+                     parse_special_tokens: bool = False) -> list[int]:
+        return await self.tokenizers.encode(prompt, chat, timeout, parse_special_tokens)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool, timeout: float | None) -> str:
         return await self.tokenizers.decode(ids, skip_special_tokens, timeout)

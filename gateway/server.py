@@ -88,7 +88,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex
         try:
-            prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=context.time_remaining())
+            prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=context.time_remaining(),
+                                                    parse_special_tokens=v.parse_special_tokens)
         except grpc.aio.AioRpcError as e:
             code = e.code() if e.code() == grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"{'input' if code == grpc.StatusCode.INVALID_ARGUMENT else 'tokenizer'}: "

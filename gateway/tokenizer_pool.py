@@ -51,11 +51,14 @@ class TokenizerPool:
                 error = e
         raise error
 
-    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None) -> list[int]:
+    async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None,
+                     parse_special_tokens: bool = False) -> list[int]:
+        """parse_special_tokens applies to a chat only: a prompt's special-token text is always parsed."""
         if prompt is not None:
             req = tpb.EncodeRequest(text=prompt)
         else:
-            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat]))
+            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat],
+                                                       parse_special_tokens=parse_special_tokens))
         return list((await self._call("Encode", req, timeout)).token_ids)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool, timeout: float | None) -> str:
