@@ -87,9 +87,11 @@ class Pipeline:
     # --- per-request API -------------------------------------------------------------------------------------------
 
     async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None,
-                     max_tokens: int = 0) -> list[int]:
-        """max_tokens > 0: a prompt of that many tokens or more is refused (INVALID_ARGUMENT) by the tokenizer."""
-        return await self.tokenizers.encode(prompt, chat, timeout, max_tokens)
+                     *, max_tokens: int = 0, parse_special_tokens: bool = False) -> list[int]:
+        """max_tokens > 0: a prompt of that many tokens or more is refused (INVALID_ARGUMENT) by the tokenizer.
+        parse_special_tokens: a chat's special-token text becomes control tokens (see tokenizer_pool)."""
+        return await self.tokenizers.encode(prompt, chat, timeout, max_tokens=max_tokens,
+                                            parse_special_tokens=parse_special_tokens)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool, timeout: float | None) -> str:
         return await self.tokenizers.decode(ids, skip_special_tokens, timeout)

@@ -96,7 +96,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=context.time_remaining(),
-                                                    max_tokens=info.max_model_len)
+                                                    max_tokens=info.max_model_len,
+                                                    parse_special_tokens=v.parse_special_tokens)
         except grpc.aio.AioRpcError as e:
             code = e.code() if e.code() == grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"{'input' if code == grpc.StatusCode.INVALID_ARGUMENT else 'tokenizer'}: "

@@ -50,11 +50,14 @@ class TokenizerPool:
         raise error
 
     async def encode(self, prompt: str | None, chat: list[tuple[str, str]] | None, timeout: float | None,
-                     max_tokens: int = 0) -> list[int]:
+                     *, max_tokens: int = 0, parse_special_tokens: bool = False) -> list[int]:
+        """parse_special_tokens applies to a chat only: a prompt's special-token text is always parsed. max_tokens
+        > 0: the tokenizer refuses an input of that many tokens or more instead of returning its ids."""
         if prompt is not None:
             req = tpb.EncodeRequest(text=prompt, max_tokens=max_tokens)
         else:
-            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat]),
+            req = tpb.EncodeRequest(chat=tpb.ChatTurns(turns=[tpb.ChatTurn(role=r, content=c) for r, c in chat],
+                                                       parse_special_tokens=parse_special_tokens),
                                     max_tokens=max_tokens)
         return list((await self._call("Encode", req, timeout)).token_ids)
 

@@ -48,6 +48,7 @@ class ValidatedRequest:
     prompt_logprobs: int | None = None
     echo: bool = False
     adapter: str = ""               # a LoRA adapter's name; empty: the base model (the engine checks it is loaded)
+    parse_special_tokens: bool = False  # chat only: special-token text in content becomes control tokens
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -125,7 +126,8 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
         spaces_between_special_tokens=(p.spaces_between_special_tokens
                                        if p.HasField("spaces_between_special_tokens") else True),
-        echo=p.echo, adapter=_validate_adapter(req.adapter), **group)
+        echo=p.echo, adapter=_validate_adapter(req.adapter),
+        parse_special_tokens=chat is not None and req.chat.parse_special_tokens, **group)
 
 
 def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature: float) -> dict:

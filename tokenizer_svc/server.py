@@ -49,7 +49,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 messages = [{"role": t.role, "content": t.content} for t in request.chat.turns]
                 if not messages:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chat has no turns")
-                ids = await asyncio.to_thread(self._loaded.encode_chat, messages)
+                ids = await asyncio.to_thread(self._loaded.encode_chat, messages, request.chat.parse_special_tokens)
         except (NoChatTemplateError, ChatTemplateError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.max_tokens and len(ids) >= request.max_tokens:

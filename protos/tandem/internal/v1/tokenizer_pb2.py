@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.internal.v1 import engine_pb2 as protos_dot_tandem_dot_internal_dot_v1_dot_engine__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)protos/tandem/internal/v1/tokenizer.proto\x12\x12tandem.internal.v1\x1a&protos/tandem/internal/v1/engine.proto\"\x16\n\x14TokenizerInfoRequest\"r\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\r\x12\x19\n\x11has_chat_template\x18\x03 \x01(\x08\x12\x1b\n\x13max_bytes_per_token\x18\x04 \x01(\r\")\n\x08\x43hatTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"k\n\rEncodeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1d.tandem.internal.v1.ChatTurnsH\x00\x12\x12\n\nmax_tokens\x18\n \x01(\rB\x07\n\x05input\"8\n\tChatTurns\x12+\n\x05turns\x18\x01 \x03(\x0b\x32\x1c.tandem.internal.v1.ChatTurn\"#\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"?\n\rDecodeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xaf\x01\n\tDetokOpen\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\x12%\n\x1dspaces_between_special_tokens\x18\x06 \x01(\x08\"}\n\tDetokStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\x06\x66inish\x18\x03 \x01(\x0e\x32 .tandem.internal.v1.EngineFinish\x12\x17\n\x0fpiece_token_ids\x18\x04 \x03(\r\"}\n\x0f\x44\x65tokenizeInput\x12,\n\x05opens\x18\x01 \x03(\x0b\x32\x1d.tandem.internal.v1.DetokOpen\x12,\n\x05steps\x18\x02 \x03(\x0b\x32\x1d.tandem.internal.v1.DetokStep\x12\x0e\n\x06\x63loses\x18\x03 \x03(\t\"\xac\x01\n\x0b\x44\x65tokResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x30\n\x06\x66inish\x18\x05 \x01(\x0e\x32 .tandem.internal.v1.EngineFinish\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\x0e\n\x06pieces\x18\x07 \x03(\t\"D\n\x10\x44\x65tokenizeOutput\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.tandem.internal.v1.DetokResult2\xe2\x02\n\tTokenizer\x12V\n\x07GetInfo\x12(.tandem.internal.v1.TokenizerInfoRequest\x1a!.tandem.internal.v1.TokenizerInfo\x12O\n\x06\x45ncode\x12!.tandem.internal.v1.EncodeRequest\x1a\".tandem.internal.v1.EncodeResponse\x12O\n\x06\x44\x65\x63ode\x12!.tandem.internal.v1.DecodeRequest\x1a\".tandem.internal.v1.DecodeResponse\x12[\n\nDetokenize\x12#.tandem.internal.v1.DetokenizeInput\x1a$.tandem.internal.v1.DetokenizeOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)protos/tandem/internal/v1/tokenizer.proto\x12\x12tandem.internal.v1\x1a&protos/tandem/internal/v1/engine.proto\"\x16\n\x14TokenizerInfoRequest\"r\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\r\x12\x19\n\x11has_chat_template\x18\x03 \x01(\x08\x12\x1b\n\x13max_bytes_per_token\x18\x04 \x01(\r\")\n\x08\x43hatTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"k\n\rEncodeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1d.tandem.internal.v1.ChatTurnsH\x00\x12\x12\n\nmax_tokens\x18\n \x01(\rB\x07\n\x05input\"V\n\tChatTurns\x12+\n\x05turns\x18\x01 \x03(\x0b\x32\x1c.tandem.internal.v1.ChatTurn\x12\x1c\n\x14parse_special_tokens\x18\x02 \x01(\x08\"#\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"?\n\rDecodeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xaf\x01\n\tDetokOpen\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\x12%\n\x1dspaces_between_special_tokens\x18\x06 \x01(\x08\"}\n\tDetokStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\x06\x66inish\x18\x03 \x01(\x0e\x32 .tandem.internal.v1.EngineFinish\x12\x17\n\x0fpiece_token_ids\x18\x04 \x03(\r\"}\n\x0f\x44\x65tokenizeInput\x12,\n\x05opens\x18\x01 \x03(\x0b\x32\x1d.tandem.internal.v1.DetokOpen\x12,\n\x05steps\x18\x02 \x03(\x0b\x32\x1d.tandem.internal.v1.DetokStep\x12\x0e\n\x06\x63loses\x18\x03 \x03(\t\"\xac\x01\n\x0b\x44\x65tokResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x30\n\x06\x66inish\x18\x05 \x01(\x0e\x32 .tandem.internal.v1.EngineFinish\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\x0e\n\x06pieces\x18\x07 \x03(\t\"D\n\x10\x44\x65tokenizeOutput\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.tandem.internal.v1.DetokResult2\xe2\x02\n\tTokenizer\x12V\n\x07GetInfo\x12(.tandem.internal.v1.TokenizerInfoRequest\x1a!.tandem.internal.v1.TokenizerInfo\x12O\n\x06\x45ncode\x12!.tandem.internal.v1.EncodeRequest\x1a\".tandem.internal.v1.EncodeResponse\x12O\n\x06\x44\x65\x63ode\x12!.tandem.internal.v1.DecodeRequest\x1a\".tandem.internal.v1.DecodeResponse\x12[\n\nDetokenize\x12#.tandem.internal.v1.DetokenizeInput\x1a$.tandem.internal.v1.DetokenizeOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,23 +41,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=288
   _globals['_ENCODEREQUEST']._serialized_end=395
   _globals['_CHATTURNS']._serialized_start=397
-  _globals['_CHATTURNS']._serialized_end=453
-  _globals['_ENCODERESPONSE']._serialized_start=455
-  _globals['_ENCODERESPONSE']._serialized_end=490
-  _globals['_DECODEREQUEST']._serialized_start=492
-  _globals['_DECODEREQUEST']._serialized_end=555
-  _globals['_DECODERESPONSE']._serialized_start=557
-  _globals['_DECODERESPONSE']._serialized_end=587
-  _globals['_DETOKOPEN']._serialized_start=590
-  _globals['_DETOKOPEN']._serialized_end=765
-  _globals['_DETOKSTEP']._serialized_start=767
-  _globals['_DETOKSTEP']._serialized_end=892
-  _globals['_DETOKENIZEINPUT']._serialized_start=894
-  _globals['_DETOKENIZEINPUT']._serialized_end=1019
-  _globals['_DETOKRESULT']._serialized_start=1022
-  _globals['_DETOKRESULT']._serialized_end=1194
-  _globals['_DETOKENIZEOUTPUT']._serialized_start=1196
-  _globals['_DETOKENIZEOUTPUT']._serialized_end=1264
-  _globals['_TOKENIZER']._serialized_start=1267
-  _globals['_TOKENIZER']._serialized_end=1621
+  _globals['_CHATTURNS']._serialized_end=483
+  _globals['_ENCODERESPONSE']._serialized_start=485
+  _globals['_ENCODERESPONSE']._serialized_end=520
+  _globals['_DECODEREQUEST']._serialized_start=522
+  _globals['_DECODEREQUEST']._serialized_end=585
+  _globals['_DECODERESPONSE']._serialized_start=587
+  _globals['_DECODERESPONSE']._serialized_end=617
+  _globals['_DETOKOPEN']._serialized_start=620
+  _globals['_DETOKOPEN']._serialized_end=795
+  _globals['_DETOKSTEP']._serialized_start=797
+  _globals['_DETOKSTEP']._serialized_end=922
+  _globals['_DETOKENIZEINPUT']._serialized_start=924
+  _globals['_DETOKENIZEINPUT']._serialized_end=1049
+  _globals['_DETOKRESULT']._serialized_start=1052
+  _globals['_DETOKRESULT']._serialized_end=1224
+  _globals['_DETOKENIZEOUTPUT']._serialized_start=1226
+  _globals['_DETOKENIZEOUTPUT']._serialized_end=1294
+  _globals['_TOKENIZER']._serialized_start=1297
+  _globals['_TOKENIZER']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

@@ -42,10 +42,12 @@ class EncodeRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatTurns, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatTurns(_message.Message):
-    __slots__ = ("turns",)
+    __slots__ = ("turns", "parse_special_tokens")
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    PARSE_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     turns: _containers.RepeatedCompositeFieldContainer[ChatTurn]
-    def __init__(self, turns: _Optional[_Iterable[_Union[ChatTurn, _Mapping]]] = ...) -> None: ...
+    parse_special_tokens: bool
+    def __init__(self, turns: _Optional[_Iterable[_Union[ChatTurn, _Mapping]]] = ..., parse_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("token_ids",)
