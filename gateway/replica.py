@@ -129,27 +129,34 @@ class Replica:
     def _on_engine_step(self, step: epb.StepOutput) -> None:
         steps, deltas = [], {}
         for d in step.deltas:
-            handle = self._handles.get(d.request_id)
-            if handle is None:
-                continue  # cancelled, or every output already ended by a stop string
-            if d.finish == epb.ENGINE_FINISH_REJECTED:
-                self._fail(d.request_id, Failure(_REJECT_STATUS.get(d.reject_code, grpc.StatusCode.INVALID_ARGUMENT),
-                                                 d.error))
-                continue
-            if d.finish == epb.ENGINE_FINISH_FAILED:
-                self._fail(d.request_id, Failure(grpc.StatusCode.INTERNAL, f"the engine failed it: {d.error}"))
-                continue
-            handle.engine_done |= d.last
-            if d.num_cached_tokens:
-                handle.num_cached_tokens = d.num_cached_tokens
-            if d.index in handle.ended:
-                continue  # a stop string ended this output; the engine ends it with the others
-            detok_id = handle.detok_id(d.index)
-            deltas[detok_id] = d
-            steps.append(tpb.DetokStep(request_id=detok_id, token_ids=d.token_ids, finish=d.finish,
-                                       piece_token_ids=_piece_ids(d, handle.prompt_ids)))
+            try:
+                self._route_delta(d, steps, deltas)
+            except Exception as e:  # noqa: BLE001 - one request's bad delta must not close the shared stream
+                self._fail_internal(d.request_id, "handling the engine's output", e)
         if steps:
             self._send_detok(tpb.DetokenizeInput(steps=steps), deltas)
+
+    def _route_delta(self, d: epb.RequestDelta, steps: list[tpb.DetokStep],
+                     deltas: dict[str, epb.RequestDelta]) -> None:
+        handle = self._handles.get(d.request_id)
+        if handle is None:
+            return  # cancelled, or every output already ended by a stop string
+        if d.finish == epb.ENGINE_FINISH_REJECTED:
+            self._fail(d.request_id, Failure(_REJECT_STATUS.get(d.reject_code, grpc.StatusCode.INVALID_ARGUMENT),
+                                             d.error))
+            return
+        if d.finish == epb.ENGINE_FINISH_FAILED:
+            self._fail(d.request_id, Failure(grpc.StatusCode.INTERNAL, f"the engine failed it: {d.error}"))
+            return
+        handle.engine_done |= d.last
+        if d.num_cached_tokens:
+            handle.num_cached_tokens = d.num_cached_tokens
+        if d.index in handle.ended:
+            return  # a stop string ended this output; the engine ends it with the others
+        detok_id = handle.detok_id(d.index)
+        deltas[detok_id] = d
+        steps.append(tpb.DetokStep(request_id=detok_id, token_ids=d.token_ids, finish=d.finish,
+                                   piece_token_ids=_piece_ids(d, handle.prompt_ids)))
 
     def _on_detok_output(self, out: tpb.DetokenizeOutput) -> None:
         deltas = self._detok_sent.popleft() if self._detok_sent else {}
@@ -158,16 +165,36 @@ class Replica:
             route = self._outputs.get(r.request_id)
             if route is None:
                 continue
-            handle, index = route
-            handle.queue.put_nowait(Chunk(index, r, deltas.get(r.request_id, _NO_DELTA)))
-            if r.finished:
-                del self._outputs[r.request_id]
-                handle.ended.add(index)
-                if len(handle.ended) == handle.n and self._handles.pop(handle.request_id, None) is not None:
-                    if not handle.engine_done:  # stop strings ended it: the engine is still generating
-                        aborts.append(handle.request_id)
+            handle, _ = route
+            try:
+                self._deliver(r, route, deltas, aborts)
+            except Exception as e:  # noqa: BLE001 - one request's bad result must not close the shared stream
+                self._fail_internal(handle.request_id, "handling the tokenizer's output", e)
         if aborts and self._engine_stream is not None:
             self._engine_stream.send(epb.SessionInput(aborts=aborts))
+
+    def _deliver(self, r: tpb.DetokResult, route: tuple[RequestHandle, int], deltas: dict[str, epb.RequestDelta],
+                 aborts: list[str]) -> None:
+        handle, index = route
+        if r.error:
+            self._fail_internal(handle.request_id, "detokenizing", r.error)
+            return
+        handle.queue.put_nowait(Chunk(index, r, deltas.get(r.request_id, _NO_DELTA)))
+        if r.finished:
+            del self._outputs[r.request_id]
+            handle.ended.add(index)
+            if len(handle.ended) == handle.n and self._handles.pop(handle.request_id, None) is not None:
+                if not handle.engine_done:  # stop strings ended it: the engine is still generating
+                    aborts.append(handle.request_id)
+
+    def _fail_internal(self, request_id: str, stage: str, error: object) -> None:
+        """Ends one request with INTERNAL (stopping it in the engine) after an error of its own."""
+        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        print(f"[gateway] request {request_id} failed while {stage}: {detail}", file=sys.stderr, flush=True)
+        in_engine = request_id in self._handles
+        self._fail(request_id, Failure(grpc.StatusCode.INTERNAL, f"{stage} failed: {detail}"))
+        if in_engine and self._engine_stream is not None:
+            self._engine_stream.send(epb.SessionInput(aborts=[request_id]))
 
     def _fail(self, request_id: str, failure: Failure) -> None:
         handle = self._handles.pop(request_id, None)

@@ -1,11 +1,15 @@
 """The Detokenize stream's state: every open request of one stream, and one output message per input message."""
 from __future__ import annotations
 
+import logging
+
 from tokenizers import Tokenizer
 
 from protos.tandem.internal.v1 import tokenizer_pb2
 from tokenizer_svc.pieces import TokenPieces
 from tokenizer_svc.request_detok import RequestDetokenizer
+
+_LOG = logging.getLogger("tandem.tokenizer.detokenizer")
 
 
 class Detokenizer:
@@ -38,33 +42,49 @@ class Detokenizer:
         return self._pieces(token_ids)
 
     def handle(self, message: tokenizer_pb2.DetokenizeInput) -> tokenizer_pb2.DetokenizeOutput:
-        """Opens, then steps in order, then closes: a request may open and step in one message."""
-        for o in message.opens:
-            self.open(o.request_id, o.stop, o.skip_special_tokens, o.prompt_token_ids, o.include_stop_str_in_output,
-                      o.spaces_between_special_tokens)
+        """Opens, then steps in order, then closes: a request may open and step in one message. A request whose
+        open or step raises gets a finished result with the error, and the others go on (one stream serves them
+        all)."""
         out = tokenizer_pb2.DetokenizeOutput()
-        add = out.results.add
+        for o in message.opens:
+            try:
+                self.open(o.request_id, o.stop, o.skip_special_tokens, o.prompt_token_ids,
+                          o.include_stop_str_in_output, o.spaces_between_special_tokens)
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                self._fail(out, o.request_id, e)
         requests = self._requests
         for s in message.steps:
-            request_id = s.request_id
-            request = requests.get(request_id)
+            request = requests.get(s.request_id)
             if request is None:
                 continue
-            token_ids = s.token_ids
-            text, consumed, finished, finish, matched_stop = request.step(token_ids, s.finish)
-            piece_ids = s.piece_token_ids
-            if not finished:  # the common case: only the fields that differ from their defaults
-                if piece_ids:
-                    add(request_id=request_id, text=text, token_ids=token_ids, pieces=self.pieces(piece_ids))
-                else:
-                    add(request_id=request_id, text=text, token_ids=token_ids)
-                continue
-            del requests[request_id]
-            # Pieces answer every id asked for, also past a stop-string match: they describe alternatives.
-            add(request_id=request_id, text=text,
-                token_ids=token_ids if consumed == len(token_ids) else token_ids[:consumed],
-                finished=True, finish=finish, matched_stop=matched_stop,
-                pieces=self.pieces(piece_ids) if piece_ids else None)
+            try:
+                self._step(out, request, s)
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                self._fail(out, s.request_id, e)
         for request_id in message.closes:
             self.close(request_id)
         return out
+
+    def _fail(self, out: tokenizer_pb2.DetokenizeOutput, request_id: str, error: Exception) -> None:
+        _LOG.exception("detokenizing request %s failed", request_id)
+        self._requests.pop(request_id, None)
+        out.results.add(request_id=request_id, finished=True, error=f"{type(error).__name__}: {error}")
+
+    def _step(self, out: tokenizer_pb2.DetokenizeOutput, request: RequestDetokenizer,
+              s: tokenizer_pb2.DetokStep) -> None:
+        add = out.results.add
+        request_id, token_ids = s.request_id, s.token_ids
+        text, consumed, finished, finish, matched_stop = request.step(token_ids, s.finish)
+        piece_ids = s.piece_token_ids
+        if not finished:  # the common case: only the fields that differ from their defaults
+            if piece_ids:
+                add(request_id=request_id, text=text, token_ids=token_ids, pieces=self.pieces(piece_ids))
+            else:
+                add(request_id=request_id, text=text, token_ids=token_ids)
+            return
+        pieces = self.pieces(piece_ids) if piece_ids else None
+        del self._requests[request_id]
+        # Pieces answer every id asked for, also past a stop-string match: they describe alternatives.
+        kept = token_ids if consumed == len(token_ids) else token_ids[:consumed]
+        add(request_id=request_id, text=text, token_ids=kept, finished=True, finish=finish, matched_stop=matched_stop,
+            pieces=pieces)

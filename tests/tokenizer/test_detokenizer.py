@@ -68,3 +68,25 @@ def test_reopen_restarts_state(smollm):
     out = detok.handle(pb.DetokenizeInput(opens=[pb.DetokOpen(request_id="r")],
                                           steps=[pb.DetokStep(request_id="r", token_ids=ids, finish=LENGTH)]))
     assert out.results[0].text == "ab STOP"  # the old held-back text is gone with the old state
+
+
+def test_one_requests_failure_is_its_own_result_and_the_others_go_on(smollm, monkeypatch):
+    from tokenizer_svc.request_detok import RequestDetokenizer
+
+    det = Detokenizer(smollm.tokenizer)
+    real_step = RequestDetokenizer.step
+
+    def step(self, token_ids, finish):
+        if self is det._requests.get("bad"):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")
+        return real_step(self, token_ids, finish)
+
+    monkeypatch.setattr(RequestDetokenizer, "step", step)
+    ids = ids_of(smollm, "Hello world")
+    out = det.handle(pb.DetokenizeInput(
+        opens=[pb.DetokOpen(request_id=r) for r in ("a", "bad", "b")],
+        steps=[pb.DetokStep(request_id=r, token_ids=ids) for r in ("a", "bad", "b")]))
+    by_id = {r.request_id: r for r in out.results}
+    assert by_id["a"].text == by_id["b"].text == "Hello world" and not by_id["a"].error
+    assert by_id["bad"].finished and by_id["bad"].error.startswith("UnicodeDecodeError") and not by_id["bad"].text
+    assert "bad" not in det and "a" in det and "b" in det

@@ -108,7 +108,7 @@ class DetokenizeInput(_message.Message):
     def __init__(self, opens: _Optional[_Iterable[_Union[DetokOpen, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[DetokStep, _Mapping]]] = ..., closes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DetokResult(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finished", "finish", "matched_stop", "pieces")
+    __slots__ = ("request_id", "text", "token_ids", "finished", "finish", "matched_stop", "pieces", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DetokResult(_message.Message):
     FINISH_FIELD_NUMBER: _ClassVar[int]
     MATCHED_STOP_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -123,7 +124,8 @@ class DetokResult(_message.Message):
     finish: _engine_pb2.EngineFinish
     matched_stop: str
     pieces: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish: _Optional[_Union[_engine_pb2.EngineFinish, str]] = ..., matched_stop: _Optional[str] = ..., pieces: _Optional[_Iterable[str]] = ...) -> None: ...
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish: _Optional[_Union[_engine_pb2.EngineFinish, str]] = ..., matched_stop: _Optional[str] = ..., pieces: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DetokenizeOutput(_message.Message):
     __slots__ = ("results",)
