@@ -209,3 +209,21 @@ def test_denormal_temperature_is_greedy(base, temperature):
     assert p.greedy
     got = run(base.with_scheduling(), {"a": (PROMPTS["a"], p)})
     assert got["a"]["tokens"] == reference(base, "a")["a"]
+
+
+def test_an_engine_whose_loop_dies_exits_non_zero(tmp_path):
+    """The process, not just the coroutine: a launcher or compose must see the crash to restart the engine."""
+    import subprocess
+    import sys
+
+    tiny = write_tiny_llama(tmp_path / "tiny", seed=1)
+    plant = ("import engine_svc.engine_loop as m\n"
+             "def crash(self, block):\n    raise RuntimeError('planted loop crash')\n"
+             "m.EngineLoop._drain = crash\n"
+             "import runpy, sys\n"
+             f"sys.argv = ['engine_svc', '--model', {str(tiny)!r}, '--port', '0', '--device', 'cpu', "
+             "'--dtype', 'float32', '--num-kv-blocks', '16']\n"
+             "runpy.run_module('engine_svc', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", plant], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "the engine loop died: RuntimeError: planted loop crash" in out.stderr
