@@ -37,7 +37,7 @@ def free_init_method() -> str:
 
 def cpu_threads_per_rank(world_size: int) -> int:
     """On the CPU the ranks share the cores: each gets its share, so T ranks do not oversubscribe them."""
-    return max(1, (os.cpu_count() or 1) // world_size)
+    return max(1, len(os.sched_getaffinity(0)) // world_size)
 
 
 def join(spec: RankSpec) -> tuple[TensorParallel, StepChannel]:

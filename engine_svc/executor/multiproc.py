@@ -12,6 +12,7 @@ collective timeout (--distributed-timeout-s).
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing.connection
 import os
 import signal
@@ -46,6 +47,8 @@ class MultiprocExecutor:
             p.start()
             self.workers.append(p)
         threading.Thread(target=self._monitor, daemon=True, name="tp-worker-monitor").start()
+        # At interpreter exit multiprocessing terminates the (daemon) workers: an ending, not a failure.
+        atexit.register(self._mark_stopping)
         try:
             tp, self.channel = join(RankSpec(config, 0, init_method, device.type, os.getpid()))
             self.driver = ModelRunner(config, tp=tp, channel=self.channel)
@@ -63,10 +66,15 @@ class MultiprocExecutor:
                 rank = sentinels.pop(s)
                 if self._stopping:
                     continue
-                code = self.workers[rank - 1].exitcode
+                worker = self.workers[rank - 1]
+                worker.join(1)   # reaps it, so its exit status is known
+                code = worker.exitcode
                 cause = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
                 self._stopping = True
                 self._on_failure(f"[engine] tensor-parallel worker rank {rank} died ({cause}); the engine stops")
+
+    def _mark_stopping(self) -> None:
+        self._stopping = True
 
     def shutdown(self) -> None:
         if self._stopping:

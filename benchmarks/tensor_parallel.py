@@ -1,0 +1,88 @@
+"""Tensor parallelism against one process: step time of prefill and decode at T=1 and T=2 (or the sizes asked),
+and the per-step plan broadcast's share of the step (packing included), timed on the driver.
+
+    python -m benchmarks.tensor_parallel --model engine_svc/configs/smollm2-135m.json --load-format dummy \
+        --device cpu --tensor-parallel-sizes 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from engine_svc.config import EngineConfig
+from engine_svc.core.request import SamplingParams
+from engine_svc.engine import Engine
+
+
+class TimedSend:
+    """Wraps the driver's StepChannel.send and adds up its time."""
+
+    def __init__(self, channel) -> None:
+        self.channel, self.send, self.seconds, self.calls = channel, channel.send, 0.0, 0
+        channel.send = self
+
+    def __call__(self, plan) -> None:
+        t0 = time.perf_counter()
+        self.send(plan)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+
+
+def timed_steps(engine: Engine, prompts: list[list[int]], max_tokens: int, timer: TimedSend | None) -> dict:
+    """Seconds per step and broadcast µs per step over one generate() call."""
+    steps0 = engine.num_steps
+    b0, c0 = (timer.seconds, timer.calls) if timer else (0.0, 0)
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    elapsed = time.perf_counter() - t0
+    steps = engine.num_steps - steps0
+    bcast = (timer.seconds - b0) / max(timer.calls - c0, 1) * 1e6 if timer else 0.0
+    return {"step_ms": elapsed / steps * 1e3, "steps": steps, "broadcast_us": bcast}
+
+
+def measure(args, size: int) -> list[dict]:
+    engine = Engine(EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
+                                 dtype=args.dtype, tensor_parallel_size=size, max_num_seqs=max(args.batch_sizes),
+                                 enable_prefix_caching=False, num_kv_blocks=args.num_kv_blocks))
+    timer = TimedSend(engine.runner.channel) if size > 1 else None
+    rng = random.Random(0)
+    vocab = engine.model_cfg.vocab_size
+    prompt = lambda n: [rng.randrange(100, vocab) for _ in range(n)]  # noqa: E731
+    try:
+        timed_steps(engine, [prompt(8)], 4, timer)   # warm-up
+        rows = []
+        r = timed_steps(engine, [prompt(args.prefill_len)], 1, timer)
+        rows.append({"phase": f"prefill {args.prefill_len}", **r})
+        for b in args.batch_sizes:
+            # A prompt of 4 tokens, then decode: the one prefill step is amortised over output_len steps.
+            r = timed_steps(engine, [prompt(4) for _ in range(b)], args.output_len, timer)
+            rows.append({"phase": f"decode batch {b}", **r})
+        return [{"tp": size, **row} for row in rows]
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-kv-blocks", type=int, default=256)
+    args = p.parse_args()
+    rows = [row for size in args.tensor_parallel_sizes for row in measure(args, size)]
+    print(f"\n{args.model} ({args.load_format}) on {args.device}, {args.dtype}")
+    print(f"{'T':>3} {'phase':>16} {'steps':>6} {'ms/step':>9} {'broadcast us/step':>18} {'share':>7}")
+    for r in rows:
+        share = r["broadcast_us"] / (r["step_ms"] * 1e3)
+        print(f"{r['tp']:>3} {r['phase']:>16} {r['steps']:>6} {r['step_ms']:>9.2f} {r['broadcast_us']:>18.0f} "
+              f"{share:>7.1%}")
+
+
+if __name__ == "__main__":
+    main()
