@@ -125,3 +125,11 @@ def test_partitions_that_cannot_split_are_refused_by_name():
 def test_vocab_shards_are_padded_to_equal_size():
     shards = [vocab_shard(321, 2, r) for r in range(2)]
     assert [(s.start, s.stop, s.padded) for s in shards] == [(0, 161, 161), (161, 321, 161)]
+
+
+def test_engine_options_parse_and_are_checked():
+    from engine_svc.config import config_from_args
+    cfg = config_from_args(["--model", "m", "--tensor-parallel-size", "2", "--distributed-timeout-s", "30"])
+    assert (cfg.tensor_parallel_size, cfg.distributed_executor, cfg.distributed_timeout_s) == (2, "mp", 30.0)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        config_from_args(["--model", "m", "--tensor-parallel-size", "0"])
