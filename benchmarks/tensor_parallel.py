@@ -63,6 +63,43 @@ def measure(args, size: int) -> list[dict]:
         engine.shutdown()
 
 
+def _broadcast_peer(rank: int, world: int, init_method: str, capacity: int, iters: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    buf = torch.zeros(capacity, dtype=torch.int64)
+    for _ in range(10):
+        dist.broadcast(buf, src=0)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.broadcast(buf, src=0)
+    dist.barrier()
+    if rank == 0:
+        out.put((time.perf_counter() - t0) / iters * 1e6)
+    dist.destroy_process_group()
+
+
+def broadcast_floor(world: int, capacity: int = 2048, iters: int = 2000) -> float:
+    """µs per broadcast of the plan tensor (capacity int64) between processes doing nothing else: the transport's
+    share of the per-step broadcast, without packing or waiting for a busy peer."""
+    import torch.multiprocessing as mp
+
+    from engine_svc.distributed.process_group import free_init_method
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = free_init_method()
+    procs = [ctx.Process(target=_broadcast_peer, args=(r, world, init, capacity, iters, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    us = out.get(timeout=300)
+    for p in procs:
+        p.join()
+    return us
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -76,12 +113,15 @@ def main() -> None:
     p.add_argument("--num-kv-blocks", type=int, default=256)
     args = p.parse_args()
     rows = [row for size in args.tensor_parallel_sizes for row in measure(args, size)]
+    floors = {t: broadcast_floor(t) for t in sorted(set(args.tensor_parallel_sizes)) if t > 1}
     print(f"\n{args.model} ({args.load_format}) on {args.device}, {args.dtype}")
     print(f"{'T':>3} {'phase':>16} {'steps':>6} {'ms/step':>9} {'broadcast us/step':>18} {'share':>7}")
     for r in rows:
         share = r["broadcast_us"] / (r["step_ms"] * 1e3)
         print(f"{r['tp']:>3} {r['phase']:>16} {r['steps']:>6} {r['step_ms']:>9.2f} {r['broadcast_us']:>18.0f} "
               f"{share:>7.1%}")
+    for t, us in floors.items():
+        print(f"gloo broadcast of the 16 KB plan tensor alone, {t} processes: {us:.0f} us")
 
 
 if __name__ == "__main__":
