@@ -156,8 +156,9 @@ BENCHMARKS = {
     "serve": "benchmarks.serve_load",
     "quant": "benchmarks.quant_matmul",
     "lora": "benchmarks.lora_throughput",
+    "tp": "benchmarks.tensor_parallel",
 }
-_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
 
 
