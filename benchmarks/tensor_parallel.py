@@ -1,8 +1,11 @@
 """Tensor parallelism against one process: step time of prefill and decode at T=1 and T=2 (or the sizes asked),
 and the per-step plan broadcast's share of the step (packing included), timed on the driver.
 
-    python -m benchmarks.tensor_parallel --model engine_svc/configs/smollm2-135m.json --load-format dummy \
-        --device cpu --tensor-parallel-sizes 1 2
+    python -m benchmarks.tensor_parallel --model smollm2-135m --device cpu --dtype float32 \
+        --tensor-parallel-sizes 1 2
+
+Engine settings are the other benchmarks' (benchmarks.model_arg); --tensor-parallel-sizes replaces
+--tensor-parallel-size.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import argparse
 import random
 import time
 
-from engine_svc.config import EngineConfig
+from benchmarks.model_arg import add_engine_args, engine_config, resolve_model_args
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 
@@ -42,9 +45,8 @@ def timed_steps(engine: Engine, prompts: list[list[int]], max_tokens: int, timer
 
 
 def measure(args, size: int) -> list[dict]:
-    engine = Engine(EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
-                                 dtype=args.dtype, tensor_parallel_size=size, max_num_seqs=max(args.batch_sizes),
-                                 enable_prefix_caching=False, num_kv_blocks=args.num_kv_blocks))
+    engine = Engine(engine_config(args, tensor_parallel_size=size, max_num_seqs=max(args.batch_sizes),
+                                  enable_prefix_caching=False, num_kv_blocks=args.num_kv_blocks or 256))
     timer = TimedSend(engine.runner.channel) if size > 1 else None
     rng = random.Random(0)
     vocab = engine.model_cfg.vocab_size
@@ -102,16 +104,13 @@ def broadcast_floor(world: int, capacity: int = 2048, iters: int = 2000) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    add_engine_args(p)
     p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--num-kv-blocks", type=int, default=256)
     args = p.parse_args()
+    resolve_model_args(args)
     rows = [row for size in args.tensor_parallel_sizes for row in measure(args, size)]
     floors = {t: broadcast_floor(t) for t in sorted(set(args.tensor_parallel_sizes)) if t > 1}
     print(f"\n{args.model} ({args.load_format}) on {args.device}, {args.dtype}")
