@@ -8,7 +8,7 @@ def attach(engine):
     """Starts recording the engine's step timeline; None on the CPU."""
     if engine.runner.device.type != "cuda":
         return None
-    from engine_svc.gpu_timeline import GpuTimeline
+    from engine_svc.worker.gpu_timeline import GpuTimeline
     engine.runner.timeline = GpuTimeline()
     return engine.runner.timeline
 

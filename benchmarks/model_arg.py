@@ -59,6 +59,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget per step (engine default: 8192 on CUDA, 2048 on CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from free memory")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks the model is split over")
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
@@ -77,7 +78,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
                   attention_backend=args.attention_backend, quantization=args.quantization,
                   kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
-                  enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+                  enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+                  tensor_parallel_size=args.tensor_parallel_size)
     if args.max_num_seqs is not None:
         fields["max_num_seqs"] = args.max_num_seqs
     fields.update(overrides)
@@ -95,6 +97,8 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
         out.append("--enforce-eager")
     if args.async_scheduling is not None:
         out.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
+    if args.tensor_parallel_size > 1:
+        out += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     for flag, value in (("--max-num-seqs", args.max_num_seqs),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens),
                         ("--max-model-len", args.max_model_len), ("--num-kv-blocks", args.num_kv_blocks)):

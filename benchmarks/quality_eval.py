@@ -203,7 +203,7 @@ def resolve_eval_model(value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from engine_svc.model_runner import resolve_device
+    from engine_svc.worker.model_runner import resolve_device
     from tokenizer_svc.loading import load_tokenizer
 
     model = resolve_eval_model(args.model)

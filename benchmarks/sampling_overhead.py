@@ -19,7 +19,7 @@ from benchmarks.model_arg import add_engine_args, describe, engine_config, resol
 from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.model_runner import LaunchedStep
+from engine_svc.worker.model_runner import LaunchedStep
 
 
 def full_set(i: int, vocab: int) -> SamplingParams:

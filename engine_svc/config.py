@@ -10,6 +10,7 @@ LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
 KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
+DISTRIBUTED_EXECUTORS = ("mp",)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 50053
     lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) of the LoRA adapters loaded at start (--lora)
+    tensor_parallel_size: int = 1               # ranks the model is split over (worker processes beside the engine)
+    distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node
+    distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +68,10 @@ class EngineConfig:
             (1 <= self.max_lora_rank <= 512, "max_lora_rank must be in [1, 512]"),
             (self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras"),
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (self.distributed_executor in DISTRIBUTED_EXECUTORS,
+             f"distributed_executor must be one of {DISTRIBUTED_EXECUTORS}"),
+            (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", dest="lora_modules", action="append", type=lora_module, default=[],
                    metavar="NAME=PATH", help="load the PEFT adapter directory PATH as adapter NAME at start "
                                              "(repeatable; implies --enable-lora)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many ranks (GPUs, or CPU processes): Megatron-style tensor "
+                        "parallelism, one worker process per rank beyond the engine's own")
+    p.add_argument("--distributed-executor", default="mp", choices=DISTRIBUTED_EXECUTORS,
+                   help="mp: the ranks are worker processes on this node")
+    p.add_argument("--distributed-timeout-s", type=float, default=600.0,
+                   help="a collective that waits longer fails the engine (it exits naming the rank)")
     return p
 
 

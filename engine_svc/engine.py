@@ -17,15 +17,17 @@ from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
-from engine_svc.model_runner import LaunchedStep, ModelRunner
+from engine_svc.executor import make_executor
+from engine_svc.worker.model_runner import LaunchedStep
 
 _LOG = logging.getLogger("tandem.engine")
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
-        self.runner = runner or ModelRunner(config)
-        self.config = config if runner else self.runner.config
+    def __init__(self, config: EngineConfig, executor=None) -> None:
+        self.executor = executor or make_executor(config)
+        self.runner = self.executor.driver   # rank 0's runner: the model config, device, LoRA manager, KV size
+        self.config = config if executor else self.runner.config
         self.model_cfg = self.runner.model_cfg
         # The runner owns the LoRA manager (and makes each step's adapters resident) when LoRA is enabled.
         self.adapters = AdapterRegistry(self.runner.lora)
@@ -54,7 +56,7 @@ class Engine:
         benchmarks and tests that compare settings without loading the model again."""
         if changes.keys() - _SCHEDULING_FIELDS:
             raise ValueError(f"only scheduling settings can change: {sorted(_SCHEDULING_FIELDS)}")
-        return Engine(replace(self.runner.config, **changes), self.runner)
+        return Engine(replace(self.runner.config, **changes), self.executor)
 
     @property
     def model_name(self) -> str:
@@ -117,7 +119,7 @@ class Engine:
             self._stepping.append(out)
             if out.is_empty:
                 return []
-            result = self.runner.execute(out)
+            result = self.executor.execute(out)
             self.num_steps += 1
             return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
         outputs = []
@@ -127,7 +129,7 @@ class Engine:
         self._stepping.append(out)
         launched = None
         if not out.is_empty:
-            launched = self.runner.launch(out)
+            launched = self.executor.launch(out)
             self.scheduler.mark_in_flight(out)
             self.num_steps += 1
         if self._in_flight is not None:
@@ -162,6 +164,10 @@ class Engine:
     def _needs_real_ids(self) -> bool:
         # Penalties read the output ids on the host; the next beams are chosen from the last step's results.
         return any(r.params.uses_penalties or isinstance(r.group, BeamSearch) for r in self.scheduler.running)
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers (none in a single process)."""
+        self.executor.shutdown()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Runs prompts to completion together; returns each one's output ids."""

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "compute capability >= 8.9) (default %(default)s)")
     serve.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                        help="engine KV cache dtype: auto (the model dtype) or fp8 (e4m3, twice the tokens)")
+    serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
+                       help="split the model over this many ranks in each engine (GPUs, or CPU processes); the "
+                            "engine starts the worker processes itself (default %(default)s)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -161,8 +164,9 @@ BENCHMARKS = {
     "serve": "benchmarks.serve_load",
     "quant": "benchmarks.quant_matmul",
     "lora": "benchmarks.lora_throughput",
+    "tp": "benchmarks.tensor_parallel",
 }
-_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
 
 
@@ -186,13 +190,18 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
     return local_topology(model_path, gateway_host=args.host, gateway_port=args.port,
                           tokenizer_port=args.tokenizer_port, engine_port=args.engine_port,
                           device=args.device, dtype=args.dtype, quantization=args.quantization,
-                          kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=tuple(args.engine_args),
+                          kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=_engine_args(args),
                           tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules),
                           engine_replicas=args.engine_replicas,
                           metrics_port=args.metrics_port,
                           gateway_tls_cert=args.tls_cert, gateway_tls_key=args.tls_key, gateway_tls_ca=args.tls_ca,
                           gateway_tls_server_name=args.tls_server_name,
                           gateway_extra_args=gateway_args_from_args(args))
+
+
+def _engine_args(args: argparse.Namespace) -> tuple[str, ...]:
+    tp = ("--tensor-parallel-size", str(args.tensor_parallel_size)) if args.tensor_parallel_size > 1 else ()
+    return (*tp, *args.engine_args)
 
 
 def gateway_args_from_args(args: argparse.Namespace) -> tuple[str, ...]:

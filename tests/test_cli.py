@@ -46,6 +46,13 @@ def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
     assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
 
 
+def test_serve_passes_the_tensor_parallel_size_to_the_engine() -> None:
+    argv = engine_argv(cli.topology_from_args(cli.parse_args(["serve", "--tensor-parallel-size", "2", "--",
+                                                              "--max-num-seqs", "8"]), "/m/x.gguf"))
+    assert argv[-4:] == ["--tensor-parallel-size", "2", "--max-num-seqs", "8"]
+    assert "--tensor-parallel-size" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+
+
 def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
     on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
     argv = gateway_argv(on)

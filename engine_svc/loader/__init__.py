@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from engine_svc.attention import AttentionBackend
+from engine_svc.distributed.parallel_state import SINGLE, TensorParallel, building_for
 from engine_svc.loader.quantized_load import build_quantized_linears, plan_quantized_load, quantized_weights
 from engine_svc.model_config import ModelConfig
 from engine_svc.models import model_class
@@ -32,22 +33,25 @@ def _json_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.device, dtype: torch.dtype,
-               backend: AttentionBackend, quantization: str = "none") -> nn.Module:
+               backend: AttentionBackend, quantization: str = "none", tp: TensorParallel = SINGLE) -> nn.Module:
     """quantization: none, or a method of engine_svc.quant.quantize_model applied once the weights are in (RTN);
     int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do. AWQ / GPTQ
-    checkpoints (detected) and GGUF files with int4 / int8 load into quantized linears instead (quantized_load)."""
+    checkpoints (detected) and GGUF files with int4 / int8 load into quantized linears instead (quantized_load).
+    tp: the tensor-parallel group the model is built for; each rank reads only its part of the checkpoint."""
     cls = model_class(cfg.architecture)
     if quantization == "fp8":   # refused before minutes of loading, not after
         from engine_svc.quant.fp8_format import require_fp8_support
         require_fp8_support(device)
     # An AWQ / GPTQ checkpoint, or a GGUF file asked for as int4 / int8, fills quantized linears directly.
     plan = plan_quantized_load(path, cfg, quantization, load_format)
+    if tp.size > 1 and (plan is not None or quantization != "none"):
+        raise ValueError("quantized weights are not supported with --tensor-parallel-size > 1 yet")
     use_triton = backend.name == "triton"
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), building_for(tp):
             model = cls(cfg, backend)
             if plan is not None:
                 build_quantized_linears(model, plan, dtype, use_triton)
@@ -60,7 +64,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)
     else:
-        weights = _weights_iter(path) if plan is None else quantized_weights(path, plan, model)
+        weights = _weights_iter(path, lazy=tp.size > 1) if plan is None else quantized_weights(path, plan, model)
         filled = model.load_weights(_progress(weights, path))
         missing = model.expected_weights() - filled
         if missing:
@@ -79,10 +83,10 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     return model
 
 
-def _weights_iter(path: Path):
+def _weights_iter(path: Path, lazy: bool):
     if path.is_dir():
         from engine_svc.loader.hf_loader import iter_safetensors
-        return iter_safetensors(path)
+        return iter_safetensors(path, lazy)
     from engine_svc.loader.gguf_loader import iter_gguf_weights
     return iter_gguf_weights(path)
 

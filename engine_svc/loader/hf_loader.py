@@ -28,7 +28,9 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(path: Path) -> _Sized:
+def iter_safetensors(path: Path, lazy: bool = False) -> _Sized:
+    """lazy: yield safetensors slices (read with engine_svc.distributed.read_part.read_part before the next item) instead
+    of whole tensors."""
     files = safetensors_files(path)
     total = 0
     for f in files:
@@ -39,6 +41,6 @@ def iter_safetensors(path: Path) -> _Sized:
         for f in files:
             with safe_open(f, framework="pt") as sf:
                 for name in sf.keys():
-                    yield name, sf.get_tensor(name)
+                    yield name, sf.get_slice(name) if lazy else sf.get_tensor(name)
 
     return _Sized(gen(), total)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
+from engine_svc.distributed.parallel_state import current_tp
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RotaryEmbedding
 from engine_svc.models.llama import loadable_tensors, paged_self_attention
@@ -143,6 +144,8 @@ class FalconModel(nn.Module):
 class FalconForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
+        if current_tp().size > 1:
+            raise ValueError("Falcon is not supported with --tensor-parallel-size > 1 yet")
         self.cfg = cfg
         self.options = FalconOptions(cfg)
         self.transformer = FalconModel(cfg, self.options, backend)

@@ -12,6 +12,10 @@ import torch
 from torch import nn
 
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
+from engine_svc.distributed.layers import gather_logits, lm_head_rows, row_parallel_linear, vocab_embedding
+from engine_svc.distributed.parallel_state import current_tp
+from engine_svc.distributed.partition import ModelShard, model_shard
+from engine_svc.distributed.read_part import read_part
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
@@ -21,6 +25,7 @@ class LayerOptions:
     """What the Llama-shaped families change in a decoder layer (see each family's layer_options)."""
     qkv_bias: bool = False               # Qwen2
     qk_norm: bool = False                # Qwen3: RMSNorm over each head of q and k, before RoPE
+    o_bias: bool = False                 # Qwen3 with attention_bias
     sliding_window: int | None = None    # Mistral (where set): a query sees only the last this-many keys
 
 
@@ -28,11 +33,13 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
                  options: LayerOptions = LayerOptions()) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        tp = current_tp()
+        heads = model_shard(cfg, tp.size, tp.rank).heads   # this rank's heads (all of them at size 1)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=options.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, options.o_bias, tp)
         if options.qk_norm:   # the reference norm: the fused kernel takes 2-D rows, these are [tokens, heads, dim]
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -69,8 +76,10 @@ def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Te
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        tp = current_tp()
+        size = model_shard(cfg, tp.size, tp.rank).mlp_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=False)
+        self.down_proj = row_parallel_linear(size, cfg.hidden_size, False, tp)
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +118,9 @@ class LlamaModel(nn.Module):
         fused = backend.name == "triton"
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                     fused)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        tp = current_tp()
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, model_shard(cfg, tp.size, tp.rank).vocab,
+                                            cfg.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rope, backend, fused, options)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
@@ -154,8 +165,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = current_tp()
+        self.shard: ModelShard = model_shard(cfg, self.tp.size, self.tp.rank)
         self.model = LlamaModel(cfg, backend, self.layer_options(cfg))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, lm_head_rows(cfg.vocab_size, self.shard.vocab, self.tp), bias=False)
         if cfg.tie_word_embeddings:
             self.tie_weights()
 
@@ -177,13 +190,36 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return gather_logits(self.lm_head(hidden), self.cfg.vocab_size, self.tp).float()
 
     def fused_shard_sizes(self, fused: str) -> list[int]:
-        c = self.cfg
+        """Rows of each HF projection within a fused parameter (this rank's rows under tensor parallelism)."""
+        h, d = self.shard.heads, self.cfg.head_dim
         if fused == "qkv_proj":
-            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
+            return [h.num_heads * d, h.num_kv_heads * d, h.num_kv_heads * d]
+        return [self.shard.mlp_size, self.shard.mlp_size]
+
+    def checkpoint_part(self, name: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of the HF tensor `name` that this rank holds, None for the whole tensor: rows of the
+        column-parallel projections and of the vocabulary, columns of the row-parallel ones."""
+        if self.tp.size == 1:
+            return None
+        h, d, s = self.shard.heads, self.cfg.head_dim, self.shard
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name.split(".")[0]
+        is_weight = name.endswith(".weight")
+        if module == "q_proj":
+            return 0, h.q_start * d, h.q_stop * d
+        if module in ("k_proj", "v_proj"):
+            return 0, h.kv_start * d, h.kv_stop * d
+        if module in ("gate_proj", "up_proj"):
+            return 0, *s.mlp
+        if module == "o_proj" and is_weight:
+            return 1, h.q_start * d, h.q_stop * d
+        if module == "down_proj" and is_weight:
+            return 1, *s.mlp
+        if module in ("embed_tokens", "lm_head"):
+            return 0, s.vocab.start, s.vocab.stop
+        return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""
@@ -201,12 +237,13 @@ class LlamaForCausalLM(nn.Module):
                 sizes = self.fused_shard_sizes(fused[0])
                 offset = sum(sizes[:fused[1]])
                 param = params[target]
-                param.data[offset:offset + sizes[fused[1]]].copy_(tensor)
+                param.data[offset:offset + sizes[fused[1]]].copy_(read_part(tensor, self.checkpoint_part(name)))
                 filled.add(f"{target}#{fused[1]}")
                 continue
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            params[name].data.copy_(tensor)
+            part = read_part(tensor, self.checkpoint_part(name))
+            params[name].data[:part.shape[0]].copy_(part)   # a vocabulary shard may be shorter than its padding
             filled.add(name)
         return filled
 

@@ -124,19 +124,19 @@ def test_one_batch_mixes_adapters_and_the_base_model_within_max_loras(engine, ad
     for name in ("a", "b", "c"):
         engine.load_adapter(name, str(adapter_dirs[name]))
     steps = []
-    execute = engine.runner.execute
+    execute = engine.executor.execute
 
     def spy(out):
         steps.append([(s.request.request_id, s.adapter) for s in out.scheduled])
         return execute(out)
 
-    engine.runner.execute = spy
+    engine.executor.execute = spy
     try:
         for rid, adapter in (("ra", "a"), ("base", None), ("rb", "b"), ("rc", "c"), ("ra2", "a")):
             engine.add_request(rid, PROMPT, GREEDY, adapter=adapter)
         res = run_to_end(engine)
     finally:
-        del engine.runner.execute
+        engine.executor.execute = execute
     assert steps[0] == [("ra", "a"), ("base", None), ("rb", "b"), ("ra2", "a")]   # c would be a third adapter
     assert all(len({a for _, a in step if a}) <= 2 for step in steps)
     assert ("rc", "c") in steps[STEPS]                   # c joins the step after a's requests are done

@@ -12,6 +12,7 @@ import torch
 from engine_svc.models import MODEL_REGISTRY, model_class
 from tests.engine.family_checks import (PROMPTS, assert_greedy_matches, assert_logits_match, hf_model, make_engine,
                                         assert_triton_greedy_equals_torch, stepped_logits, triton_unavailable)
+from tests.engine.tiny_models import write_tiny_family as write_tiny_qwen
 
 TRITON_SKIP = triton_unavailable()
 
@@ -22,29 +23,6 @@ VARIANTS = {
     "qwen3": ("qwen3", dict(head_dim=32)),
     "qwen3-attn-bias": ("qwen3", dict(head_dim=32, attention_bias=True)),
 }
-
-
-def write_tiny_qwen(path, family: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-              tie_word_embeddings=False, use_sliding_window=False, bos_token_id=1, eos_token_id=2)
-    kw.update(overrides)
-    model = model_cls(config_cls(**kw)).float()
-    with torch.no_grad():  # HF's init is tiny; larger weights (and non-zero biases) make logits discriminative
-        for name, p in model.named_parameters():
-            if p.dim() > 1 or name.endswith(".bias"):
-                p.normal_(0.0, 0.15)
-            elif "norm" in name:
-                p.normal_(1.0, 0.15)
-    save = dict(safe_serialization=True)
-    if max_shard_size is not None:
-        save["max_shard_size"] = max_shard_size
-    model.save_pretrained(path, **save)
-    return path
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from benchmarks import model_arg
-from engine_svc import memory_plan
+from engine_svc.worker import memory_plan
 from engine_svc.attention import AttentionMetadata, TorchPagedAttention
 from engine_svc.attention.kv_cache import FP8_DTYPE, allocate_kv_caches, cache_dtype
 from engine_svc.config import EngineConfig, config_from_args
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 from engine_svc.loader import read_model_config
-from engine_svc.memory_plan import GB, plan_memory
+from engine_svc.worker.memory_plan import GB, plan_memory
 from tests.engine.tiny_models import write_tiny_llama
 
-LLAMA3_8B = read_model_config(Path(memory_plan.__file__).parent / "configs" / "llama3-8b.json")
+LLAMA3_8B = read_model_config(Path(memory_plan.__file__).parents[1] / "configs" / "llama3-8b.json")
 SCALES = torch.tensor([0.5, 1.7])
 
 

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
-from engine_svc import memory_plan
+from engine_svc.worker import memory_plan
 from engine_svc.config import EngineConfig
-from engine_svc.memory_plan import GB, activation_bytes, kv_bytes_per_token, plan_memory
+from engine_svc.worker.memory_plan import GB, activation_bytes, kv_bytes_per_token, plan_memory
 from engine_svc.loader import read_model_config
 
-LLAMA3_8B = read_model_config(Path(memory_plan.__file__).parent / "configs" / "llama3-8b.json")
+LLAMA3_8B = read_model_config(Path(memory_plan.__file__).parents[1] / "configs" / "llama3-8b.json")
 
 
 def test_kv_bytes_per_token_of_llama3_8b_in_bf16():

@@ -1,4 +1,8 @@
-"""Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples on the device."""
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples on the device.
+
+Under tensor parallelism every rank has a runner over its shard of the model. The driver's (rank 0, in the engine
+process) turns the scheduler's output into a StepPlan, broadcasts it (step_broadcast) and runs it; the others run
+each plan they receive (worker_process). Only the driver samples."""
 from __future__ import annotations
 
 import sys
@@ -10,13 +14,17 @@ import torch
 from engine_svc.attention import AttentionMetadata, KVCache, get_backend
 from engine_svc.attention.kv_cache import allocate_kv_caches, cache_dtype
 from engine_svc.config import EngineConfig
+from engine_svc.distributed.parallel_state import SINGLE, TensorParallel
+from engine_svc.distributed.partition import model_shard, rank_local_config
 from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
-from engine_svc.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from engine_svc.gpu_timeline import GpuTimeline
-from engine_svc.input_buffers import HostStep, InputBuffers, table_rows
+from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine_svc.worker.gpu_timeline import GpuTimeline
+from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
-from engine_svc.memory_plan import MemoryPlan, activation_bytes, plan_memory, weights_bytes
+from engine_svc.worker.memory_plan import MemoryPlan, activation_bytes, plan_memory, weights_bytes
+from engine_svc.worker.step_broadcast import StepChannel
+from engine_svc.worker.step_plan import StepPlan
 from engine_svc.model_config import ModelConfig
 from engine_svc.logprobs import token_logprobs
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
@@ -40,8 +48,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig | None = None, tp: TensorParallel = SINGLE,
+                 channel: StepChannel | None = None) -> None:
+        """tp: this rank's tensor-parallel group; channel: the step broadcast (the driver sends every plan on it
+        before running it; None in a single process)."""
         path = Path(config.model)
+        self.tp = tp
+        self.channel = channel
         self.model_cfg = model_cfg or read_model_config(path)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -58,20 +71,26 @@ class ModelRunner:
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
         self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
-                                config.quantization)
+                                config.quantization, tp)
         model_bytes = weights_bytes(self.model)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
+            if tp.size > 1:
+                raise ValueError("LoRA adapters are not supported with --tensor-parallel-size > 1 yet")
             from engine_svc.lora.manager import LoRAManager
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
                                     self.device, self.dtype)
             model_bytes += self.lora.device_bytes
-        activations = activation_bytes(self.model_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
+        local_cfg = rank_local_config(self.model_cfg, model_shard(self.model_cfg, tp.size, tp.rank))
+        activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
                                        self.dtype)
-        self.plan: MemoryPlan = plan_memory(self.config, self.model_cfg, self.max_model_len, model_bytes,
+        self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
                                             self.device, self.kv_cache_dtype, activations)
-        print(self.plan.describe(), file=sys.stderr, flush=True)
-        shape = (2, self.plan.num_blocks, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
+        if tp.size > 1:   # one scheduler, one block table for all ranks: every cache has the smallest count
+            self.plan = replace(self.plan, num_blocks=tp.min_over_ranks(self.plan.num_blocks))
+        rank = f" (tensor-parallel rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
+        print(self.plan.describe() + rank, file=sys.stderr, flush=True)
+        shape = (2, self.plan.num_blocks, self.block_size, local_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches: list[KVCache] = allocate_kv_caches(self.model_cfg.num_layers, shape, self.kv_cache_dtype,
                                                            self.device)
         self._buffers: InputBuffers | None = None
@@ -80,6 +99,7 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
+        self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         if self.uses_graphs:
             self.enable_decode_graphs(capture=True)
@@ -116,8 +136,8 @@ class ModelRunner:
             self.graphs = None
         return b
 
-    def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
-        """Device inputs of the step; pad_to pads a decode batch with inert rows up to a graph's batch size."""
+    def plan_step(self, out: SchedulerOutput, pad_to: int | None = None) -> StepPlan:
+        """The step's host inputs; pad_to pads a decode batch with inert rows up to a graph's batch size."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -155,24 +175,35 @@ class ModelRunner:
             seq_lens += [1] * pad
             query_start += range(query_start[-1] + 1, query_start[-1] + 1 + pad)
             tables += [[]] * pad
-        buffers = self._buffers_for(len(input_ids), len(seq_lens))
         lora_plan = {} if lora_slots is None else plan_tokens(
             lora_slots, [s.num_new_tokens for s in out.scheduled], len(input_ids), self.lora.max_loras)
+        host = HostStep(input_ids, positions, slots, seq_lens, query_start, logits_rows, table_rows(tables, width),
+                        width, ph_dst, ph_src, lora_plan)
+        return StepPlan(host, pad_to or 0, len(out.scheduled), lora_active=lora_slots is not None and any(
+            x >= 0 for x in lora_slots))
+
+    def prepare(self, plan: StepPlan) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
+        """Device inputs of a planned step."""
+        h = plan.host
+        buffers = self._buffers_for(len(h.input_ids), len(h.seq_lens))
         if self.timeline is not None:
             self.timeline.step_begins()   # the host work of the step is done; its device work starts here
-        t = buffers.load(HostStep(input_ids, positions, slots, seq_lens, query_start, logits_rows,
-                                  table_rows(tables, width), width, ph_dst, ph_src, lora_plan))
-        if lora_slots is not None:
-            self.lora.batch.bind(buffers.device_tensors, len(input_ids), active=any(x >= 0 for x in lora_slots))
-        if ph_dst:
+        t = buffers.load(h)
+        if self.lora is not None:
+            self.lora.batch.bind(buffers.device_tensors, len(h.input_ids), active=plan.lora_active)
+        if h.placeholder_dst:
+            if self.tp.size > 1:   # only the driver sampled them: the others get them from it, on the device
+                self._prev_sampled = self.tp.broadcast_from_driver(
+                    self._prev_sampled if self.tp.rank == 0 else
+                    torch.empty(self._prev_num_sampled, dtype=torch.int64, device=self.device))
             t["input_ids"].index_copy_(0, t["placeholder_dst"], self._prev_sampled[t["placeholder_src"]])
-        num_real = len(out.scheduled)
+        query_start, seq_lens = h.query_start, h.seq_lens
         meta = AttentionMetadata(
             slot_mapping=t["slot_mapping"], block_tables=t["block_tables"], seq_lens=t["seq_lens"],
             query_start=t["query_start"],
             query_lens_cpu=[b - a for a, b in zip(query_start, query_start[1:])],
-            seq_lens_cpu=seq_lens, block_size=bs,
-            max_seq_len=max(seq_lens[:num_real]) if pad_to is None else self.max_model_len)
+            seq_lens_cpu=seq_lens, block_size=self.block_size,
+            max_seq_len=max(seq_lens[:plan.num_real]) if not plan.graph_bucket else self.max_model_len)
         return t, meta
 
     def _lora_slots(self, out: SchedulerOutput) -> list[int] | None:
@@ -221,15 +252,36 @@ class ModelRunner:
         return self._forward(out)[0]
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
-        bucket = self._graph_bucket(out)
-        t, meta = self.prepare(out, pad_to=bucket)
-        if bucket is not None:
-            return self.graphs.run(bucket)[:len(out.scheduled)], None
-        hidden = self.model(t["input_ids"], t["positions"], self.kv_caches, meta)
-        prompt = _PromptRows.of(out, self.device)
+        plan = self.plan_step(out, pad_to=self._graph_bucket(out))
+        prompt = _PromptRows.of(out)
         if prompt is not None:
-            prompt.score(self.model.compute_logits(hidden[prompt.rows]))
-        return self.model.compute_logits(hidden[t["logits_rows"]]), prompt
+            plan.prompt_rows = tuple(prompt.rows_list)
+        if self.channel is not None:
+            self.channel.send(plan)
+        logits, prompt_logits = self.run_plan(plan)
+        if prompt is not None:
+            prompt.score(prompt_logits)
+        return logits, prompt
+
+    def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's forward, the same on every rank: float32 logits of its sampling rows, and of its prompt
+        rows when it scores any."""
+        t, meta = self.prepare(plan)
+        if plan.graph_bucket:
+            return self.graphs.run(plan.graph_bucket)[:plan.num_real], None
+        hidden = self.model(t["input_ids"], t["positions"], self.kv_caches, meta)
+        prompt_logits = None
+        if plan.prompt_rows:
+            rows = to_device(list(plan.prompt_rows), torch.int64, self.device)
+            prompt_logits = self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden[t["logits_rows"]]), prompt_logits
+
+    @torch.inference_mode()
+    def serve_plans(self) -> None:
+        """A worker rank's loop: runs every plan the driver broadcasts until it stops."""
+        while (plan := self.channel.recv()) is not None:
+            self.run_plan(plan)
+            self._prev_num_sampled = len(plan.host.logits_rows)
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> "LaunchedStep":
@@ -286,11 +338,10 @@ class _PromptRows:
         self.rows_list: list[int] = []
         self.targets: list[int] = []
         self.spans: list[tuple[str, int, int, int]] = []   # (request id, first position scored, count, k)
-        self.rows: torch.Tensor | None = None              # rows_list on the device
         self.result: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
-    def of(cls, out: SchedulerOutput, device: torch.device) -> "_PromptRows | None":
+    def of(cls, out: SchedulerOutput) -> "_PromptRows | None":
         pr, row = None, 0
         for s in out.scheduled:
             req = s.request
@@ -302,8 +353,6 @@ class _PromptRows:
                 pr.targets.extend(req.token_ids[s.start + 1:end + 1])
                 pr.spans.append((req.request_id, s.start + 1, end - s.start, k))
             row += s.num_new_tokens
-        if pr is not None:
-            pr.rows = to_device(pr.rows_list, torch.int64, device)
         return pr
 
     def score(self, logits: torch.Tensor) -> None:
