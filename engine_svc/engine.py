@@ -46,6 +46,7 @@ class Engine:
         self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._stepping: list[SchedulerOutput] = []   # what the current step scheduled (blamed if it fails)
+        self._in_executor = False                    # the current step is inside the executor (the model)
         for name, path in self.config.lora_modules:   # --lora NAME=PATH; a shared runner may have them already
             if not (self.adapters.enabled and self.adapters.manager.has(name)):
                 self.adapters.load(name, path)
@@ -107,9 +108,12 @@ class Engine:
         raised by the step as a whole (scheduling, the model, sampling) fails the requests that step carried, and
         the engine goes on with the others."""
         self._stepping = []
+        self._in_executor = False
         try:
             return self._step()
         except Exception as e:  # noqa: BLE001 - see the docstring: the engine must outlive any one request
+            if self._in_executor and self.config.tensor_parallel_size > 1:
+                raise   # a rank that raised mid-step leaves the others inside a collective: only a restart is safe
             _LOG.exception("an engine step failed")
             return self._fail_step(f"{type(e).__name__}: {e}")
 
@@ -119,7 +123,9 @@ class Engine:
             self._stepping.append(out)
             if out.is_empty:
                 return []
+            self._in_executor = True
             result = self.executor.execute(out)
+            self._in_executor = False
             self.num_steps += 1
             return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
         outputs = []
@@ -129,7 +135,9 @@ class Engine:
         self._stepping.append(out)
         launched = None
         if not out.is_empty:
+            self._in_executor = True
             launched = self.executor.launch(out)
+            self._in_executor = False
             self.scheduler.mark_in_flight(out)
             self.num_steps += 1
         if self._in_flight is not None:
@@ -158,7 +166,9 @@ class Engine:
     def _finish_in_flight(self) -> list[RequestOutput]:
         out, launched = self._in_flight
         self._in_flight = None
+        self._in_executor = True
         result = launched.wait()
+        self._in_executor = False
         return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
 
     def _needs_real_ids(self) -> bool:

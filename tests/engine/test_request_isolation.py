@@ -95,7 +95,7 @@ def test_a_step_that_raises_fails_only_the_requests_it_carried(base, monkeypatch
     engine = base.with_scheduling()
     engine.add_request("a", PROMPTS["a"], GREEDY)
     engine.add_request("b", PROMPTS["b"], GREEDY)
-    real = engine.runner.execute
+    real = engine.executor.execute
     calls = {"n": 0}
 
     def broken(out):
@@ -104,7 +104,7 @@ def test_a_step_that_raises_fails_only_the_requests_it_carried(base, monkeypatch
             raise RuntimeError("the model broke")
         return real(out)
 
-    monkeypatch.setattr(engine.runner, "execute", broken)
+    monkeypatch.setattr(engine.executor, "execute", broken)
     engine.step()                                         # both prefill
     failed = engine.step()                                # both decode: the step raises
     assert {(o.request_id, o.finish_reason, o.last) for o in failed} == {
