@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine_svc.core.request import SamplingParams
+from engine_svc.core.request import FinishReason, SamplingParams
 from tests.engine.family_checks import make_engine
 from tests.lora.peft_fixtures import hf_with_adapter
 
@@ -136,5 +136,7 @@ def test_lora_enabled_without_adapters_is_the_base_model(tiny_llama, references)
 def test_adapter_without_enable_lora_is_refused(tiny_llama):
     engine = with_adapters(make_engine(tiny_llama), {"r0": "a"})
     engine.add_request("r0", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2))
-    with pytest.raises(ValueError, match="LoRA is not enabled"):
-        engine.step()
+    (out,) = engine.step()   # the request fails alone; the engine goes on
+    assert out.request_id == "r0" and out.finish_reason is FinishReason.FAILED and out.last
+    assert "LoRA is not enabled (--enable-lora)" in out.error
+    assert engine.kv.num_used_blocks == 0 and not engine.has_work()
