@@ -75,6 +75,8 @@ class EngineConfig:
             (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
             (self.ray_address is None or self.distributed_executor == "ray",
              "ray_address needs distributed_executor ray"),
+            (not (self.ray_address or "").startswith("ray://"),
+             "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mp: the ranks are worker processes on this node; ray: Ray actors placed on a Ray cluster, "
                         "on one node or several (install tandem[ray])")
     p.add_argument("--ray-address", default=None,
-                   help="with --distributed-executor ray: the cluster's address (HOST:PORT of its head, or auto); "
-                        "default: $RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new "
-                        "local Ray")
+                   help="with --distributed-executor ray: the cluster's address, as ray.init takes it (HOST:PORT "
+                        "of its head; auto: an existing cluster or fail; local: a new local Ray); default: "
+                        "$RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new local Ray")
     p.add_argument("--distributed-timeout-s", type=float, default=600.0,
                    help="a collective that waits longer fails the engine (it exits naming the rank)")
     return p

@@ -19,6 +19,9 @@ def connect(address: str | None) -> bool:
     which also stops a local Ray it started). A process already connected (a test's, an embedding program's) keeps
     its cluster. address None is Ray's own choice: $RAY_ADDRESS, else the cluster `ray start` started on this
     machine, else a new local Ray."""
+    # Ray's core worker would otherwise install its own handler for SIGTERM (a stack dump, then abort), replacing the
+    # engine's graceful stop; it reads this when ray is first imported.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     if ray.is_initialized():

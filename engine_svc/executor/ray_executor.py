@@ -31,9 +31,6 @@ _STOP_WAIT_S = 10.0   # a rank told to stop gets this long to leave its groups b
 
 class RayExecutor:
     def __init__(self, config: EngineConfig, on_failure: Callable[[str], None] | None = None) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         device = resolve_device(config.device)
         size = config.tensor_parallel_size
         self._stopping = False
@@ -43,7 +40,10 @@ class RayExecutor:
         self.where: list[tuple[str, int, list]] = []   # (node, pid, GPU ids) of each worker
         self._serving: dict = {}               # serve call -> rank
         self.placement = None
-        self._joined_ray = connect(config.ray_address)
+        self._joined_ray = connect(config.ray_address)   # first: it prepares the environment Ray is imported in
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         # Registered after ray.init, so it runs before Ray's own exit hook ends the actors: an ending, not a failure.
         atexit.register(self._mark_stopping)
         try:

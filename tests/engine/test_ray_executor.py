@@ -83,12 +83,11 @@ def test_ray_ranks_give_the_mp_executors_logits_and_tokens(ray_engine, mp_result
 def test_shutdown_kills_the_actors_and_removes_the_placement_group(ray_engine):
     executor = ray_engine.executor
     group = executor.placement.id.hex()
-    pids = [pid for _, pid, _ in executor.where]
-    assert len(pids) == 1 and psutil.pid_exists(pids[0])
+    actors = [psutil.Process(pid) for _, pid, _ in executor.where]
+    assert len(actors) == 1
     ray_engine.shutdown()
-    assert _placement_state(group) == "REMOVED"
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
-    assert not alive, "a rank's actor outlived the engine's shutdown"
+    assert _placement_state(group) == "REMOVED"   # at once: shutdown returns after removing it
+    _assert_left_nothing(actors, group)
 
 
 def _placement_state(group_id: str) -> str:
@@ -105,22 +104,12 @@ def test_a_cluster_too_small_is_refused_by_name(ray_cluster, tiny):
 
 
 def test_a_killed_actor_exits_the_engine_naming_the_rank_and_leaves_nothing(ray_cluster, tiny, tmp_path):
-    """The engine service joins the module's Ray by --ray-address, with three ranks; rank 1's actor is killed. The
-    engine exits within 10 s with one line naming rank 1 and the cause, and Ray ends rank 2's actor and the
-    placement group with it (the engine was their owner)."""
-    log = tmp_path / "engine.log"
-    groups_before = set(ray.util.placement_group_table())
-    cmd = [sys.executable, "-m", "engine_svc", "--model", str(tiny), "--device", "cpu", "--dtype", "float32",
-           "--num-kv-blocks", "32", "--tensor-parallel-size", "3", "--distributed-executor", "ray",
-           "--ray-address", ray_cluster, "--port", str(free_port())]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """Three ranks; rank 1's actor is killed. The engine exits within 10 s with one line naming rank 1 and the
+    cause, and Ray ends rank 2's actor and the placement group with it (the engine was their owner)."""
+    proc, log, actors, group = _start_engine_service(ray_cluster, tiny, tmp_path, ranks=3)
+    victim = actors[0].pid
     try:
-        actors = _wait_for_actors(proc, log, 2)
-        rank, victim = 1, actors[0]
-        survivor = psutil.Process(actors[1])   # taken now: it may be gone by the time it is checked
-        psutil.Process(victim).kill()
+        actors[0].kill()
         code = proc.wait(10)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the engine did not exit within 10 s of an actor's death:\n{log.read_text()[-3000:]}")
@@ -131,32 +120,59 @@ def test_a_killed_actor_exits_the_engine_naming_the_rank_and_leaves_nothing(ray_
     assert code != 0
     reports = [line for line in text.splitlines() if "tensor-parallel worker rank" in line]
     assert len(reports) == 1, text[-3000:]
-    assert re.fullmatch(rf"\[engine\] tensor-parallel worker rank {rank} died \(Ray actor on \S+, pid {victim}: "
+    assert re.fullmatch(rf"\[engine\] tensor-parallel worker rank 1 died \(Ray actor on \S+, pid {victim}: "
                         rf"[^()]+\); the engine stops", reports[0]), reports[0]
-    _, alive = psutil.wait_procs([survivor], timeout=10)
-    assert not alive, "rank actors outlived their engine"
-    (group,) = set(ray.util.placement_group_table()) - groups_before
-    deadline = time.monotonic() + 10
-    while _placement_state(group) != "REMOVED" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _placement_state(group) == "REMOVED"
+    _assert_left_nothing(actors[1:], group)
+
+
+def test_sigterm_stops_the_engine_cleanly_and_leaves_nothing(ray_cluster, tiny, tmp_path):
+    """Ray's own SIGTERM handler (a stack dump, then abort) must not replace the engine's graceful stop."""
+    proc, log, actors, group = _start_engine_service(ray_cluster, tiny, tmp_path, ranks=2)
+    proc.terminate()
+    try:
+        assert proc.wait(20) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "SIGTERM received" not in log.read_text()
+    _assert_left_nothing(actors, group)
 
 
 _PLACED = re.compile(r"(\d+) on \S+ \(pid (\d+)\)")
 
 
-def _wait_for_actors(proc: subprocess.Popen, log: Path, count: int) -> list[int]:
-    """The actors' pids in rank order (from the engine's line naming where Ray placed each rank), once the engine
-    listens."""
+def _start_engine_service(address: str, model: Path, tmp_path: Path, ranks: int):
+    """`python -m engine_svc` with --distributed-executor ray, joined to the module's Ray by --ray-address; once it
+    listens: (process, log, its actors in rank order, its placement group's id). The actors' pids come from the
+    engine's line naming where Ray placed each rank."""
+    log = tmp_path / "engine.log"
+    groups_before = set(ray.util.placement_group_table())
+    cmd = [sys.executable, "-m", "engine_svc", "--model", str(model), "--device", "cpu", "--dtype", "float32",
+           "--num-kv-blocks", "32", "--tensor-parallel-size", str(ranks), "--distributed-executor", "ray",
+           "--ray-address", address, "--port", str(free_port())]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while "engine_svc listening" not in (text := log.read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
             pytest.fail(f"the engine did not come up:\n{text[-3000:]}")
         time.sleep(0.3)
     (placed,) = [line for line in text.splitlines() if "tensor-parallel ranks placed by Ray" in line]
     by_rank = {int(r): int(pid) for r, pid in _PLACED.findall(placed)}
-    assert sorted(by_rank) == list(range(1, count + 1)), placed
-    return [by_rank[r] for r in sorted(by_rank)]
+    assert sorted(by_rank) == list(range(1, ranks)), placed
+    (group,) = set(ray.util.placement_group_table()) - groups_before
+    return proc, log, [psutil.Process(by_rank[r]) for r in sorted(by_rank)], group
+
+
+def _assert_left_nothing(actors: list[psutil.Process], group: str) -> None:
+    _, alive = psutil.wait_procs(actors, timeout=10)
+    assert not alive, "rank actors outlived their engine"
+    deadline = time.monotonic() + 10
+    while _placement_state(group) != "REMOVED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _placement_state(group) == "REMOVED"
 
 
 def test_options_parse_and_ray_address_needs_the_ray_executor():
@@ -166,6 +182,8 @@ def test_options_parse_and_ray_address_needs_the_ray_executor():
     assert config_from_args(["--model", "m", "--distributed-executor", "ray"]).ray_address is None
     with pytest.raises(ValueError, match="ray_address needs distributed_executor ray"):
         EngineConfig(model="m", ray_address="auto")
+    with pytest.raises(ValueError, match=r"Ray Client \(ray://\) is not supported"):
+        EngineConfig(model="m", distributed_executor="ray", ray_address="ray://10.0.0.1:10001")
 
 
 def test_only_the_ray_executor_imports_ray():
