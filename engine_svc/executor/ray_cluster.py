@@ -22,7 +22,10 @@ def connect(address: str | None) -> bool:
     # Ray's core worker would otherwise install its own handler for SIGTERM (a stack dump, then abort), replacing the
     # engine's graceful stop; it reads this when ray is first imported.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("--distributed-executor ray needs Ray: pip install 'tandem[ray]'") from e
 
     if ray.is_initialized():
         return False

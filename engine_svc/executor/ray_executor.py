@@ -42,30 +42,21 @@ class RayExecutor:
         self.placement = None
         self._joined_ray = connect(config.ray_address)   # first: it prepares the environment Ray is imported in
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         # Registered after ray.init, so it runs before Ray's own exit hook ends the actors: an ending, not a failure.
         atexit.register(self._mark_stopping)
         try:
             self.placement = place_ranks(size, device.type, config.distributed_timeout_s)
-            cuda = device.type == "cuda"
-            per_rank = dict(num_gpus=1, num_cpus=0) if cuda else dict(num_cpus=1)
-            actor_class = ray.remote(RankActor)
-            self.actors = [actor_class.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.placement, placement_group_bundle_index=bundle)).remote()
-                for bundle in range(0 if cuda else 1, size)]
-            self.workers = self.actors[1:] if cuda else self.actors
-            driver_gpu = None
-            if cuda:
-                driver_gpu = visible_index(ray.get(self.actors[0].where.remote())[2][0])
-            self.where = ray.get([w.where.remote() for w in self.workers])
+            driver_gpu = self._start_actors(size, device.type == "cuda")
+            here = ray.util.get_node_ip_address()
             print("[engine] tensor-parallel ranks placed by Ray: " + ", ".join(
-                [f"0 on {ray.util.get_node_ip_address()} (the engine, pid {os.getpid()})"]
+                [f"0 on {here} (the engine, pid {os.getpid()})"]
                 + [f"{rank} on {node} (pid {pid})" for rank, (node, pid, _) in enumerate(self.where, 1)]),
                 file=sys.stderr, flush=True)
-            init_method = free_init_method(ray.util.get_node_ip_address())
-            for rank, worker in enumerate(self.workers, 1):   # Ray gives each GPU actor one device: its index 0
-                spec = RankSpec(config, rank, init_method, device.type, os.getpid(), 0 if cuda else None)
+            init_method = free_init_method(here)
+            for rank, worker in enumerate(self.workers, 1):   # Ray gives a GPU actor one device: its index 0
+                spec = RankSpec(config, rank, init_method, device.type, os.getpid(),
+                                None if driver_gpu is None else 0)
                 self._serving[worker.serve.remote(spec)] = rank
             threading.Thread(target=self._monitor, daemon=True, name="tp-actor-monitor").start()
             tp, self.channel = join(RankSpec(config, 0, init_method, device.type, os.getpid(), driver_gpu))
@@ -76,6 +67,29 @@ class RayExecutor:
         self.launch = self.driver.launch
         self.execute = self.driver.execute
         self.forward_logits = self.driver.forward_logits
+
+    def _start_actors(self, size: int, cuda: bool) -> int | None:
+        """Starts an actor in each bundle that needs one and records where the workers run; returns rank 0's CUDA
+        device (the GPU Ray gave the actor holding bundle 0), or None on the CPU."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        per_rank = dict(num_gpus=1, num_cpus=0) if cuda else dict(num_cpus=1)
+        actor_class = ray.remote(RankActor)
+        self.actors = [actor_class.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.placement, placement_group_bundle_index=bundle)).remote()
+            for bundle in range(0 if cuda else 1, size)]
+        self.workers = self.actors[1:] if cuda else self.actors
+        calls = [actor.where.remote() for actor in self.actors]   # each answers once its process is up
+        where = []
+        for rank, call in enumerate(calls, 0 if cuda else 1):
+            try:
+                where.append(ray.get(call))
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"the Ray actor of tensor-parallel rank {rank} did not start: "
+                                   f"{_actor_death(e)}") from None
+        self.where = where[1:] if cuda else where
+        return visible_index(where[0][2][0]) if cuda else None
 
     def _monitor(self) -> None:
         import ray
@@ -160,10 +174,14 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def _actor_death(error) -> str:
-    """The cause in Ray's (long, multi-line) actor-death message: the worker's exit detail, or the reason given."""
-    text = " ".join(str(getattr(error, "error_msg", None) or error).split())
+    """The cause in Ray's (long, multi-line) actor-death message: the exception of a failed creation, the worker's
+    exit detail, or the reason given."""
+    text = str(getattr(error, "error_msg", None) or error)
+    if "creation task" in text:   # a traceback: its last line is the exception
+        return _one_line(text.strip().splitlines()[-1])
+    flat = " ".join(text.split())
     for pattern in (r"Worker exit detail: (.+?)\.(?: |$)", r"The actor (?:is dead|died) because (.+?)\.(?: |$)"):
-        m = re.search(pattern, text)
+        m = re.search(pattern, flat)
         if m:
             return _one_line(m.group(1))
-    return _one_line(text)
+    return _one_line(flat)

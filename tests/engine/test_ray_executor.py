@@ -186,6 +186,32 @@ def test_options_parse_and_ray_address_needs_the_ray_executor():
         EngineConfig(model="m", distributed_executor="ray", ray_address="ray://10.0.0.1:10001")
 
 
+@pytest.mark.parametrize("message, cause", [
+    # Ray 2.60's words for an actor whose process was SIGKILLed, one that failed to start, one ray.kill ended.
+    ("The actor died unexpectedly before finishing this task.\n\tclass_name: RankActor\n\tpid: 42\nThe actor is "
+     "dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker "
+     "unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) ...",
+     "Worker unexpectedly exits with a connection error code 2"),
+    ("The actor died because of an error raised in its creation task, ray::RankActor.__init__() (pid=7)\n  File "
+     "\"x.py\", line 1, in <module>\nModuleNotFoundError: No module named 'engine_svc'",
+     "ModuleNotFoundError: No module named 'engine_svc'"),
+    ("The actor died unexpectedly.\nThe actor is dead because it was killed by `ray.kill`.",
+     "it was killed by `ray.kill`"),
+])
+def test_ray_actor_deaths_are_told_in_one_line(message, cause):
+    from engine_svc.executor.ray_executor import _actor_death
+
+    assert _actor_death(ray.exceptions.RayActorError(error_msg=message)) == cause
+
+
+def test_without_ray_installed_the_executor_says_what_to_install(monkeypatch):
+    from engine_svc.executor.ray_cluster import connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)   # what `import ray` meets when Ray is not installed
+    with pytest.raises(RuntimeError, match=r"--distributed-executor ray needs Ray: pip install 'tandem\[ray\]'"):
+        connect(None)
+
+
 def test_only_the_ray_executor_imports_ray():
     """Ray is heavy and optional: no engine module imports it, or the Ray executor's modules, at import time; the
     Ray modules import it inside the functions that run when --distributed-executor ray is chosen."""
