@@ -1,8 +1,8 @@
 """The Ray executor (--distributed-executor ray) on a local Ray this module starts once: tensor-parallel ranks as
 Ray actors give the mp executor's logits (within 1e-4, fp32) and tokens; a killed actor makes the engine service
-exit naming the rank and the cause; neither a clean stop nor that leaves an actor or a placement group behind.
+exit naming the rank and the cause; neither that, a SIGTERM nor a clean stop leaves an actor or a placement group.
 
-One Ray for the module (its start-up is the cost here); the engine service of the fault test joins it by address.
+One Ray for the module (its start-up is the cost here); the engine services of the fault tests join it by address.
 A test process holds one tensor-parallel group at a time, so the engines here are built one after the other."""
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from tests.engine.family_checks import PROMPTS, stepped_logits
 from tests.engine.test_tensor_parallel import engine_config, run_mixed
 from tests.engine.tiny_models import write_tiny_family
 
+# As the engine does before its first `import ray`: Ray's abort-on-SIGTERM handler stays out of this process too.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 ray = pytest.importorskip("ray")
 
 CLUSTER_CPUS = 3   # logical CPUs: one per rank of the T=3 fault test
@@ -80,7 +82,7 @@ def test_ray_ranks_give_the_mp_executors_logits_and_tokens(ray_engine, mp_result
     assert ray_engine.runner.kv_caches[0].data.shape[3] == 1   # rank 0 caches one of the 3 K/V heads
 
 
-def test_shutdown_kills_the_actors_and_removes_the_placement_group(ray_engine):
+def test_shutdown_kills_the_actors_and_removes_the_placement_group(ray_engine):   # ray_engine's last user
     executor = ray_engine.executor
     group = executor.placement.id.hex()
     actors = [psutil.Process(pid) for _, pid, _ in executor.where]
