@@ -10,7 +10,7 @@ LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
 KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
-DISTRIBUTED_EXECUTORS = ("mp",)
+DISTRIBUTED_EXECUTORS = ("mp", "ray")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class EngineConfig:
     port: int = 50053
     lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) of the LoRA adapters loaded at start (--lora)
     tensor_parallel_size: int = 1               # ranks the model is split over (worker processes beside the engine)
-    distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node
+    distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node; ray, actors
+    ray_address: str | None = None              # the Ray cluster (ray executor); None: Ray's own resolution
     distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
 
     def __post_init__(self) -> None:
@@ -72,6 +73,10 @@ class EngineConfig:
             (self.distributed_executor in DISTRIBUTED_EXECUTORS,
              f"distributed_executor must be one of {DISTRIBUTED_EXECUTORS}"),
             (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
+            (self.ray_address is None or self.distributed_executor == "ray",
+             "ray_address needs distributed_executor ray"),
+            (not (self.ray_address or "").startswith("ray://"),
+             "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the model over this many ranks (GPUs, or CPU processes): Megatron-style tensor "
                         "parallelism, one worker process per rank beyond the engine's own")
     p.add_argument("--distributed-executor", default="mp", choices=DISTRIBUTED_EXECUTORS,
-                   help="mp: the ranks are worker processes on this node")
+                   help="mp: the ranks are worker processes on this node; ray: Ray actors placed on a Ray cluster, "
+                        "on one node or several (install tandem[ray])")
+    p.add_argument("--ray-address", default=None,
+                   help="with --distributed-executor ray: the cluster's address, as ray.init takes it (HOST:PORT "
+                        "of its head; auto: an existing cluster or fail; local: a new local Ray); default: "
+                        "$RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new local Ray")
     p.add_argument("--distributed-timeout-s", type=float, default=600.0,
                    help="a collective that waits longer fails the engine (it exits naming the rank)")
     return p

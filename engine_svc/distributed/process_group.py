@@ -23,16 +23,18 @@ class RankSpec:
     init_method: str
     device_type: str          # "cuda" or "cpu": picks NCCL or gloo
     parent_pid: int
+    device_index: int | None = None   # the CUDA device this rank uses; None: its rank (one node, all GPUs seen)
 
     @property
     def world_size(self) -> int:
         return self.config.tensor_parallel_size
 
 
-def free_init_method() -> str:
+def free_init_method(host: str = "127.0.0.1") -> str:
+    """Where rank 0 listens: a free port on host (this node's address when ranks join from other nodes)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def cpu_threads_per_rank(world_size: int) -> int:
@@ -44,7 +46,7 @@ def join(spec: RankSpec) -> tuple[TensorParallel, StepChannel]:
     import torch.distributed as dist
 
     if spec.device_type == "cuda":
-        torch.cuda.set_device(spec.rank)
+        torch.cuda.set_device(spec.rank if spec.device_index is None else spec.device_index)
     else:
         torch.set_num_threads(cpu_threads_per_rank(spec.world_size))
     backend = "nccl" if spec.device_type == "cuda" else "gloo"

@@ -4,6 +4,7 @@ An executor has `driver`, the ModelRunner in the engine process (rank 0: it buil
 `launch(out)` / `execute(out)` / `forward_logits(out)` like a runner's, and `shutdown()`:
 - UniProcExecutor: one process, one runner; its methods are the runner's own (no added call).
 - MultiprocExecutor: tensor-parallel ranks 1..T-1 in worker processes, rank 0 in the engine process.
+- RayExecutor: ranks 1..T-1 in Ray actors, on this node or others of a Ray cluster (Ray is imported only here).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from engine_svc.executor.uniproc import UniProcExecutor
 def make_executor(config: EngineConfig):
     if config.tensor_parallel_size == 1:
         return UniProcExecutor(config)
+    if config.distributed_executor == "ray":
+        from engine_svc.executor.ray_executor import RayExecutor
+        return RayExecutor(config)
     from engine_svc.executor.multiproc import MultiprocExecutor
     return MultiprocExecutor(config)
 
