@@ -75,6 +75,7 @@ class LocalStack:
         self.log, self.start_timeout_s = log, start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.engine_address = ""
 
     def __enter__(self) -> "LocalStack":
         gw, tk, en = _free_port(), _free_port(), _free_port()
@@ -87,7 +88,7 @@ class LocalStack:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.address = f"127.0.0.1:{gw}"
+        self.address, self.engine_address = f"127.0.0.1:{gw}", f"127.0.0.1:{en}"
         t0 = time.monotonic()
         # The launcher starts the gateway only after the tokenizer and engine serve, so a serving gateway means
         # the whole stack is up.

@@ -162,6 +162,7 @@ BENCHMARKS = {
     "sampling": "benchmarks.sampling_overhead",
     "precision": "benchmarks.precision",
     "serve": "benchmarks.serve_load",
+    "soak": "benchmarks.soak",
     "quant": "benchmarks.quant_matmul",
     "lora": "benchmarks.lora_throughput",
     "tp": "benchmarks.tensor_parallel",
