@@ -1,7 +1,9 @@
-"""This rank's part of a checkpoint tensor. Under tensor parallelism the safetensors loader yields lazy slices
-(safetensors' get_slice), so a rank reads only the bytes of its rows or columns; a torch tensor (GGUF, dequantized
-whole, or a single-process load) is narrowed instead."""
+"""This rank's part of a checkpoint tensor. Under tensor parallelism the loaders yield lazy tensors (safetensors'
+get_slice, engine_svc.loader.gguf_lazy's GGUF tensors) that read only the bytes of the rows or columns asked for; a
+torch tensor (a single-process load, or a stream that converts whole tensors) is narrowed instead."""
 from __future__ import annotations
+
+from fractions import Fraction
 
 import torch
 
@@ -14,3 +16,23 @@ def read_part(tensor, part: tuple[int, int, int] | None) -> torch.Tensor:
         return tensor[:]
     dim, start, stop = part
     return tensor[start:stop] if dim == 0 else tensor[:, start:stop]
+
+
+def read_rows(tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows [a, b) of each range, concatenated in the order given."""
+    return torch.cat([read_part(tensor, (0, a, b)) for a, b in ranges], dim=0)
+
+
+def input_part(local: torch.Tensor, start: int, stop: int) -> tuple[int, int, int] | None:
+    """The part of a row-parallel layer's checkpoint tensor that holds input features [start, stop), sized from
+    local, the rank's tensor it fills: a weight's columns, a quantized layer's packed weight or group scales in
+    proportion to their width (int4: two features a byte, one scale a group); None for a 1-D tensor (a bias, per-row
+    scales), held whole. The features must split on the tensor's column boundaries (whole groups, whole bytes)."""
+    if local.dim() == 1:
+        return None
+    per_feature = Fraction(local.shape[1], stop - start)
+    a, b = start * per_feature, stop * per_feature
+    if a.denominator != 1 or b.denominator != 1:
+        raise ValueError(f"input features [{start}, {stop}) do not split on the boundaries of a tensor with "
+                         f"{per_feature} columns per feature")
+    return 1, int(a), int(b)
