@@ -1,7 +1,8 @@
 """The engine's gRPC service: per-gateway Session streams and a per-request debugging stream over one EngineLoop.
 
 The gRPC server starts first and reports NOT_SERVING while the model loads; health turns SERVING once the engine
-loop runs, which is what the launcher and compose wait for.
+loop runs, which is what the launcher and compose wait for. Any stop (a signal, a dead engine loop, a dead
+tensor-parallel worker) turns it NOT_SERVING first, then ends the open streams.
 """
 from __future__ import annotations
 
@@ -274,7 +275,9 @@ async def serve(config: EngineConfig) -> None:
         # The ranks are out of step (one is gone, the others may wait in a collective for it), so the process group
         # cannot be torn down cleanly: the surviving workers are killed and the process ends here, non-zero, its
         # last line naming the rank and the cause.
-        engine.executor.kill_workers()
+        kill_workers = getattr(engine.executor, "kill_workers", None)
+        if kill_workers is not None:
+            kill_workers()
         print(worker_failure[0], file=sys.stderr, flush=True)
         os._exit(1)
     if fatal:   # a crash is never a clean exit: the launcher (or compose) must see it and restart the engine

@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import torch
 
+from engine_svc.distributed.partition import ModelShard
+
 
 def read_part(tensor, part: tuple[int, int, int] | None) -> torch.Tensor:
     """part: (dim, start, stop) along dim 0 (rows) or 1 (columns), or None for the whole tensor."""
@@ -36,3 +38,27 @@ def input_part(local: torch.Tensor, start: int, stop: int) -> tuple[int, int, in
         raise ValueError(f"input features [{start}, {stop}) do not split on the boundaries of a tensor with "
                          f"{per_feature} columns per feature")
     return 1, int(a), int(b)
+
+
+def shard_part(role: str | None, shard: ModelShard, head_dim: int,
+               local: torch.Tensor) -> tuple[int, int, int] | None:
+    """(dim, start, stop) of a checkpoint tensor a rank holds, by the tensor's role in the partition: rows of its
+    query heads ("q"), K/V heads ("kv"), intermediate features ("mlp") or vocabulary ("vocab"); input columns of
+    the attention output ("attention_output") or of the MLP's down projection ("mlp_output"), sized from local
+    (input_part); None (role None) for a tensor every rank holds whole."""
+    h, d = shard.heads, head_dim
+    if role == "q":
+        return 0, h.q_start * d, h.q_stop * d
+    if role == "kv":
+        return 0, h.kv_start * d, h.kv_stop * d
+    if role == "mlp":
+        return 0, *shard.mlp
+    if role == "vocab":
+        return 0, shard.vocab.start, shard.vocab.stop
+    if role == "attention_output":
+        return input_part(local, h.q_start * d, h.q_stop * d)
+    if role == "mlp_output":
+        return input_part(local, *shard.mlp)
+    if role is None:
+        return None
+    raise ValueError(f"unknown tensor-parallel role {role!r}")

@@ -36,7 +36,7 @@ from engine_svc.distributed.layers import (RowParallel, gather_logits, lm_head_r
                                            vocab_embedding)
 from engine_svc.distributed.parallel_state import current_tp
 from engine_svc.distributed.partition import ModelShard, model_shard
-from engine_svc.distributed.read_part import input_part, read_part, read_rows
+from engine_svc.distributed.read_part import read_part, read_rows, shard_part
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RotaryEmbedding
 from engine_svc.models.llama import loadable_tensors, paged_self_attention
@@ -172,6 +172,11 @@ class FalconModel(nn.Module):
         return self.ln_f(x)
 
 
+# HF module -> its tensors' role in the tensor-parallel partition (read_part.shard_part); others are held whole.
+_ROLES = {"dense_h_to_4h": "mlp", "dense": "attention_output", "dense_4h_to_h": "mlp_output",
+          "word_embeddings": "vocab", "lm_head": "vocab"}
+
+
 class FalconForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -223,17 +228,7 @@ class FalconForCausalLM(nn.Module):
         the column-parallel projection and of the vocabulary, input columns of the row-parallel ones."""
         if self.tp.size == 1:
             return None
-        h, d, s = self.shard.heads, self.cfg.head_dim, self.shard
-        module = name.rsplit(".", 2)[-2]
-        if module == "dense_h_to_4h":
-            return 0, *s.mlp
-        if module == "dense":
-            return input_part(local, h.q_start * d, h.q_stop * d)
-        if module == "dense_4h_to_h":
-            return input_part(local, *s.mlp)
-        if module in ("word_embeddings", "lm_head"):
-            return 0, s.vocab.start, s.vocab.stop
-        return None
+        return shard_part(_ROLES.get(name.rsplit(".", 2)[-2]), self.shard, self.cfg.head_dim, local)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = loadable_tensors(self)

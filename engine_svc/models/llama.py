@@ -15,7 +15,7 @@ from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.distributed.layers import gather_logits, lm_head_rows, row_parallel_linear, vocab_embedding
 from engine_svc.distributed.parallel_state import current_tp
 from engine_svc.distributed.partition import ModelShard, model_shard
-from engine_svc.distributed.read_part import input_part, read_part
+from engine_svc.distributed.read_part import read_part, shard_part
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
@@ -144,6 +144,11 @@ _FUSED = {
 }
 
 
+# HF module -> its tensors' role in the tensor-parallel partition (read_part.shard_part); others are held whole.
+_ROLES = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "mlp", "up_proj": "mlp",
+          "o_proj": "attention_output", "down_proj": "mlp_output", "embed_tokens": "vocab", "lm_head": "vocab"}
+
+
 def fused_module_name(hf_module: str) -> str:
     """The module of ours that holds an HF module's weight: model.layers.0.self_attn.q_proj -> ...qkv_proj."""
     parent, _, leaf = hf_module.rpartition(".")
@@ -206,21 +211,8 @@ class LlamaForCausalLM(nn.Module):
         rank's tensor it fills, which sizes a quantized layer's packed columns)."""
         if self.tp.size == 1:
             return None
-        h, d, s = self.shard.heads, self.cfg.head_dim, self.shard
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name.split(".")[0]
-        if module == "q_proj":
-            return 0, h.q_start * d, h.q_stop * d
-        if module in ("k_proj", "v_proj"):
-            return 0, h.kv_start * d, h.kv_stop * d
-        if module in ("gate_proj", "up_proj"):
-            return 0, *s.mlp
-        if module == "o_proj":
-            return input_part(local, h.q_start * d, h.q_stop * d)
-        if module == "down_proj":
-            return input_part(local, *s.mlp)
-        if module in ("embed_tokens", "lm_head"):
-            return 0, s.vocab.start, s.vocab.stop
-        return None
+        return shard_part(_ROLES.get(module), self.shard, self.cfg.head_dim, local)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""

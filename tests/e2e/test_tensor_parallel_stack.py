@@ -20,7 +20,7 @@ import pytest
 
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
-from tests.e2e.conftest import Stack, _serving, free_port, serve_process
+from tests.e2e.conftest import _serving, cpu_stack
 from tests.e2e.test_grpcurl import run as grpcurl
 from tests.engine.test_tensor_parallel_faults import watch_health
 
@@ -29,15 +29,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 @pytest.fixture(scope="module")
 def tp_stack(smollm2_gguf, tmp_path_factory):
-    ports = [free_port() for _ in range(4)]
-    log = tmp_path_factory.mktemp("tp-stack") / "serve.log"
-    address = f"127.0.0.1:{ports[0]}"
-    args = ["--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
-            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]), "--metrics-port", str(ports[3]),
-            "--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2", "--max-restarts", "1",
-            "--", "--num-kv-blocks", "256", "--max-num-seqs", "8", "--check-kv-integrity", "--async-scheduling"]
-    with serve_process(args, address, log) as proc:
-        yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log), proc
+    with cpu_stack(smollm2_gguf, tmp_path_factory.mktemp("tp-stack") / "serve.log",
+                   ["--tensor-parallel-size", "2", "--max-restarts", "1"],
+                   ["--num-kv-blocks", "256", "--max-num-seqs", "8", "--check-kv-integrity",
+                    "--async-scheduling"]) as started:
+        yield started
 
 
 def greedy_ids(address: str, prompt: str) -> list[int]:
