@@ -8,8 +8,8 @@ the ids, with no second hop back. (All ranks as children would add a round trip 
 A monitor thread waits on the workers' sentinels: a worker that exits while the engine runs is a failure, reported
 as one line naming the rank and its exit status, handed to on_failure: by default, print it and exit the engine
 process non-zero, which the supervisor sees; the engine service sets its own (health NOT_SERVING, its gRPC
-streams ended, the other workers killed with kill_workers(), then the same line and exit). A collective on a dead peer fails at the driver too (gloo), or after the
-collective timeout (--distributed-timeout-s).
+streams ended, the other workers killed with kill_workers(), then the same line and exit). A collective on a dead
+peer fails at the driver too (gloo), or after the collective timeout (--distributed-timeout-s).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """int8 and int4 weights (round to nearest on load, the CPU's torch path; and a GGUF's Q4_0 blocks loaded as int4)
-under tensor parallelism at T=2 give the single-process quantized engine's logits within 1e-4 in fp32 and the same tokens over 32 steps with chunked
-prefill, a prefix-cache hit, preemption and n > 1: each rank's shard is its cut of the one-process weight (int8's
+under tensor parallelism at T=2 give the single-process quantized engine's logits within 1e-4 in fp32 and the same
+tokens over 32 steps with chunked prefill, a prefix-cache hit, preemption and n > 1: each rank's shard is its cut of the one-process weight (int8's
 row scales taken over the whole row, int4's groups whole on each rank).
 
 The checks are tests/engine/test_tensor_parallel.py's, collected here again over this module's `engines`."""
