@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import gpu_gaps
+from benchmarks import gpu_gaps, tp_shares
 from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
 from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
@@ -66,16 +66,17 @@ def decode_bench(engine: Engine, args) -> dict:
         decode_run(engine, rng, f"decode-warmup-{i}", args.prompt_len, args.output_len)
     runs = []
     timeline = gpu_gaps.attach(engine)
-    for i in range(args.repeats):
-        runs.append(decode_run(engine, rng, f"decode-{i}", args.prompt_len, args.output_len))
-        print(f"  decode run {i + 1}/{args.repeats}: {runs[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
-              flush=True)
+    with tp_shares.measured(engine) as shares:   # the prompt's steps too: one in output_len of them
+        for i in range(args.repeats):
+            runs.append(decode_run(engine, rng, f"decode-{i}", args.prompt_len, args.output_len))
+            print(f"  decode run {i + 1}/{args.repeats}: {runs[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
+                  flush=True)
     tok_s = [r["decode_tok_s"] for r in runs]
     med = statistics.median(tok_s)
     return {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
             "decode_tok_s_median": med, "decode_tok_s_min": min(tok_s), "decode_tok_s_max": max(tok_s),
             "ms_per_token_median": 1e3 / med, "ttft_ms_median": statistics.median(r["ttft_s"] for r in runs) * 1e3,
-            "runs": runs, "gpu_gaps": gpu_gaps.summarize(engine, timeline)}
+            "runs": runs, "gpu_gaps": gpu_gaps.summarize(engine, timeline), "tensor_parallel": shares}
 
 
 def ttft_bench(engine: Engine, args) -> list[dict]:
@@ -87,12 +88,14 @@ def ttft_bench(engine: Engine, args) -> list[dict]:
             timed_request(engine, f"ttft-{n}-warmup-{i}", random_prompt(rng, n, vocab), 1)
         steps0 = engine.num_steps
         ms = []
-        for i in range(args.repeats):
-            ms.append(timed_request(engine, f"ttft-{n}-{i}", random_prompt(rng, n, vocab), 1)[0] * 1e3)
+        with tp_shares.measured(engine) as shares:
+            for i in range(args.repeats):
+                ms.append(timed_request(engine, f"ttft-{n}-{i}", random_prompt(rng, n, vocab), 1)[0] * 1e3)
         med = statistics.median(ms)
         rows.append({"prompt_len": n, "repeats": args.repeats, "ttft_ms_median": med, "ttft_ms_min": min(ms),
                      "ttft_ms_max": max(ms), "prefill_tok_s": n / med * 1e3,
-                     "steps_per_request": (engine.num_steps - steps0) / args.repeats, "ttft_ms": ms})
+                     "steps_per_request": (engine.num_steps - steps0) / args.repeats, "ttft_ms": ms,
+                     "tensor_parallel": shares})
         print(f"  TTFT at {n} tokens: {med:.1f} ms", file=sys.stderr, flush=True)
     return rows
 
@@ -105,12 +108,16 @@ def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
     print(f"{decode['decode_tok_s_median']:>13.1f} {decode['decode_tok_s_min']:>8.1f} "
           f"{decode['decode_tok_s_max']:>8.1f} {decode['ms_per_token_median']:>9.2f} {decode['ttft_ms_median']:>8.1f}")
     print(gpu_gaps.describe(decode["gpu_gaps"]))
+    print("decode: " + tp_shares.describe(decode["tensor_parallel"]))
     if ttft:
         print(f"\nTTFT (max_tokens 1, prefix caching off), median of {ttft[0]['repeats']}")
         print(f"{'prompt':>7} {'TTFT ms':>9} {'min':>9} {'max':>9} {'prefill tok/s':>14} {'steps':>6}")
         for r in ttft:
             print(f"{r['prompt_len']:>7} {r['ttft_ms_median']:>9.1f} {r['ttft_ms_min']:>9.1f} "
                   f"{r['ttft_ms_max']:>9.1f} {r['prefill_tok_s']:>14.1f} {r['steps_per_request']:>6.0f}")
+        for r in ttft:
+            if r["tensor_parallel"]:
+                print(f"prefill {r['prompt_len']}: " + tp_shares.describe(r["tensor_parallel"]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,11 +149,15 @@ def main(argv: list[str] | None = None) -> dict:
     engine = Engine(engine_config(args, enable_prefix_caching=False))
     longest = max([args.prompt_len + args.output_len] + [n + 1 for n in args.ttft_prompt_lens])
     if longest > engine.config.max_model_len:
+        engine.shutdown()
         sys.exit(f"error: a run needs {longest} tokens of context; max_model_len is {engine.config.max_model_len}")
     header = describe(engine)
     print(header, file=sys.stderr, flush=True)
-    decode = decode_bench(engine, args)
-    ttft = ttft_bench(engine, args)
+    try:
+        decode = decode_bench(engine, args)
+        ttft = ttft_bench(engine, args)
+    finally:
+        engine.shutdown()   # tensor-parallel workers
     print_tables(header, decode, ttft)
     result = {"benchmark": "latency", "model": engine.model_name, "model_path": args.model,
               "load_format": args.load_format, "device": str(engine.runner.device),

@@ -14,22 +14,9 @@ import random
 import time
 
 from benchmarks.model_arg import add_engine_args, engine_config, resolve_model_args
+from benchmarks.tp_shares import TimedSend
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
-
-
-class TimedSend:
-    """Wraps the driver's StepChannel.send and adds up its time."""
-
-    def __init__(self, channel) -> None:
-        self.channel, self.send, self.seconds, self.calls = channel, channel.send, 0.0, 0
-        channel.send = self
-
-    def __call__(self, plan) -> None:
-        t0 = time.perf_counter()
-        self.send(plan)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
 
 
 def timed_steps(engine: Engine, prompts: list[list[int]], max_tokens: int, timer: TimedSend | None) -> dict:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import gpu_gaps
+from benchmarks import gpu_gaps, tp_shares
 from benchmarks.model_arg import add_engine_args, describe, engine_cli_args, engine_config, resolve_model_args, sync
 from benchmarks.report import write_json
 from engine_svc.core.request import SamplingParams
@@ -56,24 +56,27 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_lens: list[int],
     sync(engine)
     timeline = gpu_gaps.attach(engine)
     t0 = time.perf_counter()
-    for i, (prompt, out_len) in enumerate(zip(prompts, output_lens)):
-        engine.add_request(f"tp-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True),
-                           adapter=adapter_of(i) if adapter_of else None)
-    while engine.has_work():
-        for o in engine.step():
-            i = int(o.request_id[3:])
-            produced[i] += len(o.new_token_ids)
-            if o.finish_reason is not None:
-                finished += 1
-                if finished % tenth == 0 or finished == n:
-                    print(f"  engine: {finished}/{n} requests finished, {time.perf_counter() - t0:.1f}s",
-                          file=sys.stderr, flush=True)
-    elapsed = time.perf_counter() - t0  # step() copied the last sampled ids to the host: the device is done
+    with tp_shares.measured(engine) as shares:
+        for i, (prompt, out_len) in enumerate(zip(prompts, output_lens)):
+            engine.add_request(f"tp-{i}", prompt,
+                               SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True),
+                               adapter=adapter_of(i) if adapter_of else None)
+        while engine.has_work():
+            for o in engine.step():
+                i = int(o.request_id[3:])
+                produced[i] += len(o.new_token_ids)
+                if o.finish_reason is not None:
+                    finished += 1
+                    if finished % tenth == 0 or finished == n:
+                        print(f"  engine: {finished}/{n} requests finished, {time.perf_counter() - t0:.1f}s",
+                              file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - t0  # step() copied the last sampled ids to the host: the device is done
     prompt_tok, output_tok = sum(len(p) for p in prompts), sum(produced)
     return {"run": "engine", "finished": finished, "errors": 0, "prompt_tokens": prompt_tok,
             "output_tokens": output_tok, "expected_output_tokens": sum(output_lens), "seconds": elapsed,
             "steps": engine.num_steps - steps0, "output_tok_s": output_tok / elapsed,
-            "total_tok_s": (prompt_tok + output_tok) / elapsed, "gpu_gaps": gpu_gaps.summarize(engine, timeline)}
+            "total_tok_s": (prompt_tok + output_tok) / elapsed, "gpu_gaps": gpu_gaps.summarize(engine, timeline),
+            "tensor_parallel": shares}
 
 
 def engine_phase(args, lengths: list[tuple[int, int]], prompts: list[list[int]] | None) -> tuple[dict, str]:
@@ -83,13 +86,17 @@ def engine_phase(args, lengths: list[tuple[int, int]], prompts: list[list[int]] 
     if prompts is not None:
         need = max(len(p) + n_out for p, (_, n_out) in zip(prompts, lengths))
     if need > engine.config.max_model_len:
+        engine.shutdown()
         sys.exit(f"error: a request needs {need} tokens of context; max_model_len is {engine.config.max_model_len}")
     header = describe(engine)
     print(header, file=sys.stderr, flush=True)
-    engine.generate([[100 + i for i in range(8)]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
-    if prompts is None:
-        prompts = random_prompts(lengths, engine.model_cfg.vocab_size, args.seed)
-    row = run_engine(engine, prompts, [n_out for _, n_out in lengths])
+    try:
+        engine.generate([[100 + i for i in range(8)]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+        if prompts is None:
+            prompts = random_prompts(lengths, engine.model_cfg.vocab_size, args.seed)
+        row = run_engine(engine, prompts, [n_out for _, n_out in lengths])
+    finally:
+        engine.shutdown()   # tensor-parallel workers
     row.update(model=engine.model_name, device=str(engine.runner.device),
                dtype=str(engine.runner.dtype).split(".")[-1])
     device = engine.runner.device
@@ -127,6 +134,7 @@ def print_table(header: str, workload: dict, rows: list[dict], ratio: float | No
     for r in rows:
         if r["run"] == "engine":
             print(gpu_gaps.describe(r["gpu_gaps"]))
+            print(tp_shares.describe(r.get("tensor_parallel")))
         if r.get("finish_reasons"):
             print(f"stack finish reasons: {r['finish_reasons']}" + (f", {r['errors']} errors" if r["errors"] else ""))
     if ratio is not None:

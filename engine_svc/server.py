@@ -1,11 +1,13 @@
 """The engine's gRPC service: per-gateway Session streams and a per-request debugging stream over one EngineLoop.
 
 The gRPC server starts first and reports NOT_SERVING while the model loads; health turns SERVING once the engine
-loop runs, which is what the launcher and compose wait for.
+loop runs, which is what the launcher and compose wait for. Any stop (a signal, a dead engine loop, a dead
+tensor-parallel worker) turns it NOT_SERVING first, then ends the open streams.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -251,6 +253,14 @@ async def serve(config: EngineConfig) -> None:
         aio_loop.call_soon_threadsafe(stop.set)
 
     loop.on_fatal = on_fatal
+    worker_failure: list[str] = []
+
+    def on_worker_failure(message: str) -> None:   # the executor's monitor thread: a rank's process is gone
+        worker_failure.append(message)
+        aio_loop.call_soon_threadsafe(stop.set)
+
+    if hasattr(engine.executor, "on_failure"):
+        engine.executor.on_failure = on_worker_failure
     loop.start()
     servicer.loop = loop
     for name in ("", SERVICE_NAME):
@@ -258,9 +268,18 @@ async def serve(config: EngineConfig) -> None:
     print(f"engine_svc listening on {config.host}:{port} ({engine.model_name}, {engine.runner.device}, "
           f"{str(engine.runner.dtype).split('.')[-1]})", file=sys.stderr, flush=True)
     await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2.0)
+    await health_servicer.enter_graceful_shutdown()   # NOT_SERVING, whatever the cause
+    await server.stop(grace=2.0)   # the streams still open end, so their requests fail over to the gateway
     loop.stop()
+    if worker_failure:
+        # The ranks are out of step (one is gone, the others may wait in a collective for it), so the process group
+        # cannot be torn down cleanly: the surviving workers are killed and the process ends here, non-zero, its
+        # last line naming the rank and the cause.
+        kill_workers = getattr(engine.executor, "kill_workers", None)
+        if kill_workers is not None:
+            kill_workers()
+        print(worker_failure[0], file=sys.stderr, flush=True)
+        os._exit(1)
     if fatal:   # a crash is never a clean exit: the launcher (or compose) must see it and restart the engine
         print(f"engine_svc: the engine loop died: {type(fatal[0]).__name__}: {fatal[0]}", file=sys.stderr,
               flush=True)

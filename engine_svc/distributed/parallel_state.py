@@ -22,6 +22,12 @@ class TensorParallel:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def max_(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of x over the ranks, in place; returns x."""
+        import torch.distributed as dist
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenates every rank's x (same shape on all) along the last dimension, in rank order."""
         import torch.distributed as dist

@@ -6,9 +6,10 @@ shard in place, gets the gathered logits from the model's collectives and sample
 the ids, with no second hop back. (All ranks as children would add a round trip per step for the results.)
 
 A monitor thread waits on the workers' sentinels: a worker that exits while the engine runs is a failure, reported
-as one line naming the rank and its exit status, then handed to on_failure (by default: exit the engine process
-non-zero, which the supervisor sees). A collective on a dead peer fails at the driver too (gloo), or after the
-collective timeout (--distributed-timeout-s).
+as one line naming the rank and its exit status, handed to on_failure: by default, print it and exit the engine
+process non-zero, which the supervisor sees; the engine service sets its own (health NOT_SERVING, its gRPC
+streams ended, the other workers killed with kill_workers(), then the same line and exit). A collective on a dead
+peer fails at the driver too (gloo), or after the collective timeout (--distributed-timeout-s).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class MultiprocExecutor:
         init_method = free_init_method()
         ctx = mp.get_context("spawn")
         self._stopping = False
-        self._on_failure = on_failure
+        self.on_failure = on_failure
         self.workers = []
         for rank in range(1, config.tensor_parallel_size):
             spec = RankSpec(config, rank, init_method, device.type, os.getpid())
@@ -71,7 +72,7 @@ class MultiprocExecutor:
                 code = worker.exitcode
                 cause = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
                 self._stopping = True
-                self._on_failure(f"[engine] tensor-parallel worker rank {rank} died ({cause}); the engine stops")
+                self.on_failure(f"[engine] tensor-parallel worker rank {rank} died ({cause}); the engine stops")
 
     def _mark_stopping(self) -> None:
         self._stopping = True
@@ -85,6 +86,14 @@ class MultiprocExecutor:
             self.channel.send_stop()
         finally:
             self._stop_workers()
+
+    def kill_workers(self) -> None:
+        """SIGKILLs every live worker and reaps it, with no collective (for when the ranks are out of step)."""
+        self._stopping = True
+        for p in self.workers:
+            if p.is_alive():
+                p.kill()
+            p.join()
 
     def _stop_workers(self) -> None:
         self._stopping = True

@@ -44,8 +44,6 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         require_fp8_support(device)
     # An AWQ / GPTQ checkpoint, or a GGUF file asked for as int4 / int8, fills quantized linears directly.
     plan = plan_quantized_load(path, cfg, quantization, load_format)
-    if tp.size > 1 and (plan is not None or quantization != "none"):
-        raise ValueError("quantized weights are not supported with --tensor-parallel-size > 1 yet")
     use_triton = backend.name == "triton"
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
@@ -64,7 +62,8 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)
     else:
-        weights = _weights_iter(path, lazy=tp.size > 1) if plan is None else quantized_weights(path, plan, model)
+        lazy = tp.size > 1   # each rank reads its part of every tensor
+        weights = _weights_iter(path, lazy) if plan is None else quantized_weights(path, plan, model, lazy)
         filled = model.load_weights(_progress(weights, path))
         missing = model.expected_weights() - filled
         if missing:
@@ -88,7 +87,7 @@ def _weights_iter(path: Path, lazy: bool):
         from engine_svc.loader.hf_loader import iter_safetensors
         return iter_safetensors(path, lazy)
     from engine_svc.loader.gguf_loader import iter_gguf_weights
-    return iter_gguf_weights(path)
+    return iter_gguf_weights(path, lazy)
 
 
 def _progress(weights, path: Path):

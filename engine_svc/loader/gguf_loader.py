@@ -120,14 +120,17 @@ def rotary_heads(name: str, cfg: ModelConfig) -> int | None:
     return None
 
 
-def iter_gguf_weights(path: Path) -> _Sized:
+def iter_gguf_weights(path: Path, lazy: bool = False) -> _Sized:
+    """lazy: yield GGUF tensors read by parts (engine_svc.loader.gguf_lazy, for tensor-parallel ranks) instead of
+    whole dequantized tensors."""
     reader = open_gguf(path)
     cfg = gguf_model_config(path)
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        from engine_svc.loader.gguf_lazy import GGUFTensorPart
         for t in reader.tensors:
             name = hf_name(t.name)
-            yield name, dequantized_tensor(t, name, cfg)
+            yield name, GGUFTensorPart(t, name, cfg) if lazy else dequantized_tensor(t, name, cfg)
 
     return _Sized(gen(), len(reader.tensors))
 

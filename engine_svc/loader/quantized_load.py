@@ -48,11 +48,16 @@ def build_quantized_linears(model: nn.Module, plan: QuantizedLoad, dtype: torch.
                             device: torch.device | str = "meta") -> list[str]:
     """Swaps the decoder linears (quantize_model.DECODER_LINEARS; not lm_head) for empty Int4Linear / Int8Linear
     modules on `device` (meta before the model is materialised), for quantized_weights to fill."""
+    from engine_svc.distributed.layers import RowParallel
     from engine_svc.quant.int4_linear import Int4Linear
     from engine_svc.quant.int8_linear import Int8Linear
     from engine_svc.quant.quantize_model import replace_linears
+    from engine_svc.quant.row_parallel import empty_row_parallel
 
     def make(_: str, linear: nn.Linear) -> nn.Module:
+        if isinstance(linear, RowParallel):   # a tensor-parallel shard of the layer's input columns
+            return empty_row_parallel(linear, plan.kind, plan.group_for(linear.full_in_features), dtype, device,
+                                      use_triton)
         bias = linear.bias is not None
         if plan.kind == "int8":
             return Int8Linear(linear.in_features, linear.out_features, bias, dtype, device, use_triton)
@@ -65,7 +70,11 @@ def build_quantized_linears(model: nn.Module, plan: QuantizedLoad, dtype: torch.
     return replaced
 
 
-def quantized_weights(path: Path, plan: QuantizedLoad, model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+def quantized_weights(path: Path, plan: QuantizedLoad, model: nn.Module,
+                      lazy: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+    """lazy: a GGUF's tensors are read by parts (tensor-parallel ranks). An AWQ / GPTQ layer is converted whole
+    (its packing interleaves the input features of eight rows, and GPTQ's act-order g_idx may permute them) and
+    each rank keeps its part."""
     if plan.packed is not None:
         from engine_svc.loader.hf_loader import iter_safetensors
         from engine_svc.quant.packed_checkpoint import convert_packed_weights
@@ -73,5 +82,5 @@ def quantized_weights(path: Path, plan: QuantizedLoad, model: nn.Module) -> Iter
     from engine_svc.loader.gguf_quantized import iter_gguf_quantized_weights
     from engine_svc.models.llama import fused_module_name
     quantized = {name.rpartition(".")[0] for name, _ in model.named_buffers() if name.endswith(".qweight")}
-    return iter_gguf_quantized_weights(path, plan.kind, lambda layer: fused_module_name(layer) in quantized)
+    return iter_gguf_quantized_weights(path, plan.kind, lambda layer: fused_module_name(layer) in quantized, lazy)
 

@@ -1,11 +1,17 @@
 """LoRALinear: wraps one projection of a decoder layer (nn.Linear or any module mapping [T, in] -> [T, out], a
 quantized one included) and adds each token's adapter update to its output. Fused projections are handled slice by
-slice (q|k|v, gate|up): each slice has its own A and B, stacked in one tensor per projection."""
+slice (q|k|v, gate|up): each slice has its own A and B, stacked in one tensor per projection.
+
+Under tensor parallelism a column-parallel projection (qkv, gate_up) holds the whole A and the rows of B of its
+output rows; a row-parallel one (o, down) holds the columns of A of its input features and the whole B, and adds
+its update x_r @ A_r^T @ B^T to its share of the output before the all-reduce: the sum over the ranks is
+x @ A^T @ B^T, the single process's update (the manager cuts A and B so)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine_svc.distributed.layers import RowParallel
 from engine_svc.lora.batch import LoRABatch
 from engine_svc.lora.torch_ops import add_lora_torch
 
@@ -33,7 +39,12 @@ class LoRALinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if isinstance(self.base, RowParallel):
+            return self.base.finish(self.add_update(x, self.base.partial(x)))
+        return self.add_update(x, self.base(x))
+
+    def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += each token's adapter update, in place; returns y."""
         b = self.batch
         if not b.active:
             return y

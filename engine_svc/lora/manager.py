@@ -4,12 +4,18 @@ load() reads and validates a PEFT directory into pinned CPU tensors already in s
 activate() makes a step's adapters resident, evicting the least recently used residents the step does not need.
 Writes into a slot are queued on the device's stream after the work of earlier steps, so a step still in flight
 finishes reading an evicted adapter before it is overwritten.
+
+Under tensor parallelism every rank has a manager over its shard of the model, holding its cut of each adapter
+(see engine_svc.lora.layers). The driver's (rank 0, beside the scheduler) decides: its load, unload and each slot
+write are mirrored, in order, to the other ranks (`mirror`, the step broadcast), which replay them before the next
+step's plan arrives, so every rank's slot holds the same adapter.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -53,9 +59,12 @@ class _Loaded:
 
 class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
-                 device: torch.device, dtype: torch.dtype, *, use_kernel: bool | None = None) -> None:
+                 device: torch.device, dtype: torch.dtype, *, use_kernel: bool | None = None,
+                 mirror: Callable[[str, tuple], None] | None = None) -> None:
         """Wraps the q/k/v/o and gate/up/down projections of every decoder layer of a Llama-shaped model.
-        use_kernel: the Triton kernels (default: on CUDA when the model runs the triton attention backend)."""
+        use_kernel: the Triton kernels (default: on CUDA when the model runs the triton attention backend).
+        mirror(op, args): sends each change of the adapters to the other tensor-parallel ranks (the driver's
+        manager; None in a single process and on the other ranks, which replay())."""
         if max_cpu_loras < max_loras:
             raise ValueError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({max_loras})")
         layers = _decoder_layers(model)
@@ -70,13 +79,15 @@ class LoRAManager:
         self.shapes = ModuleShapes({"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                                     "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)},
                                    cfg.num_layers)
+        self.mirror = mirror
+        self.cuts = _rank_cuts(model)
         self.linears: list[dict[str, LoRALinear]] = []
         for layer in layers:
             wrapped = {}
             for proj, slices in _PROJECTIONS.items():
                 parent = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp
-                fan_in = self.shapes.shapes[slices[0]][0]
-                sizes = [self.shapes.shapes[s][1] for s in slices]
+                fan_in = self.cuts[slices[0]].in_size(self.shapes.shapes[slices[0]][0])
+                sizes = [self.cuts[s].out_size(self.shapes.shapes[s][1]) for s in slices]
                 wrapped[proj] = LoRALinear(getattr(parent, proj), fan_in, sizes, max_lora_rank, self.batch,
                                            device, dtype)
                 setattr(parent, proj, wrapped[proj])
@@ -101,6 +112,7 @@ class LoRAManager:
         adapter = read_peft_adapter(path, self.shapes, self.max_lora_rank)
         info = AdapterInfo(name, str(Path(path)), adapter.rank, adapter.alpha, adapter.target_modules)
         self._loaded[name] = _Loaded(info, self._pack(adapter))
+        self._mirror("load", (name, path))
         return info
 
     def unload(self, name: str) -> None:
@@ -110,6 +122,26 @@ class LoRAManager:
         slot = self._resident.pop(name, None)
         if slot is not None:
             self._clear_slot(slot)
+        self._mirror("unload", (name,))
+
+    def replay(self, op: str, args: tuple) -> None:
+        """Applies a change the driver's manager mirrored (another tensor-parallel rank)."""
+        if op == "load":
+            self.load(*args)
+        elif op == "unload":
+            self.unload(*args)
+        elif op == "write_slot":
+            name, slot = args
+            for other in [n for n, s in self._resident.items() if s == slot]:
+                del self._resident[other]
+            self._write_slot(slot, self._loaded[name])
+            self._resident[name] = slot
+        else:
+            raise ValueError(f"unknown LoRA change {op!r}")
+
+    def _mirror(self, op: str, args: tuple) -> None:
+        if self.mirror is not None:
+            self.mirror(op, args)
 
     def list(self) -> list[AdapterInfo]:
         return [entry.info for entry in self._loaded.values()]
@@ -136,6 +168,7 @@ class LoRAManager:
             slot = self._take_slot(names)
             self._write_slot(slot, self._loaded[name])
             self._resident[name] = slot
+            self._mirror("write_slot", (name, slot))
         return {name: self._resident[name] for name in names}
 
     def _take_slot(self, keep: set[str]) -> int:
@@ -176,11 +209,37 @@ class LoRAManager:
                 for j, (s, size) in enumerate(zip(slices, lin.slice_sizes)):
                     if (layer, s) in adapter.weights:
                         a_s, b_s = adapter.weights[(layer, s)]
-                        a[j] = a_s.float()
-                        b[offset:offset + size] = b_s.float() * adapter.scaling
+                        cut = self.cuts[s]
+                        a[j] = a_s.float()[:, slice(*cut.inputs)]
+                        b[offset:offset + size] = b_s.float()[slice(*cut.outputs)] * adapter.scaling
                     offset += size
                 packed[(layer, proj)] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
         return packed
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """The part of one PEFT target's A and B this rank holds: A's input columns and B's output rows, [start, stop)
+    (None: all of them)."""
+    inputs: tuple[int | None, int | None] = (None, None)
+    outputs: tuple[int | None, int | None] = (None, None)
+
+    def in_size(self, full: int) -> int:
+        return len(range(full)[slice(*self.inputs)])
+
+    def out_size(self, full: int) -> int:
+        return len(range(full)[slice(*self.outputs)])
+
+
+def _rank_cuts(model: nn.Module) -> dict[str, _Cut]:
+    """Per PEFT target, this rank's cut (the model's tensor-parallel shard: whole tensors in a single process).
+    Column-parallel projections keep A whole and their rows of B; row-parallel ones their columns of A, B whole."""
+    shard, d = model.shard, model.cfg.head_dim
+    h = shard.heads
+    q, kv, mlp = (h.q_start * d, h.q_stop * d), (h.kv_start * d, h.kv_stop * d), shard.mlp
+    return {"q_proj": _Cut(outputs=q), "k_proj": _Cut(outputs=kv), "v_proj": _Cut(outputs=kv),
+            "gate_proj": _Cut(outputs=mlp), "up_proj": _Cut(outputs=mlp),
+            "o_proj": _Cut(inputs=q), "down_proj": _Cut(inputs=mlp)}
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

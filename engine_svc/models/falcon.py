@@ -15,6 +15,11 @@ mlp(ln'(x))), with two norms (ln_attn, ln_mlp) or a single input_layernorm as nu
 new decoder architecture defaults to two); otherwise sequential, with post_attention_layernorm before the MLP.
 ALiBi checkpoints (alibi=True, e.g. Falcon-RW) are refused at construction.
 
+Under tensor parallelism the layout splits as the Llama family's does (engine_svc.distributed.partition): the
+fused projection is column-parallel (each rank reads the rows of its query heads and K/V heads out of HF's grouped
+layout; multi-query's one K/V head is replicated on every rank), dense and dense_4h_to_h are row-parallel, and a
+parallel block sums the attention's and the MLP's shares in one all-reduce instead of one each.
+
 Module names follow the HF checkpoint (transformer.word_embeddings, transformer.h.N..., transformer.ln_f), so every
 tensor but the fused projection loads by name.
 """
@@ -27,7 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
+from engine_svc.distributed.layers import (RowParallel, gather_logits, lm_head_rows, row_parallel_linear,
+                                           vocab_embedding)
 from engine_svc.distributed.parallel_state import current_tp
+from engine_svc.distributed.partition import ModelShard, model_shard
+from engine_svc.distributed.read_part import read_part, read_rows, shard_part
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RotaryEmbedding
 from engine_svc.models.llama import loadable_tensors, paged_self_attention
@@ -67,30 +76,44 @@ class FalconAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, opts: FalconOptions, rope: RotaryEmbedding,
                  backend: AttentionBackend) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        tp = current_tp()
+        heads = model_shard(cfg, tp.size, tp.rank).heads   # this rank's heads (all of them at size 1)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # Rows in [q | k | v] order once loaded (see FalconForCausalLM.load_weights), not HF's grouped order.
         self.query_key_value = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.bias)
-        self.dense = nn.Linear(self.q_size, cfg.hidden_size, bias=opts.bias)
+        self.dense = row_parallel_linear((heads.q_start * cfg.head_dim, heads.q_stop * cfg.head_dim),
+                                         cfg.num_heads * cfg.head_dim, cfg.hidden_size, opts.bias, tp)
         self.scale = self.head_dim ** -0.5
         self.rope = rope
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        return self.dense(paged_self_attention(self, self.query_key_value(x), positions, kv_cache, meta))
+        return self.dense(self.heads(x, positions, kv_cache, meta))
+
+    def heads(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+              meta: AttentionMetadata) -> torch.Tensor:
+        """The attention output before the dense projection: [tokens, this rank's q_size]."""
+        return paged_self_attention(self, self.query_key_value(x), positions, kv_cache, meta)
 
 
 class FalconMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, opts: FalconOptions) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=opts.bias)
-        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=opts.bias)
+        tp = current_tp()
+        shard = model_shard(cfg, tp.size, tp.rank)
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, shard.mlp_size, bias=opts.bias)
+        self.dense_4h_to_h = row_parallel_linear(shard.mlp, cfg.intermediate_size, cfg.hidden_size, opts.bias, tp)
         self.approximation = opts.gelu_approximation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximation))
+        return self.dense_4h_to_h(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations before the down projection: [tokens, this rank's intermediate features]."""
+        return F.gelu(self.dense_h_to_4h(x), approximate=self.approximation)
 
 
 class FalconDecoderLayer(nn.Module):
@@ -116,6 +139,12 @@ class FalconDecoderLayer(nn.Module):
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
         else:
             attn_in = mlp_in = self.input_layernorm(x)
+        if self.parallel and isinstance(self.self_attention.dense, RowParallel):
+            # Both shares summed in one all-reduce, not one per projection; the biases are added once, after it.
+            dense, down = self.self_attention.dense, self.mlp.dense_4h_to_h
+            share = dense.partial(self.self_attention.heads(attn_in, positions, kv_cache, meta))
+            out = down.finish(share.add_(down.partial(self.mlp.hidden(mlp_in))))
+            return x + (out if dense.bias is None else out + dense.bias)
         attn = self.self_attention(attn_in, positions, kv_cache, meta)
         if self.parallel:
             return x + (self.mlp(mlp_in) + attn)
@@ -129,7 +158,9 @@ class FalconModel(nn.Module):
         # The Triton backend's fused RoPE rotates q and k in place; they are views of the projection, as in Llama.
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                     fused=backend.name == "triton")
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        tp = current_tp()
+        self.word_embeddings = vocab_embedding(cfg.vocab_size, model_shard(cfg, tp.size, tp.rank).vocab,
+                                               cfg.hidden_size, tp)
         self.h = nn.ModuleList(FalconDecoderLayer(cfg, opts, self.rope, backend) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
@@ -141,15 +172,20 @@ class FalconModel(nn.Module):
         return self.ln_f(x)
 
 
+# HF module -> its tensors' role in the tensor-parallel partition (read_part.shard_part); others are held whole.
+_ROLES = {"dense_h_to_4h": "mlp", "dense": "attention_output", "dense_4h_to_h": "mlp_output",
+          "word_embeddings": "vocab", "lm_head": "vocab"}
+
+
 class FalconForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
-        if current_tp().size > 1:
-            raise ValueError("Falcon is not supported with --tensor-parallel-size > 1 yet")
         self.cfg = cfg
+        self.tp = current_tp()
+        self.shard: ModelShard = model_shard(cfg, self.tp.size, self.tp.rank)
         self.options = FalconOptions(cfg)
         self.transformer = FalconModel(cfg, self.options, backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, lm_head_rows(cfg.vocab_size, self.shard.vocab, self.tp), bias=False)
         if cfg.tie_word_embeddings:
             self.tie_weights()
 
@@ -164,17 +200,35 @@ class FalconForCausalLM(nn.Module):
         return self.transformer(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return gather_logits(self.lm_head(hidden), self.cfg.vocab_size, self.tp).float()
 
-    def _qkv_to_engine_order(self, t: torch.Tensor) -> torch.Tensor:
-        """HF's grouped rows (per K/V head: its q heads, k, v) -> [all q | all k | all v]; weight or bias."""
-        c = self.cfg
-        groups = c.num_kv_heads
-        g = t.reshape(groups, c.num_heads // groups + 2, c.head_dim, *t.shape[1:])
-        q = g[:, :-2].reshape(c.num_heads * c.head_dim, *t.shape[1:])
-        k = g[:, -2].reshape(groups * c.head_dim, *t.shape[1:])
-        v = g[:, -1].reshape(groups * c.head_dim, *t.shape[1:])
-        return torch.cat([q, k, v], dim=0)
+    def qkv_rows(self) -> list[tuple[int, int]]:
+        """The rows of HF's grouped query_key_value (per K/V head: its query heads, its key, its value) that make
+        this rank's [q | k | v], in that order: its query heads, then its K/V heads' keys, then their values. The
+        same for a weight, a bias, or a quantized layer's row-major buffers."""
+        c, h, d = self.cfg, self.shard.heads, self.cfg.head_dim
+        per_group = c.num_heads // c.num_kv_heads
+        stride = per_group + 2        # heads of one group in HF's layout
+
+        def head_rows(g: int, j: int, n: int = 1) -> tuple[int, int]:   # heads j..j+n of group g
+            return (g * stride + j) * d, (g * stride + j + n) * d
+
+        q: list[tuple[int, int]] = []
+        for i in range(h.q_start, h.q_stop):
+            a, b = head_rows(*divmod(i, per_group))
+            if q and q[-1][1] == a:   # consecutive heads of one group are adjacent rows: one read
+                q[-1] = (q[-1][0], b)
+            else:
+                q.append((a, b))
+        groups = range(h.kv_start, h.kv_stop)
+        return q + [head_rows(g, per_group) for g in groups] + [head_rows(g, per_group + 1) for g in groups]
+
+    def checkpoint_part(self, name: str, local: torch.Tensor) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of the HF tensor `name` this rank holds (query_key_value aside: qkv_rows): rows of
+        the column-parallel projection and of the vocabulary, input columns of the row-parallel ones."""
+        if self.tp.size == 1:
+            return None
+        return shard_part(_ROLES.get(name.rsplit(".", 2)[-2]), self.shard, self.cfg.head_dim, local)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = loadable_tensors(self)
@@ -187,8 +241,10 @@ class FalconForCausalLM(nn.Module):
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
             if ".self_attention.query_key_value." in name:   # rows: a weight's, and a quantized one's buffers
-                tensor = self._qkv_to_engine_order(tensor)
-            params[name].data.copy_(tensor)
+                part = read_rows(tensor, self.qkv_rows())
+            else:
+                part = read_part(tensor, self.checkpoint_part(name, params[name]))
+            params[name].data[:part.shape[0]].copy_(part)   # a vocabulary shard may be shorter than its padding
             filled.add(name)
         return filled
 

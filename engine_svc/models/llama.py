@@ -15,7 +15,7 @@ from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.distributed.layers import gather_logits, lm_head_rows, row_parallel_linear, vocab_embedding
 from engine_svc.distributed.parallel_state import current_tp
 from engine_svc.distributed.partition import ModelShard, model_shard
-from engine_svc.distributed.read_part import read_part
+from engine_svc.distributed.read_part import read_part, shard_part
 from engine_svc.model_config import ModelConfig
 from engine_svc.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
@@ -39,7 +39,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=options.qkv_bias)
-        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, options.o_bias, tp)
+        self.o_proj = row_parallel_linear((heads.q_start * cfg.head_dim, heads.q_stop * cfg.head_dim),
+                                          cfg.num_heads * cfg.head_dim, cfg.hidden_size, options.o_bias, tp)
         if options.qk_norm:   # the reference norm: the fused kernel takes 2-D rows, these are [tokens, heads, dim]
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -77,9 +78,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
         tp = current_tp()
-        size = model_shard(cfg, tp.size, tp.rank).mlp_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=False)
-        self.down_proj = row_parallel_linear(size, cfg.hidden_size, False, tp)
+        shard = model_shard(cfg, tp.size, tp.rank)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * shard.mlp_size, bias=False)
+        self.down_proj = row_parallel_linear(shard.mlp, cfg.intermediate_size, cfg.hidden_size, False, tp)
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,11 @@ _FUSED = {
 }
 
 
+# HF module -> its tensors' role in the tensor-parallel partition (read_part.shard_part); others are held whole.
+_ROLES = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "mlp", "up_proj": "mlp",
+          "o_proj": "attention_output", "down_proj": "mlp_output", "embed_tokens": "vocab", "lm_head": "vocab"}
+
+
 def fused_module_name(hf_module: str) -> str:
     """The module of ours that holds an HF module's weight: model.layers.0.self_attn.q_proj -> ...qkv_proj."""
     parent, _, leaf = hf_module.rpartition(".")
@@ -199,27 +205,14 @@ class LlamaForCausalLM(nn.Module):
             return [h.num_heads * d, h.num_kv_heads * d, h.num_kv_heads * d]
         return [self.shard.mlp_size, self.shard.mlp_size]
 
-    def checkpoint_part(self, name: str) -> tuple[int, int, int] | None:
+    def checkpoint_part(self, name: str, local: torch.Tensor) -> tuple[int, int, int] | None:
         """(dim, start, stop) of the HF tensor `name` that this rank holds, None for the whole tensor: rows of the
-        column-parallel projections and of the vocabulary, columns of the row-parallel ones."""
+        column-parallel projections and of the vocabulary, input columns of the row-parallel ones (local: the
+        rank's tensor it fills, which sizes a quantized layer's packed columns)."""
         if self.tp.size == 1:
             return None
-        h, d, s = self.shard.heads, self.cfg.head_dim, self.shard
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name.split(".")[0]
-        is_weight = name.endswith(".weight")
-        if module == "q_proj":
-            return 0, h.q_start * d, h.q_stop * d
-        if module in ("k_proj", "v_proj"):
-            return 0, h.kv_start * d, h.kv_stop * d
-        if module in ("gate_proj", "up_proj"):
-            return 0, *s.mlp
-        if module == "o_proj" and is_weight:
-            return 1, h.q_start * d, h.q_stop * d
-        if module == "down_proj" and is_weight:
-            return 1, *s.mlp
-        if module in ("embed_tokens", "lm_head"):
-            return 0, s.vocab.start, s.vocab.stop
-        return None
+        return shard_part(_ROLES.get(module), self.shard, self.cfg.head_dim, local)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""
@@ -237,12 +230,12 @@ class LlamaForCausalLM(nn.Module):
                 sizes = self.fused_shard_sizes(fused[0])
                 offset = sum(sizes[:fused[1]])
                 param = params[target]
-                param.data[offset:offset + sizes[fused[1]]].copy_(read_part(tensor, self.checkpoint_part(name)))
+                param.data[offset:offset + sizes[fused[1]]].copy_(read_part(tensor, self.checkpoint_part(name, param)))
                 filled.add(f"{target}#{fused[1]}")
                 continue
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            part = read_part(tensor, self.checkpoint_part(name))
+            part = read_part(tensor, self.checkpoint_part(name, params[name]))
             params[name].data[:part.shape[0]].copy_(part)   # a vocabulary shard may be shorter than its padding
             filled.add(name)
         return filled

@@ -11,16 +11,18 @@ MIN_CAPABILITY = (8, 9)            # torch._scaled_mm's fp8 tensor cores: Ada (8
 SCALE_FLOOR = 1e-12                      # floor of a scale: an all-zero row quantizes to zeros, not NaN
 
 
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, C] float -> (e4m3 [R, C], float32 scale [R, 1]); round to nearest even, |x / scale| <= 448."""
+def quantize_fp8_rows(x: torch.Tensor, row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, C] float -> (e4m3 [R, C], float32 scale [R, 1]); round to nearest even, |x / scale| <= 448.
+    row_absmax [R]: each row's absolute maximum when x holds only part of the rows (see quantize_int8)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_(min=SCALE_FLOOR)
+    absmax = xf.abs().amax(dim=-1, keepdim=True) if row_absmax is None else row_absmax.float().view(-1, 1)
+    scale = (absmax / E4M3_MAX).clamp_(min=SCALE_FLOOR)
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(w: torch.Tensor, row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight [N, K] -> (e4m3 [N, K], float32 scale [N]), one scale per output channel."""
-    q, scale = quantize_fp8_rows(w)
+    q, scale = quantize_fp8_rows(w, row_absmax)
     return q, scale.squeeze(-1)
 
 

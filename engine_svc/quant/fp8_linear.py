@@ -35,45 +35,50 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, emulate: bool = False) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, emulate: bool = False,
+                    row_absmax: torch.Tensor | None = None) -> "Fp8Linear":
+        """row_absmax: see quantize_fp8 (a row-parallel shard's rows are scaled by the whole rows' maxima)."""
         w = linear.weight
         if not emulate:
             from engine_svc.quant.fp8_format import require_fp8_support
             require_fp8_support(w.device)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device, emulate)
-        module.qweight, module.scales = quantize_fp8(w)
+        module.qweight, module.scales = quantize_fp8(w, row_absmax)
         if linear.bias is not None:
             module.bias.copy_(linear.bias)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = self._emulated(x2) if self.emulate else self._scaled_mm(x2)
+        y = self._emulated(x2, bias) if self.emulate else self._scaled_mm(x2, bias)
         return y.view(*shape[:-1], self.out_features)
 
-    def _emulated(self, x2: torch.Tensor) -> torch.Tensor:
+    def _emulated(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xq, x_scale = quantize_fp8_rows(x2)
         y = dequantize_fp8(xq, x_scale) @ dequantize_fp8(self.qweight, self.scales).t()
-        if self.bias is not None:
-            y = y + self.bias.float()
+        if bias is not None:
+            y = y + bias.float()
         return y.to(x2.dtype)
 
-    def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
+    def _scaled_mm(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from engine_svc.kernels.fp8_act_quant import quantize_rows_fp8
         m = x2.shape[0]
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         if m <= GEMV_MAX_ROWS:
             from engine_svc.kernels.int8_matmul import int8_gemv
             xq, x_scale = quantize_rows_fp8(x2)
-            return int8_gemv(xq, self.qweight, self.scales, row_scales=x_scale, bias=self.bias, out_dtype=x2.dtype)
+            return int8_gemv(xq, self.qweight, self.scales, row_scales=x_scale, bias=bias, out_dtype=x2.dtype)
         # zero padding rows (scale floor, zero output) up to _scaled_mm's multiple, sliced off below
         xq, x_scale = quantize_rows_fp8(x2, m + (-m % SCALED_MM_MULTIPLE))
         # Row-wise scaling produces bf16 only; qweight.t() is the column-major operand _scaled_mm wants.
         y = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scales.view(1, -1),
                              out_dtype=torch.bfloat16)[:m]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y.to(x2.dtype)
 
     def extra_repr(self) -> str:

@@ -57,10 +57,13 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.qweight, self.scales, self.offsets, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_triton:
             from engine_svc.kernels.int4_matmul import int4_matmul
-            return int4_matmul(x, self.qweight, self.scales, self.offsets, self.group_size, self.bias)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+            return int4_matmul(x, self.qweight, self.scales, self.offsets, self.group_size, bias)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

@@ -26,11 +26,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, use_triton: bool = False) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, use_triton: bool = False,
+                    row_absmax: torch.Tensor | None = None) -> "Int8Linear":
+        """row_absmax: see quantize_int8 (a row-parallel shard's rows are scaled by the whole rows' maxima)."""
         w = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device,
                      use_triton)
-        module.qweight, module.scales = quantize_int8(w)
+        module.qweight, module.scales = quantize_int8(w, row_absmax)
         if linear.bias is not None:
             module.bias.copy_(linear.bias)
         return module
@@ -39,10 +41,13 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.qweight, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_triton:
             from engine_svc.kernels.int8_matmul import int8_matmul
-            return int8_matmul(x, self.qweight, self.scales, self.bias)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+            return int8_matmul(x, self.qweight, self.scales, bias)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

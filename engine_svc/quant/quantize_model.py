@@ -8,10 +8,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine_svc.distributed.layers import RowParallel
 from engine_svc.quant.fp8_format import require_fp8_support
 from engine_svc.quant.fp8_linear import Fp8Linear
 from engine_svc.quant.int4_linear import Int4Linear
 from engine_svc.quant.int8_linear import Int8Linear
+from engine_svc.quant.row_parallel import quantize_row_parallel
 
 # Attribute names of the decoder linears: Llama-shaped families (Llama, Mistral, Qwen2, Qwen3) and Falcon.
 DECODER_LINEARS = frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
@@ -51,7 +53,8 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, use_triton: bool = False,
                    emulate_fp8: bool = False) -> list[str]:
     """Quantizes the decoder linears in place with `method` (int8, int4 with `group_size` or, for a layer it does
-    not divide, fitting_group_size, fp8); returns their names.
+    not divide, fitting_group_size, fp8); returns their names. A tensor-parallel shard is quantized as its part of
+    the whole layer (engine_svc.quant.row_parallel).
     use_triton: int8/int4 modules run the Triton kernels. emulate_fp8: fp8 modules run the pure-torch emulation
     (any device); otherwise fp8 needs a CUDA device of compute capability >= 8.9 (ValueError before any change)."""
     if method not in METHODS:
@@ -65,7 +68,14 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, use_tri
                                                          use_triton),
         "fp8": lambda _, linear: Fp8Linear.from_linear(linear, emulate_fp8),
     }
-    replaced = replace_linears(model, makers[method])
+
+    def make(name: str, linear: nn.Linear) -> nn.Module:
+        if isinstance(linear, RowParallel):   # a tensor-parallel shard of the layer's input columns
+            group = fitting_group_size(linear.full_in_features, group_size)
+            return quantize_row_parallel(linear, method, group, use_triton, emulate_fp8)
+        return makers[method](name, linear)
+
+    replaced = replace_linears(model, make)
     if not replaced:
         raise ValueError(f"{type(model).__name__} has no decoder linear layers to quantize (looked for "
                          f"{', '.join(sorted(DECODER_LINEARS))})")

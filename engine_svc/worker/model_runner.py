@@ -23,7 +23,7 @@ from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.worker.memory_plan import MemoryPlan, activation_bytes, plan_memory, weights_bytes
-from engine_svc.worker.step_broadcast import StepChannel
+from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
 from engine_svc.model_config import ModelConfig
 from engine_svc.logprobs import token_logprobs
@@ -75,11 +75,12 @@ class ModelRunner:
         model_bytes = weights_bytes(self.model)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
-            if tp.size > 1:
-                raise ValueError("LoRA adapters are not supported with --tensor-parallel-size > 1 yet")
             from engine_svc.lora.manager import LoRAManager
+            mirror = None
+            if channel is not None and tp.rank == 0:   # the other ranks replay the driver's adapter changes
+                mirror = lambda op, args: channel.send_call(RankCall("lora", op, args))  # noqa: E731
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
-                                    self.device, self.dtype)
+                                    self.device, self.dtype, mirror=mirror)
             model_bytes += self.lora.device_bytes
         local_cfg = rank_local_config(self.model_cfg, model_shard(self.model_cfg, tp.size, tp.rank))
         activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
@@ -280,6 +281,9 @@ class ModelRunner:
     def serve_plans(self) -> None:
         """A worker rank's loop: runs every plan the driver broadcasts until it stops."""
         while (plan := self.channel.recv()) is not None:
+            if isinstance(plan, RankCall):
+                getattr(self, plan.target).replay(plan.op, plan.args)
+                continue
             self.run_plan(plan)
             self._prev_num_sampled = len(plan.host.logits_rows)
 

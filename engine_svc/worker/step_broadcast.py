@@ -5,9 +5,13 @@ Layout: a header (command, table width, graph bucket, real rows, flags, then eac
 back to back. The broadcast tensor has a fixed capacity (the receivers must know its size before it arrives); a
 step larger than it (long prefills, wide block tables) sends the remainder in a second broadcast. A decode step of
 a few dozen sequences fits in the first.
+
+Between steps the driver may also send a RankCall (a change every rank applies before the next step, e.g. a LoRA
+adapter loaded or written into a slot): the header's command says so, and the call follows as one pickled object.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -16,12 +20,21 @@ import torch
 from engine_svc.worker.input_buffers import HostStep
 from engine_svc.worker.step_plan import StepPlan
 
-STEP, STOP = 1, 0
+STEP, STOP, CALL = 1, 0, 2
 _HOST_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "query_start", "logits_rows",
                 "block_tables", "placeholder_dst", "placeholder_src")
 _FLAG_LORA = 1
 _FIXED = 5   # command, table width, graph bucket, real rows, flags
 IDLE_TIMEOUT = timedelta(days=365)   # a worker waits here while the engine is idle: never a timeout
+
+
+@dataclass(frozen=True)
+class RankCall:
+    """A change the driver made that every other rank repeats: `op` with `args` on the rank's `target` (the runner
+    attribute that applies it, e.g. "lora")."""
+    target: str
+    op: str
+    args: tuple
 
 
 class StepChannel:
@@ -61,14 +74,25 @@ class StepChannel:
         self._arr[0] = STOP
         self._broadcast(self._buf)
 
+    def send_call(self, call: RankCall) -> None:
+        import torch.distributed as dist
+        self._arr[0] = CALL
+        self._broadcast(self._buf)
+        dist.broadcast_object_list([call], src=0, group=self.group)
+
     # --- workers ---------------------------------------------------------------------------------------------------
 
-    def recv(self) -> StepPlan | None:
-        """The next step's plan, or None when the driver stops."""
+    def recv(self) -> StepPlan | RankCall | None:
+        """The next step's plan, a RankCall, or None when the driver stops."""
         self._broadcast(self._buf)
         head = self._arr[:self._header].tolist()
         if head[0] == STOP:
             return None
+        if head[0] == CALL:
+            import torch.distributed as dist
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            return box[0]
         _, width, bucket, num_real, flags, *lengths = head
         total = self._header + sum(lengths)
         flat = self._arr

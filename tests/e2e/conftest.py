@@ -68,20 +68,28 @@ def serve_process(serve_args: list[str], address: str, log: Path):
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
+@contextlib.contextmanager
+def cpu_stack(model: Path, log: Path, serve_options: list[str], engine_args: list[str]):
+    """`tandem serve` of model on the CPU in fp32 on free loopback ports, with more serve options and engine
+    arguments; yields (Stack, the serve process) once it is SERVING."""
+    ports = [free_port() for _ in range(4)]
+    address = f"127.0.0.1:{ports[0]}"
+    args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(ports[0]),
+            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
+            "--metrics-port", str(ports[3]), "--device", "cpu", "--dtype", "float32", *serve_options,
+            "--", *engine_args]
+    with serve_process(args, address, log) as proc:
+        yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", model, log,
+                    f"http://127.0.0.1:{ports[3]}/metrics"), proc
+
+
 @pytest.fixture(scope="session")
 def stack(smollm2_gguf, tmp_path_factory):
-    ports = [free_port() for _ in range(4)]
-    log = tmp_path_factory.mktemp("stack") / "serve.log"
-    address = f"127.0.0.1:{ports[0]}"
-    args = ["--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
-            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-            "--metrics-port", str(ports[3]), "--device", "cpu", "--dtype", "float32",
-            "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
-            # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
-            "--check-kv-integrity", "--async-scheduling"]
-    with serve_process(args, address, log):
-        yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log,
-                    f"http://127.0.0.1:{ports[3]}/metrics")
+    engine_args = ["--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
+                   # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
+                   "--check-kv-integrity", "--async-scheduling"]
+    with cpu_stack(smollm2_gguf, tmp_path_factory.mktemp("stack") / "serve.log", [], engine_args) as (s, _):
+        yield s
 
 
 @pytest.fixture(scope="session")

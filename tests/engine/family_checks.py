@@ -36,11 +36,12 @@ def make_engine(path, **kw) -> Engine:
     return Engine(EngineConfig(**cfg))
 
 
-def stepped_logits(engine: Engine, prompts, steps: int):
-    """Runs greedy steps through the scheduler; yields (sequence so far, the engine's logits for its next token)."""
+def stepped_logits(engine: Engine, prompts, steps: int, adapters=None):
+    """Runs greedy steps through the scheduler; yields (sequence so far, the engine's logits for its next token).
+    adapters: each prompt's LoRA adapter name (None: the base model)."""
     greedy = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, greedy)
+        engine.add_request(f"r{i}", p, greedy, adapter=adapters[i] if adapters else None)
     seqs = {f"r{i}": list(p) for i, p in enumerate(prompts)}
     while engine.has_work():
         out = engine.scheduler.schedule()

@@ -28,9 +28,9 @@ def write_tiny_falcon(path, *, seed: int = 0, **overrides):
     from transformers import FalconConfig, FalconForCausalLM
 
     torch.manual_seed(seed)
-    cfg = FalconConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=256, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
-                       **overrides)
+    kw = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2)
+    cfg = FalconConfig(**{**kw, **overrides})
     model = FalconForCausalLM(cfg)
     with torch.no_grad():  # HF's init is tiny (and zero biases, unit norms); redraw everything so all of it matters
         for name, p in model.named_parameters():

@@ -1,6 +1,7 @@
 """Tensor-parallel failures are loud and leave nothing behind: a worker killed mid-run is reported by rank and
-cause and fails the engine's next step instead of hanging; the engine service exits non-zero naming the rank, and
-neither that nor a SIGKILLed engine leaves worker processes behind."""
+cause and fails the engine's next step instead of hanging; the engine service reports NOT_SERVING on its health
+service, then exits non-zero, its last line naming the rank, and neither that nor a SIGKILLed engine leaves worker
+processes behind."""
 from __future__ import annotations
 
 import os
@@ -60,9 +61,9 @@ def _capture(fn, into: list) -> None:
         into.append(e)
 
 
-def _start_engine(tiny, log) -> tuple[subprocess.Popen, list[psutil.Process]]:
+def _start_engine(tiny, log, port: int | None = None) -> tuple[subprocess.Popen, list[psutil.Process]]:
     cmd = [sys.executable, "-m", "engine_svc", "--model", str(tiny), "--device", "cpu", "--dtype", "float32",
-           "--num-kv-blocks", "32", "--tensor-parallel-size", "3", "--port", str(free_port())]
+           "--num-kv-blocks", "32", "--tensor-parallel-size", "3", "--port", str(port or free_port())]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -77,8 +78,33 @@ def _start_engine(tiny, log) -> tuple[subprocess.Popen, list[psutil.Process]]:
     return proc, workers
 
 
+def watch_health(address: str) -> tuple[list[str], threading.Event]:
+    """Watches grpc.health.v1 on address from a thread: the statuses it reports, in order, and an event set once
+    the watch has its first answer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    seen: list[str] = []
+    ready = threading.Event()
+
+    def watch() -> None:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                for r in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="")):
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+                    ready.set()
+            except grpc.RpcError:
+                pass
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen, ready
+
+
 def test_engine_exits_naming_the_dead_rank_and_leaves_no_workers(tiny, tmp_path):
-    proc, workers = _start_engine(tiny, tmp_path / "engine.log")
+    port = free_port()
+    proc, workers = _start_engine(tiny, tmp_path / "engine.log", port)
+    health, watching = watch_health(f"127.0.0.1:{port}")
+    assert watching.wait(10) and health == ["SERVING"]
     workers[1].send_signal(signal.SIGKILL)
     try:
         code = proc.wait(10)
@@ -86,8 +112,9 @@ def test_engine_exits_naming_the_dead_rank_and_leaves_no_workers(tiny, tmp_path)
         proc.kill()
         pytest.fail("the engine did not exit within 10 s of a worker's death")
     assert code != 0
-    rank = 1 + [w.pid for w in workers].index(workers[1].pid)
-    assert f"tensor-parallel worker rank {rank} died (killed by SIGKILL)" in (tmp_path / "engine.log").read_text()
+    assert health == ["SERVING", "NOT_SERVING"]   # reported before the port closed
+    last = (tmp_path / "engine.log").read_text().strip().splitlines()[-1]
+    assert last == "[engine] tensor-parallel worker rank 2 died (killed by SIGKILL); the engine stops"
     _gone, alive = psutil.wait_procs([workers[0]], timeout=5)
     assert not alive, "a worker outlived its engine"
 
