@@ -34,7 +34,7 @@ class RayExecutor:
         device = resolve_device(config.device)
         size = config.tensor_parallel_size
         self._stopping = False
-        self._on_failure = on_failure or self._exit_engine
+        self.on_failure = on_failure or self._exit_engine   # the engine service replaces it (NOT_SERVING first)
         self.actors: list = []                 # every actor placed (on CUDA the first holds rank 0's GPU)
         self.workers: list = []                # ranks 1..T-1, in order
         self.where: list[tuple[str, int, list]] = []   # (node, pid, GPU ids) of each worker
@@ -108,7 +108,7 @@ class RayExecutor:
                 if self._stopping:
                     continue
                 self._stopping = True
-                self._on_failure(f"[engine] tensor-parallel worker rank {rank} {what}; the engine stops")
+                self.on_failure(f"[engine] tensor-parallel worker rank {rank} {what}; the engine stops")
 
     def _what_ended(self, ref, rank: int) -> str:
         import ray
@@ -137,6 +137,12 @@ class RayExecutor:
             except Exception:   # noqa: BLE001 - exiting anyway
                 pass
         os._exit(1)
+
+    def kill_workers(self) -> None:
+        """Kills every actor at once, with no collective and no wait (for when the ranks are out of step)."""
+        self._stopping = True
+        self._serving = {}
+        self._release()
 
     def shutdown(self) -> None:
         if not self._stopping:
