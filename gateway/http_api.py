@@ -60,8 +60,8 @@ class HttpApi:
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._errors_and_auth], client_max_size=self.config.max_request_bytes)
-        app.router.add_post("/v1/completions", lambda r: self._generate(r, COMPLETIONS))
-        app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, CHAT))
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -69,7 +69,9 @@ class HttpApi:
 
     async def start(self) -> None:
         # handler_cancellation: a client that goes away cancels its handler, and so its request in the engine.
-        self._runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None)
+        # The drain has ended every generation before stop(): what is left to wait for is short.
+        self._runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=5.0)
         await self._runner.setup()
         tls = None
         if self.config.tls_cert:
@@ -82,6 +84,11 @@ class HttpApi:
             await self._runner.cleanup()
             raise HttpPortError(f"HTTP port {self.config.host}:{self.config.http_port}: {e.strerror or e}; choose "
                                 f"another with --http-port") from None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the configured one, or the one picked for http_port 0)."""
+        return self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -118,17 +125,25 @@ class HttpApi:
     async def _models(self, request: web.Request) -> web.Response:
         info = self.flow.pipeline.engine_info
         try:
-            listed = await self.flow.pipeline.engine_stub.ListAdapters(epb.ListAdaptersRequest(), timeout=5.0)
+            adapters = (await self.flow.pipeline.engine_stub.ListAdapters(epb.ListAdaptersRequest(),
+                                                                          timeout=5.0)).adapters
         except grpc.aio.AioRpcError as e:
-            return error_response(e.code(), f"listing adapters: {e.details()}")
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:   # that one: an engine without LoRA
+                return error_response(e.code(), f"listing adapters: {e.details()}")
+            adapters = []
         cards = [self._card(info.model_name, root=info.model_name, parent=None)]
-        cards += [self._card(a.name, root=a.path, parent=info.model_name) for a in listed.adapters
-                  if not a.unloading]
+        cards += [self._card(a.name, root=a.path, parent=info.model_name) for a in adapters if not a.unloading]
         return web.json_response({"object": "list", "data": cards})
 
     def _card(self, name: str, root: str, parent: str | None) -> dict:
         return {"id": name, "object": "model", "created": self.started, "owned_by": "tandem", "root": root,
                 "parent": parent, "max_model_len": self.flow.pipeline.engine_info.max_model_len}
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, COMPLETIONS)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, CHAT)
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         refusal = self.admission.refusal(limited=True)
