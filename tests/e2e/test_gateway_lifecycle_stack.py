@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import httpx2
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -99,8 +99,9 @@ def _creds(tls: TlsFiles) -> grpc.ChannelCredentials:
 
 
 def _openai(secured: SecuredStack, key: str) -> openai.OpenAI:
+    trust = ssl.create_default_context(cafile=secured.tls.ca)
     return openai.OpenAI(base_url=secured.http_url, api_key=key, max_retries=0, timeout=120,
-                         http_client=httpx2.Client(verify=str(secured.tls.ca)))
+                         http_client=openai.DefaultHttpxClient(verify=trust))
 
 
 @pytest.fixture(scope="module")
