@@ -148,9 +148,7 @@ class HttpApi:
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         refusal = self.admission.refusal(limited=True)
         if refusal is not None:
-            code, message, _ = refusal
-            return error_response(code, message, retry_after_ms=self.config.retry_after_ms
-                                  if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None)
+            return self._refused(refusal)
         try:
             body = json.loads(await request.read())
         except ValueError as e:
@@ -158,28 +156,43 @@ class HttpApi:
         try:
             req = parse(body, kind, self.flow.pipeline.engine_info.model_name)
             label = req.requests[0].request_id or _header_request_id(request) or uuid.uuid4().hex
+            if len(req.requests) > self.config.max_in_flight:
+                raise BadField("prompt", f"at most {self.config.max_in_flight} prompts (the server's max in flight), "
+                                         f"got {len(req.requests)}")
         except BadField as e:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(e), param=e.param)
         except UnknownModel as e:
             return error_response(grpc.StatusCode.NOT_FOUND, str(e), param="model")
+        # Each prompt is one generation in flight (checked again: the body may have taken a while to arrive).
+        refusal = self.admission.refusal(limited=True, needed=len(req.requests))
+        if refusal is not None:
+            return self._refused(refusal)
         for r in req.requests:
             r.request_id = label
         exchange = _Exchange(request, f"POST {request.path}", ResponseBuilder(req, label))
-        entry = self.admission.enter()
+        entries = [self.admission.enter() for _ in req.requests]
         try:
             if req.stream:
                 return await self._stream(exchange)
             return await self._whole(exchange)
         except asyncio.CancelledError:
-            if not entry.evicted:
+            if not any(entry.evicted for entry in entries):
                 raise
-            asyncio.current_task().uncancel()   # the drain ended it: answer 503 instead of dropping the connection
+            task = asyncio.current_task()   # the drain ended it: answer 503 instead of dropping the connection
+            while task.cancelling():        # (cancelled once per prompt in flight)
+                task.uncancel()
             if exchange.response is None:
                 return error_response(grpc.StatusCode.UNAVAILABLE, _EVICTED)
             await exchange.end_with_error(grpc.StatusCode.UNAVAILABLE, _EVICTED)
             return exchange.response
         finally:
-            self.admission.leave(entry)
+            for entry in entries:
+                self.admission.leave(entry)
+
+    def _refused(self, refusal: tuple[grpc.StatusCode, str, tuple]) -> web.Response:
+        code, message, _ = refusal
+        return error_response(code, message, retry_after_ms=self.config.retry_after_ms
+                              if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None)
 
     async def _whole(self, x: "_Exchange") -> web.Response:
         requests = x.builder.req.requests

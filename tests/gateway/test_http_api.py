@@ -124,6 +124,9 @@ def test_past_max_in_flight_429_with_retry_after():
         first.release()
         assert text.endswith("data: [DONE]\n\n")
         assert admission.in_flight == 0
+        # Each prompt of a call is a generation in flight: more prompts than the bound can never be admitted.
+        with pytest.raises(openai.BadRequestError, match="prompt: at most 1 prompts"):
+            await _client(url).completions.create(**{**BODY, "prompt": ["a", "b"]})
     _run(scenario, max_in_flight=1, retry_after_ms=2500)
 
 
