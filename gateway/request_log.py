@@ -4,8 +4,9 @@ A client may name its request with metadata `x-request-id` (printable ASCII, at 
 the request's request_id unless the request's own field is set. With neither, the gateway assigns one here, so
 the start line already carries the id the response will carry.
 
-Whoever routes the request (the servicer or a router) records the engine it went to with `annotate(replica=...)`;
-the record lives in a context variable of the call's task.
+Both fronts log through begin/observe/finish/fail: the gRPC API with the interceptor below, the HTTP API
+(gateway/http_api.py, which reads `x-request-id` as a header) directly. Whoever routes the request records the
+engine it went to with `annotate(replica=...)`; the record lives in a context variable of the call's task.
 """
 from __future__ import annotations
 
