@@ -16,8 +16,9 @@ Prints the final gRPC status of the calls by kind, the finish reasons of the OK 
   of another request would change it);
 - the engine holds no KV block once idle, and its KV integrity checks (GetLoad's kv_integrity_failures; the
   engine's --check-kv-integrity) found nothing during the run;
-- the resident memory of the gateway, tokenizer and engine before and after (known when the stack is started
-  here, else from --pids).
+- no process of the stack exited (a service the launcher restarted shows as a new pid), and the resident memory
+  of the gateway, tokenizer and engine before and after (known when the stack is started here, else from
+  --pids).
 Writes a JSON of every call's outcome; exits 1 when any check fails.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -102,42 +104,57 @@ def wait_idle(engine_address: str, timeout_s: float, checks_before: int) -> epb.
         time.sleep(0.1)
 
 
-def memory(pids: list[int]) -> dict[str, tuple[int, float | None]]:
-    """Process name (with its pid when two share it) -> (pid, RSS in MiB or None when gone)."""
-    names = [process_rss.name(pid) for pid in pids]
-    return {(name if names.count(name) == 1 else f"{name} {pid}"): (pid, process_rss.rss_mib(pid))
-            for name, pid in zip(names, pids)}
+def memory(pids: list[int]) -> dict[int, tuple[str, float | None]]:
+    """pid -> (process name, RSS in MiB or None when it is gone)."""
+    return {pid: (process_rss.name(pid), process_rss.rss_mib(pid)) for pid in pids}
+
+
+def process_rows(before: dict[int, tuple[str, float | None]], after: dict[int, tuple[str, float | None]]
+                 ) -> list[dict]:
+    """One row per stack process seen before or after the run (a restarted service shows as a new pid)."""
+    rows = []
+    for pid in sorted(before.keys() | after.keys()):
+        name = before[pid][0] if pid in before else after[pid][0]
+        rows.append({"name": name, "pid": pid, "before": before.get(pid, (name, None))[1],
+                     "after": after.get(pid, (name, None))[1]})
+    return rows
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
-def soak(args: argparse.Namespace, address: str, engine_address: str | None, pids: list[int]) -> dict:
+def soak(args: argparse.Namespace, address: str, engine_address: str | None, processes: Callable[[], list[int]]
+         ) -> dict:
+    """The run against a serving stack; `processes` lists the stack's processes at the time of the call."""
     with grpc.insecure_channel(address) as ch:
         vocab_size = generation_pb2_grpc.GenerationStub(ch).GetModelInfo(api.GetModelInfoRequest(),
                                                                           timeout=30).vocab_size
     calls = SoakWorkload(vocab_size, args.max_tokens, args.long_max_tokens).plan(args.num_requests, args.seed)
     expected = warm_up(address, args.max_tokens)
     before = wait_idle(engine_address, args.idle_timeout, 0) if engine_address else None
-    rss_before = memory(pids)
+    rss_before = memory(processes())
     limits = Limits(args.concurrency, args.hang_after, args.deadline_slack)
     outcomes, duration = asyncio.run(run_soak(address, calls, limits, vocab_size, expected, args.progress))
     after = None
     if engine_address:
         after = wait_idle(engine_address, args.idle_timeout, before.kv_integrity_checks if before else 0)
-    still_same = warm_up(address, args.max_tokens) == expected
-    rss_after = memory(pids)
+    try:
+        still_same = warm_up(address, args.max_tokens) == expected
+    except grpc.RpcError as err:
+        print(f"[soak] the fixed prompts failed after the run: {err.code().name} {err.details()}", file=sys.stderr)
+        still_same = False
+    rss_after = memory(sorted(set(processes()) | rss_before.keys()))
+    rows = process_rows(rss_before, rss_after)
     return {"benchmark": "soak", "address": address, "engine_address": engine_address, "seed": args.seed,
             "num_requests": args.num_requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
             "long_max_tokens": args.long_max_tokens, "duration_s": duration, "vocab_size": vocab_size,
-            "summary": summarize(outcomes, before, after, still_same),
-            "rss_mib": {k: {"pid": pid, "before": rss_before[k][1], "after": rss} for k, (pid, rss) in
-                        rss_after.items()},
+            "summary": summarize(outcomes, before, after, still_same, rows),
+            "processes": rows,
             "warmup_outputs": {p: {"token_ids": ids, "text": text} for p, (ids, text) in expected.items()},
             "requests": [asdict(o) for o in outcomes]}
 
 
 def summarize(outcomes: list[Outcome], before: epb.EngineLoad | None, after: epb.EngineLoad | None,
-              still_same: bool) -> dict:
+              still_same: bool, processes: list[dict]) -> dict:
     by_kind: dict[str, Counter] = {kind: Counter() for kind in KINDS}
     for o in outcomes:
         by_kind[o.kind][o.status] += 1
@@ -149,8 +166,11 @@ def summarize(outcomes: list[Outcome], before: epb.EngineLoad | None, after: epb
         "integrity_checked": sum(o.integrity_checked for o in outcomes),
         "integrity_mismatch": sum(o.integrity_mismatch for o in outcomes),
         "alone_after_run_as_before": still_same,
+        "processes_exited": [f"{p['name']} {p['pid']}" for p in processes
+                             if p["before"] is not None and p["after"] is None],
         "kv_blocks_used_idle": None if after is None else after.kv_blocks_used,
         "engine_idle": None if after is None else after.num_running == after.num_waiting == 0,
+        "engine_restarted": None if after is None or before is None else after.steps < before.steps,
         "kv_integrity_checks": None if after is None or before is None
         else after.kv_integrity_checks - before.kv_integrity_checks,
         "kv_integrity_failures": None if after is None or before is None
@@ -165,15 +185,19 @@ def summarize(outcomes: list[Outcome], before: epb.EngineLoad | None, after: epb
         failures.append(f"{checks['wrong_answer']} OK answers break the API's promises")
     if checks["integrity_mismatch"]:
         failures.append(f"{checks['integrity_mismatch']} greedy repeats differ from their warm-up output")
+    if checks["processes_exited"]:
+        failures.append(f"stack processes exited during the run: {', '.join(checks['processes_exited'])}")
     if not still_same:
         failures.append("after the run the fixed prompts alone no longer give their warm-up output")
     if after is None and before is not None:
         failures.append("the engine stopped answering GetLoad")
+    if checks["engine_restarted"]:
+        failures.append("the engine restarted during the run (its step count went back)")
     if after is not None:
         if after.kv_blocks_used or not checks["engine_idle"]:
             failures.append(f"the engine is not idle with every KV block free: {after.num_running} running, "
                             f"{after.num_waiting} waiting, {after.kv_blocks_used} KV blocks used")
-        if checks["kv_integrity_failures"]:
+        if checks["kv_integrity_failures"] and not checks["engine_restarted"]:
             failures.append(f"{checks['kv_integrity_failures']} KV integrity checks failed (see the engine's log)")
     return {"status_by_kind": {k: dict(c) for k, c in by_kind.items()},
             "status": dict(sum(by_kind.values(), Counter())), "finish_reasons": dict(finish), "checks": checks,
@@ -215,12 +239,15 @@ def format_table(result: dict) -> str:
     row("KV integrity failures (checks run)",
         f"{c['kv_integrity_failures']} ({checks_ran})" if checks_ran is not None else "unknown",
         (c["kv_integrity_failures"] == 0) if checks_ran else None)
-    if result["rss_mib"]:
+    exited = c["processes_exited"]
+    row("stack processes that exited during the run", len(exited) if result["processes"] else "unknown",
+        not exited if result["processes"] else None)
+    if result["processes"]:
         lines += ["", f"{'process':<14} {'pid':>8} {'RSS before MiB':>15} {'after MiB':>10} {'change':>8}"]
-        for name, m in result["rss_mib"].items():
+        for m in result["processes"]:
             b, a = m["before"], m["after"]
             change = f"{a - b:+.1f}" if a is not None and b is not None else "-"
-            lines.append(f"{name:<14} {m['pid']:>8} {_mib(b):>15} {_mib(a):>10} {change:>8}")
+            lines.append(f"{m['name']:<14} {m['pid']:>8} {_mib(b):>15} {_mib(a):>10} {change:>8}")
     lines += ["", "PASSED" if s["passed"] else "FAILED: " + "; ".join(s["failures"])]
     if s["first_problems"]:
         lines += ["first problems:", *s["first_problems"]]
@@ -228,19 +255,19 @@ def format_table(result: dict) -> str:
 
 
 def _mib(value: float | None) -> str:
-    return "gone" if value is None else f"{value:.1f}"
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.address:
-        result = soak(args, args.address, args.engine_address, args.pids)
+        result = soak(args, args.address, args.engine_address, lambda: args.pids)
     else:
         from benchmarks.stack_run import LocalStack
         engine_args = args.engine_args + ([INTEGRITY_FLAG] if INTEGRITY_FLAG not in args.engine_args else [])
         with LocalStack(args.model, args.device, args.dtype, engine_args, args.stack_log,
                         args.start_timeout) as stack:
-            result = soak(args, stack.address, stack.engine_address, process_rss.children(stack.proc.pid))
+            result = soak(args, stack.address, stack.engine_address, lambda: process_rss.children(stack.proc.pid))
     print("\n" + format_table(result))
     write_json(args.json, result)
     return 0 if result["summary"]["passed"] else 1

@@ -5,12 +5,13 @@ tokens it must return.
 Kinds (share of the calls):
 - plain: one short completion, greedy or sampled;
 - integrity: a greedy repeat of one of a few fixed prompts (ignore_eos, so always max_tokens tokens), n 1 or 2,
-  half of them under request ids shared with other calls in flight; each output must equal the prompt's
-  warm-up output, so a token of another request in it shows;
+  half of them under request ids shared with other calls in flight; greedy by temperature 0, by a denormal
+  temperature, or by sampling from the top 1; each output must equal the prompt's warm-up output (temperature
+  0, alone), so a token of another request in it shows;
 - cancel: a longer stream or call the client cancels after a random delay;
 - deadline: a longer call under a short deadline;
 - n_best_of: sampling with n, best_of and logprobs;
-- beam: beam search with width, n and length_penalty in range;
+- beam: beam search with width, n and length_penalty in [-10, 10];
 - stop: stop strings, with and without include_stop_str_in_output;
 - fuzz: a case of benchmarks/request_fuzz.py (valid or not, raw bytes included).
 """
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from benchmarks.request_fuzz import METHODS, RequestFuzzer
+from benchmarks.request_fuzz import F32_DENORMAL_MIN, METHODS, RequestFuzzer
 from protos.tandem.v1 import generation_pb2 as api
 
 KINDS = {"plain": 0.17, "integrity": 0.15, "cancel": 0.12, "deadline": 0.10, "n_best_of": 0.10, "beam": 0.08,
          "stop": 0.08, "fuzz": 0.20}
 INTEGRITY_PROMPTS = ("The capital of France is", "Once upon a time", "def fibonacci(n):", "My favourite food is")
-SHARED_IDS = ("soak-shared-0", "soak-shared-1", "soak-shared-2")
+# Client request ids used by several calls in flight at once, some shaped like the ids of another call's outputs.
+SHARED_IDS = ("soak-shared", "soak-shared#0", "soak-shared#1", "soak-shared-2")
 WORDS = ("the", "cat", "sat", "on", "mat", "Hello", "world", "tell", "me", "about", "water", "moon", "code", "why")
 
 OK = grpc.StatusCode.OK
@@ -48,9 +50,14 @@ class PlannedCall:
     integrity_prompt: str = ""         # a greedy repeat: its outputs must equal this prompt's warm-up output
 
 
-def integrity_request(prompt: str, max_tokens: int, n: int = 1) -> api.GenerateRequest:
-    return api.GenerateRequest(prompt=prompt, params=api.GenerationParams(max_tokens=max_tokens, temperature=0,
-                                                                          ignore_eos=True, n=n))
+# Sampling settings that all pick the most likely token: greedy.
+GREEDY_WAYS = {"temperature 0": {"temperature": 0.0}, "denormal temperature": {"temperature": F32_DENORMAL_MIN},
+               "top 1 of sampling": {"temperature": 1.0, "top_k": 1, "seed": 7}}
+
+
+def integrity_request(prompt: str, max_tokens: int, n: int = 1, greedy: str = "temperature 0") -> api.GenerateRequest:
+    return api.GenerateRequest(prompt=prompt, params=api.GenerationParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                          n=n, **GREEDY_WAYS[greedy]))
 
 
 class SoakWorkload:
@@ -86,7 +93,8 @@ class SoakWorkload:
 
     def _integrity(self, rng: random.Random, i: int) -> PlannedCall:
         prompt = rng.choice(INTEGRITY_PROMPTS)
-        req = integrity_request(prompt, self.max_tokens, n=rng.choice((1, 1, 2)))
+        req = integrity_request(prompt, self.max_tokens, n=rng.choice((1, 1, 2)),
+                                greedy=rng.choice(("temperature 0", "temperature 0", *GREEDY_WAYS)))
         req.cache_salt = rng.choice(("", "", "tenant-a", "tenant-b"))
         expected = SERVED
         if rng.random() < 0.5:
@@ -119,7 +127,9 @@ class SoakWorkload:
 
     def _beam(self, rng: random.Random, i: int) -> PlannedCall:
         width = rng.randint(1, 4)
-        params = api.GenerationParams(max_tokens=rng.randint(1, self.max_tokens), use_beam_search=True,
+        # Now and then longer: a large |length_penalty| over many tokens pushes the scores to their extremes.
+        longest = self.long_max_tokens if rng.random() < 0.3 else self.max_tokens
+        params = api.GenerationParams(max_tokens=rng.randint(1, longest), use_beam_search=True,
                                       beam_width=width, n=rng.randint(1, width),
                                       length_penalty=rng.choice((1.0, 0.0, rng.uniform(-10.0, 10.0))))
         return self._call(i, "beam", rng, api.GenerateRequest(prompt=self._prompt(rng), params=params))

@@ -36,22 +36,28 @@ def test_small_soak_passes(stack, tmp_path, capsys):
     assert checks["integrity_checked"] > 0 and checks["integrity_mismatch"] == 0
     assert checks["kv_blocks_used_idle"] == 0 and checks["kv_integrity_failures"] == 0
     assert checks["kv_integrity_checks"] >= 1   # the session stack runs with --check-kv-integrity
-    assert sorted(result["rss_mib"]) == ["engine_svc", "gateway", "tokenizer_svc"]
-    assert all(m["before"] > 0 and m["after"] > 0 for m in result["rss_mib"].values())
+    assert sorted(m["name"] for m in result["processes"]) == ["engine_svc", "gateway", "tokenizer_svc"]
+    assert all(m["before"] > 0 and m["after"] > 0 for m in result["processes"]) and not checks["processes_exited"]
     # The OK outputs' finish reasons are counted, and the table shows every check.
     assert sum(summary["finish_reasons"].values()) >= summary["status"].get("OK", 0)
     table = capsys.readouterr().out
     assert "PASSED" in table and "KV blocks used once idle" in table and "hung" in table
 
 
-def test_a_hang_or_a_leak_fails_the_soak():
-    """A call that did not end, or a KV block held once idle, fails the soak (and so its exit code)."""
+def test_a_hang_a_leak_or_a_crash_fails_the_soak():
+    """A call that did not end, a KV block held once idle, or a stack process that exited fails the soak (and so
+    its exit code)."""
     hung = soak.Outcome(0, "plain", "Generate", status=soak.HUNG, unexpected_status=True, problems=["did not end"])
     fine = soak.Outcome(1, "plain", "Generate", status="OK", finish_reasons=["LENGTH"])
-    summary = soak.summarize([hung, fine], None, None, True)
+    summary = soak.summarize([hung, fine], None, None, True, [])
     assert not summary["passed"] and summary["checks"]["hung"] == 1
     assert summary["failures"] == ["1 calls did not end"]
-    assert soak.summarize([fine], None, None, True)["passed"]
+    assert soak.summarize([fine], None, None, True, [])["passed"]
     leak = soak.epb.EngineLoad(kv_blocks_used=3, kv_integrity_checks=2)
-    summary = soak.summarize([fine], soak.epb.EngineLoad(kv_integrity_checks=1), leak, True)
+    summary = soak.summarize([fine], soak.epb.EngineLoad(kv_integrity_checks=1), leak, True, [])
     assert not summary["passed"] and summary["checks"]["kv_blocks_used_idle"] == 3, summary
+    # A service that died (and was restarted under a new pid) fails it too.
+    died = [{"name": "engine_svc", "pid": 10, "before": 900.0, "after": None},
+            {"name": "engine_svc", "pid": 11, "before": None, "after": 800.0}]
+    summary = soak.summarize([fine], None, None, True, died)
+    assert summary["failures"] == ["stack processes exited during the run: engine_svc 10"]
