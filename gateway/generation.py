@@ -72,6 +72,8 @@ class GenerationFlow:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise RequestFailed(e.code(), f"input: {e.details()}") from None
+            if e.code() == grpc.StatusCode.OUT_OF_RANGE:   # too many tokens: its message names the prompt already
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, e.details()) from None
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"tokenizer: {e.details()}") from None
         _checked(lambda: check_prompt_length(len(prompt_ids), info.max_model_len))
 

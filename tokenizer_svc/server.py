@@ -53,7 +53,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         except (NoChatTemplateError, ChatTemplateError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.max_tokens and len(ids) >= request.max_tokens:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                 f"prompt: {len(ids)} tokens do not fit the model's context of {request.max_tokens} "
                                 f"tokens (at most {request.max_tokens - 1} leave room to generate)")
         return tokenizer_pb2.EncodeResponse(token_ids=ids)
