@@ -70,8 +70,9 @@ class GenerationFlow:
                                                     max_tokens=info.max_model_len,
                                                     parse_special_tokens=v.parse_special_tokens)
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RequestFailed(e.code(), f"input: {e.details()}") from None
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:   # too many tokens, a chat template's refusal
+                field = "prompt" if v.prompt is not None else "chat.messages"
+                raise RequestFailed(e.code(), f"{field}: {(e.details() or '').removeprefix('prompt: ')}") from None
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"tokenizer: {e.details()}") from None
         _checked(lambda: check_prompt_length(len(prompt_ids), info.max_model_len))
 
