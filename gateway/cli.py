@@ -51,7 +51,8 @@ def _lora_module(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: an LLM inference server over gRPC and an OpenAI-compatible HTTP API.")
+    parser = argparse.ArgumentParser(
+        prog="tandem", description="Tandem: an LLM inference server over gRPC and an OpenAI-compatible HTTP API.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(

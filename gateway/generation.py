@@ -70,10 +70,11 @@ class GenerationFlow:
                                                     max_tokens=info.max_model_len,
                                                     parse_special_tokens=v.parse_special_tokens)
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RequestFailed(e.code(), f"input: {e.details()}") from None
-            if e.code() == grpc.StatusCode.OUT_OF_RANGE:   # too many tokens: its message names the prompt already
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, e.details()) from None
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+                # Too many tokens (OUT_OF_RANGE), or a chat template's refusal: named by the input's field.
+                field = "prompt" if v.prompt is not None else "chat.messages"
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{field}: {(e.details() or '').removeprefix('prompt: ')}") from None
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"tokenizer: {e.details()}") from None
         _checked(lambda: check_prompt_length(len(prompt_ids), info.max_model_len))
 

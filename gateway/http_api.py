@@ -30,7 +30,7 @@ from gateway.auth import check_authorization
 from gateway.config import GatewayConfig
 from gateway.generation import GenerationFlow, RequestFailed, collect
 from gateway.http_errors import error_body, error_response, failure_response
-from gateway.openai_request import CHAT, COMPLETIONS, BadField, OpenAIRequest, UnknownModel, parse
+from gateway.openai_request import CHAT, COMPLETIONS, BadField, UnknownModel, parse
 from gateway.openai_response import ResponseBuilder
 from gateway.request_log import REQUEST_ID_KEY, InvalidRequestId, validate_request_id
 from protos.tandem.internal.v1 import engine_pb2 as epb

@@ -142,6 +142,8 @@ def test_a_bad_parameter_is_named_as_the_grpc_api_names_it(client, api_stub):
     assert err.value.body["message"] == grpc_err.value.details().removeprefix("params.")
     with pytest.raises(openai.BadRequestError, match="max_completion_tokens: must be >= 1, got 0"):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="^Error code: 400 - messages: 9[0-9]{3} tokens do not fit"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello " * 9000}])
     with pytest.raises(openai.BadRequestError, match="temprature: not a parameter"):
         client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"temprature": 0})
     with pytest.raises(openai.NotFoundError) as not_found:
