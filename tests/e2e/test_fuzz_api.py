@@ -19,7 +19,7 @@ from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
 
-CALL_TIMEOUT_S = 60   # a case still running after this long is a hang: the cases are cheap (max_tokens <= 8)
+CALL_TIMEOUT_S = 120   # a case still running after this long is a hang: the cases are cheap (max_tokens <= 8)
 
 # Hypothesis draws seeds of the fuzzer (random.Random(seed) replays a case). No shrinking: a seed does not shrink
 # into a simpler case, and each try would be another call against the stack; the failing case is printed whole.
