@@ -10,8 +10,9 @@ and long prompts only come past the model's context or the message size limit, w
 any engine work.
 
 A call's outcome, whatever the case: OK or one of ACCEPTED_ERRORS, never INTERNAL, UNKNOWN, UNAVAILABLE or a hang
-(DEADLINE_EXCEEDED); raw bytes that do not parse get INVALID_ARGUMENT. `check_response` lists what is wrong with
-an OK answer (output counts, finish reasons, token ids, lengths).
+(DEADLINE_EXCEEDED); raw bytes that do not parse get INVALID_ARGUMENT (RESOURCE_EXHAUSTED past the message size
+limit). `check_response` lists what is wrong with an OK answer (output counts, finish reasons, token ids, lengths,
+stop strings, usage).
 """
 from __future__ import annotations
 
@@ -83,7 +84,10 @@ class RequestFuzzer:
         method = rng.choice(tuple(METHODS))
         if rng.random() < raw_share:
             raw, why = self.raw_bytes(rng)
-            return FuzzCase(method, raw=raw, why=why, expected=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
+            # The size limit is checked before the bytes are parsed.
+            too_big = len(raw) > self.max_request_bytes
+            expected = grpc.StatusCode.RESOURCE_EXHAUSTED if too_big else grpc.StatusCode.INVALID_ARGUMENT
+            return FuzzCase(method, raw=raw, why=why, expected=frozenset({expected}))
         return FuzzCase(method, request=self.request(rng))
 
     # --- the message -------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import grpc
 
 from benchmarks import process_rss
 from benchmarks.report import write_json
+from benchmarks.serve_stats import distribution
 from benchmarks.soak_run import HUNG, Limits, Outcome, run_soak, warm_up
 from benchmarks.soak_workload import KINDS, SoakWorkload
 from protos.tandem.internal.v1 import engine_pb2 as epb
@@ -58,10 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", nargs="+", default=[], metavar="KIND=WEIGHT",
+                   help=f"change the weight of kinds of calls, e.g. fuzz=0 beam=2 (default: "
+                        f"{' '.join(f'{k}={v:g}' for k, v in KINDS.items())})")
     p.add_argument("--max-tokens", type=int, default=8, help="max_tokens of every call but cancels and deadlines")
     p.add_argument("--long-max-tokens", type=int, default=32, help="max_tokens of the calls cancelled or cut short")
-    p.add_argument("--hang-after", type=float, default=60.0,
-                   help="seconds after which a call without a deadline that has not ended is a hang")
+    p.add_argument("--hang-after", type=float, default=180.0,
+                   help="seconds after which a call without a deadline that has not ended is a hang (on a loaded "
+                        "2-core CPU, calls at concurrency 16 take up to a minute)")
     p.add_argument("--deadline-slack", type=float, default=10.0,
                    help="seconds past its deadline after which a call that has not ended is a hang")
     p.add_argument("--idle-timeout", type=float, default=60.0,
@@ -75,6 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_requests < 1 or args.concurrency < 1 or not 1 <= args.max_tokens <= args.long_max_tokens:
         p.error("need --num-requests >= 1, --concurrency >= 1, 1 <= --max-tokens <= --long-max-tokens")
+    args.weights = dict(KINDS)
+    for item in args.mix:
+        kind, _, weight = item.partition("=")
+        if kind not in KINDS:
+            p.error(f"--mix: unknown kind {kind!r} in {item!r} (KIND=WEIGHT)")
+        try:
+            args.weights[kind] = float(weight)
+        except ValueError:
+            p.error(f"--mix: {item!r} is not KIND=WEIGHT")
+    if any(w < 0 for w in args.weights.values()) or not sum(args.weights.values()) > 0:
+        p.error("--mix: weights must be >= 0, and not all 0")
     if args.address is None:
         from gateway.model_fetch import resolve_model
         args.model = str(resolve_model(args.model))
@@ -128,7 +144,8 @@ def soak(args: argparse.Namespace, address: str, engine_address: str | None, pro
     with grpc.insecure_channel(address) as ch:
         vocab_size = generation_pb2_grpc.GenerationStub(ch).GetModelInfo(api.GetModelInfoRequest(),
                                                                           timeout=30).vocab_size
-    calls = SoakWorkload(vocab_size, args.max_tokens, args.long_max_tokens).plan(args.num_requests, args.seed)
+    calls = SoakWorkload(vocab_size, args.max_tokens, args.long_max_tokens).plan(args.num_requests, args.seed,
+                                                                                  args.weights)
     expected = warm_up(address, args.max_tokens)
     before = wait_idle(engine_address, args.idle_timeout, 0) if engine_address else None
     rss_before = memory(processes())
@@ -146,7 +163,8 @@ def soak(args: argparse.Namespace, address: str, engine_address: str | None, pro
     rows = process_rows(rss_before, rss_after)
     return {"benchmark": "soak", "address": address, "engine_address": engine_address, "seed": args.seed,
             "num_requests": args.num_requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-            "long_max_tokens": args.long_max_tokens, "duration_s": duration, "vocab_size": vocab_size,
+            "long_max_tokens": args.long_max_tokens, "mix": args.weights, "duration_s": duration,
+            "vocab_size": vocab_size,
             "summary": summarize(outcomes, before, after, still_same, rows),
             "processes": rows,
             "warmup_outputs": {p: {"token_ids": ids, "text": text} for p, (ids, text) in expected.items()},
@@ -170,6 +188,8 @@ def summarize(outcomes: list[Outcome], before: epb.EngineLoad | None, after: epb
                              if p["before"] is not None and p["after"] is None],
         "kv_blocks_used_idle": None if after is None else after.kv_blocks_used,
         "engine_idle": None if after is None else after.num_running == after.num_waiting == 0,
+        "ok_seconds": _spread([o.seconds for o in outcomes if o.status == "OK"]),
+        "engine_steps": None if after is None or before is None else after.steps - before.steps,
         "engine_restarted": None if after is None or before is None else after.steps < before.steps,
         "kv_integrity_checks": None if after is None or before is None
         else after.kv_integrity_checks - before.kv_integrity_checks,
@@ -218,8 +238,12 @@ def format_table(result: dict) -> str:
     for kind, counts in rows:
         lines.append(f"{kind:<10} {sum(counts.values()):>6} " + " ".join(f"{counts.get(name, 0):>{max(6, len(name))}}"
                                                                         for name in statuses))
+    ok = c["ok_seconds"]
     lines += ["", "finish reasons of the OK outputs: " + (", ".join(f"{k} {v}" for k, v in
                                                                    sorted(s["finish_reasons"].items())) or "none"),
+              "seconds per OK call: " + (f"p50 {ok['p50']:.1f}, p99 {ok['p99']:.1f}, max {ok['max']:.1f}" if ok
+                                         else "none") + (f"; engine steps during the run: {c['engine_steps']}"
+                                                         if c["engine_steps"] is not None else ""),
               "", f"{'check':<52} {'value':>12}  result"]
 
     def row(label: str, value, ok: bool | None) -> None:
@@ -252,6 +276,10 @@ def format_table(result: dict) -> str:
     if s["first_problems"]:
         lines += ["first problems:", *s["first_problems"]]
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> dict | None:
+    return {**distribution(values), "max": max(values)} if values else None
 
 
 def _mib(value: float | None) -> str:

@@ -51,7 +51,7 @@ async def _consume(call, method: str) -> list:
 async def run_call(channel, planned: PlannedCall, limits: Limits, vocab_size: int,
                    expected_outputs: dict[str, tuple[list[int], str]]) -> Outcome:
     out = Outcome(planned.index, planned.kind, planned.method,
-                  request=str(planned.request)[:600] if planned.request is not None else repr(planned.payload[:200]))
+                  request=str(planned.request)[:2000] if planned.request is not None else repr(planned.payload[:200]))
     watchdog = (planned.timeout_s + limits.deadline_slack_s) if planned.timeout_s is not None else limits.hang_after_s
     start = time.perf_counter()
     call = multi_callable(channel, planned.method)(planned.payload, timeout=planned.timeout_s)

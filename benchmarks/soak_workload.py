@@ -66,9 +66,11 @@ class SoakWorkload:
         self.long_max_tokens = long_max_tokens  # cancel and deadline calls: long enough to be cut short
         self.fuzzer = RequestFuzzer(vocab_size, max_tokens_cap=max_tokens)
 
-    def plan(self, num_calls: int, seed: int) -> list[PlannedCall]:
+    def plan(self, num_calls: int, seed: int, weights: dict[str, float] | None = None) -> list[PlannedCall]:
+        """`weights`: kind -> weight, KINDS when None."""
+        weights = weights or KINDS
         rng = random.Random(seed)
-        kinds = rng.choices(tuple(KINDS), weights=tuple(KINDS.values()), k=num_calls)
+        kinds = rng.choices(tuple(weights), weights=tuple(weights.values()), k=num_calls)
         return [getattr(self, "_" + kind)(rng, i) for i, kind in enumerate(kinds)]
 
     def _call(self, i: int, kind: str, rng: random.Random, request: api.GenerateRequest,

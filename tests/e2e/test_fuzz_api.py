@@ -19,12 +19,12 @@ from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
 
-CALL_TIMEOUT_S = 60   # a case still running after this long is a hang: the cases are cheap (max_tokens <= 8)
+CALL_TIMEOUT_S = 120   # a case still running after this long is a hang: the cases are cheap (max_tokens <= 8)
 
 # Hypothesis draws seeds of the fuzzer (random.Random(seed) replays a case). No shrinking: a seed does not shrink
 # into a simpler case, and each try would be another call against the stack; the failing case is printed whole.
 SEEDS = st.integers(min_value=0, max_value=2**64 - 1)
-FUZZ_SETTINGS = settings(max_examples=120, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+FUZZ_SETTINGS = settings(max_examples=100, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
