@@ -1,6 +1,7 @@
 """Batched sampling on the device: logits processors, greedy, temperature, min-p, top-k, top-p and per-request
-seeds. Order: penalties, logit bias, allowed tokens and min_tokens suppression change the logits of every row
-(greedy ones too); then temperature, min-p and top-k/top-p shape the distribution of the sampled rows.
+seeds. Order: penalties, logit bias, allowed tokens, min_tokens suppression and the grammar mask of structured
+output change the logits of every row (greedy ones too); then temperature, min-p and top-k/top-p shape the
+distribution of the sampled rows.
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. E comes from a counter-based hash of
 (row key, token id), computed for the whole batch in one vectorised pass (no generator per row). A seeded row's key
@@ -35,6 +36,7 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (rows, token ids, biases)
     allowed: torch.Tensor | None = None                 # [N, V] bool
     suppressed: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids)
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None      # (bitmask [rows, ceil(V / 32)] int32, rows masked)
 
     @classmethod
     def build(cls, params: list, output_lens: list[int], vocab_size: int, device: torch.device, *,
@@ -113,6 +115,8 @@ def apply_processors(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         logits = lp.keep_only(logits, b.allowed)
     if b.suppressed is not None:
         logits = lp.suppress(logits, *b.suppressed)
+    if b.grammar is not None:   # last: nothing after it may lift a token it forbids
+        logits = lp.apply_token_bitmask(logits, *b.grammar)
     return logits
 
 

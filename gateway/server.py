@@ -18,6 +18,7 @@ from gateway.metrics_export import MetricsPortError, serve_metrics_http
 from gateway.logs import setup_logging
 from gateway.pipeline import Failure, Pipeline
 from gateway.public_server import add_public_port, create_server, drain
+from gateway.structured_output import engine_structured_output
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_bytes, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
@@ -179,6 +180,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             params.logprobs = v.logprobs
         if v.prompt_logprobs is not None:
             params.prompt_logprobs = v.prompt_logprobs
+        if v.structured_output is not None:
+            params.structured_output.CopyFrom(engine_structured_output(v.structured_output))
         return params
 
     @staticmethod
