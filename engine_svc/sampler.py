@@ -152,14 +152,17 @@ def exponential_noise(row_keys: torch.Tensor, token_ids: torch.Tensor) -> torch.
     """Exp(1) noise for each row's tokens (token_ids [vocab] shared by every row, or [N, k]): a 32-bit integer hash
     (two multiply-xorshift rounds) of (row key, token id), mapped to a uniform in (0, 1) and through -log. A token's
     noise depends on nothing else, so drawing it for fewer candidates changes no outcome. Every product stays
-    below 2**63: no overflow on any device."""
+    below 2**63: no overflow on any device. The noise is always > 0."""
     ids = token_ids if token_ids.dim() == 2 else token_ids[None, :]
     x = row_keys[:, None] ^ ((ids * 0x9E3779B1) & _MASK32)
     for _ in range(2):
         x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     x = (x >> 16) ^ x
     u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(u)
+    # float32 rounds the top bucket's u (1 - 2**-25) to 1, whose noise would be 0: a forbidden token (probability
+    # 0: masked by top-k/top-p or a grammar) would then score 0 / 0 = NaN, which argmax picks. Its true noise is
+    # about 2**-25, which no other bucket reaches.
+    return (-torch.log(u)).clamp_min(2.0 ** -25)
 
 
 def _seed_for(seed: int, index: int) -> int:
