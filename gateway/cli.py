@@ -160,6 +160,7 @@ BENCHMARKS = {
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",
     "sampling": "benchmarks.sampling_overhead",
+    "grammar": "benchmarks.grammar_mask",
     "precision": "benchmarks.precision",
     "serve": "benchmarks.serve_load",
     "quant": "benchmarks.quant_matmul",

@@ -55,6 +55,10 @@ class StructuredOutputs:
         if not (fut.done() and fut.exception() is None):
             self._unchecked.add(request_id)
 
+    def compiled(self, spec: StructuredOutput) -> "xgr.CompiledGrammar":
+        """spec compiled, waiting for it if need be (benchmarks and tests; the engine never blocks on one)."""
+        return self._compilers.get(spec).result()
+
     def is_ready(self, req: Request) -> bool:
         return req.params.structured_output is None or req.external_id not in self._unchecked
 
