@@ -99,12 +99,12 @@ def check_formats(tok, results) -> None:
 
 
 def test_outputs_follow_their_format_and_do_not_depend_on_scheduling(engine, tok):
-    """The same jobs synchronously, then with asynchronous scheduling and a cache so small that requests are
-    preempted and recomputed: every output follows its format, and both runs give the same outputs. (The session
-    stack runs asynchronous scheduling without preemptions: tests/e2e/test_structured_output_stack.py.)"""
+    """The same jobs synchronously, with asynchronous scheduling, and then with a cache so small that requests are
+    preempted and recomputed: every output follows its format, and all runs give the same outputs."""
     jobs = jobs_for(tok)
     reference = run(engine, jobs)
     check_formats(tok, reference)
+    assert run(engine.with_scheduling(async_scheduling=True), jobs) == reference
     small = engine.with_scheduling(async_scheduling=True, num_kv_blocks=12, enable_prefix_caching=False)
     assert run(small, jobs) == reference
     assert small.scheduler.num_preemptions > 0
