@@ -1,10 +1,12 @@
-"""Load generator against the public gRPC API (`tandem bench serve`): Poisson arrivals at a given rate or a fixed
-concurrency, prompts from length distributions or a JSONL file; reports throughput and TTFT, ITL, TPOT and E2E
-at p50/p90/p99, writes a JSON of everything and PNGs of the ISL x OSL histogram and the latency CDFs.
+"""Load generator against the public gRPC API, or the OpenAI-compatible HTTP API with --api openai (`tandem bench
+serve`): Poisson arrivals at a given rate or a fixed concurrency, prompts from length distributions or a JSONL
+file; reports throughput and TTFT, ITL, TPOT and E2E at p50/p90/p99, writes a JSON of everything and PNGs of the
+ISL x OSL histogram and the latency CDFs.
 
     tandem bench serve --address localhost:50051 --num-requests 200 --request-rate 4
     tandem bench serve --model default --num-requests 32 --concurrency 4 --input-len 32 256 --output-len 16 64
     tandem bench serve --address HOST:PORT --dataset prompts.jsonl --concurrency 16
+    tandem bench serve --api openai --address localhost:8000 --num-requests 256 --concurrency 64
 
 - Without --address, a `tandem serve` stack is started here on free ports (and stopped at the end).
 - --request-rate R: request i is sent at the i-th arrival of a Poisson process of rate R (exponential gaps,
@@ -13,6 +15,8 @@ at p50/p90/p99, writes a JSON of everything and PNGs of the ISL x OSL histogram 
   --input-len and --output-len ranges drawn uniformly (seeded), built from whole-word tokens of the model's
   tokenizer so they encode to about the drawn length.
 - Requests are greedy with ignore_eos (unless --no-ignore-eos), so each produces its max_tokens.
+- --api openai sends the same requests to POST /v1/completions (stream, include_usage, return_token_ids), so
+  both APIs can be compared on one stack.
 - TTFT: send -> first message with tokens; ITL: gaps between messages, spread over the tokens each carries;
   TPOT: (E2E - TTFT) / (output tokens - 1); E2E: send -> last message.
 """
@@ -27,12 +31,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import grpc
-
 from benchmarks.report import write_json
+from benchmarks.serve_clients import APIS, client_for
 from benchmarks.serve_stats import RequestRecord, format_table, summarize
-from protos.tandem.v1 import generation_pb2 as api
-from protos.tandem.v1 import generation_pb2_grpc
 
 
 def read_dataset(path: Path) -> list[tuple[str, int]]:
@@ -76,28 +77,8 @@ def arrival_times(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
-async def _stream(stub, rec: RequestRecord, prompt: str, ignore_eos: bool, request_id: str) -> None:
-    params = api.GenerationParams(max_tokens=rec.max_tokens, temperature=0.0, ignore_eos=ignore_eos)
-    request = api.GenerateRequest(prompt=prompt, params=params, request_id=request_id)
-    rec.sent = time.perf_counter()
-    try:
-        async for msg in stub.GenerateStream(request):
-            now = time.perf_counter()
-            if msg.token_ids:
-                rec.chunk_times.append(now)
-                rec.chunk_tokens.append(len(msg.token_ids))
-                rec.output_tokens += len(msg.token_ids)
-            if msg.finish_reason:
-                rec.finish_reason = api.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_")
-                rec.prompt_tokens = msg.usage.prompt_tokens
-        if not rec.chunk_times:
-            rec.error = "the stream carried no tokens"
-    except grpc.RpcError as err:
-        rec.error = f"{err.code().name}: {err.details()}"
-
-
 async def run_load(address: str, workload: list[tuple[str, int]], rate: float, concurrency: int | None,
-                   seed: int, ignore_eos: bool, progress: bool
+                   seed: int, ignore_eos: bool, progress: bool, api_name: str = "grpc"
                    ) -> tuple[list[RequestRecord], float, RequestRecord]:
     """The records, the run's duration, and the warm-up request's record (sent first, outside the summary; a
     server's counters see it too)."""
@@ -108,16 +89,15 @@ async def run_load(address: str, workload: list[tuple[str, int]], rate: float, c
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(workload), desc="requests", unit="req", file=sys.stderr, dynamic_ncols=True)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
+    async with client_for(api_name, address) as client:
         warmup = RequestRecord(0, 2)
-        await _stream(stub, warmup, "Hello, warm-up.", True, f"bench-serve-warmup-{seed}")
+        await client.stream(warmup, "Hello, warm-up.", True, f"bench-serve-warmup-{seed}")
         start = time.perf_counter()
 
         async def one(i: int) -> None:
             await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
             async with limit:
-                await _stream(stub, records[i], workload[i][0], ignore_eos, f"bench-serve-{seed}-{i}")
+                await client.stream(records[i], workload[i][0], ignore_eos, f"bench-serve-{seed}-{i}")
             if bar is not None:
                 bar.update(1)
 
@@ -130,7 +110,11 @@ async def run_load(address: str, workload: list[tuple[str, int]], rate: float, c
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", help="a running gateway HOST:PORT; without it a stack is started here")
+    p.add_argument("--api", choices=APIS, default="grpc",
+                   help="grpc: tandem.v1 GenerateStream; openai: POST /v1/completions with server-sent events "
+                        "(the same requests; default %(default)s)")
+    p.add_argument("--address", help="a running gateway HOST:PORT (with --api openai: its HTTP port, or a base URL); "
+                                     "without it a stack is started here")
     p.add_argument("--model", default="default", help="model of the stack started here, and of the tokenizer that "
                                                       "builds synthetic prompts (default: the default model)")
     p.add_argument("--tokenizer", help="tokenizer for synthetic prompts (default: --model)")
@@ -169,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(address: str) -> tuple[list[RequestRecord], float, RequestRecord]:
         return asyncio.run(run_load(address, workload, args.request_rate, args.concurrency, args.seed,
-                                    args.ignore_eos, args.progress))
+                                    args.ignore_eos, args.progress, args.api))
 
     if args.address:
         address = args.address
@@ -178,15 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.stack_run import LocalStack
         with LocalStack(args.model, args.device, args.dtype, args.engine_args, args.stack_log,
                         args.start_timeout, args.tokenizer) as stack:
-            address = stack.address
+            address = stack.http_address if args.api == "openai" else stack.address
             records, duration, warmup = run(address)
     summary = summarize(records, duration)
-    title = f"tandem bench serve: {len(workload)} requests to {address}, {mode}"
+    title = f"tandem bench serve: {len(workload)} requests to {address} over {args.api}, {mode}"
     print("\n" + format_table(summary, title))
     from benchmarks.serve_plots import write_plots
     plots = write_plots(records, args.out_dir, mode)
     print(f"plots: {', '.join(str(p) for p in plots)}", file=sys.stderr)
-    result = {"benchmark": "serve", "address": address, "model": args.model, "mode": mode,
+    result = {"benchmark": "serve", "api": args.api, "address": address, "model": args.model, "mode": mode,
               "request_rate": None if args.request_rate == float("inf") else args.request_rate,
               "concurrency": args.concurrency, "ignore_eos": args.ignore_eos, "summary": summary,
               "plots": [str(p) for p in plots], "requests": [asdict(r) for r in records], "warmup": asdict(warmup)}

@@ -75,12 +75,14 @@ class LocalStack:
         self.log, self.start_timeout_s = log, start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.http_address = ""
 
     def __enter__(self) -> "LocalStack":
-        gw, tk, en = _free_port(), _free_port(), _free_port()
+        gw, tk, en, http = _free_port(), _free_port(), _free_port(), _free_port()
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(gw), "--tokenizer-port", str(tk), "--engine-port", str(en), "--device", self.device,
-               "--dtype", self.dtype, "--metrics-port", "0", "--start-timeout", str(self.start_timeout_s),
+               "--dtype", self.dtype, "--metrics-port", "0", "--http-port", str(http),
+               "--start-timeout", str(self.start_timeout_s),
                *(["--tokenizer-model", self.tokenizer] if self.tokenizer else []), "--", *self.engine_args]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[bench] starting the stack (log: {self.log}): {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
@@ -88,6 +90,7 @@ class LocalStack:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.address = f"127.0.0.1:{gw}"
+        self.http_address = f"127.0.0.1:{http}"   # the OpenAI-compatible HTTP API
         t0 = time.monotonic()
         # The launcher starts the gateway only after the tokenizer and engine serve, so a serving gateway means
         # the whole stack is up.

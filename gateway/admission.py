@@ -49,11 +49,12 @@ class Admission:
     def in_flight(self) -> int:
         return len(self._entries)
 
-    def refusal(self, limited: bool) -> tuple[grpc.StatusCode, str, tuple] | None:
-        """Why a new call may not start (code, message, trailing metadata), or None."""
+    def refusal(self, limited: bool, needed: int = 1) -> tuple[grpc.StatusCode, str, tuple] | None:
+        """Why a new call may not start (code, message, trailing metadata), or None. needed: the generations the
+        call starts (an HTTP completions call may carry several prompts)."""
         if self.draining:
             return grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE, ()
-        if limited and len(self._entries) >= self.max_in_flight:
+        if limited and len(self._entries) + needed > self.max_in_flight:
             return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"gateway at capacity: {len(self._entries)} requests in flight (max_in_flight "
                     f"{self.max_in_flight}); retry after {self.retry_after_ms} ms",

@@ -1,4 +1,5 @@
-"""Optional API keys on the public services: `authorization: Bearer <key>` metadata, else UNAUTHENTICATED.
+"""Optional API keys on the public services: `authorization: Bearer <key>` metadata (the HTTP API: the same
+header), else UNAUTHENTICATED (HTTP 401).
 
 Keys come from a file (one per line; blank lines and `#` comments skipped) and/or the TANDEM_API_KEYS environment
 variable (comma-separated). With no keys configured, authentication is off. Health and reflection stay open so
@@ -50,10 +51,16 @@ def check_metadata(metadata: Iterable[tuple[str, object]], keys: tuple[str, ...]
     """None when the call may proceed, else the UNAUTHENTICATED message (which never contains the key)."""
     values = [v for k, v in metadata if k == "authorization"]
     if not values:
-        return "missing API key: send metadata 'authorization: Bearer <key>'"
-    value = values[0] if isinstance(values[0], str) else ""
+        return check_authorization(None, keys, "metadata")
+    return check_authorization(values[0] if isinstance(values[0], str) else "", keys, "metadata")
+
+
+def check_authorization(value: str | None, keys: tuple[str, ...], carrier: str) -> str | None:
+    """The same check for gRPC metadata and an HTTP `Authorization` header (`carrier` names which in messages)."""
+    if value is None:
+        return f"missing API key: send {carrier} 'authorization: Bearer <key>'"
     if not value.lower().startswith(_BEARER):
-        return "malformed authorization metadata: expected 'Bearer <key>'"
+        return f"malformed authorization {carrier}: expected 'Bearer <key>'"
     if not key_matches(value[len(_BEARER):].strip(), keys):
         return "invalid API key"
     return None

@@ -13,8 +13,8 @@ import sys
 from gateway.generate_client import ConnectionOptions, GenerateOptions, run_generate, unescape
 from gateway.launcher import LauncherConfig, run_stack
 from gateway.model_fetch import DEFAULT_MODEL, resolve_model
-from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT,
-                                      DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
+from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_HTTP_PORT,
+                                      DEFAULT_METRICS_PORT, DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
@@ -51,7 +51,8 @@ def _lora_module(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: an LLM inference server over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="tandem", description="Tandem: an LLM inference server over gRPC and an OpenAI-compatible HTTP API.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "all of them (default %(default)s)")
     serve.add_argument("--metrics-port", type=_non_negative_int, default=DEFAULT_METRICS_PORT,
                        help="the gateway's Prometheus /metrics HTTP port, on --host (default %(default)s; 0: off)")
+    serve.add_argument("--http-port", type=_non_negative_int, default=DEFAULT_HTTP_PORT,
+                       help="the gateway's OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                            "/v1/models, /health, /metrics), on --host (default %(default)s; 0: off)")
     serve.add_argument("--device", choices=DEVICES, default="auto", help="engine device (default %(default)s)")
     serve.add_argument("--dtype", default="auto", help="engine dtype, e.g. auto, bfloat16, float16, float32")
     serve.add_argument("--lora", dest="lora_modules", action="append", type=_lora_module, default=[],
@@ -194,7 +198,7 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                           kv_cache_dtype=args.kv_cache_dtype, engine_extra_args=_engine_args(args),
                           tokenizer_path=tokenizer_path, lora_modules=tuple(args.lora_modules),
                           engine_replicas=args.engine_replicas,
-                          metrics_port=args.metrics_port,
+                          metrics_port=args.metrics_port, http_port=args.http_port,
                           gateway_tls_cert=args.tls_cert, gateway_tls_key=args.tls_key, gateway_tls_ca=args.tls_ca,
                           gateway_tls_server_name=args.tls_server_name,
                           gateway_extra_args=gateway_args_from_args(args))

@@ -24,6 +24,7 @@ class GatewayConfig:
     max_choices: int = 1024         # entries of a structured_output choice list
     connect_timeout_s: float = 60.0
     metrics_port: int = 0           # Prometheus /metrics over HTTP on the gateway's host; 0: off
+    http_port: int = 0              # the OpenAI-compatible HTTP API (and /metrics, /health) on the same host; 0: off
     # Security, backpressure, lifecycle and logs (see gateway/auth.py, tls.py, admission.py, request_log.py).
     api_key_file: str | None = None     # plus TANDEM_API_KEYS; no keys at all: authentication off
     tls_cert: str | None = None         # PEM; with tls_key, the public port speaks TLS
@@ -51,8 +52,12 @@ class GatewayConfig:
             raise ValueError("port must be in [0, 65535]")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError("metrics_port must be in [0, 65535] (0: off)")
-        if self.metrics_port and self.metrics_port == self.port:
-            raise ValueError(f"metrics_port and port must differ, both are {self.port}")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError("http_port must be in [0, 65535] (0: off)")
+        ports = [p for p in (self.port, self.metrics_port, self.http_port) if p]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"port, metrics_port and http_port must differ, got {self.port}, {self.metrics_port} "
+                             f"and {self.http_port}")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
         if not self.engine or not self.tokenizer:
@@ -102,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout-s", type=float, default=60.0)
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this HTTP port "
                                                                 "(default 0: off)")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                        "/health, /metrics) on this port of --host (default 0: off)")
     p.add_argument("--api-key-file", help="API keys, one per line (also: env TANDEM_API_KEYS, comma-separated); "
                                           "public RPCs then need metadata 'authorization: Bearer <key>'")
     p.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the public port")

@@ -340,7 +340,16 @@ def ready_banner(topology: ServiceTopology) -> str:
             f"  grpcurl {grpcurl_tls} -d '{{\"prompt\":\"Hello\",\"params\":{{\"max_tokens\":32}}}}' {address} "
             f"tandem.v1.Generation/GenerateStream\n"
             f"  tandem generate \"Hello\" --max-tokens 32 --address {address}{generate_tls}\n"
-            f"Press Ctrl-C to stop.")
+            + (_http_banner(topology, local) if topology.http_port else "")
+            + "Press Ctrl-C to stop.")
+
+
+def _http_banner(topology: ServiceTopology, local: str) -> str:
+    scheme = "https" if topology.gateway_tls_cert else "http"
+    base = f"{scheme}://{local}:{topology.http_port}"
+    return (f"OpenAI-compatible HTTP API: {base}/v1 (set it as the openai client's base_url)\n"
+            f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"prompt\":\"Hello\",\"max_tokens\":32}}'\n")
 
 
 def run_stack(topology: ServiceTopology, config: LauncherConfig = LauncherConfig(),

@@ -16,10 +16,12 @@ from gateway.request_decoding import RequestDecodingInterceptor
 from gateway.request_log import RequestLogInterceptor
 
 
-def create_server(config: GatewayConfig, admission: Admission) -> grpc.aio.Server:
+def create_server(config: GatewayConfig, admission: Admission,
+                  keys: tuple[str, ...] | None = None) -> grpc.aio.Server:
+    """keys: the API keys (None: read them from the configuration)."""
     # First, so that its wrapper is outermost (see gateway/request_decoding.py).
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestDecodingInterceptor()]
-    keys = load_api_keys(config.api_key_file)
+    keys = load_api_keys(config.api_key_file) if keys is None else keys
     warning = exposure_warning(config, keys)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -46,7 +48,9 @@ def exposure_warning(config: GatewayConfig, keys: tuple[str, ...]) -> str | None
     """The warning for a public port other machines can reach with no API key configured; None otherwise."""
     if keys or is_loopback(config.host):
         return None
-    metrics = f" (and /metrics on port {config.metrics_port})" if config.metrics_port else ""
+    others = ([f"the HTTP API on port {config.http_port}"] if config.http_port else []) + (
+        [f"/metrics on port {config.metrics_port}"] if config.metrics_port else [])
+    metrics = f" (and {' and '.join(others)})" if others else ""
     return (f"gateway: WARNING: the public API on {config.host}:{config.port}{metrics} is reachable from other "
             f"machines and no API key is configured: anyone who can connect can generate and load or unload "
             f"adapters. Set --api-key-file or TANDEM_API_KEYS, or bind --host 127.0.0.1.")

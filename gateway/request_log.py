@@ -4,8 +4,9 @@ A client may name its request with metadata `x-request-id` (printable ASCII, at 
 the request's request_id unless the request's own field is set. With neither, the gateway assigns one here, so
 the start line already carries the id the response will carry.
 
-Whoever routes the request (the servicer or a router) records the engine it went to with `annotate(replica=...)`;
-the record lives in a context variable of the call's task.
+Both fronts log through begin/observe/finish/fail: the gRPC API with the interceptor below, the HTTP API
+(gateway/http_api.py, which reads `x-request-id` as a header) directly. Whoever routes the request records the
+engine it went to with `annotate(replica=...)`; the record lives in a context variable of the call's task.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def request_id_from_metadata(metadata) -> str | None:
 @dataclass
 class RequestRecord:
     request_id: str
-    method: str
+    method: str        # GenerateStream, Generate; POST /v1/completions, POST /v1/chat/completions
     replica: str
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -63,7 +64,7 @@ class RequestRecord:
 
     def fields(self, event: str, **extra) -> dict:
         now = time.monotonic()
-        out = {"event": event, "request_id": self.request_id, "method": self.method.rsplit("/", 1)[-1],
+        out = {"event": event, "request_id": self.request_id, "method": self.method,
                "replica": self.replica, "elapsed_ms": round((now - self.started) * 1000, 3)}
         if self.first_token_at is not None:
             out["ttft_ms"] = round((self.first_token_at - self.started) * 1000, 3)
@@ -86,6 +87,36 @@ def _emit(record: RequestRecord, event: str, level: int = logging.INFO, **extra)
     LOGGER.log(level, event, extra={"fields": record.fields(event, **extra)})
 
 
+# The request's log lines, whichever front it came through (the gRPC interceptor below, the HTTP API).
+
+def begin(request_id: str, method: str, replica: str, peer: str) -> RequestRecord:
+    """Logs `start` and makes the record the current call's (so annotate() reaches it)."""
+    record = RequestRecord(request_id, method, replica)
+    _CURRENT.set(record)
+    _emit(record, "start", peer=peer)
+    return record
+
+
+def observe(record: RequestRecord, response) -> None:
+    """A GenerateStreamResponse or GenerateResponse on its way to the client."""
+    if record.first_token_at is None and (response.token_ids or response.text):
+        record.first_token_at = time.monotonic()
+        _emit(record, "first_token")
+    record.output_tokens += len(response.token_ids)   # so far; a stream's usage (at its end) settles it
+    if response.HasField("usage"):
+        record.prompt_tokens = response.usage.prompt_tokens
+        record.output_tokens = response.usage.completion_tokens
+
+
+def finish(record: RequestRecord) -> None:
+    _emit(record, "finish", status="OK", prompt_tokens=record.prompt_tokens, output_tokens=record.output_tokens)
+
+
+def fail(record: RequestRecord, status: str, message: str) -> None:
+    _emit(record, "error", logging.WARNING, status=status, message=message or "",
+          prompt_tokens=record.prompt_tokens, output_tokens=record.output_tokens)
+
+
 class RequestLogInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, default_replica: str) -> None:
         self.default_replica = default_replica
@@ -98,7 +129,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata
         replica = self.default_replica
 
-        async def begin(request, context) -> RequestRecord:
+        async def start(request, context) -> RequestRecord:
             try:
                 from_metadata = request_id_from_metadata(metadata)
                 if request.request_id:
@@ -107,23 +138,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             if not request.request_id:
                 request.request_id = from_metadata or uuid.uuid4().hex
-            record = RequestRecord(request.request_id, method, replica)
-            _CURRENT.set(record)
-            _emit(record, "start", peer=context.peer())
-            return record
-
-        def observe(record: RequestRecord, response) -> None:
-            if record.first_token_at is None and (response.token_ids or response.text):
-                record.first_token_at = time.monotonic()
-                _emit(record, "first_token")
-            record.output_tokens += len(response.token_ids)   # so far; a stream's usage (at its end) settles it
-            if response.HasField("usage"):
-                record.prompt_tokens = response.usage.prompt_tokens
-                record.output_tokens = response.usage.completion_tokens
-
-        def finished(record: RequestRecord, context) -> None:
-            _emit(record, "finish", status="OK", prompt_tokens=record.prompt_tokens,
-                  output_tokens=record.output_tokens)
+            return begin(request.request_id, method.rsplit("/", 1)[-1], replica, context.peer())
 
         def failed(record: RequestRecord, context, error: BaseException) -> None:
             if isinstance(error, asyncio.CancelledError):
@@ -137,25 +152,24 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code()
                 status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
                 message = context.details() if isinstance(error, grpc.aio.AbortError) else type(error).__name__
-            _emit(record, "error", logging.WARNING, status=status, message=message or "",
-                  prompt_tokens=record.prompt_tokens, output_tokens=record.output_tokens)
+            fail(record, status, message)
 
         def unary(behaviour):
             async def run(request, context):
-                record = await begin(request, context)
+                record = await start(request, context)
                 try:
                     response = await behaviour(request, context)
                 except BaseException as e:
                     failed(record, context, e)
                     raise
                 observe(record, response)
-                finished(record, context)
+                finish(record)
                 return response
             return run
 
         def stream(behaviour):
             async def run(request, context):
-                record = await begin(request, context)
+                record = await start(request, context)
                 try:
                     async for response in behaviour(request, context):
                         observe(record, response)
@@ -163,7 +177,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 except BaseException as e:
                     failed(record, context, e)
                     raise
-                finished(record, context)
+                finish(record)
             return run
 
         return wrap_handler(handler, unary_unary=unary, unary_stream=stream)

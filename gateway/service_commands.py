@@ -23,6 +23,7 @@ DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_TOKENIZER_PORT = 50052
 DEFAULT_ENGINE_PORT = 50053
 DEFAULT_METRICS_PORT = 9090    # `tandem serve`'s and compose's; `python -m gateway` leaves metrics off
+DEFAULT_HTTP_PORT = 8000       # the OpenAI-compatible HTTP API: likewise
 
 # In docker compose the model service fetches into a named volume mounted here, with TANDEM_CACHE=/cache,
 # so model_fetch.cache_dir() is /cache/models.
@@ -67,6 +68,7 @@ class ServiceTopology:
     lora_modules: tuple[str, ...] = ()  # NAME=PATH of the LoRA adapters the engine loads at start (--lora)
     engine_replicas: int = 1            # engines on engine_port, engine_port + 1, ...; the gateway dials them all
     metrics_port: int = 0               # the gateway's Prometheus /metrics port, on gateway_host; 0: off
+    http_port: int = 0                  # the gateway's OpenAI-compatible HTTP API, on gateway_host; 0: off
     # TLS on the public port only: internal services stay plaintext on loopback (or the compose network).
     gateway_tls_cert: str | None = None
     gateway_tls_key: str | None = None
@@ -100,18 +102,19 @@ class ServiceTopology:
                 1 <= self.engine_replicas <= 65535 - self.engine_port + 1):
             raise ValueError(f"engine_replicas must be >= 1 with every engine port <= 65535, got "
                              f"{self.engine_replicas!r} from port {self.engine_port}")
-        if self.metrics_port != 0:
-            _check_port("metrics_port", self.metrics_port)
+        for name in ("metrics_port", "http_port"):
+            if getattr(self, name) != 0:
+                _check_port(name, getattr(self, name))
         if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
             raise ValueError("gateway_tls_cert and gateway_tls_key go together")
         if not isinstance(self.gateway_extra_args, tuple) or not all(
                 isinstance(a, str) for a in self.gateway_extra_args):
             raise ValueError("gateway_extra_args must be a tuple of strings")
-        ports = (self.gateway_port, self.tokenizer_port, *engine_ports(self)) + (
-            (self.metrics_port,) if self.metrics_port else ())
+        ports = (self.gateway_port, self.tokenizer_port, *engine_ports(self)) + tuple(
+            p for p in (self.metrics_port, self.http_port) if p)
         if len(set(ports)) != len(ports):
             # All three share one host when run by the launcher, so a shared port is always a clash.
-            raise ValueError(f"gateway, tokenizer, engine (and metrics) ports must differ, got {ports}")
+            raise ValueError(f"gateway, tokenizer, engine (and metrics, HTTP) ports must differ, got {ports}")
 
 
 def local_topology(model_path: str, **overrides) -> ServiceTopology:
@@ -122,7 +125,7 @@ def local_topology(model_path: str, **overrides) -> ServiceTopology:
 def compose_topology() -> ServiceTopology:
     """The docker-compose layout: every service binds 0.0.0.0 inside the compose network (a container is reached
     through its own interface, never its loopback), the gateway dials the internal services by their compose
-    names and serves /metrics like `tandem serve`, and the engine is told `cuda` so that a container without the
+    names and serves /metrics and the HTTP API like `tandem serve`, and the engine is told `cuda` so that a container without the
     GPU reservation fails loudly instead of quietly running on the CPU."""
     return ServiceTopology(
         model_path=COMPOSE_MODEL_PATH,
@@ -133,6 +136,7 @@ def compose_topology() -> ServiceTopology:
         engine_host=ENGINE,
         device="cuda",
         metrics_port=DEFAULT_METRICS_PORT,
+        http_port=DEFAULT_HTTP_PORT,
     )
 
 
@@ -165,6 +169,7 @@ def gateway_argv(t: ServiceTopology) -> list[str]:
             "--tokenizer", f"{t.tokenizer_host}:{t.tokenizer_port}",
             *(arg for port in engine_ports(t) for arg in ("--engine", f"{t.engine_host}:{port}")),
             *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else []),
+            *(["--http-port", str(t.http_port)] if t.http_port else []),
             *(("--tls-cert", t.gateway_tls_cert, "--tls-key", t.gateway_tls_key) if t.gateway_tls_cert else ()),
             *t.gateway_extra_args]
 

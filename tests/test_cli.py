@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from gateway import cli
+from gateway.config import config_from_args
 from gateway.generate_client import GenerateOptions, build_request, run_generate
 from gateway.service_commands import engine_argv, gateway_argv, tokenizer_argv
 from protos.tandem.v1 import generation_pb2 as pb
@@ -18,6 +19,7 @@ def test_serve_defaults() -> None:
     args = cli.parse_args(["serve"])
     assert (args.model, args.host, args.port, args.device, args.dtype) == ("default", "127.0.0.1", 50051, "auto",
                                                                           "auto")
+    assert (args.metrics_port, args.http_port) == (9090, 8000)
     assert args.engine_args == []
     config = cli.launcher_config_from_args(args)
     assert config.start_timeout_s == 300.0
@@ -42,7 +44,7 @@ def test_serve_flags_and_engine_passthrough_reach_the_argvs() -> None:
     assert tokenizer_argv(topology)[-2:] == ["--port", "6001"]
     assert gateway_argv(topology)[3:] == ["--host", "127.0.0.1", "--port", "6000", "--tokenizer",
                                           "127.0.0.1:6001", "--engine", "127.0.0.1:6002", "--metrics-port", "9090",
-                                          "--drain-timeout", "8"]
+                                          "--http-port", "8000", "--drain-timeout", "8"]
     assert cli.launcher_config_from_args(args).start_timeout_s == 12.0
 
 
@@ -63,12 +65,26 @@ def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
         cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "50051"]), "/m/x.gguf")
 
 
+def test_serve_passes_the_http_port_on_and_0_turns_the_http_api_off() -> None:
+    on = cli.topology_from_args(cli.parse_args(["serve", "--http-port", "8181"]), "/m/x.gguf")
+    argv = gateway_argv(on)
+    assert argv[argv.index("--http-port") + 1] == "8181"
+    assert config_from_args(argv[3:]).http_port == 8181   # the gateway's own parser takes it
+    off = cli.topology_from_args(cli.parse_args(["serve", "--http-port", "0"]), "/m/x.gguf")
+    assert "--http-port" not in gateway_argv(off)
+    for clash in (["--http-port", "9090"], ["--http-port", "50051"]):
+        with pytest.raises(ValueError, match="ports must differ"):
+            cli.topology_from_args(cli.parse_args(["serve", *clash]), "/m/x.gguf")
+    with pytest.raises(ValueError, match="must differ"):
+        config_from_args(["--port", "7000", "--http-port", "7000"])
+
+
 def test_serve_passes_security_limits_and_drain_to_the_gateway(tmp_path) -> None:
     args = cli.parse_args(["serve", "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--api-key-file", "/keys",
                            "--max-in-flight", "7", "--max-request-bytes", "1000", "--max-prompt-chars", "99",
                            "--drain-timeout", "20", "--log-format", "json", "--stop-grace", "3"])
     topology = cli.topology_from_args(args, "/m/x.gguf")
-    assert gateway_argv(topology)[13:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--drain-timeout", "20",
+    assert gateway_argv(topology)[15:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--drain-timeout", "20",
                                            "--api-key-file", "/keys", "--max-in-flight", "7",
                                            "--max-request-bytes", "1000", "--max-prompt-chars", "99",
                                            "--log-format", "json"]

@@ -98,9 +98,11 @@ def test_engine_reserves_a_gpu(services) -> None:
 
 def test_only_the_gateway_is_published(services) -> None:
     topology = compose_topology()
-    port, metrics = topology.gateway_port, topology.metrics_port
-    # The API on every host interface; /metrics, which has no authentication, on the host's loopback only.
-    assert services[GATEWAY]["ports"] == [f"{port}:{port}", f"127.0.0.1:{metrics}:{metrics}"]
+    port, metrics, http = topology.gateway_port, topology.metrics_port, topology.http_port
+    # The API on every host interface; /metrics, which has no authentication, on the host's loopback only, and so
+    # the HTTP API, which serves /metrics too.
+    assert services[GATEWAY]["ports"] == [f"{port}:{port}", f"127.0.0.1:{metrics}:{metrics}",
+                                          f"127.0.0.1:{http}:{http}"]
     for name in ("model", TOKENIZER, ENGINE):
         assert "ports" not in services[name], f"{name} must not be published"
 

@@ -33,6 +33,7 @@ class Stack:
     model_path: Path
     log: Path
     metrics_url: str = ""     # the gateway's Prometheus endpoint
+    http_url: str = ""        # the gateway's OpenAI-compatible HTTP API (the openai client's base_url)
 
 
 def _serving(address: str) -> bool:
@@ -70,18 +71,18 @@ def serve_process(serve_args: list[str], address: str, log: Path):
 
 @pytest.fixture(scope="session")
 def stack(smollm2_gguf, tmp_path_factory):
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
     log = tmp_path_factory.mktemp("stack") / "serve.log"
     address = f"127.0.0.1:{ports[0]}"
     args = ["--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
             "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-            "--metrics-port", str(ports[3]), "--device", "cpu", "--dtype", "float32",
+            "--metrics-port", str(ports[3]), "--http-port", str(ports[4]), "--device", "cpu", "--dtype", "float32",
             "--", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--max-waiting", "24",
             # The GPU's default scheduling mode, so the whole suite runs it on the CPU too.
             "--check-kv-integrity", "--async-scheduling"]
     with serve_process(args, address, log):
         yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", smollm2_gguf, log,
-                    f"http://127.0.0.1:{ports[3]}/metrics")
+                    f"http://127.0.0.1:{ports[3]}/metrics", f"http://127.0.0.1:{ports[4]}/v1")
 
 
 @pytest.fixture(scope="session")

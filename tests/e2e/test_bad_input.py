@@ -20,6 +20,8 @@ CASES = {
     "stop token outside vocab": (api.GenerateRequest(prompt="hi", params=P(stop_token_ids=[10**6])),
                                  "params.stop_token_ids"),
     "prompt longer than context": (api.GenerateRequest(prompt="hello " * 9000), "prompt"),
+    "chat longer than context": (api.GenerateRequest(chat=api.Chat(messages=[
+        api.ChatMessage(role="user", content="hello " * 9000)])), "chat.messages"),
     "empty chat": (api.GenerateRequest(chat=api.Chat()), "chat.messages"),
     "unknown role": (api.GenerateRequest(chat=api.Chat(messages=[
         api.ChatMessage(role="user", content="hi"), api.ChatMessage(role="wizard", content="x")])),

@@ -1,5 +1,6 @@
-"""`tandem bench serve` against a running stack: every request accounted for, token counts equal to what was
-asked (greedy, ignore_eos), the timings consistent with each other, and its pictures written."""
+"""`tandem bench serve` against a running stack, over gRPC and over the OpenAI-compatible HTTP API: every request
+accounted for, token counts equal to what was asked (greedy, ignore_eos), the timings consistent with each other,
+and its pictures written."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,15 @@ from benchmarks import serve_load
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_load_run_over_a_dataset(stack, tmp_path, capsys):
+@pytest.mark.parametrize("api", ["grpc", "openai"])
+def test_load_run_over_a_dataset(stack, tmp_path, capsys, api):
     dataset = tmp_path / "prompts.jsonl"
     asked = [3, 5, 4, 2, 5, 3]
     dataset.write_text("\n".join(json.dumps({"prompt": f"Tell me about the number {i}.", "max_tokens": n})
                                  for i, n in enumerate(asked)) + "\n")
     out = tmp_path / "serve.json"
-    serve_load.main(["--address", stack.address, "--dataset", str(dataset), "--concurrency", "2",
+    address = stack.http_url if api == "openai" else stack.address
+    serve_load.main(["--api", api, "--address", address, "--dataset", str(dataset), "--concurrency", "2",
                      "--request-rate", "50", "--no-progress", "--out-dir", str(tmp_path / "png"),
                      "--json", str(out)])
     result = json.loads(out.read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -37,6 +39,7 @@ class SecuredStack:
     tokenizer_address: str
     tls: TlsFiles
     log: Path
+    http_url: str = ""      # https://localhost:PORT/v1, the OpenAI-compatible API with the same TLS and keys
 
 
 def _wait(predicate, what: str, timeout_s: float = START_TIMEOUT_S, log: Path | None = None) -> None:
@@ -61,11 +64,12 @@ def secured(smollm2_gguf, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secured")
     tls = write_ca_and_server_cert(tmp)
     (tmp / "keys").write_text(f"# test keys\n{KEY}\n")
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(5)]
     log = tmp / "serve.log"
     cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
            "--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
-           "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]), "--device", "cpu",
+           "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]), "--metrics-port", str(ports[3]),
+           "--http-port", str(ports[4]), "--device", "cpu",
            "--dtype", "float32", "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca),
            "--api-key-file", str(tmp / "keys"), "--max-in-flight", "2", "--max-prompt-chars", "2000",
            "--max-request-bytes", "65536", "--log-format", "json",
@@ -74,7 +78,8 @@ def secured(smollm2_gguf, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**env, "PYTHONUNBUFFERED": "1"})
-    stack = SecuredStack(f"localhost:{ports[0]}", f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", tls, log)
+    stack = SecuredStack(f"localhost:{ports[0]}", f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", tls, log,
+                         f"https://localhost:{ports[4]}/v1")
     with grpc.secure_channel(stack.address, _creds(tls)) as ch:
         _wait(lambda: proc.poll() is not None or _health(ch) == "SERVING", "the secured stack serving", log=log)
     if proc.poll() is not None:
@@ -91,6 +96,12 @@ def secured(smollm2_gguf, tmp_path_factory):
 
 def _creds(tls: TlsFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=tls.ca.read_bytes())
+
+
+def _openai(secured: SecuredStack, key: str) -> openai.OpenAI:
+    trust = ssl.create_default_context(cafile=secured.tls.ca)
+    return openai.OpenAI(base_url=secured.http_url, api_key=key, max_retries=0, timeout=120,
+                         http_client=openai.DefaultHttpxClient(verify=trust))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +151,17 @@ def test_api_keys_over_grpcurl_and_health_stays_open(secured):
     assert json.loads(health.stdout) == {"status": "SERVING"}
 
 
+def test_the_http_api_takes_the_same_keys_over_https(secured):
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        _openai(secured, "wrong-key-xyz").completions.create(model="SmolLM2-135M-Instruct", prompt="Hi",
+                                                             max_tokens=2)
+    assert wrong.value.status_code == 401 and wrong.value.body["message"] == "invalid API key"
+    chunks = list(_openai(secured, KEY).chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0,
+        stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+
+
 # --- backpressure and limits ---------------------------------------------------------------------------------------
 
 def test_past_max_in_flight_resource_exhausted_carries_retry_after_ms(secured, stub):
@@ -153,6 +175,10 @@ def test_past_max_in_flight_resource_exhausted_carries_retry_after_ms(secured, s
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_in_flight 2" in e.value.details()
         assert dict(e.value.trailing_metadata())[RETRY_AFTER_KEY] == "1000"
+        # One bound for both fronts: the HTTP API is at capacity too.
+        with pytest.raises(openai.RateLimitError) as limited:
+            _openai(secured, KEY).completions.create(model="SmolLM2-135M-Instruct", prompt="one more")
+        assert limited.value.response.headers["Retry-After"] == "1" and "max_in_flight 2" in limited.value.message
     finally:
         for call in held:
             call.cancel()
@@ -166,6 +192,12 @@ def test_engine_capacity_rejection_carries_retry_after_ms_too(stub):
                       metadata=AUTH, timeout=60)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV blocks" in e.value.details()
     assert dict(e.value.trailing_metadata())[RETRY_AFTER_KEY] == "1000"
+
+
+def test_engine_capacity_rejection_over_http_is_429_with_retry_after(secured):
+    with pytest.raises(openai.RateLimitError) as e:
+        _openai(secured, KEY).completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=6000)
+    assert "KV blocks" in e.value.message and e.value.response.headers["retry-after-ms"] == "1000"
 
 
 def test_size_limits(stub):

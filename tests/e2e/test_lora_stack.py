@@ -9,6 +9,7 @@ import asyncio
 import json
 
 import grpc
+import openai
 import pytest
 import torch
 
@@ -41,16 +42,18 @@ def files(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_stack(files, smollm2_gguf, tmp_path_factory):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     log = tmp_path_factory.mktemp("lora-stack-log") / "serve.log"
     address = f"127.0.0.1:{ports[0]}"
     args = ["--model", str(files["base"]), "--tokenizer-model", str(smollm2_gguf), "--host", "127.0.0.1",
             "--port", str(ports[0]), "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-            "--device", "cpu", "--dtype", "float32", "--metrics-port", "0", "--lora", f"pre={files['pre']}",
+            "--device", "cpu", "--dtype", "float32", "--metrics-port", "0", "--http-port", str(ports[3]),
+            "--lora", f"pre={files['pre']}",
             "--", "--max-loras", "2", "--max-lora-rank", "16", "--num-kv-blocks", "256", "--max-num-seqs", "16",
             "--check-kv-integrity", "--async-scheduling"]
     with serve_process(args, address, log):
-        yield {"address": address, "engine": f"127.0.0.1:{ports[2]}", "tokenizer": f"127.0.0.1:{ports[1]}"}
+        yield {"address": address, "engine": f"127.0.0.1:{ports[2]}", "tokenizer": f"127.0.0.1:{ports[1]}",
+               "http": f"http://127.0.0.1:{ports[3]}/v1"}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +136,19 @@ def test_statuses_for_unknown_invalid_and_taken(lora_stack, files):
                 call()
             assert err.value.code() == code and message in err.value.details(), err.value.details()
         assert [a.name for a in adm.ListAdapters(admin.ListAdaptersRequest(), timeout=30).adapters] == ["a", "pre"]
+
+
+def test_the_http_apis_model_field_picks_the_adapter(lora_stack, expected):
+    client = openai.OpenAI(base_url=lora_stack["http"], api_key="unused", max_retries=0, timeout=120)
+    cards = {m.id: m.model_extra["parent"] for m in client.models.list().data}
+    base = next(name for name, parent in cards.items() if parent is None)
+    assert cards == {base: None, "a": base, "pre": base}   # "a" was loaded over tandem.v1.Admin above
+    for model, adapter in ((base, None), ("pre", "pre"), ("a", "a")):
+        out = client.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert out.choices[0].model_extra["token_ids"] == expected[adapter], model
+    with pytest.raises(openai.NotFoundError, match="model: 'nope' is not loaded"):
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
 
 
 def test_unload_under_traffic_drains_the_streams_and_frees_every_block(lora_stack, expected):

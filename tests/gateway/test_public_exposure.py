@@ -42,6 +42,8 @@ def test_the_warning_names_the_address_and_the_fix() -> None:
     assert warning is not None
     assert "0.0.0.0:50051 (and /metrics on port 9090) is reachable from other machines" in warning
     assert "no API key is configured" in warning and "--api-key-file or TANDEM_API_KEYS" in warning
+    both = exposure_warning(GatewayConfig(host="0.0.0.0", port=50051, metrics_port=9090, http_port=8000), ())
+    assert "0.0.0.0:50051 (and the HTTP API on port 8000 and /metrics on port 9090) is reachable" in both
     assert exposure_warning(GatewayConfig(host="0.0.0.0"), ("k",)) is None     # keys configured
     assert exposure_warning(GatewayConfig(host="127.0.0.1"), ()) is None      # loopback only
 
