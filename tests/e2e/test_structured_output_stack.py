@@ -1,7 +1,9 @@
 """Structured output through the gRPC API on SmolLM2 (the session stack runs --async-scheduling): sampled JSON that
 always validates against its schema, regex and choice outputs that always match (greedy, sampled, n = 3,
 streamed), a stop string that cuts a constrained output, and invalid specs refused with INVALID_ARGUMENT naming
-the field, whether the gateway or the engine finds them."""
+the field, whether the gateway or the engine finds them. Then through the HTTP API with the `openai` client: each
+form (response_format json_object / json_schema, vLLM's guided_* and structured_outputs) once, and bad specs as
+BadRequestError naming the JSON field."""
 from __future__ import annotations
 
 import json
@@ -101,3 +103,59 @@ def test_an_invalid_spec_is_invalid_argument_naming_the_field(api_stub, so, mess
                           timeout=120)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(message), e.value.details()
+
+
+# --- the HTTP API (the openai client) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client(stack):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=stack.http_url, api_key="unused", max_retries=0, timeout=300)
+
+
+def ask(client, text: str, **kw) -> str:
+    resp = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": text}],
+                                          max_tokens=128, **kw)
+    assert resp.choices[0].finish_reason == "stop"
+    return resp.choices[0].message.content
+
+
+def test_response_format_json_schema_and_json_object(client):
+    text = ask(client, "Describe a colleague as a JSON record.", temperature=1.0, seed=4,
+               response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    jsonschema.validate(json.loads(text), PERSON)
+    assert isinstance(json.loads(ask(client, "Give me a JSON object with a cat's name and age.", temperature=0,
+                                     response_format={"type": "json_object"})), dict)
+
+
+def test_vllm_guided_extras_and_structured_outputs(client, api_stub):
+    date_question = "When was the Eiffel Tower finished? Give the date."
+    date = ask(client, date_question, temperature=0, extra_body={"guided_regex": DATE})
+    grpc_date = api_stub.Generate(api.GenerateRequest(chat=chat(date_question), params=P(
+        temperature=0, max_tokens=128, structured_output=api.StructuredOutput(regex=DATE))), timeout=300)
+    assert re.fullmatch(DATE, date) and date == grpc_date.text   # the same request on both APIs
+    assert ask(client, "Sentiment of 'great'?", temperature=1.0, seed=2,
+               extra_body={"guided_choice": CHOICES}) in CHOICES
+    jsonschema.validate(json.loads(ask(client, "A colleague as JSON.", temperature=0,
+                                       extra_body={"guided_json": PERSON})), PERSON)
+    assert re.fullmatch(r"(yes|no)!", ask(client, "Is water wet?", temperature=0,
+                                          extra_body={"guided_grammar": 'root ::= ("yes" | "no") "!"'}))
+    assert ask(client, "Sentiment of 'awful'?", temperature=0,
+               extra_body={"structured_outputs": {"choice": CHOICES}}) in CHOICES
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_json": "{not json"}, "guided_json"),
+])
+def test_a_bad_spec_is_a_bad_request_naming_the_json_field(client, extra, param):
+    import openai
+
+    kw = {"response_format": extra["response_format"]} if "response_format" in extra else {"extra_body": extra}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, **kw)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param and e.value.body["message"].startswith(f"{param}: ")
