@@ -159,3 +159,17 @@ def test_a_bad_spec_is_a_bad_request_naming_the_json_field(client, extra, param)
                                        max_tokens=4, **kw)
     assert e.value.status_code == 400
     assert e.value.body["param"] == param and e.value.body["message"].startswith(f"{param}: ")
+
+
+def test_the_readme_structured_output_example(stack):
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```bash\n(curl [^`]*guided_regex[^`]*?)```", readme)
+    assert block, "the README shows a structured-output curl example"
+    port = stack.http_url.split(":")[-1].split("/")[0]
+    command = block.group(1).replace("localhost:8000", f"127.0.0.1:{port}")
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(DATE, json.loads(out.stdout)["choices"][0]["message"]["content"]), out.stdout
