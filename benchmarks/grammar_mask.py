@@ -18,13 +18,12 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
+from benchmarks.model_arg import describe, engine_config, sync
 from benchmarks.report import write_json
-from benchmarks.sampling_overhead import decode_batch, timed
+from benchmarks.sampling_overhead import decode_batch, parse_batch_args, timed
 from engine_svc.core.request import Request, SamplingParams, StructuredOutput
 from engine_svc.core.scheduler import ScheduledRequest
 from engine_svc.engine import Engine
@@ -116,17 +115,9 @@ def time_advance(grammar, rows: list[ScheduledRequest], vocab_size: int, repeats
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p)
     p.add_argument("--vocab", default=None, help="a GGUF or HF directory whose vocabulary the grammars are compiled "
                                                  "against (default: the model's; SmolLM2's for random weights)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", type=Path, default=Path("bench_out/grammar_mask.json"))
-    args = p.parse_args(argv)
-    if args.max_num_seqs is None:
-        args.max_num_seqs = args.batch
-    resolve_model_args(args)
+    args = parse_batch_args(p, argv, 64, 10, "bench_out/grammar_mask.json")
     vocab_path = args.vocab or (args.model if args.load_format != "dummy" else None)
     if vocab_path is None:
         from gateway.model_fetch import fetch_default_model

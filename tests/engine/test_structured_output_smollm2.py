@@ -41,7 +41,7 @@ def chat(tok, text: str) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": text}])
 
 
-def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> dict[tuple[int, int], tuple[list[int], object]]:
+def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> dict[tuple[int, int], tuple[list, object]]:
     """Runs the jobs together; (job, output index) -> (output ids, finish reason)."""
     base = engine.num_steps
     outs: dict[tuple[int, int], list] = {}
