@@ -43,7 +43,6 @@ class Engine:
         self.structured = StructuredOutputs(
             model_vocabulary(self.config.model, vocab, tuple(self.model_cfg.eos_token_ids)), vocab,
             self.config.max_num_seqs)
-        self.runner.structured = self.structured   # the driver masks the constrained rows when it samples
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -131,6 +130,9 @@ class Engine:
         the engine goes on with the others."""
         self._stepping = []
         self._in_executor = False
+        # The driver masks the constrained rows when it samples, with this engine's grammars (engines made by
+        # with_scheduling share the runner).
+        self.runner.structured = self.structured
         try:
             outputs = self._grammar_errors()
             outputs += self._step()
