@@ -56,17 +56,25 @@ def timed(engine: Engine, fn, repeats: int) -> float:
     return statistics.median(ms[1:])   # the first run warms up
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_batch_args(p: argparse.ArgumentParser, argv: list[str] | None, prompt_len: int, repeats: int,
+                     json_path: str) -> argparse.Namespace:
+    """The decode-batch benchmarks' arguments: the engine's, then batch, prompt length, repeats and JSON output
+    (with p's own); the model resolved, max_num_seqs the batch unless given."""
     add_engine_args(p)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", type=Path, default=Path("bench_out/sampling_overhead.json"))
+    p.add_argument("--prompt-len", type=int, default=prompt_len)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--json", type=Path, default=Path(json_path))
     args = p.parse_args(argv)
     if args.max_num_seqs is None:
         args.max_num_seqs = args.batch
     resolve_model_args(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parse_batch_args(p, argv, 128, 20, "bench_out/sampling_overhead.json")
     # Eager decode, so that the forward is timed on its own (a CUDA graph covers the same kernels).
     engine = Engine(engine_config(args, enforce_eager=True, async_scheduling=False))
     header = describe(engine)

@@ -4,7 +4,11 @@
 With asynchronous scheduling each step() launches step k on the device and only then reads step k-1's sampled ids
 and applies them, so scheduling, input preparation and output handling overlap the device's work; outputs come one
 call later. A step whose requests need every id on the host before sampling (penalties read the output history)
-first waits for the step in flight.
+first waits for the step in flight. So does a step with a structured-output request: its grammar's mask is made
+from every token it has output.
+
+Structured output (engine_svc.structured): a request's grammar compiles on a thread pool while the request waits
+in the scheduler (which only sees a ready predicate); a grammar that does not compile rejects its request.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ from engine_svc.config import EngineConfig
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
-from engine_svc.core.scheduler import RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
+from engine_svc.core.scheduler import AdmissionError, RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from engine_svc.executor import make_executor
+from engine_svc.structured.compiler import GrammarError
+from engine_svc.structured.manager import StructuredOutputs, model_vocabulary
 from engine_svc.worker.model_runner import LaunchedStep
 
 _LOG = logging.getLogger("tandem.engine")
@@ -33,6 +39,10 @@ class Engine:
         self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        vocab = self.model_cfg.vocab_size
+        self.structured = StructuredOutputs(
+            model_vocabulary(self.config.model, vocab, tuple(self.model_cfg.eos_token_ids)), vocab,
+            self.config.max_num_seqs)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -40,7 +50,7 @@ class Engine:
                             max_waiting=self.config.max_waiting,
                             enable_chunked_prefill=self.config.enable_chunked_prefill,
                             max_loras=self.config.max_loras if self.adapters.enabled else None),
-            self.kv, frozenset(self.model_cfg.eos_token_ids))
+            self.kv, frozenset(self.model_cfg.eos_token_ids), is_ready=self.structured.is_ready)
         self.num_steps = 0
         on = self.config.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
@@ -69,6 +79,11 @@ class Engine:
         when it is not loaded or is being unloaded."""
         if adapter is not None:
             self.adapters.check_servable(adapter)
+        if params.structured_output is not None:
+            try:
+                self.structured.start(request_id, params.structured_output)
+            except GrammarError as e:   # known not to compile: refused at once, like any invalid request
+                raise AdmissionError(str(e), no_capacity=False) from None
         self.scheduler.add_request(request_id, prompt_token_ids, params, priority, cache_salt, adapter)
 
     # --- LoRA adapters (see engine_svc.adapters for the unload policy) ---------------------------------------------
@@ -99,6 +114,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
 
+    def waits_for_grammars(self) -> bool:
+        """There is work, but only requests whose grammar still compiles: a step would do nothing. The compiler
+        calls structured.wake when one ends."""
+        return (self._in_flight is None and not self.scheduler.running
+                and self.structured.waits_for(self.scheduler.waiting))
+
     def check_integrity(self) -> list[str]:
         """Broken KV-cache invariants (empty when sound); when idle, no block may be in use."""
         return self.scheduler.check_integrity()
@@ -109,8 +130,14 @@ class Engine:
         the engine goes on with the others."""
         self._stepping = []
         self._in_executor = False
+        # The driver masks the constrained rows when it samples, with this engine's grammars (engines made by
+        # with_scheduling share the runner).
+        self.runner.structured = self.structured
         try:
-            return self._step()
+            outputs = self._grammar_errors()
+            outputs += self._step()
+            self.structured.forget(self.scheduler.is_live, self.scheduler.requests)
+            return outputs
         except Exception as e:  # noqa: BLE001 - see the docstring: the engine must outlive any one request
             if self._in_executor and self.config.tensor_parallel_size > 1:
                 raise   # a rank that raised mid-step leaves the others inside a collective: only a restart is safe
@@ -146,6 +173,19 @@ class Engine:
             self._in_flight = (out, launched)
         return outputs
 
+    def _grammar_errors(self) -> list[RequestOutput]:
+        """Ends the requests whose grammar did not compile (rejected) or whose output broke it (failed)."""
+        outputs = []
+        failed, broken = self.structured.take_errors()
+        for rid, e in failed:
+            if isinstance(e, GrammarError):
+                outputs += self.scheduler.reject(rid, str(e))
+            else:
+                outputs += self.scheduler.fail(rid, f"compiling its grammar failed: {type(e).__name__}: {e}")
+        for rid, reason in broken:
+            outputs += self.scheduler.fail(rid, f"structured output: {reason}")
+        return outputs
+
     def _fail_step(self, error: str) -> list[RequestOutput]:
         """Fails every API request of the failed step (and of the step in flight, whose results are lost with it).
         When the failure came before any step was scheduled, no request can be blamed, so all of them fail: the
@@ -172,11 +212,14 @@ class Engine:
         return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
 
     def _needs_real_ids(self) -> bool:
-        # Penalties read the output ids on the host; the next beams are chosen from the last step's results.
-        return any(r.params.uses_penalties or isinstance(r.group, BeamSearch) for r in self.scheduler.running)
+        # Penalties read the output ids on the host; the next beams are chosen from the last step's results; a
+        # grammar's mask follows every output token.
+        return any(r.params.uses_penalties or isinstance(r.group, BeamSearch) or r.params.structured_output
+                   is not None for r in self.scheduler.running)
 
     def shutdown(self) -> None:
-        """Stops the executor's workers (none in a single process)."""
+        """Stops the executor's workers (none in a single process) and the grammar compilers."""
+        self.structured.shutdown()
         self.executor.shutdown()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -186,6 +229,8 @@ class Engine:
             self.add_request(rid, prompt, params)
         outputs: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_work():
+            if self.waits_for_grammars():
+                self.structured.wait(timeout=0.05)
             for o in self.step():
                 outputs[o.request_id].extend(o.new_token_ids)
         return [outputs[rid] for rid in ids]

@@ -12,6 +12,9 @@ No request can stop the loop: an exception in admitting one fails that request a
 requests the engine blames (see Engine.step); and a request the engine no longer knows that never had its last
 output gets a FAILED one, so every admitted request ends with a result or an error.
 
+A request whose grammar is still compiling is work the loop cannot advance: when it is all there is, the loop
+sleeps on its inbox, and the compiler's wake-up (an empty command) brings it back.
+
 LoRA admin commands (load, unload, list) go through the same inbox and answer through a reply callback, called on
 the loop thread with the result or the exception. An unload answers once its adapter is drained and dropped (see
 engine_svc.adapters), which is checked after every step.
@@ -109,6 +112,8 @@ class EngineLoop:
         self.load = self._snapshot()
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._ids = itertools.count()
+        # A grammar compiled (on its pool thread): wake the loop, which may be waiting for nothing but that.
+        engine.structured.wake = lambda: self._inbox.put(None)
 
     def new_request_id(self) -> str:
         """A fresh id for one request (thread-safe: count() is atomic in CPython). Digits only, while group
@@ -243,7 +248,7 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain(block=not self.engine.has_work())
+                self._drain(block=not self.engine.has_work() or self.engine.waits_for_grammars())
                 self.load = self._snapshot()
                 if self._stop.is_set() or not self.engine.has_work():
                     continue

@@ -1,4 +1,4 @@
-"""Batched logits processors: penalties, min-p, logit bias, allowed tokens and token suppression.
+"""Batched logits processors: penalties, min-p, logit bias, allowed tokens, token suppression and grammar masks.
 
 Every function works on the whole batch [N, V] at once on the device; per-request values come as [N] tensors and
 per-request token lists as padded [N, L] id tensors (pad = -1). There is no Python loop over the vocabulary.
@@ -7,7 +7,8 @@ Semantics follow the usual definitions:
   by the penalty when positive and multiplied by it when negative; 1 is off;
 - presence_penalty / frequency_penalty (OpenAI): subtract presence * [count > 0] + frequency * count, counting
   output tokens only; 0 is off;
-- min_p: drop tokens whose probability is below min_p times the top token's; 0 is off.
+- min_p: drop tokens whose probability is below min_p times the top token's; 0 is off;
+- a grammar bitmask (structured output): bit j of a row's mask allows token j, as xgrammar packs it.
 """
 from __future__ import annotations
 
@@ -56,3 +57,13 @@ def keep_only(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def suppress(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Forbids token_ids[i] in row rows[i], e.g. EOS and stop ids before min_tokens."""
     return logits.index_put((rows, token_ids), torch.tensor(_MASKED, dtype=logits.dtype, device=logits.device))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Forbids, in each listed row, the tokens whose bit is 0 in bitmask (xgrammar's kernel: C++ on the CPU,
+    Triton on CUDA; one call for the batch). In place; only called when a row is constrained, so xgrammar is
+    loaded by then."""
+    from xgrammar import apply_token_bitmask_inplace
+
+    apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
+    return logits

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from engine_svc.core.request import FinishReason, SamplingParams, TokenLogprob
+from engine_svc.core.request import FinishReason, SamplingParams, StructuredOutput, TokenLogprob
 from engine_svc.engine_loop import LoadSnapshot
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
@@ -13,6 +13,7 @@ FINISH_TO_PB = {
     FinishReason.LENGTH: pb.ENGINE_FINISH_LENGTH,
     FinishReason.ABORTED: pb.ENGINE_FINISH_ABORTED,
     FinishReason.FAILED: pb.ENGINE_FINISH_FAILED,
+    FinishReason.REJECTED: pb.ENGINE_FINISH_REJECTED,
 }
 
 # Below this a temperature would overflow the logits it divides (1.4e-45 makes them inf): it is read as greedy.
@@ -50,6 +51,7 @@ def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         raise ValueError(f"length_penalty must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
                          f"got {p.length_penalty}")
     temperature = 0.0 if p.temperature < MIN_TEMPERATURE else p.temperature
+    structured = structured_output_from_pb(p.structured_output) if p.HasField("structured_output") else None
     return SamplingParams(
         temperature=temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens,
@@ -60,7 +62,27 @@ def params_from_pb(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         min_tokens=p.min_tokens, n=n, best_of=best_of, use_beam_search=p.use_beam_search,
         length_penalty=p.length_penalty if p.use_beam_search else 1.0,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
-        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        structured_output=structured)
+
+
+def structured_output_from_pb(so: pb.StructuredOutput) -> StructuredOutput:
+    """The spec as text; whether it compiles is found out off the loop's thread (engine_svc.structured)."""
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_output: set one of json_schema, json_object, regex, choice, grammar")
+    if kind == "json_object":
+        if not so.json_object:
+            raise ValueError("structured_output.json_object: must be true when set")
+        return StructuredOutput(kind)
+    if kind == "choice":
+        if not so.choice.choices or not all(so.choice.choices):
+            raise ValueError("structured_output.choice: needs at least one choice, none of them empty")
+        return StructuredOutput(kind, choices=tuple(so.choice.choices))
+    spec = getattr(so, kind)
+    if not spec:
+        raise ValueError(f"structured_output.{kind}: must not be empty")
+    return StructuredOutput(kind, spec)
 
 
 MAX_LOGPROBS = 20

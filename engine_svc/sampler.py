@@ -1,6 +1,7 @@
 """Batched sampling on the device: logits processors, greedy, temperature, min-p, top-k, top-p and per-request
-seeds. Order: penalties, logit bias, allowed tokens and min_tokens suppression change the logits of every row
-(greedy ones too); then temperature, min-p and top-k/top-p shape the distribution of the sampled rows.
+seeds. Order: penalties, logit bias, allowed tokens, min_tokens suppression and the grammar mask of structured
+output change the logits of every row (greedy ones too); then temperature, min-p and top-k/top-p shape the
+distribution of the sampled rows.
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p. E comes from a counter-based hash of
 (row key, token id), computed for the whole batch in one vectorised pass (no generator per row). A seeded row's key
@@ -35,6 +36,7 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (rows, token ids, biases)
     allowed: torch.Tensor | None = None                 # [N, V] bool
     suppressed: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids)
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None      # (bitmask [rows, ceil(V / 32)] int32, rows masked)
 
     @classmethod
     def build(cls, params: list, output_lens: list[int], vocab_size: int, device: torch.device, *,
@@ -113,6 +115,8 @@ def apply_processors(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         logits = lp.keep_only(logits, b.allowed)
     if b.suppressed is not None:
         logits = lp.suppress(logits, *b.suppressed)
+    if b.grammar is not None:   # last: nothing after it may lift a token it forbids
+        logits = lp.apply_token_bitmask(logits, *b.grammar)
     return logits
 
 
@@ -148,14 +152,17 @@ def exponential_noise(row_keys: torch.Tensor, token_ids: torch.Tensor) -> torch.
     """Exp(1) noise for each row's tokens (token_ids [vocab] shared by every row, or [N, k]): a 32-bit integer hash
     (two multiply-xorshift rounds) of (row key, token id), mapped to a uniform in (0, 1) and through -log. A token's
     noise depends on nothing else, so drawing it for fewer candidates changes no outcome. Every product stays
-    below 2**63: no overflow on any device."""
+    below 2**63: no overflow on any device. The noise is always > 0."""
     ids = token_ids if token_ids.dim() == 2 else token_ids[None, :]
     x = row_keys[:, None] ^ ((ids * 0x9E3779B1) & _MASK32)
     for _ in range(2):
         x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     x = (x >> 16) ^ x
     u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(u)
+    # float32 rounds the top bucket's u (1 - 2**-25) to 1, whose noise would be 0: a forbidden token (probability
+    # 0: masked by top-k/top-p or a grammar) would then score 0 / 0 = NaN, which argmax picks. Its true noise is
+    # about 2**-25, which no other bucket reaches.
+    return (-torch.log(u)).clamp_min(2.0 ** -25)
 
 
 def _seed_for(seed: int, index: int) -> int:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine_svc.adapter_rpcs import AdapterAdminRpcs
 from engine_svc.adapters import UnknownAdapter
 from engine_svc.config import EngineConfig
+from engine_svc.core.request import FinishReason
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
 from engine_svc.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, logprob_to_pb,
@@ -66,6 +67,8 @@ def _delta(o: RequestOutput, name: str) -> pb.RequestDelta:
     d = pb.RequestDelta(request_id=name, token_ids=o.new_token_ids, finish=FINISH_TO_PB[o.finish_reason],
                         num_cached_tokens=o.num_cached_tokens or 0, index=o.index, last=o.last,
                         cumulative_logprob=o.cumulative_logprob or 0.0, error=o.error)
+    if o.finish_reason is FinishReason.REJECTED:   # found invalid after admission (a grammar that does not compile)
+        d.reject_code = pb.REJECT_INVALID
     if o.logprobs:
         d.logprobs.extend(logprob_to_pb(lp) for lp in o.logprobs)
     if o.prompt_logprobs:

@@ -164,6 +164,7 @@ BENCHMARKS = {
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",
     "sampling": "benchmarks.sampling_overhead",
+    "grammar": "benchmarks.grammar_mask",
     "precision": "benchmarks.precision",
     "serve": "benchmarks.serve_load",
     "soak": "benchmarks.soak",
@@ -171,7 +172,7 @@ BENCHMARKS = {
     "lora": "benchmarks.lora_throughput",
     "tp": "benchmarks.tensor_parallel",
 }
-_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "precision", "lora", "tp"}
+_NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "grammar", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
 
 

@@ -20,6 +20,8 @@ class GatewayConfig:
     max_logit_bias: int = 1024
     max_n: int = 16                 # n, best_of and the beam width
     max_logprobs: int = 20          # alternatives per token for logprobs and prompt_logprobs
+    max_structured_output_chars: int = 256 * 1024   # a JSON schema, regex or grammar (choices together)
+    max_choices: int = 1024         # entries of a structured_output choice list
     connect_timeout_s: float = 60.0
     metrics_port: int = 0           # Prometheus /metrics over HTTP on the gateway's host; 0: off
     http_port: int = 0              # the OpenAI-compatible HTTP API (and /metrics, /health) on the same host; 0: off

@@ -16,6 +16,7 @@ from gateway import request_log
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Failure, Pipeline
+from gateway.structured_output import engine_structured_output
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_bytes, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
@@ -154,6 +155,8 @@ class GenerationFlow:
             params.logprobs = v.logprobs
         if v.prompt_logprobs is not None:
             params.prompt_logprobs = v.prompt_logprobs
+        if v.structured_output is not None:
+            params.structured_output.CopyFrom(engine_structured_output(v.structured_output))
         return params
 
 

@@ -6,13 +6,14 @@ client used by `translate()` (`params.top_p: must be in (0, 1]` -> `top_p: must 
 
 Accepted: OpenAI's parameters that Tandem implements, vLLM's extra sampling parameters under vLLM's names, and a
 few OpenAI fields that only label a request (`user`, `metadata`...), which are ignored. Anything else is refused
-with 400 naming it, so that a client never believes a parameter applied when it did not. `response_format` takes
-only `{"type": "text"}` for now: structured output maps onto the gRPC API once it has a field for it.
+with 400 naming it, so that a client never believes a parameter applied when it did not. Structured output
+(`response_format`, vLLM's `guided_*` and `structured_outputs`) is read by gateway/openai_structured.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.openai_structured import FIELDS as STRUCTURED_FIELDS, BadStructuredField, structured_output
 from gateway.request_log import InvalidRequestId, validate_request_id
 from protos.tandem.v1 import generation_pb2 as api
 
@@ -33,7 +34,7 @@ _PARAMS = {
 }
 # Read below, field by field.
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "logit_bias", "logprobs", "priority",
-           "cache_salt", "request_id", "return_token_ids", "response_format"}
+           "cache_salt", "request_id", "return_token_ids", *STRUCTURED_FIELDS}
 _ONLY = {COMPLETIONS: {"prompt", "echo"},
          CHAT: {"messages", "max_completion_tokens", "top_logprobs", "parse_special_tokens"}}
 # OpenAI fields that label a request or tune a service Tandem does not run: accepted, and without effect.
@@ -101,7 +102,7 @@ def parse(body: object, kind: str, base_model: str) -> OpenAIRequest:
         raise UnknownModel(f"model: {adapter[:64]!r}... is not served here")
     stream = _bool(body, "stream", False)
     include_usage = _stream_options(body, stream)
-    _response_format(body)
+    _structured_output(body, params, names)
     _max_tokens(body, kind, params, names)
     if "stop" in body:
         params.stop.extend(_stop(body["stop"]))
@@ -204,15 +205,14 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _bool(options, "include_usage", False) if options.get("include_usage") is not None else False
 
 
-def _response_format(body: dict) -> None:
-    """Plain text only for now; structured output (json_object, json_schema) will map onto a GenerationParams
-    field here once the gRPC API has one."""
-    if "response_format" not in body:
-        return
-    fmt = body["response_format"]
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind != "text":
-        raise BadField("response_format", f"only {{\"type\": \"text\"}} is supported, got {fmt!r}")
+def _structured_output(body: dict, params: api.GenerationParams, names: dict[str, str]) -> None:
+    try:
+        spec, spec_names = structured_output(body)
+    except BadStructuredField as e:
+        raise BadField(e.param, str(e)) from None
+    if spec is not None:
+        params.structured_output.CopyFrom(spec)
+        names.update(spec_names)
 
 
 def _max_tokens(body: dict, kind: str, params: api.GenerationParams, names: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from gateway.config import GatewayConfig
+from gateway.structured_output import InvalidStructuredOutput, StructuredOutputSpec, validate_structured_output
 from protos.tandem.v1 import generation_pb2 as api
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -49,6 +50,7 @@ class ValidatedRequest:
     echo: bool = False
     adapter: str = ""               # a LoRA adapter's name; empty: the base model (the engine checks it is loaded)
     parse_special_tokens: bool = False  # chat only: special-token text in content becomes control tokens
+    structured_output: StructuredOutputSpec | None = None   # the format the output follows; None: free text
 
 
 def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -> ValidatedRequest:
@@ -111,6 +113,10 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
     if p.HasField("max_tokens") and min_tokens > p.max_tokens:
         raise InvalidRequest(f"params.min_tokens: {min_tokens} is more than max_tokens ({p.max_tokens})")
     group = _validate_group(p, config, temperature)
+    try:
+        structured = validate_structured_output(p, config.max_structured_output_chars, config.max_choices)
+    except InvalidStructuredOutput as e:
+        raise InvalidRequest(str(e)) from None
     if group["use_beam_search"]:
         temperature = 0.0
     return ValidatedRequest(
@@ -127,7 +133,8 @@ def validate(req: api.GenerateRequest, config: GatewayConfig, vocab_size: int) -
         spaces_between_special_tokens=(p.spaces_between_special_tokens
                                        if p.HasField("spaces_between_special_tokens") else True),
         echo=p.echo, adapter=_validate_adapter(req.adapter),
-        parse_special_tokens=chat is not None and req.chat.parse_special_tokens, **group)
+        parse_special_tokens=chat is not None and req.chat.parse_special_tokens, structured_output=structured,
+        **group)
 
 
 def _validate_group(p: api.GenerationParams, config: GatewayConfig, temperature: float) -> dict:

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU_DOCKERFILE = "gateway/Dockerfile"
 ENGINE_DOCKERFILE = "engine_svc/Dockerfile"
 CPU_REQUIREMENTS = REPO_ROOT / "gateway" / "requirements-cpu.txt"
-TORCH_PACKAGES = {"torch", "triton"}
+TORCH_PACKAGES = {"torch", "triton", "xgrammar"}   # xgrammar requires torch: the engine image only
 
 
 @pytest.fixture(scope="module")

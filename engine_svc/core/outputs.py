@@ -17,4 +17,4 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None   # prompt positions 1.., on the first output of index 0
     cumulative_logprob: float | None = None             # on an output's finishing delta, when known
     last: bool = False                     # the request's last output: every index has finished
-    error: str = ""                        # with FinishReason.FAILED: what went wrong
+    error: str = ""                        # with FinishReason.FAILED or REJECTED: what went wrong

@@ -30,6 +30,30 @@ class FinishReason(enum.Enum):
     LENGTH = "length"           # max_tokens or the model's context
     ABORTED = "aborted"
     FAILED = "failed"           # an error while processing this request; the engine went on serving the others
+    REJECTED = "rejected"       # refused before it ran: its request is invalid (a grammar that does not compile)
+
+
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must follow: kept as text (the engine compiles it off the loop's thread, and caches it by
+    this value). spec is the JSON schema, regex or grammar; choices the choice list; json_object has neither."""
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}")
+        if self.kind == "choice" and not self.choices:
+            raise ValueError("a choice list needs at least one choice")
+
+    @property
+    def field(self) -> str:
+        """The public API's name of the field, for error messages."""
+        return f"params.structured_output.{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -54,12 +78,19 @@ class SamplingParams:
     length_penalty: float = 1.0                 # beam search: score = sum logprob / length ** length_penalty
     logprobs: int | None = None                 # report each output token's logprob and this many alternatives
     prompt_logprobs: int | None = None          # the same for each prompt token after the first
+    structured_output: StructuredOutput | None = None   # the grammar the output follows; it ends the output on EOS
 
     def __post_init__(self) -> None:
         if not 1 <= self.n <= self.best_of:
             raise ValueError(f"n must be in [1, best_of]; got n={self.n}, best_of={self.best_of}")
         if self.use_beam_search and self.temperature != 0.0:
             raise ValueError("beam search is deterministic: temperature must be 0")
+        if self.structured_output is not None:
+            # The grammar decides where the output ends: EOS must stay possible whenever the grammar allows it.
+            for name, used in (("use_beam_search", self.use_beam_search), ("ignore_eos", self.ignore_eos),
+                               ("min_tokens", self.min_tokens > 0)):
+                if used:
+                    raise ValueError(f"structured_output cannot be combined with {name}")
 
     @property
     def needs_logprob(self) -> bool:

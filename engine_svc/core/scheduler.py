@@ -16,6 +16,8 @@ Invariants after each schedule():
 - the running requests use at most max_loras distinct LoRA adapters (the base model is no adapter), so every
   step's adapters fit the device's adapter slots. A waiting request whose adapter would exceed that waits while
   the requests behind it, on the base model or on adapters already running, still join.
+- a waiting request that is not ready (the engine's `is_ready` predicate: its grammar still compiling) is
+  stepped over the same way: it keeps its place, and the requests behind it join.
 
 Asynchronous scheduling (the engine launches step k+1 before it has read step k's sampled ids): schedule() counts
 the scheduled tokens as computed at once, and mark_in_flight() appends a PLACEHOLDER for each token being sampled,
@@ -33,6 +35,7 @@ import bisect
 import itertools
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
@@ -105,8 +108,11 @@ class AdmissionError(ValueError):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int],
+                 is_ready: Callable[[Request], bool] = lambda _: True) -> None:
+        """is_ready: whether a waiting request may join now (the engine says no while its grammar compiles)."""
         self.config = config
+        self.is_ready = is_ready
         self.kv = kv
         self.eos_token_ids = eos_token_ids
         self.waiting: list[Request] = []
@@ -177,6 +183,12 @@ class Scheduler:
         if not self._end(request_id, FinishReason.FAILED):
             return []
         return [RequestOutput(request_id, [], FinishReason.FAILED, error=error, last=True)]
+
+    def reject(self, request_id: str, error: str) -> list[RequestOutput]:
+        """Ends the API request, found invalid after admission (its grammar does not compile): it never ran."""
+        if not self._end(request_id, FinishReason.REJECTED):
+            return []
+        return [RequestOutput(request_id, [], FinishReason.REJECTED, error=error, last=True)]
 
     def is_live(self, request_id: str) -> bool:
         """The API request is admitted and has not ended (its last output is still to come)."""
@@ -266,7 +278,7 @@ class Scheduler:
             req = self.waiting[i]
             if req.has_placeholder:
                 break   # preempted while its last step ran: it can rejoin once that step's token is known
-            if not self._adapter_fits(req, adapters):
+            if not (self._adapter_fits(req, adapters) and self.is_ready(req)):
                 i += 1
                 continue
             need = self._seats_needed(req)

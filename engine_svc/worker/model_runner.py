@@ -100,6 +100,7 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
+        self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         if self.uses_graphs:
@@ -320,6 +321,12 @@ class ModelRunner:
         batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
                                     self.model_cfg.vocab_size, self.device, histories=histories,
                                     eos_token_ids=self._eos_token_ids)
+        if self.structured is not None:
+            # Filled on the host while the device runs the forward, then applied there in one call.
+            mask = self.structured.bitmask([s.request for s in sampling])
+            if mask is not None:
+                batch.grammar = (to_device(mask[0], torch.int32, self.device),
+                                 to_device(mask[1], torch.int32, self.device))
         logits = apply_processors(logits, batch)
         step.sampled = sample_processed(logits, batch)
         wanted = [(p.logprobs or 0) if p.needs_logprob else None for p in params]

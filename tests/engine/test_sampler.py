@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_svc.core.request import SamplingParams
-from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, sample
+from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, sample
 
 V = 50
 
@@ -138,3 +138,19 @@ def test_candidate_narrowing_changes_no_seeded_draw():
     assert narrow.top_k_width == 5
     a, b = sample(logits, full), sample(logits, narrow)
     assert torch.equal(a, b) and len(set(a.tolist())) == 5
+
+
+def test_a_forbidden_token_is_never_drawn_even_in_the_hashs_top_bucket():
+    """Row key 27206443 hashes token 0 into the top bucket, where float32 rounds the uniform to 1: its noise must
+    stay > 0, or a masked token 0 would score 0 / 0 = NaN and win the argmax."""
+    key = torch.tensor([27206443])
+    assert exponential_noise(key, torch.tensor([0])).item() > 0
+    b = batch([SamplingParams(temperature=1.0)])
+    b.row_keys = key
+    logits = torch.zeros(1, V)
+    logits[0, 0] = float("-inf")       # masked, e.g. by a grammar
+    assert sample(logits, b).item() != 0
+    b.top_k, b.needs_top_k, b.top_k_width = torch.tensor([5]), True, 5
+    logits = torch.arange(V, dtype=torch.float32)[None, :].flip(-1)   # token 0 is the best: kept by top-k
+    logits[0, 0] = float("-inf")
+    assert sample(logits, b).item() in range(1, 6)

@@ -110,7 +110,7 @@ def test_echo_with_logprobs_asks_for_the_prompts_logprobs():
     (COMPLETIONS, {"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats: not an option"),
     (COMPLETIONS, {"prompt": "x", "request_id": "a\nb"}, "request_id: must be printable ASCII"),
-    (COMPLETIONS, {"prompt": "x", "response_format": {"type": "json_object"}}, "response_format: only"),
+    (COMPLETIONS, {"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type: must be text, "),
     (CHAT, {"messages": "hi"}, "messages: must be a list of messages, got 'hi'"),
     (CHAT, {"messages": [{"content": "hi"}]}, "messages[0].role: must be a string, got None"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]: only"),
