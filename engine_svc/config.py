@@ -43,7 +43,8 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 50053
     lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) of the LoRA adapters loaded at start (--lora)
-    tensor_parallel_size: int = 1               # ranks the model is split over (worker processes beside the engine)
+    tensor_parallel_size: int = 1               # ranks each pipeline stage's layers are split over
+    pipeline_parallel_size: int = 1             # stages the layers are split into; T x P ranks in all
     distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node
     distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
 
@@ -69,6 +70,7 @@ class EngineConfig:
             (self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras"),
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size must be >= 1"),
             (self.distributed_executor in DISTRIBUTED_EXECUTORS,
              f"distributed_executor must be one of {DISTRIBUTED_EXECUTORS}"),
             (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
@@ -76,6 +78,11 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks holding the model: tensor_parallel_size x pipeline_parallel_size (1: the engine process alone)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over this many ranks (GPUs, or CPU processes): Megatron-style tensor "
                         "parallelism, one worker process per rank beyond the engine's own")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="split the layers into this many stages, each on its own tensor-parallel group of ranks "
+                        "(T x P ranks in all); the engine keeps P batches in flight so the stages overlap")
     p.add_argument("--distributed-executor", default="mp", choices=DISTRIBUTED_EXECUTORS,
                    help="mp: the ranks are worker processes on this node")
     p.add_argument("--distributed-timeout-s", type=float, default=600.0,

@@ -3,7 +3,8 @@
 An executor has `driver`, the ModelRunner in the engine process (rank 0: it builds each step's plan and samples),
 `launch(out)` / `execute(out)` / `forward_logits(out)` like a runner's, and `shutdown()`:
 - UniProcExecutor: one process, one runner; its methods are the runner's own (no added call).
-- MultiprocExecutor: tensor-parallel ranks 1..T-1 in worker processes, rank 0 in the engine process.
+- MultiprocExecutor: ranks 1..T x P - 1 (tensor-parallel ranks of pipeline stages) in worker processes, rank 0
+  in the engine process.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from engine_svc.executor.uniproc import UniProcExecutor
 
 
 def make_executor(config: EngineConfig):
-    if config.tensor_parallel_size == 1:
+    if config.world_size == 1:
         return UniProcExecutor(config)
     from engine_svc.executor.multiproc import MultiprocExecutor
     return MultiprocExecutor(config)
