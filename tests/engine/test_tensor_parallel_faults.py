@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 
 import psutil
 import pytest
@@ -17,7 +15,7 @@ from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 from engine_svc.executor.multiproc import MultiprocExecutor
-from tests.e2e.conftest import free_port
+from tests.engine.engine_process import start_engine_service
 from tests.engine.tiny_models import write_tiny_family
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -61,20 +59,7 @@ def _capture(fn, into: list) -> None:
 
 
 def _start_engine(tiny, log) -> tuple[subprocess.Popen, list[psutil.Process]]:
-    cmd = [sys.executable, "-m", "engine_svc", "--model", str(tiny), "--device", "cpu", "--dtype", "float32",
-           "--num-kv-blocks", "32", "--tensor-parallel-size", "3", "--port", str(free_port())]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while "engine_svc listening" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the engine did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
-    assert len(workers) == 2
-    return proc, workers
+    return start_engine_service(tiny, log, ["--tensor-parallel-size", "3"], num_workers=2)
 
 
 def test_engine_exits_naming_the_dead_rank_and_leaves_no_workers(tiny, tmp_path):
