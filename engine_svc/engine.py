@@ -40,8 +40,11 @@ class Engine:
         self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.pipeline_depth = self.config.pipeline_parallel_size   # batches in flight at most
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
+            # Pipelined, max_num_seqs bounds each of the P batches in flight (vLLM's virtual engines, each with its
+            # own max_num_seqs): P times as many requests run.
+            SchedulerConfig(max_num_seqs=self.config.max_num_seqs * self.pipeline_depth,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
                             max_model_len=self.config.max_model_len,
                             max_waiting=self.config.max_waiting,
@@ -49,7 +52,6 @@ class Engine:
                             max_loras=self.config.max_loras if self.adapters.enabled else None),
             self.kv, frozenset(self.model_cfg.eos_token_ids))
         self.num_steps = 0
-        self.pipeline_depth = self.config.pipeline_parallel_size   # batches in flight at most
         on = self.config.async_scheduling
         # Pipelined, the batches in flight take the place of asynchronous scheduling's one step ahead.
         self.async_scheduling = (self.runner.device.type == "cuda" if on is None else on) and self.pipeline_depth == 1
@@ -175,9 +177,9 @@ class Engine:
 
     def _batch_rows(self) -> int:
         """A batch's share of the requests, so that they spread over the P batches in flight (vLLM's virtual
-        engines split them the same way, by assignment)."""
+        engines split them the same way, by assignment), and at most max_num_seqs."""
         active = len(self.scheduler.running) + len(self.scheduler.waiting)
-        return max(1, -(-active // self.pipeline_depth))
+        return max(1, min(self.config.max_num_seqs, -(-active // self.pipeline_depth)))
 
     def _fail_step(self, error: str) -> list[RequestOutput]:
         """Fails every API request of the failed step (and of the step in flight, whose results are lost with it).

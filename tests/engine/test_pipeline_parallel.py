@@ -93,13 +93,14 @@ def test_tokens_equal_single_process_with_chunking_prefix_hits_preemption_and_n(
 
 
 def test_two_batches_are_in_flight_and_split_the_requests(engines):
-    """Four decoding requests over 2 stages: the engine launches a second batch (the other half of the requests)
-    before it waits for the first, so the driver runs the last stage of one while stage 0 runs the other."""
+    """Four requests over 2 stages with max_num_seqs 2: the engine launches a second batch (the other two
+    requests) before it waits for the first, so the driver runs the last stage of one while stage 0 runs the
+    other; max_num_seqs bounds each batch, so all four run at once."""
     single, parallel = engines
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = PROMPTS + [[7, 8, 9, 10]]
     expected = single.with_scheduling().generate(prompts, greedy)   # fresh caches: the KV tensors are shared
-    e = parallel.with_scheduling()
+    e = parallel.with_scheduling(max_num_seqs=2)
     for i, p in enumerate(prompts):
         e.add_request(f"r{i}", p, greedy)
     sizes = []
@@ -120,7 +121,7 @@ def test_two_batches_are_in_flight_and_split_the_requests(engines):
         e.executor.launch = launch
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == expected
     assert e.runner.peak_steps_in_flight == 2
-    assert max(sizes) == 2      # the four requests go in two batches of two, never in one batch of four
+    assert sizes[:2] == [2, 2] and max(sizes) == 2   # two batches of two from the start, never one of four
 
 
 def test_each_rank_holds_only_its_stage(engines):
