@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences in one step's batch; with --pipeline-parallel-size P, in each of the P batches "
+                        "in flight (P x this many run at once)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget of one step, shared by decodes and prefill chunks "
                         "(default: 8192 on CUDA, 2048 on CPU)")

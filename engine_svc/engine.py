@@ -187,12 +187,11 @@ class Engine:
         scheduler's state may be half-changed, and a clean slate keeps the KV cache sound."""
         outs = list(self._stepping)
         if self.pipeline_depth > 1:
-            # Every stage runs the batches in flight whatever happens here; the driver runs their last stage too,
-            # so that the ranks stay in step (an exception doing so is the executor's, and fatal).
-            self._in_executor = True
+            # Every stage runs the batches in flight whatever happens here; the driver runs their last stage too
+            # (results dropped), so that the ranks stay in step. An exception doing so escapes: fatal, as any other
+            # inside the executor.
             for _, launched in self._in_flight:
                 launched.wait()
-            self._in_executor = False
         outs += [out for out, _ in self._in_flight]
         self._in_flight.clear()
         if self._stepping:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine_svc.config import EngineConfig, config_from_args
-from engine_svc.core.request import SamplingParams
+from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.distributed.pipeline import PipelineStage, rank_of, stage_of
 from engine_svc.engine import Engine
 from tests.engine.family_checks import PROMPTS, stepped_logits
@@ -122,6 +122,29 @@ def test_two_batches_are_in_flight_and_split_the_requests(engines):
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == expected
     assert e.runner.peak_steps_in_flight == 2
     assert sizes[:2] == [2, 2] and max(sizes) == 2   # two batches of two from the start, never one of four
+
+
+def test_a_failed_step_with_batches_in_flight_keeps_the_stages_in_step(engines):
+    """A failure outside the executor (here the scheduler) fails the requests, and the driver still runs the last
+    stage of the batch in flight, so the next requests meet every stage in step."""
+    single, parallel = engines
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = PROMPTS + [[7, 8, 9, 10]]
+    e = parallel.with_scheduling()
+    for i, p in enumerate(prompts):
+        e.add_request(f"r{i}", p, greedy)
+    e.step()
+    assert len(e._in_flight) == 1     # two launched, the oldest finished
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a scheduler bug")
+
+    e.scheduler.schedule = broken
+    failed = e.step()
+    del e.scheduler.schedule
+    assert sorted(o.request_id for o in failed) == [f"r{i}" for i in range(len(prompts))]
+    assert all(o.finish_reason is FinishReason.FAILED for o in failed) and not e.has_work()
+    assert e.generate(prompts, greedy) == single.with_scheduling().generate(prompts, greedy)
 
 
 def test_each_rank_holds_only_its_stage(engines):
