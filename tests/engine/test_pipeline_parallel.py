@@ -92,6 +92,51 @@ def test_tokens_equal_single_process_with_chunking_prefix_hits_preemption_and_n(
     assert parallel.runner.peak_steps_in_flight == 2
 
 
+def run_features(engine: Engine) -> dict:
+    """Beam search, logprobs with prompt logprobs, a repetition penalty and seeded top-p sampling side by side:
+    every output id, logprob and prompt logprob by (request, index)."""
+    e = engine.with_scheduling()
+    requests = {
+        "beam": (PROMPTS[0], SamplingParams(temperature=0.0, use_beam_search=True, best_of=3, n=2, max_tokens=8)),
+        "logprobs": (PROMPTS[1], SamplingParams(temperature=0.0, logprobs=2, prompt_logprobs=1, max_tokens=8,
+                                                ignore_eos=True)),
+        "penalty": (PROMPTS[2], SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=8,
+                                               ignore_eos=True)),
+        "seeded": ([4, 5, 6], SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=8, ignore_eos=True)),
+    }
+    for rid, (prompt, params) in requests.items():
+        e.add_request(rid, prompt, params)
+    got: dict = {}
+    while e.has_work():
+        for o in e.step():
+            entry = got.setdefault((o.request_id, o.index), {"ids": [], "logprobs": [], "prompt": []})
+            entry["ids"] += o.new_token_ids
+            for key, lps in (("logprobs", o.logprobs), ("prompt", o.prompt_logprobs)):
+                entry[key] += [(lp.token_id, lp.logprob, lp.top) for lp in lps or () if lp]
+    return got
+
+
+def test_beam_search_logprobs_penalties_and_seeds_equal_single_process(engines):
+    single, parallel = engines
+    expected = run_features(single)
+    assert len(expected) == 5 and expected[("logprobs", 0)]["prompt"]
+    got = run_features(parallel)
+    assert got.keys() == expected.keys()
+    for key, want in expected.items():
+        assert got[key]["ids"] == want["ids"]
+        for kind in ("logprobs", "prompt"):
+            assert _ids(got[key][kind]) == _ids(want[kind])
+            assert _values(got[key][kind]) == pytest.approx(_values(want[kind]), abs=1e-4)
+
+
+def _ids(entries) -> list:
+    return [(token, [i for i, _ in top]) for token, _, top in entries]
+
+
+def _values(entries) -> list[float]:
+    return [v for _, logprob, top in entries for v in (logprob, *(v for _, v in top))]
+
+
 def test_two_batches_are_in_flight_and_split_the_requests(engines):
     """Four requests over 2 stages with max_num_seqs 2: the engine launches a second batch (the other two
     requests) before it waits for the first, so the driver runs the last stage of one while stage 0 runs the
