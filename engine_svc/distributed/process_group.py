@@ -59,7 +59,8 @@ def cpu_threads_per_rank(world_size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // world_size)
 
 
-def join(spec: RankSpec) -> tuple[TensorParallel, PipelineStage, StepChannel]:
+def join(spec: RankSpec) -> tuple[TensorParallel, StepChannel]:
+    """This rank's tensor-parallel group and plan channel (its pipeline stage is spec.stage)."""
     import torch.distributed as dist
 
     if spec.device_type == "cuda":
@@ -86,7 +87,7 @@ def join(spec: RankSpec) -> tuple[TensorParallel, PipelineStage, StepChannel]:
         channel = StepChannel(sends, 0, extra, asynchronous=p > 1)
     else:
         channel = StepChannel([plan_groups[pp.stage]], spec.rank, extra)
-    return TensorParallel(pp.tp_rank, t, tp_groups[pp.stage]), pp, channel
+    return TensorParallel(pp.tp_rank, t, tp_groups[pp.stage]), channel
 
 
 def leave() -> None:

@@ -52,8 +52,9 @@ class MultiprocExecutor:
         # At interpreter exit multiprocessing terminates the (daemon) workers: an ending, not a failure.
         atexit.register(self._mark_stopping)
         try:
-            tp, pp, self.channel = join(RankSpec(config, 0, init_method, device.type, os.getpid()))
-            self.driver = ModelRunner(config, tp=tp, channel=self.channel, pp=pp)
+            spec = RankSpec(config, 0, init_method, device.type, os.getpid())
+            tp, self.channel = join(spec)
+            self.driver = ModelRunner(config, tp=tp, channel=self.channel, pp=spec.stage)
         except BaseException:
             self._stop_workers()
             raise

@@ -23,8 +23,8 @@ def run_worker(spec: RankSpec) -> None:
                      name="parent-watchdog").start()
     try:
         from engine_svc.worker.model_runner import ModelRunner
-        tp, pp, channel = join(spec)
-        runner = ModelRunner(spec.config, tp=tp, channel=channel, pp=pp)
+        tp, channel = join(spec)
+        runner = ModelRunner(spec.config, tp=tp, channel=channel, pp=spec.stage)
         runner.serve_plans()
         leave()
     except BaseException as e:   # noqa: BLE001 - every failure must reach the driver as this process's exit

@@ -1,15 +1,54 @@
-"""An engine service started as its own process for the fault tests, with its worker processes found by psutil."""
+"""What the fault tests of tensor and pipeline parallelism share: an engine whose worker is killed mid-run, and an
+engine service started as its own process, with its worker processes found by psutil."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
+from engine_svc.config import EngineConfig
+from engine_svc.core.request import SamplingParams
+from engine_svc.engine import Engine
+from engine_svc.executor.multiproc import MultiprocExecutor
 from tests.e2e.conftest import free_port
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+
+def kill_a_worker_mid_run(config: EngineConfig) -> tuple[list[str], BaseException]:
+    """Runs requests on an engine over worker processes, SIGKILLs the first worker, and returns the monitor's
+    reports (it must report within 10 s) and what the next step raised (it must fail within 25 s, not hang)."""
+    reports: list[str] = []
+    reported = threading.Event()
+    executor = MultiprocExecutor(config, on_failure=lambda m: (reports.append(m), reported.set()))
+    engine = Engine(executor.driver.config, executor)
+    try:
+        assert [len(out) for out in engine.generate([[5, 6, 7], [8, 9]], GREEDY)] == [4, 4]
+        os.kill(executor.workers[0].pid, signal.SIGKILL)
+        assert reported.wait(10), "the monitor did not report the dead worker"
+        engine.add_request("after", [5, 6, 7], GREEDY)
+        failure: list[BaseException] = []
+        stepping = threading.Thread(target=lambda: _capture(engine.step, failure), daemon=True)
+        stepping.start()
+        stepping.join(25)
+        assert not stepping.is_alive(), "a step on a dead rank hung"
+        assert failure, "a step on a dead rank succeeded"
+        return reports, failure[0]
+    finally:
+        engine.shutdown()
+
+
+def _capture(fn, into: list) -> None:
+    try:
+        fn()
+    except BaseException as e:   # noqa: BLE001 - the caller inspects it
+        into.append(e)
 
 
 def start_engine_service(model, log, parallel_args: list[str], num_workers: int

@@ -54,6 +54,19 @@ def stepped_logits(engine: Engine, prompts, steps: int):
         engine.scheduler.update(out, sampled)
 
 
+def assert_same_stepped_logits(reference: Engine, other: Engine, prompts=PROMPTS, steps: int = 6) -> None:
+    """Two engines over the same checkpoint (one process, and split over ranks) give the same sequences and, at
+    every prefill and decode step, logits within 1e-4."""
+    checked = 0
+    with torch.no_grad():
+        for (seq_a, a), (seq_b, b) in zip(stepped_logits(reference, prompts, steps),
+                                          stepped_logits(other, prompts, steps), strict=True):
+            assert seq_a == seq_b
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked == len(prompts) * steps
+
+
 def assert_logits_match(engine: Engine, ref, prompts=PROMPTS, steps: int = 8) -> None:
     """Prefill and paged-decode logits equal the reference's full forward at every step (block size 4: the decodes
     cross block boundaries); every block is free afterwards."""

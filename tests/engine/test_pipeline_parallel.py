@@ -8,13 +8,12 @@ cases run one after the other)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from engine_svc.config import EngineConfig, config_from_args
+from engine_svc.config import config_from_args
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.distributed.pipeline import PipelineStage, rank_of, stage_of
 from engine_svc.engine import Engine
-from tests.engine.family_checks import PROMPTS, stepped_logits
+from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits, make_engine
 from tests.engine.tiny_models import write_tiny_family
 
 # name -> (family, tensor-parallel ranks per stage, stages, config overrides)
@@ -31,33 +30,20 @@ CASES = {
 }
 
 
-def engine_config(path, **kw) -> EngineConfig:
-    return EngineConfig(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64,
-                        max_num_seqs=8, **kw)
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def engines(request, tmp_path_factory):
     """(single-process engine, pipeline-parallel engine) over the same checkpoint."""
     family, tp, pp, overrides = CASES[request.param]
     path = write_tiny_family(tmp_path_factory.mktemp(request.param), family, seed=3, **overrides)
-    single = Engine(engine_config(path))
-    parallel = Engine(engine_config(path, tensor_parallel_size=tp, pipeline_parallel_size=pp))
+    single = make_engine(path)
+    parallel = make_engine(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     yield single, parallel
     parallel.shutdown()
     assert all(not p.is_alive() for p in parallel.executor.workers)
 
 
 def test_prefill_and_decode_logits_equal_single_process(engines):
-    single, parallel = engines
-    checked = 0
-    with torch.no_grad():
-        for (seq_a, a), (seq_b, b) in zip(stepped_logits(single, PROMPTS, 6), stepped_logits(parallel, PROMPTS, 6),
-                                          strict=True):
-            assert seq_a == seq_b
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-            checked += 1
-    assert checked == len(PROMPTS) * 6
+    assert_same_stepped_logits(*engines)
 
 
 def run_mixed(engine: Engine) -> tuple[dict, int, int]:

@@ -7,13 +7,12 @@ cases run one after the other)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.distributed.partition import head_shard, vocab_shard
 from engine_svc.engine import Engine
-from tests.engine.family_checks import PROMPTS, stepped_logits
+from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits
 from tests.engine.tiny_models import write_tiny_family
 
 # name -> (family, ranks, config overrides)
@@ -47,15 +46,7 @@ def engines(request, tmp_path_factory):
 
 
 def test_prefill_and_decode_logits_equal_single_process(engines):
-    single, parallel = engines
-    checked = 0
-    with torch.no_grad():
-        for (seq_a, a), (seq_b, b) in zip(stepped_logits(single, PROMPTS, 6), stepped_logits(parallel, PROMPTS, 6),
-                                          strict=True):
-            assert seq_a == seq_b
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-            checked += 1
-    assert checked == len(PROMPTS) * 6
+    assert_same_stepped_logits(*engines)
 
 
 def run_mixed(engine: Engine) -> tuple[dict, int, int]:

@@ -3,22 +3,15 @@ cause and fails the engine's next step instead of hanging; the engine service ex
 neither that nor a SIGKILLed engine leaves worker processes behind."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import threading
 
 import psutil
 import pytest
 
 from engine_svc.config import EngineConfig
-from engine_svc.core.request import SamplingParams
-from engine_svc.engine import Engine
-from engine_svc.executor.multiproc import MultiprocExecutor
-from tests.engine.engine_process import start_engine_service
+from tests.engine.engine_process import kill_a_worker_mid_run, start_engine_service
 from tests.engine.tiny_models import write_tiny_family
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,31 +24,9 @@ def tiny(tmp_path_factory):
 def test_a_killed_worker_is_reported_by_rank_and_fails_the_next_step(tiny):
     config = EngineConfig(model=str(tiny), device="cpu", dtype="float32", block_size=4, num_kv_blocks=32,
                           tensor_parallel_size=2, distributed_timeout_s=30)
-    reports: list[str] = []
-    reported = threading.Event()
-    executor = MultiprocExecutor(config, on_failure=lambda m: (reports.append(m), reported.set()))
-    engine = Engine(executor.driver.config, executor)
-    try:
-        assert len(engine.generate([[5, 6, 7]], GREEDY)[0]) == 4
-        os.kill(executor.workers[0].pid, signal.SIGKILL)
-        assert reported.wait(10)
-        assert reports == ["[engine] tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops"]
-        engine.add_request("after", [5, 6, 7], GREEDY)
-        failure: list[BaseException] = []
-        stepping = threading.Thread(target=lambda: _capture(engine.step, failure), daemon=True)
-        stepping.start()
-        stepping.join(25)
-        assert not stepping.is_alive(), "a step on a dead rank hung"
-        assert failure and isinstance(failure[0], RuntimeError)
-    finally:
-        engine.shutdown()
-
-
-def _capture(fn, into: list) -> None:
-    try:
-        fn()
-    except BaseException as e:   # noqa: BLE001 - the test inspects it
-        into.append(e)
+    reports, failure = kill_a_worker_mid_run(config)
+    assert reports == ["[engine] tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops"]
+    assert isinstance(failure, RuntimeError)
 
 
 def _start_engine(tiny, log) -> tuple[subprocess.Popen, list[psutil.Process]]:
