@@ -51,6 +51,15 @@ def _capture(fn, into: list) -> None:
         into.append(e)
 
 
+def exit_code_within(proc: subprocess.Popen, seconds: float) -> int:
+    """The engine's exit code; fails the test (killing it) when it is still running after `seconds`."""
+    try:
+        return proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the engine did not exit within {seconds} s of a worker's death")
+
+
 def start_engine_service(model, log, parallel_args: list[str], num_workers: int
                          ) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """`python -m engine_svc` on a tiny checkpoint (CPU, fp32) with parallel_args; waits until it listens and

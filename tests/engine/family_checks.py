@@ -3,6 +3,7 @@ logits step by step through the paged cache, and greedy continuations."""
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 
 import torch
 
@@ -34,6 +35,39 @@ def make_engine(path, **kw) -> Engine:
     cfg = dict(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=8)
     cfg.update(kw)
     return Engine(EngineConfig(**cfg))
+
+
+@contextmanager
+def single_and_parallel(path, **parallel):
+    """(one-process engine, engine over worker processes with the `parallel` sizes) on the same checkpoint; the
+    workers are stopped, and gone, afterwards."""
+    split = make_engine(path, **parallel)
+    try:
+        yield make_engine(path), split
+    finally:
+        split.shutdown()
+    assert all(not p.is_alive() for p in split.executor.workers)
+
+
+def run_mixed(engine: Engine) -> tuple[dict, int, int]:
+    """32 tokens for four requests through 8-token chunks and 24 KV blocks (preemption), a request with n=2
+    (seeded sampling), and a second request on a first one's prompt once that one's prompt is computed
+    (prefix-cache hit); returns the tokens by (request, index), the preemptions and the prompt tokens found in the
+    cache."""
+    e = engine.with_scheduling(num_kv_blocks=24, max_num_batched_tokens=8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    e.add_request("a", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
+    e.add_request("n2", PROMPTS[2], SamplingParams(temperature=0.9, seed=7, n=2, best_of=2, max_tokens=32,
+                                                   ignore_eos=True))
+    e.add_request("b", PROMPTS[1], greedy)
+    tokens: dict = {}
+    while e.has_work():
+        for o in e.step():
+            if o.request_id == "a" and ("a", 0) not in tokens:   # "a"'s prompt blocks are cached now
+                e.add_request("a-again", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
+            tokens.setdefault((o.request_id, o.index), []).extend(o.new_token_ids)
+    assert e.check_integrity() == [] and e.kv.num_used_blocks == 0
+    return tokens, e.scheduler.num_preemptions, e.kv.prefix_stats.hits
 
 
 def stepped_logits(engine: Engine, prompts, steps: int):

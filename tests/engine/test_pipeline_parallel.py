@@ -13,7 +13,7 @@ from engine_svc.config import config_from_args
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.distributed.pipeline import PipelineStage, rank_of, stage_of
 from engine_svc.engine import Engine
-from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits, make_engine
+from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits, run_mixed, single_and_parallel
 from tests.engine.tiny_models import write_tiny_family
 
 # name -> (family, tensor-parallel ranks per stage, stages, config overrides)
@@ -35,36 +35,12 @@ def engines(request, tmp_path_factory):
     """(single-process engine, pipeline-parallel engine) over the same checkpoint."""
     family, tp, pp, overrides = CASES[request.param]
     path = write_tiny_family(tmp_path_factory.mktemp(request.param), family, seed=3, **overrides)
-    single = make_engine(path)
-    parallel = make_engine(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    yield single, parallel
-    parallel.shutdown()
-    assert all(not p.is_alive() for p in parallel.executor.workers)
+    with single_and_parallel(path, tensor_parallel_size=tp, pipeline_parallel_size=pp) as pair:
+        yield pair
 
 
 def test_prefill_and_decode_logits_equal_single_process(engines):
     assert_same_stepped_logits(*engines)
-
-
-def run_mixed(engine: Engine) -> tuple[dict, int, int]:
-    """32 tokens for four requests through 8-token chunks and 24 KV blocks (preemption), a request with n=2
-    (seeded sampling), and a second request on a first one's prompt once that one's prompt is computed
-    (prefix-cache hit); returns the tokens by (request, index), the preemptions and the prompt tokens found in the
-    cache."""
-    e = engine.with_scheduling(num_kv_blocks=24, max_num_batched_tokens=8)
-    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    e.add_request("a", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
-    e.add_request("n2", PROMPTS[2], SamplingParams(temperature=0.9, seed=7, n=2, best_of=2, max_tokens=32,
-                                                   ignore_eos=True))
-    e.add_request("b", PROMPTS[1], greedy)
-    tokens: dict = {}
-    while e.has_work():
-        for o in e.step():
-            if o.request_id == "a" and ("a", 0) not in tokens:   # "a"'s prompt blocks are cached now
-                e.add_request("a-again", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
-            tokens.setdefault((o.request_id, o.index), []).extend(o.new_token_ids)
-    assert e.check_integrity() == [] and e.kv.num_used_blocks == 0
-    return tokens, e.scheduler.num_preemptions, e.kv.prefix_stats.hits
 
 
 def test_tokens_equal_single_process_with_chunking_prefix_hits_preemption_and_n(engines):

@@ -4,13 +4,12 @@ tensor-parallel ranks) exits non-zero naming the rank, and no worker outlives it
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import psutil
 import pytest
 
 from engine_svc.config import EngineConfig
-from tests.engine.engine_process import kill_a_worker_mid_run, start_engine_service
+from tests.engine.engine_process import exit_code_within, kill_a_worker_mid_run, start_engine_service
 from tests.engine.tiny_models import write_tiny_family
 
 
@@ -33,12 +32,7 @@ def test_engine_exits_naming_the_dead_stage_rank_and_leaves_no_workers(tiny, tmp
     proc, workers = start_engine_service(tiny, log, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"],
                                          num_workers=3)
     workers[1].send_signal(signal.SIGKILL)   # rank 2: stage 0's first tensor-parallel rank
-    try:
-        code = proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the engine did not exit within 10 s of a worker's death")
-    assert code != 0
+    assert exit_code_within(proc, 10) != 0
     lines = [line for line in log.read_text().splitlines() if "died" in line]
     assert lines == ["[engine] worker rank 2 (pipeline stage 0 of 2, tensor-parallel rank 0 of 2) died "
                      "(killed by SIGKILL); the engine stops"]
