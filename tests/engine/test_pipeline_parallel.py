@@ -7,12 +7,15 @@ Each case starts its workers once (module-scoped fixture; one process group per 
 cases run one after the other)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from engine_svc.config import config_from_args
+from engine_svc.config import EngineConfig, config_from_args
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.distributed.pipeline import PipelineStage, rank_of, stage_of
 from engine_svc.engine import Engine
+from engine_svc.worker.model_runner import ModelRunner
 from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits, run_mixed, single_and_parallel
 from tests.engine.tiny_models import write_tiny_family
 
@@ -180,6 +183,15 @@ def test_rank_layout_puts_the_last_stage_on_the_driver():
     assert [stage_of(r, 4, 1) for r in range(4)] == [0, 0, 0, 0]        # P = 1: plain tensor parallelism
     stage1 = PipelineStage(1, 3, tp_rank=1, tp_size=2)
     assert (stage1.prev_rank, stage1.next_rank) == (3, 1)
+
+
+def test_a_family_without_stages_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["FalconForCausalLM"], model_type="falcon", vocab_size=320, hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True, layer_norm_epsilon=1e-5)))
+    config = EngineConfig(model=str(tmp_path), load_format="dummy", device="cpu", pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="FalconForCausalLM is not supported with --pipeline-parallel-size > 1"):
+        ModelRunner(config, pp=PipelineStage(1, 2))
 
 
 def test_engine_option_parses_and_is_checked():
