@@ -7,7 +7,8 @@ activations (transport, plus whatever of the earlier stages' compute the overlap
         --tensor-parallel-sizes 1 2 --pipeline-parallel-sizes 1 2
 
 Every combination of the sizes runs, in order (T fastest). For P > 1 the same engine also runs with one batch in
-flight (each step waits for the whole pipeline), the baseline the P batches in flight are measured against. With
+flight (each step waits for the whole pipeline), the baseline the P batches in flight are measured against,
+alternating with it run by run (each row is the median of --repeats runs, after a warm-up of the same shapes). With
 P in flight a batch holds 1/P of the requests, so a decode row of B requests runs steps of B/P rows. tok/s counts
 prompt tokens on prefill rows, output tokens on decode rows.
 Engine settings are the other benchmarks' (benchmarks.model_arg); the --*-sizes options replace
@@ -90,27 +91,38 @@ def timed_steps(engine: Engine, prompts: list[list[int]], max_tokens: int, spans
 
 
 def measure(args, tp: int, pp: int) -> list[dict]:
+    """One engine at T x P: each phase --repeats times, alternating P batches in flight with one (P > 1), after a
+    warm-up of the same shapes; the row of the median ms/step of each (phase, batches in flight)."""
     engine = Engine(engine_config(args, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                   max_num_seqs=max(args.batch_sizes), enable_prefix_caching=False,
                                   num_kv_blocks=args.num_kv_blocks or 256))
     rng = random.Random(0)
     vocab = engine.model_cfg.vocab_size
     prompt = lambda n: [rng.randrange(100, vocab) for _ in range(n)]  # noqa: E731
+    n = args.prefill_prompts
+    phases = [(f"prefill {n}x{args.prefill_len}", lambda: [prompt(args.prefill_len) for _ in range(n)], 1,
+               n * args.prefill_len)]
+    # A prompt of 4 tokens, then decode: the one prefill step is amortised over output_len steps.
+    phases += [(f"decode batch {b}", lambda b=b: [prompt(4) for _ in range(b)], args.output_len,
+                b * args.output_len) for b in args.batch_sizes]
+    depths = [pp, 1] if pp > 1 else [1]
     spans = Spans()
     rows = []
     try:
         with timed(spans, engine):
-            timed_steps(engine, [prompt(8)], 4, spans, 4)   # warm-up
-            for depth in ([pp, 1] if pp > 1 else [1]):
-                engine.pipeline_depth = depth   # 1: each step waits for the whole pipeline
-                label = {"tp": tp, "pp": pp, "in_flight": depth}
-                n = args.prefill_prompts
-                r = timed_steps(engine, [prompt(args.prefill_len) for _ in range(n)], 1, spans, n * args.prefill_len)
-                rows.append({**label, "phase": f"prefill {args.prefill_prompts}x{args.prefill_len}", **r})
-                for b in args.batch_sizes:
-                    # A prompt of 4 tokens, then decode: the one prefill step is amortised over output_len steps.
-                    r = timed_steps(engine, [prompt(4) for _ in range(b)], args.output_len, spans, b * args.output_len)
-                    rows.append({**label, "phase": f"decode batch {b}", **r})
+            for depth in depths:   # warm-up: the largest shapes, in each mode
+                engine.pipeline_depth = depth
+                for _, prompts, max_tokens, tokens in phases:
+                    timed_steps(engine, prompts(), min(max_tokens, 4), spans, tokens)
+            for name, prompts, max_tokens, tokens in phases:
+                runs = {depth: [] for depth in depths}
+                for _ in range(args.repeats):
+                    for depth in depths:
+                        engine.pipeline_depth = depth   # 1: each step waits for the whole pipeline
+                        runs[depth].append(timed_steps(engine, prompts(), max_tokens, spans, tokens))
+                for depth in depths:
+                    median = sorted(runs[depth], key=lambda r: r["step_ms"])[len(runs[depth]) // 2]
+                    rows.append({"tp": tp, "pp": pp, "in_flight": depth, "phase": name, **median})
         return rows
     finally:
         engine.shutdown()
@@ -174,6 +186,7 @@ def main() -> None:
                    help="prompts prefilled together (P batches in flight need at least P: a prompt's chunks are "
                         "in one batch at a time)")
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each phase; the median is shown")
     args = p.parse_args()
     resolve_model_args(args)
     layouts = [(t, q) for q in args.pipeline_parallel_sizes for t in args.tensor_parallel_sizes]
