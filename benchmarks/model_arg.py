@@ -59,7 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget per step (engine default: 8192 on CUDA, 2048 on CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from free memory")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks the model is split over")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks each pipeline stage is split over")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="stages the layers are split into (T x P ranks in all)")
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
@@ -79,7 +81,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
                   kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                   enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size,
+                  pipeline_parallel_size=args.pipeline_parallel_size)
     if args.max_num_seqs is not None:
         fields["max_num_seqs"] = args.max_num_seqs
     fields.update(overrides)
@@ -99,6 +102,8 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
         out.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
     if args.tensor_parallel_size > 1:
         out += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.pipeline_parallel_size > 1:
+        out += ["--pipeline-parallel-size", str(args.pipeline_parallel_size)]
     for flag, value in (("--max-num-seqs", args.max_num_seqs),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens),
                         ("--max-model-len", args.max_model_len), ("--num-kv-blocks", args.num_kv_blocks)):

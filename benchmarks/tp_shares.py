@@ -84,7 +84,7 @@ def measured(engine):
     """Times the engine's steps, collectives and plan broadcasts while the block runs; yields a dict filled in at
     its end (empty for a single process, which has neither)."""
     result: dict = {}
-    if engine.config.tensor_parallel_size == 1:
+    if engine.config.world_size == 1:
         yield result
         return
     clock = _CollectiveClock(engine.runner.device.type == "cuda")

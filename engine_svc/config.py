@@ -43,7 +43,8 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 50053
     lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) of the LoRA adapters loaded at start (--lora)
-    tensor_parallel_size: int = 1               # ranks the model is split over (worker processes beside the engine)
+    tensor_parallel_size: int = 1               # ranks each pipeline stage's layers are split over
+    pipeline_parallel_size: int = 1             # stages the layers are split into; T x P ranks in all
     distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node; ray, actors
     ray_address: str | None = None              # the Ray cluster (ray executor); None: Ray's own resolution
     distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
@@ -70,6 +71,9 @@ class EngineConfig:
             (self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras"),
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size must be >= 1"),
+            (self.pipeline_parallel_size == 1 or self.distributed_executor == "mp",
+             "pipeline_parallel_size > 1 needs distributed_executor mp (worker processes on this node)"),
             (self.distributed_executor in DISTRIBUTED_EXECUTORS,
              f"distributed_executor must be one of {DISTRIBUTED_EXECUTORS}"),
             (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
@@ -81,6 +85,11 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks holding the model: tensor_parallel_size x pipeline_parallel_size (1: the engine process alone)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences in one step's batch; with --pipeline-parallel-size P, in each of the P batches "
+                        "in flight (P x this many run at once)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget of one step, shared by decodes and prefill chunks "
                         "(default: 8192 on CUDA, 2048 on CPU)")
@@ -130,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over this many ranks (GPUs, or CPU processes): Megatron-style tensor "
                         "parallelism, one worker process per rank beyond the engine's own")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="split the layers into this many stages, each on its own tensor-parallel group of ranks "
+                        "(T x P ranks in all); the engine keeps P batches in flight so the stages overlap")
     p.add_argument("--distributed-executor", default="mp", choices=DISTRIBUTED_EXECUTORS,
                    help="mp: the ranks are worker processes on this node; ray: Ray actors placed on a Ray cluster, "
                         "on one node or several (install tandem[ray])")

@@ -7,12 +7,19 @@ call later. A step whose requests need every id on the host before sampling (pen
 first waits for the step in flight. So does a step with a structured-output request: its grammar's mask is made
 from every token it has output.
 
+With pipeline parallelism (P stages) the engine keeps up to P batches in flight instead: each step() launches
+batches while fewer than P are in flight and the scheduler finds work outside them (a request is in at most one
+batch in flight, and each batch takes about 1/P of the requests), then finishes the oldest, whose ids come from
+the last stage's sampler. While the driver runs the last stage of one batch, the earlier stages run the later
+ones.
+
 Structured output (engine_svc.structured): a request's grammar compiles on a thread pool while the request waits
 in the scheduler (which only sees a ready predicate); a grammar that does not compile rejects its request.
 """
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import replace
 
 from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus
@@ -24,7 +31,7 @@ from engine_svc.core.scheduler import AdmissionError, RequestOutput, Scheduler, 
 from engine_svc.executor import make_executor
 from engine_svc.structured.compiler import GrammarError
 from engine_svc.structured.manager import StructuredOutputs, model_vocabulary
-from engine_svc.worker.model_runner import LaunchedStep
+from engine_svc.worker.model_runner import LaunchedStep, PipelinedStep
 
 _LOG = logging.getLogger("tandem.engine")
 
@@ -39,12 +46,15 @@ class Engine:
         self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.pipeline_depth = self.config.pipeline_parallel_size   # batches in flight at most
         vocab = self.model_cfg.vocab_size
         self.structured = StructuredOutputs(
             model_vocabulary(self.config.model, vocab, tuple(self.model_cfg.eos_token_ids)), vocab,
-            self.config.max_num_seqs)
+            self.config.max_num_seqs * self.pipeline_depth)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=self.config.max_num_seqs,
+            # Pipelined, max_num_seqs bounds each of the P batches in flight (vLLM's virtual engines, each with its
+            # own max_num_seqs): P times as many requests run.
+            SchedulerConfig(max_num_seqs=self.config.max_num_seqs * self.pipeline_depth,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
                             max_model_len=self.config.max_model_len,
                             max_waiting=self.config.max_waiting,
@@ -53,8 +63,9 @@ class Engine:
             self.kv, frozenset(self.model_cfg.eos_token_ids), is_ready=self.structured.is_ready)
         self.num_steps = 0
         on = self.config.async_scheduling
-        self.async_scheduling = self.runner.device.type == "cuda" if on is None else on
-        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        # Pipelined, the batches in flight take the place of asynchronous scheduling's one step ahead.
+        self.async_scheduling = (self.runner.device.type == "cuda" if on is None else on) and self.pipeline_depth == 1
+        self._in_flight: deque[tuple[SchedulerOutput, LaunchedStep | PipelinedStep]] = deque()   # oldest first
         self._stepping: list[SchedulerOutput] = []   # what the current step scheduled (blamed if it fails)
         self._in_executor = False                    # the current step is inside the executor (the model)
         for name, path in self.config.lora_modules:   # --lora NAME=PATH; a shared runner may have them already
@@ -98,8 +109,8 @@ class Engine:
     def drop_drained_adapters(self) -> list[tuple[str, int]]:
         """Drops the unloading adapters that no unfinished request and no step in flight uses any more."""
         in_use = set(self.scheduler.requests_by_adapter())
-        if self._in_flight is not None:
-            in_use |= self._in_flight[0].adapters
+        for out, _ in self._in_flight:
+            in_use |= out.adapters
         return self.adapters.drop_drained(in_use)
 
     def adapter_statuses(self) -> list[AdapterStatus]:
@@ -112,12 +123,12 @@ class Engine:
         return self.scheduler.is_live(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._in_flight is not None
+        return self.scheduler.has_work or bool(self._in_flight)
 
     def waits_for_grammars(self) -> bool:
         """There is work, but only requests whose grammar still compiles: a step would do nothing. The compiler
         calls structured.wake when one ends."""
-        return (self._in_flight is None and not self.scheduler.running
+        return (not self._in_flight and not self.scheduler.running
                 and self.structured.waits_for(self.scheduler.waiting))
 
     def check_integrity(self) -> list[str]:
@@ -139,12 +150,14 @@ class Engine:
             self.structured.forget(self.scheduler.is_live, self.scheduler.requests)
             return outputs
         except Exception as e:  # noqa: BLE001 - see the docstring: the engine must outlive any one request
-            if self._in_executor and self.config.tensor_parallel_size > 1:
+            if self._in_executor and self.config.world_size > 1:
                 raise   # a rank that raised mid-step leaves the others inside a collective: only a restart is safe
             _LOG.exception("an engine step failed")
             return self._fail_step(f"{type(e).__name__}: {e}")
 
     def _step(self) -> list[RequestOutput]:
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         if not self.async_scheduling:
             out = self.scheduler.schedule()
             self._stepping.append(out)
@@ -156,7 +169,7 @@ class Engine:
             self.num_steps += 1
             return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
         outputs = []
-        if self._in_flight is not None and self._needs_real_ids():
+        if self._in_flight and self._needs_real_ids():
             outputs = self._finish_in_flight()
         out = self.scheduler.schedule()
         self._stepping.append(out)
@@ -167,10 +180,10 @@ class Engine:
             self._in_executor = False
             self.scheduler.mark_in_flight(out)
             self.num_steps += 1
-        if self._in_flight is not None:
+        if self._in_flight:
             outputs = self._finish_in_flight()   # while the device runs the step just launched
         if launched is not None:
-            self._in_flight = (out, launched)
+            self._in_flight.append((out, launched))
         return outputs
 
     def _grammar_errors(self) -> list[RequestOutput]:
@@ -186,14 +199,41 @@ class Engine:
             outputs += self.scheduler.fail(rid, f"structured output: {reason}")
         return outputs
 
+    def _step_pipelined(self) -> list[RequestOutput]:
+        while len(self._in_flight) < self.pipeline_depth:
+            out = self.scheduler.schedule(self._in_flight_ids(), self._batch_rows())
+            self._stepping.append(out)
+            if out.is_empty:
+                break
+            self._in_executor = True
+            launched = self.executor.launch(out)
+            self._in_executor = False
+            self._in_flight.append((out, launched))
+            self.num_steps += 1
+        return self._finish_in_flight() if self._in_flight else []
+
+    def _in_flight_ids(self) -> frozenset[str]:
+        return frozenset(s.request.request_id for out, _ in self._in_flight for s in out.scheduled)
+
+    def _batch_rows(self) -> int:
+        """A batch's share of the requests, so that they spread over the P batches in flight (vLLM's virtual
+        engines split them the same way, by assignment), and at most max_num_seqs."""
+        active = len(self.scheduler.running) + len(self.scheduler.waiting)
+        return max(1, min(self.config.max_num_seqs, -(-active // self.pipeline_depth)))
+
     def _fail_step(self, error: str) -> list[RequestOutput]:
         """Fails every API request of the failed step (and of the step in flight, whose results are lost with it).
         When the failure came before any step was scheduled, no request can be blamed, so all of them fail: the
         scheduler's state may be half-changed, and a clean slate keeps the KV cache sound."""
         outs = list(self._stepping)
-        if self._in_flight is not None:
-            outs.append(self._in_flight[0])
-            self._in_flight = None
+        if self.pipeline_depth > 1:
+            # Every stage runs the batches in flight whatever happens here; the driver runs their last stage too
+            # (results dropped), so that the ranks stay in step. An exception doing so escapes: fatal, as any other
+            # inside the executor.
+            for _, launched in self._in_flight:
+                launched.wait()
+        outs += [out for out, _ in self._in_flight]
+        self._in_flight.clear()
         if self._stepping:
             ids = {s.request.external_id for o in outs for s in o.scheduled}
         else:
@@ -204,8 +244,7 @@ class Engine:
         return failed
 
     def _finish_in_flight(self) -> list[RequestOutput]:
-        out, launched = self._in_flight
-        self._in_flight = None
+        out, launched = self._in_flight.popleft()
         self._in_executor = True
         result = launched.wait()
         self._in_executor = False

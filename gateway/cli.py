@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
                        help="split the model over this many ranks in each engine (GPUs, or CPU processes); the "
                             "engine starts the worker processes itself (default %(default)s)")
+    serve.add_argument("--pipeline-parallel-size", type=_positive_int, default=1,
+                       help="split the model's layers into this many stages, each on --tensor-parallel-size ranks "
+                            "(T x P ranks in each engine); the engine keeps P batches in flight (default "
+                            "%(default)s)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -206,8 +210,12 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
 
 
 def _engine_args(args: argparse.Namespace) -> tuple[str, ...]:
-    tp = ("--tensor-parallel-size", str(args.tensor_parallel_size)) if args.tensor_parallel_size > 1 else ()
-    return (*tp, *args.engine_args)
+    sizes = []
+    for flag, size in (("--tensor-parallel-size", args.tensor_parallel_size),
+                       ("--pipeline-parallel-size", args.pipeline_parallel_size)):
+        if size > 1:
+            sizes += [flag, str(size)]
+    return (*sizes, *args.engine_args)
 
 
 def gateway_args_from_args(args: argparse.Namespace) -> tuple[str, ...]:

@@ -55,6 +55,14 @@ def test_serve_passes_the_tensor_parallel_size_to_the_engine() -> None:
     assert "--tensor-parallel-size" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
 
 
+def test_serve_passes_the_pipeline_parallel_size_to_the_engine() -> None:
+    argv = engine_argv(cli.topology_from_args(cli.parse_args(["serve", "--tensor-parallel-size", "2",
+                                                              "--pipeline-parallel-size", "2"]), "/m/x.gguf"))
+    assert argv[-4:] == ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"]
+    assert "--pipeline-parallel-size" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]),
+                                                                               "/m/x.gguf"))
+
+
 def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
     on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
     argv = gateway_argv(on)

@@ -28,6 +28,13 @@ step's sampled ids on the device). update() later writes the real id over the pl
   only once every token they hold is real;
 - a request whose pending token will end it by length is not scheduled again; one that ends on EOS has had one
   more decode step launched, whose result update() drops.
+
+Several batches in flight (pipeline parallelism: one per stage): schedule(in_flight=ids, max_rows=n) leaves out
+the requests of the batches still in flight, so a request is in at most one of them, and caps the batch's rows so
+that the running requests spread over the batches. A request in flight may still be preempted (or aborted): its
+blocks are freed at once, the batch in flight writes its K/V there before any later batch can (every stage runs
+batches in launch order), and update() applies its result as for a preempted request under asynchronous
+scheduling.
 """
 from __future__ import annotations
 
@@ -233,15 +240,21 @@ class Scheduler:
 
     # --- scheduling ------------------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, in_flight: frozenset[str] = frozenset(), max_rows: int | None = None) -> SchedulerOutput:
+        """in_flight: request ids of the batches in flight, left out of this one; max_rows: at most this many
+        requests in the batch (None: max_num_seqs bounds it)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        rows = max_rows or self.config.max_num_seqs
         decodes_left = sum(1 for r in self.running if self._wants_decode(r))
 
         # Running requests first, in service order: they already hold blocks.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < rows:
             req = self.running[i]
+            if req.request_id in in_flight:
+                i += 1
+                continue
             remaining = req.num_tokens - req.num_computed_tokens
             if remaining == 1 and not self._wants_decode(req):
                 i += 1   # its pending token ends it by length: nothing more to compute
@@ -274,9 +287,9 @@ class Scheduler:
         seats = self._seats_used()
         adapters = {r.adapter for r in self.running if r.adapter is not None}
         i = 0
-        while i < len(self.waiting) and not out.preempted and budget > 0:
+        while i < len(self.waiting) and not out.preempted and budget > 0 and len(out.scheduled) < rows:
             req = self.waiting[i]
-            if req.has_placeholder:
+            if req.has_placeholder or req.request_id in in_flight:
                 break   # preempted while its last step ran: it can rejoin once that step's token is known
             if not (self._adapter_fits(req, adapters) and self.is_ready(req)):
                 i += 1

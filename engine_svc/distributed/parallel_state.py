@@ -1,6 +1,7 @@
-"""The tensor-parallel group a model is built for. Layers read current_tp() while they are constructed (the loader
-builds the model inside `building_for(tp)`), so the family constructors keep their (cfg, backend) signature.
-SINGLE (size 1) is the default: no collective is ever called on it."""
+"""The tensor-parallel group and the pipeline stage a model is built for. Layers read current_tp() and current_pp()
+while they are constructed (the loader builds the model inside `building_for(tp, pp)`), so the family constructors
+keep their (cfg, backend) signature. SINGLE (size 1) and SINGLE_STAGE are the defaults: no collective is ever called
+on them."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
+from engine_svc.distributed.pipeline import SINGLE_STAGE, PipelineStage
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -41,27 +43,34 @@ class TensorParallel:
         dist.broadcast(x, src=0, group=self.group)
         return x
 
-    def min_over_ranks(self, value: int) -> int:
-        import torch.distributed as dist
-        t = torch.tensor([value], dtype=torch.int64)
-        if dist.get_backend(self.group) == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return int(t.item())
+
+
+def min_over_all_ranks(value: int) -> int:
+    """The smallest value any rank of the default group (every tensor-parallel rank of every stage) holds."""
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 SINGLE = TensorParallel()
-_current: TensorParallel = SINGLE
+_current: tuple[TensorParallel, PipelineStage] = (SINGLE, SINGLE_STAGE)
 
 
 def current_tp() -> TensorParallel:
-    return _current
+    return _current[0]
+
+
+def current_pp() -> PipelineStage:
+    return _current[1]
 
 
 @contextlib.contextmanager
-def building_for(tp: TensorParallel) -> Iterator[None]:
+def building_for(tp: TensorParallel, pp: PipelineStage = SINGLE_STAGE) -> Iterator[None]:
     global _current
-    previous, _current = _current, tp
+    previous, _current = _current, (tp, pp)
     try:
         yield
     finally:

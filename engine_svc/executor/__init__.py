@@ -3,8 +3,10 @@
 An executor has `driver`, the ModelRunner in the engine process (rank 0: it builds each step's plan and samples),
 `launch(out)` / `execute(out)` / `forward_logits(out)` like a runner's, and `shutdown()`:
 - UniProcExecutor: one process, one runner; its methods are the runner's own (no added call).
-- MultiprocExecutor: tensor-parallel ranks 1..T-1 in worker processes, rank 0 in the engine process.
-- RayExecutor: ranks 1..T-1 in Ray actors, on this node or others of a Ray cluster (Ray is imported only here).
+- MultiprocExecutor: ranks 1..T x P - 1 (tensor-parallel ranks of pipeline stages) in worker processes, rank 0
+  in the engine process.
+- RayExecutor: tensor-parallel ranks 1..T-1 in Ray actors, on this node or others of a Ray cluster (Ray is
+  imported only here; no pipeline parallelism).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from engine_svc.executor.uniproc import UniProcExecutor
 
 
 def make_executor(config: EngineConfig):
-    if config.tensor_parallel_size == 1:
+    if config.world_size == 1:
         return UniProcExecutor(config)
     if config.distributed_executor == "ray":
         from engine_svc.executor.ray_executor import RayExecutor

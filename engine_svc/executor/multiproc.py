@@ -1,9 +1,10 @@
-"""Tensor parallelism over worker processes on one node.
+"""Tensor and pipeline parallelism over worker processes on one node.
 
-Rank 0 lives in the engine process, the others in processes started with torch.multiprocessing's spawn. Keeping
-rank 0 beside the scheduler means a step costs one broadcast of its plan and nothing else: the driver runs its own
-shard in place, gets the gathered logits from the model's collectives and samples them where the scheduler reads
-the ids, with no second hop back. (All ranks as children would add a round trip per step for the results.)
+Rank 0 lives in the engine process, the others (T x P - 1) in processes started with torch.multiprocessing's
+spawn. Keeping rank 0 beside the scheduler means a step costs one broadcast of its plan and nothing else: the
+driver runs its own shard in place (of the last pipeline stage), gets the gathered logits from the model's
+collectives and samples them where the scheduler reads the ids, with no second hop back. (All ranks as children
+would add a round trip per step for the results.)
 
 A monitor thread waits on the workers' sentinels: a worker that exits while the engine runs is a failure, reported
 as one line naming the rank and its exit status, handed to on_failure: by default, print it and exit the engine
@@ -42,17 +43,19 @@ class MultiprocExecutor:
         self._stopping = False
         self.on_failure = on_failure
         self.workers = []
-        for rank in range(1, config.tensor_parallel_size):
-            spec = RankSpec(config, rank, init_method, device.type, os.getpid())
-            p = ctx.Process(target=run_worker, args=(spec,), daemon=True, name=f"tandem-tp-rank{rank}")
+        self.specs = [RankSpec(config, rank, init_method, device.type, os.getpid())
+                      for rank in range(1, config.world_size)]
+        for spec in self.specs:
+            p = ctx.Process(target=run_worker, args=(spec,), daemon=True, name=f"tandem-rank{spec.rank}")
             p.start()
             self.workers.append(p)
-        threading.Thread(target=self._monitor, daemon=True, name="tp-worker-monitor").start()
+        threading.Thread(target=self._monitor, daemon=True, name="worker-monitor").start()
         # At interpreter exit multiprocessing terminates the (daemon) workers: an ending, not a failure.
         atexit.register(self._mark_stopping)
         try:
-            tp, self.channel = join(RankSpec(config, 0, init_method, device.type, os.getpid()))
-            self.driver = ModelRunner(config, tp=tp, channel=self.channel)
+            spec = RankSpec(config, 0, init_method, device.type, os.getpid())
+            tp, self.channel = join(spec)
+            self.driver = ModelRunner(config, tp=tp, channel=self.channel, pp=spec.stage)
         except BaseException:
             self._stop_workers()
             raise
@@ -72,7 +75,7 @@ class MultiprocExecutor:
                 code = worker.exitcode
                 cause = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
                 self._stopping = True
-                self.on_failure(f"[engine] tensor-parallel worker rank {rank} died ({cause}); the engine stops")
+                self.on_failure(f"[engine] {self.specs[rank - 1].describe()} died ({cause}); the engine stops")
 
     def _mark_stopping(self) -> None:
         self._stopping = True

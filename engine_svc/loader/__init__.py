@@ -11,6 +11,7 @@ from torch import nn
 
 from engine_svc.attention import AttentionBackend
 from engine_svc.distributed.parallel_state import SINGLE, TensorParallel, building_for
+from engine_svc.distributed.pipeline import SINGLE_STAGE, PipelineStage
 from engine_svc.loader.quantized_load import build_quantized_linears, plan_quantized_load, quantized_weights
 from engine_svc.model_config import ModelConfig
 from engine_svc.models import model_class
@@ -33,11 +34,13 @@ def _json_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.device, dtype: torch.dtype,
-               backend: AttentionBackend, quantization: str = "none", tp: TensorParallel = SINGLE) -> nn.Module:
+               backend: AttentionBackend, quantization: str = "none", tp: TensorParallel = SINGLE,
+               pp: PipelineStage = SINGLE_STAGE) -> nn.Module:
     """quantization: none, or a method of engine_svc.quant.quantize_model applied once the weights are in (RTN);
     int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do. AWQ / GPTQ
     checkpoints (detected) and GGUF files with int4 / int8 load into quantized linears instead (quantized_load).
-    tp: the tensor-parallel group the model is built for; each rank reads only its part of the checkpoint."""
+    tp, pp: the tensor-parallel group and pipeline stage the model is built for; each rank reads only its part of
+    the checkpoint (its stage's tensors, its shard of them)."""
     cls = model_class(cfg.architecture)
     if quantization == "fp8":   # refused before minutes of loading, not after
         from engine_svc.quant.fp8_format import require_fp8_support
@@ -49,7 +52,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"), building_for(tp):
+        with torch.device("meta"), building_for(tp, pp):
             model = cls(cfg, backend)
             if plan is not None:
                 build_quantized_linears(model, plan, dtype, use_triton)
@@ -62,7 +65,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)
     else:
-        lazy = tp.size > 1   # each rank reads its part of every tensor
+        lazy = tp.size > 1 or pp.size > 1   # each rank reads its part of every tensor of its stage
         weights = _weights_iter(path, lazy) if plan is None else quantized_weights(path, plan, model, lazy)
         filled = model.load_weights(_progress(weights, path))
         missing = model.expected_weights() - filled

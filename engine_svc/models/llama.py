@@ -13,7 +13,8 @@ from torch import nn
 
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.distributed.layers import gather_logits, lm_head_rows, row_parallel_linear, vocab_embedding
-from engine_svc.distributed.parallel_state import current_tp
+from engine_svc.distributed.parallel_state import current_pp, current_tp
+from engine_svc.distributed.pipeline import MissingLayer
 from engine_svc.distributed.partition import ModelShard, model_shard
 from engine_svc.distributed.read_part import read_part, shard_part
 from engine_svc.model_config import ModelConfig
@@ -113,25 +114,37 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Under pipeline parallelism, one stage's part: its layers (the others are MissingLayer, so indices stay
+    global), the embedding on the first stage only, the final norm on the last only. A stage before the last
+    returns its activations, hidden states and residual stacked as [2, tokens, hidden], which the next stage takes
+    as `intermediate` in place of the embedding."""
+
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, options: LayerOptions = LayerOptions()) -> None:
         super().__init__()
         # The Triton backend also brings the fused RMSNorm(+residual), RoPE and SwiGLU kernels.
         fused = backend.name == "triton"
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                     fused)
-        tp = current_tp()
+        tp, pp = current_tp(), current_pp()
+        self.start, self.stop = pp.layer_range(cfg.num_layers)
         self.embed_tokens = vocab_embedding(cfg.vocab_size, model_shard(cfg, tp.size, tp.rank).vocab,
-                                            cfg.hidden_size, tp)
+                                            cfg.hidden_size, tp) if pp.is_first else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rope, backend, fused, options)
-                                    for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+                                    if self.start <= i < self.stop else MissingLayer()
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused) if pp.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+                meta: AttentionMetadata, intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_caches: this stage's layers' caches, in order."""
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate[0], intermediate[1]
+        for layer, kv_cache in zip(self.layers[self.start:self.stop], kv_caches, strict=True):
             x, residual = layer(x, residual, positions, kv_cache, meta)
+        if self.norm is None:
+            return torch.stack((x, residual))
         if residual is None:  # no layers
             return self.norm(x)
         return self.norm(x, residual)[0]
@@ -168,19 +181,24 @@ def loadable_tensors(model: nn.Module, remove_duplicate: bool = False) -> dict[s
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_pipeline_parallel = True
+
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tp = current_tp()
+        self.tp, self.pp = current_tp(), current_pp()
         self.shard: ModelShard = model_shard(cfg, self.tp.size, self.tp.rank)
         self.model = LlamaModel(cfg, backend, self.layer_options(cfg))
-        self.lm_head = nn.Linear(cfg.hidden_size, lm_head_rows(cfg.vocab_size, self.shard.vocab, self.tp), bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, lm_head_rows(cfg.vocab_size, self.shard.vocab, self.tp),
+                                 bias=False) if self.pp.is_last else None
         if cfg.tie_word_embeddings:
             self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Shares the input embedding with lm_head (the loader calls it again after to_empty)."""
-        self.lm_head.weight = self.model.embed_tokens.weight
+        """Shares the input embedding with lm_head (the loader calls it again after to_empty). Split over pipeline
+        stages, the first holds the embedding and the last its own copy as lm_head, read from the same tensor."""
+        if self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
     def layer_options(cls, cfg: ModelConfig) -> LayerOptions:
@@ -192,8 +210,8 @@ class LlamaForCausalLM(nn.Module):
         self.model.rope.build(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+                meta: AttentionMetadata, intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return gather_logits(self.lm_head(hidden), self.cfg.vocab_size, self.tp).float()
@@ -214,14 +232,34 @@ class LlamaForCausalLM(nn.Module):
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name.split(".")[0]
         return shard_part(_ROLES.get(module), self.shard, self.cfg.head_dim, local)
 
+    def stage_name(self, name: str) -> str | None:
+        """The name a checkpoint tensor loads under on this pipeline stage, None when another stage holds it (it is
+        then never read): the stage's layers, the embedding on the first stage, the norm and lm_head on the last,
+        and there, with tied embeddings, the embedding's tensor as lm_head's own."""
+        if self.pp.size == 1:
+            return name
+        if name.startswith("model.layers."):
+            layer = int(name.split(".", 3)[2])
+            return name if self.model.start <= layer < self.model.stop else None
+        if name.startswith("model.embed_tokens."):
+            if self.pp.is_last and self.cfg.tie_word_embeddings:
+                return "lm_head." + name.removeprefix("model.embed_tokens.")
+            return name if self.pp.is_first else None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return name if self.pp.is_last else None
+        return name
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""
         params = loadable_tensors(self)
         filled: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name:
                 continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            if hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            name = self.stage_name(hf_name)
+            if name is None:
                 continue
             parts = name.rsplit(".", 2)
             fused = _FUSED.get(parts[-2]) if len(parts) == 3 else None

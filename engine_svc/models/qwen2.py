@@ -28,8 +28,9 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__(cfg, backend)
         # The window differs per layer, so it is set on each layer's attention rather than through LayerOptions.
-        for layer, window in zip(self.model.layers, layer_windows(cfg)):
-            layer.self_attn.sliding_window = window
+        windows = layer_windows(cfg)
+        for i in range(self.model.start, self.model.stop):   # this pipeline stage's layers
+            self.model.layers[i].self_attn.sliding_window = windows[i]
 
     @classmethod
     def layer_options(cls, cfg: ModelConfig) -> LayerOptions:

@@ -2,7 +2,12 @@
 
 Under tensor parallelism every rank has a runner over its shard of the model. The driver's (rank 0, in the engine
 process) turns the scheduler's output into a StepPlan, broadcasts it (step_broadcast) and runs it; the others run
-each plan they receive (worker_process). Only the driver samples."""
+each plan they receive (worker_process). Only the driver samples.
+
+Under pipeline parallelism each runner holds one stage's layers (and KV caches). The driver holds the last stage:
+launch() broadcasts the plan and posts the receive of the previous stage's activations, then returns; the stage's
+forward and the sampling run when the engine waits for the step, by which time the earlier stages are on later
+batches. The other stages run each plan as it comes and send their activations on."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +19,8 @@ import torch
 from engine_svc.attention import AttentionMetadata, KVCache, get_backend
 from engine_svc.attention.kv_cache import allocate_kv_caches, cache_dtype
 from engine_svc.config import EngineConfig
-from engine_svc.distributed.parallel_state import SINGLE, TensorParallel
+from engine_svc.distributed.parallel_state import SINGLE, TensorParallel, min_over_all_ranks
+from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, PipelineStage, StageLink
 from engine_svc.distributed.partition import model_shard, rank_local_config
 from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
@@ -22,6 +28,7 @@ from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
+from engine_svc.models import model_class
 from engine_svc.worker.memory_plan import MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
@@ -49,13 +56,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig | None = None, tp: TensorParallel = SINGLE,
-                 channel: StepChannel | None = None) -> None:
+                 channel: StepChannel | None = None, pp: PipelineStage = SINGLE_STAGE) -> None:
         """tp: this rank's tensor-parallel group; channel: the step broadcast (the driver sends every plan on it
-        before running it; None in a single process)."""
+        before running it; None in a single process); pp: this rank's pipeline stage."""
         path = Path(config.model)
-        self.tp = tp
+        self.tp, self.pp = tp, pp
         self.channel = channel
         self.model_cfg = model_cfg or read_model_config(path)
+        if pp.size > 1 and not getattr(model_class(self.model_cfg.architecture), "supports_pipeline_parallel", False):
+            raise ValueError(f"{self.model_cfg.architecture} is not supported with --pipeline-parallel-size > 1 yet")
+        self.layers = pp.layer_range(self.model_cfg.num_layers)   # [start, stop) of this stage's layers
+        self.link = StageLink(pp, depth=pp.size) if pp.size > 1 else None
+        self.steps_in_flight = 0        # driver, P > 1: steps launched and not yet waited on
+        self.peak_steps_in_flight = 0
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -71,10 +84,12 @@ class ModelRunner:
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
         self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
-                                config.quantization, tp)
+                                config.quantization, tp, pp)
         model_bytes = weights_bytes(self.model)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
+            if pp.size > 1:
+                raise ValueError("LoRA adapters are not supported with --pipeline-parallel-size > 1 yet")
             from engine_svc.lora.manager import LoRAManager
             mirror = None
             if channel is not None and tp.rank == 0:   # the other ranks replay the driver's adapter changes
@@ -82,17 +97,19 @@ class ModelRunner:
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
                                     self.device, self.dtype, mirror=mirror)
             model_bytes += self.lora.device_bytes
-        local_cfg = rank_local_config(self.model_cfg, model_shard(self.model_cfg, tp.size, tp.rank))
+        local_cfg = replace(rank_local_config(self.model_cfg, model_shard(self.model_cfg, tp.size, tp.rank)),
+                            num_layers=self.layers[1] - self.layers[0])
         activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
                                        self.dtype)
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
                                             self.device, self.kv_cache_dtype, activations)
-        if tp.size > 1:   # one scheduler, one block table for all ranks: every cache has the smallest count
-            self.plan = replace(self.plan, num_blocks=tp.min_over_ranks(self.plan.num_blocks))
-        rank = f" (tensor-parallel rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
-        print(self.plan.describe() + rank, file=sys.stderr, flush=True)
+        if tp.size * pp.size > 1:   # one scheduler, one block table for all ranks: every cache has the smallest count
+            self.plan = replace(self.plan, num_blocks=min_over_all_ranks(self.plan.num_blocks))
+        where = [f"tensor-parallel rank {tp.rank} of {tp.size}"] if tp.size > 1 else []
+        where += [pp.describe(self.model_cfg.num_layers)] if pp.size > 1 else []
+        print(self.plan.describe() + (f" ({', '.join(where)})" if where else ""), file=sys.stderr, flush=True)
         shape = (2, self.plan.num_blocks, self.block_size, local_cfg.num_kv_heads, self.model_cfg.head_dim)
-        self.kv_caches: list[KVCache] = allocate_kv_caches(self.model_cfg.num_layers, shape, self.kv_cache_dtype,
+        self.kv_caches: list[KVCache] = allocate_kv_caches(local_cfg.num_layers, shape, self.kv_cache_dtype,
                                                            self.device)
         self._buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
@@ -108,8 +125,10 @@ class ModelRunner:
 
     @property
     def uses_graphs(self) -> bool:
-        # The torch backend sizes its work from host copies of the lengths, which a graph cannot replay.
-        return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager)
+        # The torch backend sizes its work from host copies of the lengths, which a graph cannot replay. A pipeline
+        # stage's forward is not captured (its input comes from another process): P > 1 decodes eagerly.
+        return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager
+                and self.pp.size == 1)
 
     def _token_budget(self, config: EngineConfig) -> int:
         if config.max_num_batched_tokens:
@@ -254,24 +273,46 @@ class ModelRunner:
         return self._forward(out)[0]
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
+        plan, prompt = self._plan_and_send(out)
+        return self._logits(plan, prompt)
+
+    def _plan_and_send(self, out: SchedulerOutput) -> tuple[StepPlan, "_PromptRows | None"]:
         plan = self.plan_step(out, pad_to=self._graph_bucket(out))
         prompt = _PromptRows.of(out)
         if prompt is not None:
             plan.prompt_rows = tuple(prompt.rows_list)
         if self.channel is not None:
             self.channel.send(plan)
-        logits, prompt_logits = self.run_plan(plan)
+        return plan, prompt
+
+    def _logits(self, plan: StepPlan, prompt: "_PromptRows | None",
+                intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor, "_PromptRows | None"]:
+        logits, prompt_logits = self.run_plan(plan, intermediate)
         if prompt is not None:
             prompt.score(prompt_logits)
         return logits, prompt
 
-    def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The step's forward, the same on every rank: float32 logits of its sampling rows, and of its prompt
-        rows when it scores any."""
+    def receive_activations(self, plan: StepPlan) -> PendingActivations:
+        """Posts the receive of the previous stage's activations for plan."""
+        return self.link.irecv((2, len(plan.host.input_ids), self.model_cfg.hidden_size), self.dtype, self.device)
+
+    def run_plan(self, plan: StepPlan, intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor | None,
+                                                                                           torch.Tensor | None]:
+        """The step's forward, the same on every rank of a stage: on the last stage, float32 logits of its
+        sampling rows, and of its prompt rows when it scores any; on an earlier stage, (None, None) once its
+        activations are sent on. intermediate: the previous stage's activations when already received."""
         t, meta = self.prepare(plan)
         if plan.graph_bucket:
             return self.graphs.run(plan.graph_bucket)[:plan.num_real], None
-        hidden = self.model(t["input_ids"], t["positions"], self.kv_caches, meta)
+        inputs = (t["input_ids"], t["positions"], self.kv_caches, meta)
+        if not self.pp.is_first:
+            hidden = self.model(*inputs, intermediate if intermediate is not None else
+                                self.receive_activations(plan).wait())
+        else:
+            hidden = self.model(*inputs)
+        if not self.pp.is_last:
+            self.link.send(hidden)
+            return None, None
         prompt_logits = None
         if plan.prompt_rows:
             rows = to_device(list(plan.prompt_rows), torch.int64, self.device)
@@ -287,12 +328,25 @@ class ModelRunner:
                 continue
             self.run_plan(plan)
             self._prev_num_sampled = len(plan.host.logits_rows)
+        if self.link is not None:
+            self.link.flush()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> "LaunchedStep":
+    def launch(self, out: SchedulerOutput) -> "LaunchedStep | PipelinedStep":
         """Queues the step's forward and sampling on the device and returns at once (on CUDA); the results are
-        read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs."""
-        logits, prompt = self._forward(out)
+        read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs.
+        Under pipeline parallelism: sends the plan to every stage and returns a PipelinedStep, whose wait() runs
+        the last stage and samples."""
+        if self.pp.size > 1:
+            plan, prompt = self._plan_and_send(out)
+            self.steps_in_flight += 1
+            self.peak_steps_in_flight = max(self.peak_steps_in_flight, self.steps_in_flight)
+            return PipelinedStep(self, out, plan, prompt, self.receive_activations(plan))
+        return self.sample_step(out, *self._forward(out))
+
+    def sample_step(self, out: SchedulerOutput, logits: torch.Tensor,
+                    prompt: "_PromptRows | None") -> "LaunchedStep":
+        """Samples a step's logits and queues its results' copy to the host."""
         sampling = [s for s in out.scheduled if s.samples]
         step = LaunchedStep(self._out_slots)
         if sampling:
@@ -333,6 +387,23 @@ class ModelRunner:
         if any(w is not None for w in wanted):
             step.logprobs_wanted = wanted
             step.logprobs = token_logprobs(logits, step.sampled, max(w or 0 for w in wanted))
+
+
+class PipelinedStep:
+    """A step whose plan every stage has (or will have) and whose earlier stages run on their own; wait() receives
+    the previous stage's activations, runs the driver's last stage, samples and returns the results. The engine
+    waits for steps in the order it launched them (every rank runs plans in that order)."""
+
+    def __init__(self, runner: ModelRunner, out: SchedulerOutput, plan: StepPlan, prompt: "_PromptRows | None",
+                 activations: PendingActivations) -> None:
+        self.runner, self.out, self.plan, self.prompt, self.activations = runner, out, plan, prompt, activations
+
+    @torch.inference_mode()
+    def wait(self) -> "StepResult":
+        r = self.runner
+        r.steps_in_flight -= 1
+        logits, prompt = r._logits(self.plan, self.prompt, self.activations.wait())
+        return r.sample_step(self.out, logits, prompt).wait()
 
 
 @dataclass

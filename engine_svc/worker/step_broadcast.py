@@ -1,6 +1,11 @@
 """The per-step broadcast: the driver packs a StepPlan into one int64 tensor and broadcasts it to every other rank
 over a gloo group (CPU tensors, whatever the device), once per step.
 
+Under pipeline parallelism the driver broadcasts on one group per stage and does not wait for the broadcasts to
+complete: a stage still busy with an earlier batch takes the plan when it gets to it, while the other stages start
+at once (a broadcast that waited for every receiver would serialise the stages). Each plan then has its own send
+tensor, kept until its broadcasts are done.
+
 Layout: a header (command, table width, graph bucket, real rows, flags, then each field's length), then the fields
 back to back. The broadcast tensor has a fixed capacity (the receivers must know its size before it arrives); a
 step larger than it (long prefills, wide block tables) sends the remainder in a second broadcast. A decode step of
@@ -11,6 +16,7 @@ adapter loaded or written into a slot): the header's command says so, and the ca
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,11 +44,15 @@ class RankCall:
 
 
 class StepChannel:
-    def __init__(self, group, rank: int, extra_fields: tuple[str, ...] = (), capacity: int = 2048) -> None:
-        """group: a gloo process group of every rank, driver (rank 0) included; extra_fields: HostStep.extra's
-        names (the LoRA plan), in a fixed order."""
-        self.group = group
+    def __init__(self, groups: list, rank: int, extra_fields: tuple[str, ...] = (), capacity: int = 2048,
+                 asynchronous: bool = False) -> None:
+        """groups: the gloo process groups the plan goes over, each with the driver (global rank 0) in it: the
+        driver sends on all of them, a worker receives on its one; extra_fields: HostStep.extra's names (the LoRA
+        plan), in a fixed order; asynchronous: the driver's sends return before the receivers have the plan."""
+        self.groups = groups
         self.rank = rank
+        self.asynchronous = asynchronous
+        self._pending: list = []   # (work, tensor) of asynchronous sends not yet complete
         self.extra_fields = extra_fields
         self._names = _HOST_FIELDS + ("prompt_rows",) + extra_fields
         self._header = _FIXED + len(self._names)
@@ -58,7 +68,10 @@ class StepChannel:
         flags = _FLAG_LORA if plan.lora_active else 0
         header = [STEP, h.table_width, plan.graph_bucket, plan.num_real, flags, *map(len, parts)]
         total = self._header + sum(map(len, parts))
-        flat = self._arr if total <= self.capacity else np.empty(total, dtype=np.int64)
+        if self.asynchronous:   # the previous plan's tensor may still be on its way
+            self._buf = torch.empty(max(self.capacity, total), dtype=torch.int64)
+            self._arr = self._buf.numpy()
+        flat = self._arr if total <= len(self._arr) else np.empty(total, dtype=np.int64)
         flat[:self._header] = header
         i = self._header
         for p in parts:
@@ -66,19 +79,32 @@ class StepChannel:
             i += len(p)
         if flat is not self._arr:
             self._arr[:] = flat[:self.capacity]
-        self._broadcast(self._buf)
+        self._broadcast(self._buf[:self.capacity])
         if total > self.capacity:
-            self._broadcast(torch.from_numpy(flat[self.capacity:]))
+            self._broadcast(self._buf[self.capacity:total] if self.asynchronous else
+                            torch.from_numpy(flat[self.capacity:]))
 
-    def send_stop(self) -> None:
+    def send_stop(self, timeout_s: float = 10.0) -> None:
+        """Tells every worker to leave its loop; waits (at most timeout_s) for the asynchronous sends to finish."""
+        if self.asynchronous:
+            self._buf = torch.zeros(self.capacity, dtype=torch.int64)
+            self._arr = self._buf.numpy()
         self._arr[0] = STOP
         self._broadcast(self._buf)
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+            time.sleep(0.01)
 
     def send_call(self, call: RankCall) -> None:
         import torch.distributed as dist
+        if self.asynchronous:   # the previous plan's tensor may still be on its way
+            self._buf = torch.zeros(self.capacity, dtype=torch.int64)
+            self._arr = self._buf.numpy()
         self._arr[0] = CALL
         self._broadcast(self._buf)
-        dist.broadcast_object_list([call], src=0, group=self.group)
+        for group in self.groups:
+            dist.broadcast_object_list([call], src=0, group=group)
 
     # --- workers ---------------------------------------------------------------------------------------------------
 
@@ -91,7 +117,7 @@ class StepChannel:
         if head[0] == CALL:
             import torch.distributed as dist
             box = [None]
-            dist.broadcast_object_list(box, src=0, group=self.group)
+            dist.broadcast_object_list(box, src=0, group=self.groups[0])   # a worker's one group
             return box[0]
         _, width, bucket, num_real, flags, *lengths = head
         total = self._header + sum(lengths)
@@ -110,4 +136,9 @@ class StepChannel:
 
     def _broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
-        dist.broadcast(t, src=0, group=self.group)
+        if not self.asynchronous:
+            for group in self.groups:
+                dist.broadcast(t, src=0, group=group)
+            return
+        self._pending = [(w, x) for w, x in self._pending if not w.is_completed()]
+        self._pending += [(dist.broadcast(t, src=0, group=group, async_op=True), t) for group in self.groups]

@@ -1,4 +1,4 @@
-"""A tensor-parallel worker process (ranks 1..T-1): joins the process groups, builds its shard of the model and
+"""A worker process (ranks 1..T x P - 1): joins the process groups, builds its part of the model and
 runs the plans the driver broadcasts until told to stop. It never outlives the engine: a watchdog thread exits it
 when its parent is gone (a SIGKILLed engine runs no clean-up), and any failure prints one line naming the rank and
 exits non-zero, which the driver's monitor turns into the engine's own failure."""
@@ -24,10 +24,10 @@ def run_worker(spec: RankSpec) -> None:
     try:
         from engine_svc.worker.model_runner import ModelRunner
         tp, channel = join(spec)
-        runner = ModelRunner(spec.config, tp=tp, channel=channel)
+        runner = ModelRunner(spec.config, tp=tp, channel=channel, pp=spec.stage)
         runner.serve_plans()
         leave()
     except BaseException as e:   # noqa: BLE001 - every failure must reach the driver as this process's exit
-        print(f"[engine] tensor-parallel worker rank {spec.rank} failed: {type(e).__name__}: {e}",
+        print(f"[engine] {spec.describe()} failed: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
         os._exit(1)

@@ -3,6 +3,7 @@ logits step by step through the paged cache, and greedy continuations."""
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 
 import torch
 
@@ -30,10 +31,48 @@ def hf_model(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 
-def make_engine(path, **kw) -> Engine:
+def engine_config(path, **kw) -> EngineConfig:
+    """The tests' engine on a tiny checkpoint: CPU, fp32, blocks of 4 tokens; kw overrides."""
     cfg = dict(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=8)
     cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
+    return EngineConfig(**cfg)
+
+
+def make_engine(path, **kw) -> Engine:
+    return Engine(engine_config(path, **kw))
+
+
+@contextmanager
+def single_and_parallel(path, **parallel):
+    """(one-process engine, engine over worker processes with the `parallel` sizes) on the same checkpoint; the
+    workers are stopped, and gone, afterwards."""
+    split = make_engine(path, **parallel)
+    try:
+        yield make_engine(path), split
+    finally:
+        split.shutdown()
+    assert all(not p.is_alive() for p in split.executor.workers)
+
+
+def run_mixed(engine: Engine) -> tuple[dict, int, int]:
+    """32 tokens for four requests through 8-token chunks and 24 KV blocks (preemption), a request with n=2
+    (seeded sampling), and a second request on a first one's prompt once that one's prompt is computed
+    (prefix-cache hit); returns the tokens by (request, index), the preemptions and the prompt tokens found in the
+    cache."""
+    e = engine.with_scheduling(num_kv_blocks=24, max_num_batched_tokens=8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    e.add_request("a", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
+    e.add_request("n2", PROMPTS[2], SamplingParams(temperature=0.9, seed=7, n=2, best_of=2, max_tokens=32,
+                                                   ignore_eos=True))
+    e.add_request("b", PROMPTS[1], greedy)
+    tokens: dict = {}
+    while e.has_work():
+        for o in e.step():
+            if o.request_id == "a" and ("a", 0) not in tokens:   # "a"'s prompt blocks are cached now
+                e.add_request("a-again", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
+            tokens.setdefault((o.request_id, o.index), []).extend(o.new_token_ids)
+    assert e.check_integrity() == [] and e.kv.num_used_blocks == 0
+    return tokens, e.scheduler.num_preemptions, e.kv.prefix_stats.hits
 
 
 def stepped_logits(engine: Engine, prompts, steps: int, adapters=None):
@@ -53,6 +92,19 @@ def stepped_logits(engine: Engine, prompts, steps: int, adapters=None):
         for s, tok in zip(sampling, sampled):
             seqs[s.request.request_id].append(tok)
         engine.scheduler.update(out, sampled)
+
+
+def assert_same_stepped_logits(reference: Engine, other: Engine, prompts=PROMPTS, steps: int = 6) -> None:
+    """Two engines over the same checkpoint (one process, and split over ranks) give the same sequences and, at
+    every prefill and decode step, logits within 1e-4."""
+    checked = 0
+    with torch.no_grad():
+        for (seq_a, a), (seq_b, b) in zip(stepped_logits(reference, prompts, steps),
+                                          stepped_logits(other, prompts, steps), strict=True):
+            assert seq_a == seq_b
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked == len(prompts) * steps
 
 
 def assert_logits_match(engine: Engine, ref, prompts=PROMPTS, steps: int = 8) -> None:

@@ -21,8 +21,7 @@ import torch
 from engine_svc.config import EngineConfig, config_from_args
 from engine_svc.engine import Engine
 from tests.e2e.conftest import free_port
-from tests.engine.family_checks import PROMPTS, stepped_logits
-from tests.engine.test_tensor_parallel import engine_config, run_mixed
+from tests.engine.family_checks import PROMPTS, engine_config, run_mixed, stepped_logits
 from tests.engine.tiny_models import write_tiny_family
 
 # As the engine does before its first `import ray`: Ray's abort-on-SIGTERM handler stays out of this process too.

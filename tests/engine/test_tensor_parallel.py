@@ -7,13 +7,10 @@ cases run one after the other)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.distributed.partition import head_shard, vocab_shard
-from engine_svc.engine import Engine
-from tests.engine.family_checks import PROMPTS, stepped_logits
+from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits, run_mixed, single_and_parallel
 from tests.engine.tiny_models import write_tiny_family
 
 # name -> (family, ranks, config overrides)
@@ -29,55 +26,17 @@ CASES = {
 }
 
 
-def engine_config(path, **kw) -> EngineConfig:
-    return EngineConfig(model=str(path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64,
-                        max_num_seqs=8, **kw)
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def engines(request, tmp_path_factory):
     """(single-process engine, tensor-parallel engine) over the same checkpoint."""
     family, ranks, overrides = CASES[request.param]
     path = write_tiny_family(tmp_path_factory.mktemp(request.param), family, seed=3, **overrides)
-    single = Engine(engine_config(path))
-    parallel = Engine(engine_config(path, tensor_parallel_size=ranks))
-    yield single, parallel
-    parallel.shutdown()
-    assert all(not p.is_alive() for p in parallel.executor.workers)
+    with single_and_parallel(path, tensor_parallel_size=ranks) as pair:
+        yield pair
 
 
 def test_prefill_and_decode_logits_equal_single_process(engines):
-    single, parallel = engines
-    checked = 0
-    with torch.no_grad():
-        for (seq_a, a), (seq_b, b) in zip(stepped_logits(single, PROMPTS, 6), stepped_logits(parallel, PROMPTS, 6),
-                                          strict=True):
-            assert seq_a == seq_b
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-            checked += 1
-    assert checked == len(PROMPTS) * 6
-
-
-def run_mixed(engine: Engine) -> tuple[dict, int, int]:
-    """32 tokens for four requests through 8-token chunks and 24 KV blocks (preemption), a request with n=2
-    (seeded sampling), and a second request on a first one's prompt (prefix-cache hit); returns the tokens by
-    (request, index), the preemptions and the prompt tokens found in the cache."""
-    e = engine.with_scheduling(num_kv_blocks=24, max_num_batched_tokens=8)
-    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    e.add_request("a", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
-    e.add_request("n2", PROMPTS[2], SamplingParams(temperature=0.9, seed=7, n=2, best_of=2, max_tokens=32,
-                                                   ignore_eos=True))
-    e.add_request("b", PROMPTS[1], greedy)
-    tokens: dict = {}
-    steps = 0
-    while e.has_work():
-        for o in e.step():
-            tokens.setdefault((o.request_id, o.index), []).extend(o.new_token_ids)
-        steps += 1
-        if steps == 3:   # "a"'s first blocks are computed and cached by now
-            e.add_request("a-again", PROMPTS[0] + [21, 22, 23, 24, 25], greedy)
-    assert e.check_integrity() == [] and e.kv.num_used_blocks == 0
-    return tokens, e.scheduler.num_preemptions, e.kv.prefix_stats.hits
+    assert_same_stepped_logits(*engines)
 
 
 def test_tokens_equal_single_process_with_chunking_prefix_hits_preemption_and_n(engines):

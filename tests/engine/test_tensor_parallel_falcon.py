@@ -10,7 +10,7 @@ import pytest
 
 from engine_svc.engine import Engine
 from tests.engine.test_family_falcon import write_tiny_falcon
-from tests.engine.test_tensor_parallel import engine_config
+from tests.engine.family_checks import engine_config
 from tests.engine.test_tensor_parallel import (  # noqa: F401 - collected as this module's tests
     test_async_scheduling_feeds_the_driver_sampled_ids_to_every_rank,
     test_prefill_and_decode_logits_equal_single_process,

@@ -4,24 +4,17 @@ service, then exits non-zero, its last line naming the rank, and neither that no
 processes behind."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 
 import psutil
 import pytest
 
 from engine_svc.config import EngineConfig
-from engine_svc.core.request import SamplingParams
-from engine_svc.engine import Engine
-from engine_svc.executor.multiproc import MultiprocExecutor
 from tests.e2e.conftest import free_port
+from tests.engine.engine_process import exit_code_within, kill_a_worker_mid_run, start_engine_service
 from tests.engine.tiny_models import write_tiny_family
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,48 +27,13 @@ def tiny(tmp_path_factory):
 def test_a_killed_worker_is_reported_by_rank_and_fails_the_next_step(tiny):
     config = EngineConfig(model=str(tiny), device="cpu", dtype="float32", block_size=4, num_kv_blocks=32,
                           tensor_parallel_size=2, distributed_timeout_s=30)
-    reports: list[str] = []
-    reported = threading.Event()
-    executor = MultiprocExecutor(config, on_failure=lambda m: (reports.append(m), reported.set()))
-    engine = Engine(executor.driver.config, executor)
-    try:
-        assert len(engine.generate([[5, 6, 7]], GREEDY)[0]) == 4
-        os.kill(executor.workers[0].pid, signal.SIGKILL)
-        assert reported.wait(10)
-        assert reports == ["[engine] tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops"]
-        engine.add_request("after", [5, 6, 7], GREEDY)
-        failure: list[BaseException] = []
-        stepping = threading.Thread(target=lambda: _capture(engine.step, failure), daemon=True)
-        stepping.start()
-        stepping.join(25)
-        assert not stepping.is_alive(), "a step on a dead rank hung"
-        assert failure and isinstance(failure[0], RuntimeError)
-    finally:
-        engine.shutdown()
-
-
-def _capture(fn, into: list) -> None:
-    try:
-        fn()
-    except BaseException as e:   # noqa: BLE001 - the test inspects it
-        into.append(e)
+    reports, failure = kill_a_worker_mid_run(config)
+    assert reports == ["[engine] tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops"]
+    assert isinstance(failure, RuntimeError)
 
 
 def _start_engine(tiny, log, port: int | None = None) -> tuple[subprocess.Popen, list[psutil.Process]]:
-    cmd = [sys.executable, "-m", "engine_svc", "--model", str(tiny), "--device", "cpu", "--dtype", "float32",
-           "--num-kv-blocks", "32", "--tensor-parallel-size", "3", "--port", str(port or free_port())]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while "engine_svc listening" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the engine did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
-    assert len(workers) == 2
-    return proc, workers
+    return start_engine_service(tiny, log, ["--tensor-parallel-size", "3"], num_workers=2, port=port)
 
 
 def watch_health(address: str) -> tuple[list[str], threading.Event]:
@@ -106,12 +64,7 @@ def test_engine_exits_naming_the_dead_rank_and_leaves_no_workers(tiny, tmp_path)
     health, watching = watch_health(f"127.0.0.1:{port}")
     assert watching.wait(10) and health == ["SERVING"]
     workers[1].send_signal(signal.SIGKILL)
-    try:
-        code = proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the engine did not exit within 10 s of a worker's death")
-    assert code != 0
+    assert exit_code_within(proc, 10) != 0
     assert health == ["SERVING", "NOT_SERVING"]   # reported before the port closed
     last = (tmp_path / "engine.log").read_text().strip().splitlines()[-1]
     assert last == "[engine] tensor-parallel worker rank 2 died (killed by SIGKILL); the engine stops"

@@ -10,9 +10,8 @@ import torch
 
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
-from tests.engine.family_checks import PROMPTS, stepped_logits
+from tests.engine.family_checks import PROMPTS, engine_config, stepped_logits
 from tests.engine.lora_files import MLP, write_lora_adapter
-from tests.engine.test_tensor_parallel import engine_config
 from tests.engine.tiny_models import write_tiny_family
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

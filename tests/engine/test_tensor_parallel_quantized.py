@@ -14,7 +14,7 @@ from engine_svc.distributed.layers import RowParallelLinear
 from engine_svc.distributed.parallel_state import TensorParallel
 from engine_svc.engine import Engine
 from engine_svc.quant.row_parallel import RowParallelInt4Linear, RowParallelInt8Linear, row_parallel_group
-from tests.engine.test_tensor_parallel import engine_config
+from tests.engine.family_checks import engine_config
 from tests.engine.test_tensor_parallel import (  # noqa: F401 - collected as this module's tests
     test_prefill_and_decode_logits_equal_single_process,
     test_tokens_equal_single_process_with_chunking_prefix_hits_preemption_and_n)
