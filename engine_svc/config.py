@@ -11,6 +11,8 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
 KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
+SPECULATIVE_METHODS = ("ngram", "draft")          # see engine_svc.spec
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class EngineConfig:
     distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node; ray, actors
     ray_address: str | None = None              # the Ray cluster (ray executor); None: Ray's own resolution
     distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
+    speculative_method: str | None = None       # None: no speculation; ngram: prompt lookup; draft: a draft model
+    num_speculative_tokens: int = 4             # K: tokens proposed per step and verified in one forward
+    draft_model: str | None = None              # the draft model's path (method draft): same vocabulary
+    ngram_min: int = 1                          # prompt lookup matches the context's last n tokens, n from
+    ngram_max: int = 4                          # ngram_max down to ngram_min
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,9 +89,24 @@ class EngineConfig:
             (not (self.ray_address or "").startswith("ray://"),
              "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
         ]
+        checks += self._speculative_checks()
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _speculative_checks(self) -> list[tuple[bool, str]]:
+        method = self.speculative_method
+        return [
+            (method is None or method in SPECULATIVE_METHODS,
+             f"speculative_method must be one of {SPECULATIVE_METHODS}"),
+            (1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+             f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}]"),
+            ((method == "draft") == (self.draft_model is not None),
+             "speculative_method draft needs draft_model, and draft_model needs speculative_method draft"),
+            (1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max"),
+            (method is None or self.world_size == 1,
+             "speculative decoding is not supported with tensor or pipeline parallelism yet"),
+        ]
 
     @property
     def world_size(self) -> int:
@@ -153,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "$RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new local Ray")
     p.add_argument("--distributed-timeout-s", type=float, default=600.0,
                    help="a collective that waits longer fails the engine (it exits naming the rank)")
+    spec = p.add_argument_group("speculative decoding (off by default; see the README)")
+    spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
+                      help="ngram: propose the tokens that followed the context's last n-gram earlier in it; "
+                           "draft: a smaller model of the same tokenizer proposes them (--draft-model)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=4,
+                      help="tokens proposed per step; the model verifies them in one forward")
+    spec.add_argument("--draft-model", default=None, help="the draft model (HF directory or .gguf)")
+    spec.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram prompt lookup matches")
+    spec.add_argument("--ngram-max", type=int, default=4, help="longest n-gram prompt lookup matches (tried first)")
     return p
 
 

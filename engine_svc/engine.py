@@ -13,12 +13,19 @@ batch in flight, and each batch takes about 1/P of the requests), then finishes 
 the last stage's sampler. While the driver runs the last stage of one batch, the earlier stages run the later
 ones.
 
+Speculative decoding (engine_svc.spec, --speculative-method): the scheduler asks the proposer for tokens for each
+decoding request that speculates, and the runner verifies them in the same step. A step with such a request first
+waits for the step in flight, as for penalties: proposals are made from real ids, and a verify row's new tokens
+(one or more) are known before its request is scheduled again. Under asynchronous scheduling this costs the
+overlap for those steps; it is the simplest correct choice.
+
 Structured output (engine_svc.structured): a request's grammar compiles on a thread pool while the request waits
 in the scheduler (which only sees a ready predicate); a grammar that does not compile rejects its request.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -29,6 +36,7 @@ from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import AdmissionError, RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from engine_svc.executor import make_executor
+from engine_svc.spec.ngram_proposer import NgramProposer
 from engine_svc.structured.compiler import GrammarError
 from engine_svc.structured.manager import StructuredOutputs, model_vocabulary
 from engine_svc.worker.model_runner import LaunchedStep, PipelinedStep
@@ -59,8 +67,11 @@ class Engine:
                             max_model_len=self.config.max_model_len,
                             max_waiting=self.config.max_waiting,
                             enable_chunked_prefill=self.config.enable_chunked_prefill,
-                            max_loras=self.config.max_loras if self.adapters.enabled else None),
-            self.kv, frozenset(self.model_cfg.eos_token_ids), is_ready=self.structured.is_ready)
+                            max_loras=self.config.max_loras if self.adapters.enabled else None,
+                            num_speculative_tokens=self.config.num_speculative_tokens
+                            if self.config.speculative_method else 0),
+            self.kv, frozenset(self.model_cfg.eos_token_ids), is_ready=self.structured.is_ready,
+            proposer=self._make_proposer())
         self.num_steps = 0
         on = self.config.async_scheduling
         # Pipelined, the batches in flight take the place of asynchronous scheduling's one step ahead.
@@ -71,6 +82,22 @@ class Engine:
         for name, path in self.config.lora_modules:   # --lora NAME=PATH; a shared runner may have them already
             if not (self.adapters.enabled and self.adapters.manager.has(name)):
                 self.adapters.load(name, path)
+
+    def _make_proposer(self):
+        """The proposer of --speculative-method, timed into the scheduler's spec_stats; None when off."""
+        c = self.config
+        self.draft = None   # the draft model's proposer: the runner takes its proposal distributions
+        if c.speculative_method is None:
+            return None
+        if c.speculative_method == "draft":
+            from engine_svc.spec.draft_proposer import draft_proposer_for
+            self.draft = draft_proposer_for(self.runner, c)
+            return _Timed(self.draft, self)
+        return _Timed(NgramProposer(c.ngram_min, c.ngram_max), self)
+
+    @property
+    def spec_stats(self):
+        return self.scheduler.spec_stats
 
     def with_scheduling(self, **changes) -> "Engine":
         """A fresh engine (empty queues and prefix cache) over this one's loaded model and KV tensors, with other
@@ -144,6 +171,8 @@ class Engine:
         # The driver masks the constrained rows when it samples, with this engine's grammars (engines made by
         # with_scheduling share the runner).
         self.runner.structured = self.structured
+        self.runner.draft = self.draft
+        t0 = time.perf_counter()
         try:
             outputs = self._grammar_errors()
             outputs += self._step()
@@ -154,6 +183,9 @@ class Engine:
                 raise   # a rank that raised mid-step leaves the others inside a collective: only a restart is safe
             _LOG.exception("an engine step failed")
             return self._fail_step(f"{type(e).__name__}: {e}")
+        finally:
+            if self.scheduler.proposer is not None:
+                self.spec_stats.step_time_s += time.perf_counter() - t0
 
     def _step(self) -> list[RequestOutput]:
         if self.pipeline_depth > 1:
@@ -167,7 +199,7 @@ class Engine:
             result = self.executor.execute(out)
             self._in_executor = False
             self.num_steps += 1
-            return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
+            return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs, result.runs)
         outputs = []
         if self._in_flight and self._needs_real_ids():
             outputs = self._finish_in_flight()
@@ -248,13 +280,15 @@ class Engine:
         self._in_executor = True
         result = launched.wait()
         self._in_executor = False
-        return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs)
+        return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs, result.runs)
 
     def _needs_real_ids(self) -> bool:
         # Penalties read the output ids on the host; the next beams are chosen from the last step's results; a
-        # grammar's mask follows every output token.
+        # grammar's mask follows every output token; proposals are made from real ids, and a verify row's tokens
+        # must be known before its request is scheduled again.
+        s = self.scheduler
         return any(r.params.uses_penalties or isinstance(r.group, BeamSearch) or r.params.structured_output
-                   is not None for r in self.scheduler.running)
+                   is not None or s.speculates(r) for r in s.running)
 
     def shutdown(self) -> None:
         """Stops the executor's workers (none in a single process) and the grammar compilers."""
@@ -276,4 +310,19 @@ class Engine:
 
 
 _SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "async_scheduling",
-                                "max_num_seqs", "max_waiting", "num_kv_blocks"})
+                                "max_num_seqs", "max_waiting", "num_kv_blocks", "speculative_method",
+                                "num_speculative_tokens", "draft_model", "ngram_min", "ngram_max"})
+
+
+class _Timed:
+    """A proposer whose time goes into the engine's spec_stats.draft_time_s."""
+
+    def __init__(self, proposer, engine: Engine) -> None:
+        self.proposer, self.engine = proposer, engine
+
+    def propose(self, rows):
+        t0 = time.perf_counter()
+        try:
+            return self.proposer.propose(rows)
+        finally:
+            self.engine.spec_stats.draft_time_s += time.perf_counter() - t0

@@ -117,6 +117,15 @@ class KVCacheManager:
             request.block_ids.extend(self.pool.allocate(new))
         return True
 
+    def free_tail(self, request: Request, num_tokens: int) -> None:
+        """Frees the request's blocks past the first num_tokens positions (speculative decoding: blocks that held
+        only rejected proposals). They are private to it and never cached: nothing is indexed before its tokens
+        are accepted ones."""
+        keep = self.blocks_for_tokens(num_tokens)
+        if len(request.block_ids) > keep:
+            self.pool.free(list(reversed(request.block_ids[keep:])))
+            del request.block_ids[keep:]
+
     def share_prefix(self, source: Request, target: Request, num_blocks: int) -> None:
         """target (holding no blocks) takes source's first num_blocks blocks by reference, as computed."""
         if target.block_ids:

@@ -35,6 +35,16 @@ that the running requests spread over the batches. A request in flight may still
 blocks are freed at once, the batch in flight writes its K/V there before any later batch can (every stage runs
 batches in launch order), and update() applies its result as for a preempted request under asynchronous
 scheduling.
+
+Speculative decoding (num_speculative_tokens K > 0 and a proposer): a decoding request that speculates (see
+speculates()) is granted 1 + k tokens: its last token and k <= K proposals, which are never in token_ids. Then:
+- k never reaches past max_tokens or the context: the accepted run plus the target's token fit in both;
+- schedule() counts only the last token as computed; update() adds the accepted proposals (their K/V, written by
+  the verify step, are the target's own) and frees the blocks past the accepted tokens. The K/V slots of
+  rejected proposals lie at positions >= num_computed_tokens, so they are overwritten before anything reads them,
+  and no block is offered to the prefix cache before its tokens are accepted ones;
+- a request that speculates never carries a placeholder: the engine resolves the step in flight before it
+  schedules a step with such requests (asynchronous scheduling waits, as for penalties).
 """
 from __future__ import annotations
 
@@ -42,13 +52,14 @@ import bisect
 import itertools
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.outputs import RequestOutput
 from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams, TokenLogprob
 from engine_svc.core.request_group import RequestGroup, member_params
+from engine_svc.core.spec_stats import SpecDecodeStats
 
 _LOG = logging.getLogger("tandem.engine.scheduler")
 
@@ -61,6 +72,7 @@ class SchedulerConfig:
     max_waiting: int = 1024
     enable_chunked_prefill: bool = True
     max_loras: int | None = None   # distinct adapters among running requests; None: no limit
+    num_speculative_tokens: int = 0   # K: proposals per decoding request and step (0: no speculation)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -71,6 +83,8 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -85,6 +99,7 @@ class ScheduledRequest:
     start: int          # first position computed this step (== num_computed_tokens before the step)
     samples: bool       # the step reaches the end of the known tokens, so its last logits pick the next token
     adapter: str | None = None   # the LoRA adapter the request runs with; None: the base model
+    spec_token_ids: tuple[int, ...] = ()   # proposals verified after the request's last token (1 + k new tokens)
 
 
 @dataclass
@@ -114,11 +129,19 @@ class AdmissionError(ValueError):
         self.no_capacity = no_capacity
 
 
+class Proposer(Protocol):
+    def propose(self, rows: list[tuple[Request, int]]) -> list[list[int]]:
+        """At most k proposed next tokens for each (request, k), in order (fewer, or none, when unsure)."""
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int],
-                 is_ready: Callable[[Request], bool] = lambda _: True) -> None:
-        """is_ready: whether a waiting request may join now (the engine says no while its grammar compiles)."""
+                 is_ready: Callable[[Request], bool] = lambda _: True, proposer: Proposer | None = None) -> None:
+        """is_ready: whether a waiting request may join now (the engine says no while its grammar compiles);
+        proposer: proposes tokens for the requests that speculate (with num_speculative_tokens > 0)."""
         self.config = config
+        self.proposer = proposer if config.num_speculative_tokens > 0 else None
+        self.spec_stats = SpecDecodeStats()
         self.is_ready = is_ready
         self.kv = kv
         self.eos_token_ids = eos_token_ids
@@ -244,6 +267,7 @@ class Scheduler:
         """in_flight: request ids of the batches in flight, left out of this one; max_rows: at most this many
         requests in the batch (None: max_num_seqs bounds it)."""
         out = SchedulerOutput()
+        speculating: list[tuple[int, int]] = []   # (index in out.scheduled, most proposals it has room for)
         budget = self.config.max_num_batched_tokens
         rows = max_rows or self.config.max_num_seqs
         decodes_left = sum(1 for r in self.running if self._wants_decode(r))
@@ -262,6 +286,16 @@ class Scheduler:
             if remaining == 1:
                 decodes_left -= 1
                 num_new = 1
+                k = self._proposal_room(req, budget - decodes_left - 1)
+                # Proposals only take blocks that are free, and leave one for each decode behind: they never
+                # cause a preemption.
+                extra = self.kv.blocks_for_tokens(req.num_tokens + k) - len(req.block_ids)
+                if k and extra + decodes_left <= self.kv.num_free_blocks and self.kv.allocate_slots(req, 1 + k):
+                    speculating.append((len(out.scheduled), k))
+                    out.scheduled.append(self._scheduled(req, 1))
+                    budget -= 1 + k
+                    i += 1
+                    continue
             else:
                 # A prefill chunk leaves one token of budget for each decode behind it.
                 num_new = min(remaining, budget - decodes_left)
@@ -319,22 +353,55 @@ class Scheduler:
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
             seats += need
+        if speculating:
+            self._add_proposals(out, speculating)
         for s in out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
-            s.request.num_computed_tokens = s.start + s.num_new_tokens
+            # A proposal counts as computed only once accepted (update()).
+            s.request.num_computed_tokens = s.start + s.num_new_tokens - len(s.spec_token_ids)
         return out
+
+    def speculates(self, req: Request) -> bool:
+        """The request's decode steps propose tokens. Off for beam search and the other groups (n > 1, best_of >
+        1), whose members' tokens are chosen or ranked together, and for structured output (its grammar's mask
+        follows each token)."""
+        return (self.proposer is not None and req.group is None and req.params.structured_output is None)
+
+    def _proposal_room(self, req: Request, budget: int) -> int:
+        """How many tokens a decoding request may propose now: K, fewer near max_tokens or the context's end (the
+        accepted run and the target's token must fit), or the step's token budget; 0 when it does not
+        speculate."""
+        if not self.speculates(req):
+            return 0
+        return max(0, min(self.config.num_speculative_tokens, budget,
+                          req.params.max_tokens - req.num_output_tokens - 1,
+                          self.config.max_model_len - req.num_tokens - 1))
+
+    def _add_proposals(self, out: SchedulerOutput, speculating: list[tuple[int, int]]) -> None:
+        """Asks the proposer, then grants each speculating request its proposals; the blocks taken for more than
+        it got go back."""
+        rows = [(out.scheduled[i].request, k) for i, k in speculating]
+        for (i, k), proposal in zip(speculating, self.proposer.propose(rows)):
+            s = out.scheduled[i]
+            proposal = tuple(proposal[:k])
+            out.scheduled[i] = replace(s, num_new_tokens=1 + len(proposal), spec_token_ids=proposal)
+            self.kv.free_tail(s.request, s.start + 1 + len(proposal))
 
     def mark_in_flight(self, out: SchedulerOutput) -> None:
         """Asynchronous scheduling: out was launched and its sampled ids are not known yet."""
         for s in out.scheduled:
-            # A beam's next token is chosen by its group from the step's results, never sampled ahead.
-            if s.samples and not isinstance(s.request.group, BeamSearch):
+            # A beam's next token is chosen by its group from the step's results, never sampled ahead; a verify
+            # row's tokens are resolved before its request is scheduled again (the engine waits).
+            if s.samples and not isinstance(s.request.group, BeamSearch) and not s.spec_token_ids:
                 s.request.token_ids.append(PLACEHOLDER)
 
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int], logprobs: list | None = None,
-               prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None) -> list[RequestOutput]:
+               prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None,
+               runs: dict[str, tuple[list[int], list[TokenLogprob] | None]] | None = None) -> list[RequestOutput]:
         """Applies one step's results. sampled_token_ids (and logprobs, when any row wanted them: a TokenLogprob
         or None per row) have one entry per scheduled request that samples, in order. prompt_logprobs maps a
-        member's request_id to (first prompt position scored, entries) for its prompt rows of the step."""
+        member's request_id to (first prompt position scored, entries) for its prompt rows of the step. runs
+        maps each verify row's request_id to its new tokens (the accepted proposals, then the target's token)
+        and their logprobs when asked."""
         samples = iter(sampled_token_ids)
         lps = iter(logprobs) if logprobs is not None else None
         outputs: list[RequestOutput] = []
@@ -344,6 +411,9 @@ class Scheduler:
             if s.request.is_finished:
                 continue  # aborted, failed, or ended on the step before, while this step ran; its blocks are free
             try:
+                if s.spec_token_ids:
+                    outputs += self._apply_run(s, *runs[s.request.request_id])
+                    continue
                 outputs += self._apply(s, token, lp, prompt_logprobs)
             except Exception as e:  # noqa: BLE001 - one request's failure must not reach the others
                 _LOG.exception("request %s failed while applying a step's results", s.request.external_id)
@@ -393,6 +463,35 @@ class Scheduler:
         if group.num_unfinished == 0:
             del self.groups[group.request_id]
         return outputs
+
+    def _apply_run(self, s: ScheduledRequest, tokens: list[int],
+                   lps: list[TokenLogprob] | None) -> list[RequestOutput]:
+        """A verify row's results: tokens are its accepted proposals, then the target's own token. A stop (or
+        max_tokens) inside the run ends the request there; the tokens after it are dropped."""
+        req = s.request
+        num_accepted = len(tokens) - 1
+        self.spec_stats.record(len(s.spec_token_ids), num_accepted)
+        # K/V hold the last token and the accepted proposals; blocks past them held only rejected ones.
+        req.num_computed_tokens = s.start + 1 + num_accepted
+        self.kv.free_tail(req, req.num_computed_tokens)
+        reason, emitted = None, 0
+        for j, token in enumerate(tokens):
+            req.token_ids.append(token)
+            emitted += 1
+            if lps is not None:
+                req.cumulative_logprob += lps[j].logprob
+            reason = self._stop_reason(req, token, s.start + 1 + j)
+            if reason is not None:
+                break
+        req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
+        self.kv.cache_full_blocks(req)
+        if reason is not None:
+            self._drop(req, reason)
+        wants = req.params.logprobs is not None and lps is not None
+        return [RequestOutput(
+            req.external_id, tokens[:emitted], reason, logprobs=lps[:emitted] if wants else None,
+            cumulative_logprob=req.cumulative_logprob if wants and reason is not None else None,
+            last=reason is not None)]
 
     # --- groups ----------------------------------------------------------------------------------------------------
 

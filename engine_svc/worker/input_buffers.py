@@ -19,7 +19,7 @@ _FIELDS = {
     "slot_mapping": (torch.int64, "tokens"),
     "seq_lens": (torch.int32, "seqs"),
     "query_start": (torch.int32, "seqs+1"),
-    "logits_rows": (torch.int64, "seqs"),
+    "logits_rows": (torch.int64, "tokens"),   # a verify row (speculative decoding) has one per token
     "block_tables": (torch.int32, "tables"),
     # Asynchronous scheduling: input_ids[placeholder_dst[i]] = previous sampled ids[placeholder_src[i]].
     "placeholder_dst": (torch.int64, "seqs"),

@@ -36,6 +36,7 @@ from engine_svc.model_config import ModelConfig
 from engine_svc.logprobs import token_logprobs
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
 from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
+from engine_svc.spec.verify import sample_with_proposals
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -118,6 +119,8 @@ class ModelRunner:
         self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
+        self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
+        self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         if self.uses_graphs:
@@ -173,7 +176,8 @@ class ModelRunner:
         lora_slots = self._lora_slots(out)
         for s in out.scheduled:
             req, start, n = s.request, s.start, s.num_new_tokens
-            ids = req.token_ids[start:start + n]
+            # A verify row: the last token, then the proposals (never in token_ids before they are accepted).
+            ids = [req.token_ids[start], *s.spec_token_ids] if s.spec_token_ids else req.token_ids[start:start + n]
             if ids[-1] == PLACEHOLDER:   # sampled by the step still running: its id is on the device
                 ph_dst.append(query_start[-1] + n - 1)
                 ph_src.append(prev_rows[req.request_id])
@@ -184,7 +188,9 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             tables.append(blocks)
-            if s.samples:
+            if s.spec_token_ids:   # every position's logits: each verifies the token after it
+                logits_rows.extend(range(query_start[-2], query_start[-1]))
+            elif s.samples:
                 logits_rows.append(query_start[-1] - 1)
         width = max(len(t) for t in tables)
         if pad_to is not None:
@@ -269,7 +275,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
-        """Runs the model; returns float32 logits for each scheduled request that samples, in order."""
+        """Runs the model; returns float32 logits for each scheduled request that samples, in order (a verify
+        row's k + 1 positions each)."""
         return self._forward(out)[0]
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
@@ -367,6 +374,11 @@ class ModelRunner:
 
     def sample_rows(self, logits: torch.Tensor, sampling: list, step: "LaunchedStep") -> None:
         """Samples the step's sampling rows (and their logprobs, when asked) into step."""
+        if any(s.spec_token_ids for s in sampling):
+            v = sample_with_proposals(logits, sampling, self.model_cfg.vocab_size, self.device, self._eos_token_ids,
+                                      self.structured, self.draft)
+            step.sampled, step.runs, step.host_logprobs = v.sampled, v.runs, v.logprobs
+            return
         params = [s.request.params for s in sampling]
         histories = None
         if any(p.uses_penalties for p in params):
@@ -411,6 +423,7 @@ class StepResult:
     sampled: list[int]                                       # one per sampling row
     logprobs: list[TokenLogprob | None] | None = None        # one per sampling row, when any row asked
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None
+    runs: dict[str, tuple[list[int], list[TokenLogprob] | None]] | None = None   # verify rows' new tokens
 
 
 class _PromptRows:
@@ -452,6 +465,8 @@ class LaunchedStep:
         self.logprobs: tuple[torch.Tensor, ...] | None = None
         self.logprobs_wanted: list[int | None] = []
         self.prompt: _PromptRows | None = None
+        self.runs: dict | None = None                          # verify rows' tokens, already on the host
+        self.host_logprobs: list[TokenLogprob | None] | None = None   # a verify step's logprobs, on the host
         self._host: list[torch.Tensor] = []
         self._event = None
 
@@ -473,7 +488,7 @@ class LaunchedStep:
         if self._event is not None:
             self._event.synchronize()
         host = [t.tolist() for t in self._host]
-        result = StepResult(host[0])
+        result = StepResult(host[0], self.host_logprobs, runs=self.runs)
         rest = host[1:]
         if self.logprobs is not None:
             chosen, top_ids, top_lps = rest[:3]
