@@ -10,8 +10,15 @@ writes JSON.
   the request's TTFT is reported next to it.
 - TTFT: one request per prompt length with max_tokens 1: the time from add_request to the step that returns
   its token (the whole prefill, in several steps when the prompt exceeds the token budget).
+- speculative decoding (--speculative-method ngram|draft): the decode run twice, without speculation and with it,
+  on the same loaded model, in one table: tok/s, speed-up, acceptance rate, mean accepted length (tokens per
+  verify row) and the share of the time spent proposing. --workload quote makes the prompt a quoted passage the
+  model is asked to repeat (benchmarks/spec_workload.py): the repetitive case speculation is for.
 Every figure is the median over --repeats runs, after --warmup untimed runs of the same shape. Prefix caching
 is off and every run draws a new prompt, so each prefill is computed in full.
+
+    tandem bench latency --model default --device cpu --dtype float32 --workload quote --prompt-len 256 \
+        --output-len 128 --ttft-prompt-lens --speculative-method ngram --num-speculative-tokens 4
 """
 from __future__ import annotations
 
@@ -23,9 +30,11 @@ import time
 from pathlib import Path
 
 from benchmarks import gpu_gaps, tp_shares
-from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
+from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, spec_settings, sync
 from benchmarks.report import write_json
+from benchmarks.spec_workload import quote_prompt
 from engine_svc.core.request import SamplingParams
+from engine_svc.core.spec_stats import SpecDecodeStats
 from engine_svc.engine import Engine
 
 
@@ -53,27 +62,47 @@ def timed_request(engine: Engine, rid: str, prompt: list[int], max_tokens: int) 
     return times
 
 
-def decode_run(engine: Engine, rng: random.Random, rid: str, prompt_len: int, output_len: int) -> dict:
-    times = timed_request(engine, rid, random_prompt(rng, prompt_len, engine.model_cfg.vocab_size), output_len)
+def decode_prompt(engine: Engine, rng: random.Random, args, run: int) -> list[int]:
+    vocab = engine.model_cfg.vocab_size
+    if args.workload == "quote":
+        return quote_prompt(args.model, args.prompt_len, run, vocab, args.load_format)
+    return random_prompt(rng, args.prompt_len, vocab)
+
+
+def decode_run(engine: Engine, prompt: list[int], rid: str, output_len: int) -> dict:
+    times = timed_request(engine, rid, prompt, output_len)
     decode_s = times[-1] - times[0]
     return {"ttft_s": times[0], "decode_s": decode_s,
             "decode_tok_s": (output_len - 1) / decode_s if decode_s > 0 else float("nan")}
 
 
 def decode_bench(engine: Engine, args) -> dict:
+    """The same prompts whichever engine runs (the seed decides them): runs with and without speculation
+    compare like for like."""
     rng = random.Random(args.seed)
     for i in range(args.warmup):
-        decode_run(engine, rng, f"decode-warmup-{i}", args.prompt_len, args.output_len)
+        decode_run(engine, decode_prompt(engine, rng, args, -1 - i), f"decode-warmup-{i}", args.output_len)
+    engine.scheduler.spec_stats = SpecDecodeStats()   # the timed runs' own
     runs = []
     timeline = gpu_gaps.attach(engine)
     with tp_shares.measured(engine) as shares:   # the prompt's steps too: one in output_len of them
         for i in range(args.repeats):
-            runs.append(decode_run(engine, rng, f"decode-{i}", args.prompt_len, args.output_len))
+            prompt = decode_prompt(engine, rng, args, i)
+            runs.append(decode_run(engine, prompt, f"decode-{i}", args.output_len))
+            runs[-1]["prompt_len"] = len(prompt)
             print(f"  decode run {i + 1}/{args.repeats}: {runs[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
                   flush=True)
     tok_s = [r["decode_tok_s"] for r in runs]
     med = statistics.median(tok_s)
-    return {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
+    sd = engine.spec_stats
+    spec = None if engine.scheduler.proposer is None else {
+        "method": engine.config.speculative_method, "num_speculative_tokens": engine.config.num_speculative_tokens,
+        "acceptance_rate": sd.acceptance_rate, "mean_accepted_length": sd.mean_accepted_length,
+        "draft_time_share": sd.draft_time_share, "num_drafts": sd.num_drafts,
+        "num_draft_tokens": sd.num_draft_tokens, "num_accepted_tokens": sd.num_accepted_tokens,
+        "accepted_per_pos": sd.accepted_per_pos}
+    return {"prompt_len": round(statistics.median(r["prompt_len"] for r in runs)), "output_len": args.output_len,
+            "workload": args.workload, "repeats": args.repeats, "speculative": spec,
             "decode_tok_s_median": med, "decode_tok_s_min": min(tok_s), "decode_tok_s_max": max(tok_s),
             "ms_per_token_median": 1e3 / med, "ttft_ms_median": statistics.median(r["ttft_s"] for r in runs) * 1e3,
             "runs": runs, "gpu_gaps": gpu_gaps.summarize(engine, timeline), "tensor_parallel": shares}
@@ -120,6 +149,18 @@ def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
                 print(f"prefill {r['prompt_len']}: " + tp_shares.describe(r["tensor_parallel"]))
 
 
+def print_spec_table(plain: dict, spec: dict) -> None:
+    s = spec["speculative"]
+    print(f"\nspeculative decoding: {plain['workload']} workload, prompt ~{plain['prompt_len']}, output "
+          f"{plain['output_len']} (greedy, ignore_eos), batch 1, median of {plain['repeats']}")
+    print(f"{'method':>8} {'K':>3} {'decode tok/s':>13} {'speed-up':>9} {'acceptance':>11} {'mean acc. len':>14} "
+          f"{'draft time':>11}")
+    print(f"{'none':>8} {'-':>3} {plain['decode_tok_s_median']:>13.1f} {1.0:>8.2f}x {'-':>11} {'-':>14} {'-':>11}")
+    print(f"{s['method']:>8} {s['num_speculative_tokens']:>3} {spec['decode_tok_s_median']:>13.1f} "
+          f"{spec['decode_tok_s_median'] / plain['decode_tok_s_median']:>8.2f}x {s['acceptance_rate']:>11.2f} "
+          f"{s['mean_accepted_length']:>14.2f} {s['draft_time_share']:>10.1%}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
@@ -130,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each shape before the timed ones")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", choices=("random", "quote"), default="random",
+                   help="random: random token ids; quote: a quoted passage the model is asked to repeat (the "
+                        "repetitive case speculative decoding is for)")
     p.add_argument("--json", type=Path, default=Path("bench_out/latency.json"))
     args = p.parse_args(argv)
     if args.prompt_len < 1 or args.output_len < 2 or args.repeats < 1 or args.warmup < 0:
@@ -145,8 +189,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    # One request at a time; no prefix caching, so repeated shapes never skip their prefill.
-    engine = Engine(engine_config(args, enable_prefix_caching=False))
+    # One request at a time; no prefix caching, so repeated shapes never skip their prefill. The engine runs
+    # without speculation; with --speculative-method a second one over the same model runs with it.
+    engine = Engine(engine_config(args, enable_prefix_caching=False, speculative_method=None, draft_model=None))
     longest = max([args.prompt_len + args.output_len] + [n + 1 for n in args.ttft_prompt_lens])
     if longest > engine.config.max_model_len:
         engine.shutdown()
@@ -155,15 +200,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(header, file=sys.stderr, flush=True)
     try:
         decode = decode_bench(engine, args)
+        spec = None
+        if args.speculative_method is not None:
+            spec = decode_bench(engine.with_scheduling(**spec_settings(args)), args)
         ttft = ttft_bench(engine, args)
     finally:
         engine.shutdown()   # tensor-parallel workers
     print_tables(header, decode, ttft)
+    if spec is not None:
+        print_spec_table(decode, spec)
     result = {"benchmark": "latency", "model": engine.model_name, "model_path": args.model,
               "load_format": args.load_format, "device": str(engine.runner.device),
               "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.runner.backend.name,
               "quantization": engine.config.quantization, "cuda_graphs": engine.runner.graphs is not None, "async_scheduling": engine.async_scheduling,
-              "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft}
+              "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft,
+              "speculative_decode": spec}
     write_json(args.json, result)
     return result
 

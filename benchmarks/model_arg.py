@@ -12,7 +12,9 @@ from pathlib import Path
 
 import engine_svc
 from engine_svc.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS,
-                               EngineConfig)
+                               SPECULATIVE_METHODS, EngineConfig)
+
+SPEC_FIELDS = ("speculative_method", "num_speculative_tokens", "draft_model", "ngram_min", "ngram_max")
 
 CONFIGS_DIR = Path(engine_svc.__file__).resolve().parent / "configs"
 
@@ -62,6 +64,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks each pipeline stage is split over")
     p.add_argument("--pipeline-parallel-size", type=int, default=1,
                    help="stages the layers are split into (T x P ranks in all)")
+    p.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
+                   help="speculative decoding: ngram (prompt lookup) or draft (--draft-model)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens proposed per step")
+    p.add_argument("--draft-model", default=None, help="the draft model (HF directory or .gguf)")
+    p.add_argument("--ngram-min", type=int, default=1)
+    p.add_argument("--ngram-max", type=int, default=4)
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
@@ -85,8 +93,17 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
                   pipeline_parallel_size=args.pipeline_parallel_size)
     if args.max_num_seqs is not None:
         fields["max_num_seqs"] = args.max_num_seqs
+    fields.update(spec_settings(args))
     fields.update(overrides)
     return EngineConfig(**fields)
+
+
+def spec_settings(args: argparse.Namespace) -> dict:
+    """The speculative-decoding fields of EngineConfig from the shared arguments (a draft path made absolute)."""
+    settings = {name: getattr(args, name) for name in SPEC_FIELDS}
+    if settings["draft_model"] is not None:
+        settings["draft_model"] = str(Path(settings["draft_model"]).expanduser().absolute())
+    return settings
 
 
 def engine_cli_args(args: argparse.Namespace) -> list[str]:
@@ -104,6 +121,13 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
         out += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     if args.pipeline_parallel_size > 1:
         out += ["--pipeline-parallel-size", str(args.pipeline_parallel_size)]
+    if args.speculative_method is not None:
+        spec = spec_settings(args)
+        out += ["--speculative-method", spec["speculative_method"],
+                "--num-speculative-tokens", str(spec["num_speculative_tokens"]),
+                "--ngram-min", str(spec["ngram_min"]), "--ngram-max", str(spec["ngram_max"])]
+        if spec["draft_model"] is not None:
+            out += ["--draft-model", spec["draft_model"]]
     for flag, value in (("--max-num-seqs", args.max_num_seqs),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens),
                         ("--max-model-len", args.max_model_len), ("--num-kv-blocks", args.num_kv_blocks)):

@@ -27,11 +27,12 @@ import queue
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
+from engine_svc.core.spec_stats import SpecDecodeStats
 from engine_svc.engine import Engine
 
 _LOG = logging.getLogger("tandem.engine.loop")
@@ -97,6 +98,7 @@ class LoadSnapshot:
     steps: int
     kv_integrity_checks: int
     kv_integrity_failures: int
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)   # a copy: the loop's own goes on
 
 
 class EngineLoop:
@@ -153,7 +155,8 @@ class EngineLoop:
             kv_blocks_used=kv.num_used_blocks, kv_blocks_free=kv.pool.num_free, kv_blocks_cached=kv.pool.num_cached_idle,
             prefix_cache_queries=kv.prefix_stats.queries, prefix_cache_hits=kv.prefix_stats.hits,
             num_preemptions=s.num_preemptions, steps=self.engine.num_steps,
-            kv_integrity_checks=self.integrity_checks, kv_integrity_failures=self.integrity_failures)
+            kv_integrity_checks=self.integrity_checks, kv_integrity_failures=self.integrity_failures,
+            spec_decode=replace(s.spec_stats, accepted_per_pos=list(s.spec_stats.accepted_per_pos)))
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Submit):

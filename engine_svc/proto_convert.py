@@ -117,4 +117,15 @@ def load_to_pb(s: LoadSnapshot) -> pb.EngineLoad:
         kv_blocks_used=s.kv_blocks_used, kv_blocks_free=s.kv_blocks_free, kv_blocks_cached=s.kv_blocks_cached,
         steps=s.steps, prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
         num_preemptions=s.num_preemptions, kv_integrity_checks=s.kv_integrity_checks,
-        kv_integrity_failures=s.kv_integrity_failures)
+        kv_integrity_failures=s.kv_integrity_failures, **spec_decode_fields(s.spec_decode))
+
+
+def spec_decode_fields(sd) -> dict:
+    """EngineLoad's spec_decode_* fields from a SpecDecodeStats."""
+    return dict(spec_decode_num_drafts=sd.num_drafts, spec_decode_num_draft_tokens=sd.num_draft_tokens,
+                spec_decode_num_accepted_tokens=sd.num_accepted_tokens,
+                spec_decode_num_accepted_tokens_per_pos=sd.accepted_per_pos,
+                spec_decode_draft_seconds=sd.draft_time_s, spec_decode_step_seconds=sd.step_time_s,
+                spec_decode_acceptance_rate=sd.acceptance_rate,
+                spec_decode_mean_accepted_length=sd.mean_accepted_length,
+                spec_decode_draft_time_share=sd.draft_time_share)

@@ -18,6 +18,11 @@ What is measured, all on the gateway's monotonic clock:
   those the client cancelled or whose deadline passed.
 - running/waiting, kv_cache_usage_perc (a fraction in [0, 1], as vLLM's), prefix cache queries/hits (tokens) and
   preemptions: from the engine's GetLoad, polled; the engine's totals become counter increments.
+- speculative decoding, from GetLoad the same way, under vLLM's names: spec_decode_num_drafts (verify rows),
+  spec_decode_num_draft_tokens (proposed), spec_decode_num_accepted_tokens, and
+  spec_decode_num_accepted_tokens_per_pos{position}; acceptance rate = accepted / draft tokens, mean accepted
+  length = 1 + accepted / drafts. spec_decode_draft_seconds and spec_decode_step_seconds (Tandem's own) give the
+  draft time share.
 """
 from __future__ import annotations
 
@@ -91,8 +96,18 @@ class GatewayMetrics:
                                    LABELS, registry=r)
         self.preemptions = Counter(PREFIX + "num_preemptions", "Requests preempted by the engine.", LABELS,
                                    registry=r)
+        self.spec_counters = {
+            name: Counter(PREFIX + name, doc, LABELS, registry=r) for name, doc in (
+                ("spec_decode_num_drafts", "Verify rows: a request's proposals checked in one step."),
+                ("spec_decode_num_draft_tokens", "Tokens proposed by speculative decoding."),
+                ("spec_decode_num_accepted_tokens", "Proposed tokens the model accepted."),
+                ("spec_decode_draft_seconds", "Engine time spent proposing tokens."),
+                ("spec_decode_step_seconds", "Engine step time while speculative decoding is on."))}
+        self.spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                    "Accepted proposed tokens, by position in the proposal.",
+                                    LABELS + ("position",), registry=r)
         # The engine reports totals since it started; the last seen ones turn them into increments.
-        self._engine_totals: dict[str, tuple[int, int, int]] = {}
+        self._engine_totals: dict[str, tuple] = {}
 
     def request(self, replica: str) -> "RequestMetrics":
         """Called when a request reaches the gateway; its clock starts now."""
@@ -104,11 +119,18 @@ class GatewayMetrics:
         self.running.labels(*labels).set(load.num_running)
         self.waiting.labels(*labels).set(load.num_waiting)
         self.kv_usage.labels(*labels).set(load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0)
-        totals = (load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions)
-        last = self._engine_totals.get(replica, (0, 0, 0))
-        for counter, new, old in zip((self.prefix_queries, self.prefix_hits, self.preemptions), totals, last):
+        per_pos = list(getattr(load, "spec_decode_num_accepted_tokens_per_pos", ()))
+        counters = [self.prefix_queries, self.prefix_hits, self.preemptions, *self.spec_counters.values()]
+        totals = (load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions,
+                  *(getattr(load, name, 0) for name in self.spec_counters), *per_pos)
+        last = self._engine_totals.get(replica, ())
+        last = last + (0,) * (len(totals) - len(last))
+        children = [c.labels(*labels) for c in counters]
+        children += [self.spec_per_pos.labels(*labels, str(i)) for i in range(len(per_pos))]
+        for child, new, old in zip(children, totals, last):
             # A total that went down means the engine restarted and counts from 0 again.
-            counter.labels(*labels).inc(new - old if new >= old else new)
+            if new != old:
+                child.inc(new - old if new >= old else new)
         self._engine_totals[replica] = totals
 
 
