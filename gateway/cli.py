@@ -19,6 +19,7 @@ from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT,
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
 KV_CACHE_DTYPES = ("auto", "fp8")   # engine_svc.config's, repeated: the gateway does not import the engine
+SPECULATIVE_METHODS = ("ngram", "draft")   # likewise
 
 
 def _positive_int(text: str) -> int:
@@ -97,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split the model's layers into this many stages, each on --tensor-parallel-size ranks "
                             "(T x P ranks in each engine); the engine keeps P batches in flight (default "
                             "%(default)s)")
+    spec = serve.add_argument_group("speculative decoding (passed to the engine; off by default)")
+    spec.add_argument("--speculative-method", choices=SPECULATIVE_METHODS,
+                      help="ngram: prompt lookup; draft: a smaller model of the same tokenizer (--draft-model)")
+    spec.add_argument("--num-speculative-tokens", type=_positive_int, help="tokens proposed per step (engine "
+                                                                           "default 4)")
+    spec.add_argument("--draft-model", help="the draft model: an HF directory or a .gguf file")
+    spec.add_argument("--ngram-min", type=_positive_int, help="shortest n-gram matched (engine default 1)")
+    spec.add_argument("--ngram-max", type=_positive_int, help="longest n-gram matched (engine default 4)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -215,6 +224,12 @@ def _engine_args(args: argparse.Namespace) -> tuple[str, ...]:
                        ("--pipeline-parallel-size", args.pipeline_parallel_size)):
         if size > 1:
             sizes += [flag, str(size)]
+    for flag, value in (("--speculative-method", args.speculative_method),
+                        ("--num-speculative-tokens", args.num_speculative_tokens),
+                        ("--draft-model", args.draft_model and os.path.abspath(args.draft_model)),
+                        ("--ngram-min", args.ngram_min), ("--ngram-max", args.ngram_max)):
+        if value is not None:
+            sizes += [flag, str(value)]
     return (*sizes, *args.engine_args)
 
 

@@ -63,6 +63,15 @@ def test_serve_passes_the_pipeline_parallel_size_to_the_engine() -> None:
                                                                                "/m/x.gguf"))
 
 
+def test_serve_passes_speculative_decoding_to_the_engine() -> None:
+    args = cli.parse_args(["serve", "--speculative-method", "draft", "--draft-model", "/d/small.gguf",
+                           "--num-speculative-tokens", "3"])
+    argv = engine_argv(cli.topology_from_args(args, "/m/x.gguf"))
+    assert argv[-6:] == ["--speculative-method", "draft", "--num-speculative-tokens", "3", "--draft-model",
+                         "/d/small.gguf"]
+    assert "--speculative-method" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+
+
 def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
     on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
     argv = gateway_argv(on)

@@ -180,3 +180,22 @@ def test_300_random_operations_keep_the_kv_invariants_and_free_every_block():
     for r in list(s.requests):
         s.abort(r)
     assert s.kv.num_used_blocks == 0 and s.check_integrity() == []
+
+
+def test_bad_speculative_options_get_one_precise_error():
+    import pytest
+
+    from engine_svc.config import EngineConfig, config_from_args
+
+    cfg = config_from_args(["--model", "m", "--speculative-method", "ngram", "--num-speculative-tokens", "3",
+                            "--ngram-min", "2", "--ngram-max", "5"])
+    assert (cfg.speculative_method, cfg.num_speculative_tokens, cfg.ngram_min, cfg.ngram_max) == ("ngram", 3, 2, 5)
+    for kw, message in (
+            (dict(speculative_method="draft"), "draft needs draft_model"),
+            (dict(draft_model="d"), "draft needs draft_model"),
+            (dict(speculative_method="medusa"), "speculative_method must be one of"),
+            (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens must be in"),
+            (dict(speculative_method="ngram", ngram_min=3, ngram_max=2), "ngram_min <= ngram_max"),
+            (dict(speculative_method="ngram", tensor_parallel_size=2), "not supported with tensor or pipeline")):
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(model="m", **kw)

@@ -12,6 +12,8 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
+from engine_svc.engine_loop import EngineLoop
+from engine_svc.proto_convert import load_to_pb
 from engine_svc.spec.rejection_sampler import rejection_sample
 from tests.engine.lora_files import write_lora_adapter
 from tests.engine.tiny_models import write_tiny_llama
@@ -85,6 +87,11 @@ def test_stop_ids_and_max_tokens_inside_an_accepted_run(base, models):
     assert got == run(base.with_scheduling(), requests)
     assert got[0][0] == reference[:reference.index(stop) + 1] and len(got[1][0]) == 6 and len(got[2][0]) == 11
     assert spec.spec_stats.acceptance_rate == 1.0
+    load = load_to_pb(EngineLoop(spec).load)   # GetLoad's answer
+    assert load.spec_decode_acceptance_rate == 1.0 and load.spec_decode_num_drafts == spec.spec_stats.num_drafts
+    assert load.spec_decode_mean_accepted_length == spec.spec_stats.mean_accepted_length > 2
+    assert 0 < load.spec_decode_draft_time_share < 1
+    assert list(load.spec_decode_num_accepted_tokens_per_pos) == spec.spec_stats.accepted_per_pos
 
 
 def test_preemption_keeps_outputs_exact_and_the_draft_cache_in_step(base, models):
