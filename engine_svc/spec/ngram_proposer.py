@@ -1,6 +1,8 @@
 """n-gram prompt lookup: propose the tokens that followed the latest earlier occurrence of the context's last
-n-gram (n from ngram_max down to ngram_min). Plain Python: no torch, no second model."""
+n-gram (n from ngram_max down to ngram_min). No torch, no second model."""
 from __future__ import annotations
+
+import numpy as np
 
 from engine_svc.core.request import Request
 
@@ -9,20 +11,24 @@ def ngram_lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]
     """Up to k tokens that followed an earlier occurrence of tokens' last n tokens, for the largest n in [n_min,
     n_max] that occurs earlier; [] when none does. A longer match is tried first: it predicts better. Among the
     occurrences of one n-gram the latest with k tokens after it wins (in a run of one repeated token the latest
-    occurrence overlaps the suffix and has a single token after it); else the latest."""
+    occurrence overlaps the suffix and has a single token after it); else the latest. Vectorized over the context
+    (numpy): a few tens of microseconds for thousands of tokens, so it can run for every row of a large batch."""
     size = len(tokens)
+    if size < 2:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
     for n in range(min(n_max, size - 1), n_min - 1, -1):
-        suffix = tokens[size - n:]
-        first = suffix[0]
-        best: list[int] = []
-        for i in range(size - n - 1, -1, -1):   # earlier starts, latest first (they may overlap the suffix)
-            if tokens[i] == first and tokens[i:i + n] == suffix:
-                follow = tokens[i + n:i + n + k]
-                if len(follow) == k:
-                    return follow
-                best = best or follow
-        if best:
-            return best
+        # match[i]: tokens[i:i + n] equals the last n tokens, for starts i < size - n (earlier occurrences;
+        # they may overlap the suffix).
+        span = size - n
+        match = arr[:span] == arr[span]
+        for t in range(1, n):
+            match &= arr[t:span + t] == arr[span + t]
+        starts = np.flatnonzero(match)
+        if starts.size:
+            full = starts[starts + n + k <= size]
+            i = int(full[-1] if full.size else starts[-1])
+            return tokens[i + n:i + n + k]
     return []
 
 
