@@ -173,6 +173,15 @@ def _seed_for(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
+def scaled_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Each sampled row's logits divided by its temperature (greedy rows: by 1), with min-p applied."""
+    temps = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+    scaled = logits / temps[:, None]
+    if b.min_p is not None:
+        scaled = lp.apply_min_p(scaled, b.min_p)
+    return scaled
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """logits [N, V] float32 -> sampled ids [N] int64, on the same device, with no host sync."""
     return sample_processed(apply_processors(logits, b), b)
@@ -183,10 +192,7 @@ def sample_processed(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
     if b.all_greedy:
         return greedy
-    temps = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-    scaled = logits / temps[:, None]
-    if b.min_p is not None:
-        scaled = lp.apply_min_p(scaled, b.min_p)
+    scaled = scaled_logits(logits, b)
     if b.needs_top_k or b.needs_top_p:
         values, token_ids = top_k_top_p_candidates(scaled, b)
     else:

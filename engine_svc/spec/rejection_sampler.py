@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_svc import logits_processors as lp
-from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise
+from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, scaled_logits
 
 _ACCEPT_SALT = 0x2545F491   # xor-ed into a row key for its acceptance uniforms
 
@@ -33,11 +32,7 @@ def target_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(torch.float32)
     if b.all_greedy:
         return greedy
-    temps = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-    scaled = logits / temps[:, None]
-    if b.min_p is not None:
-        scaled = lp.apply_min_p(scaled, b.min_p)
-    probs = apply_top_k_top_p(scaled, b).softmax(dim=-1)
+    probs = apply_top_k_top_p(scaled_logits(logits, b), b).softmax(dim=-1)
     return torch.where((b.temperature > 0)[:, None], probs, greedy)
 
 

@@ -159,9 +159,9 @@ def test_greedy_rows_accept_the_argmax_prefix():
     assert num_accepted.tolist() == [3] and final.tolist() == [0]
 
 
-def test_seeded_sampling_through_the_engine_follows_the_target_distribution(base):
-    """The token distribution at each output position, over many seeds, with n-gram proposals and without (a
-    two-sample chi-square per position): a small vocabulary through allowed_token_ids."""
+def test_seeded_sampling_through_the_engine_follows_the_target_distribution(base, models):
+    """The token distribution at each output position, over many seeds, with n-gram and draft proposals and
+    without (a two-sample chi-square per position): a small vocabulary through allowed_token_ids."""
     allowed = frozenset({5, 6, 7, 8})
     prompt = [5, 6, 7, 8] * 3
 
@@ -171,14 +171,16 @@ def test_seeded_sampling_through_the_engine_follows_the_target_distribution(base
         return torch.tensor([r[0] for r in run(engine, requests)])
 
     plain = draw(base.with_scheduling(max_num_seqs=64), range(400))
-    spec_engine = base.with_scheduling(max_num_seqs=64, speculative_method="ngram", num_speculative_tokens=3)
-    spec = draw(spec_engine, range(1000, 1400))
-    assert spec_engine.spec_stats.num_accepted_tokens > 100
-    for pos in range(4):
-        a = torch.bincount(plain[:, pos], minlength=9)[5:].double()
-        b = torch.bincount(spec[:, pos], minlength=9)[5:].double()
-        total = a + b
-        expected_a, expected_b = total * a.sum() / total.sum(), total * b.sum() / total.sum()
-        stat = ((a - expected_a) ** 2 / expected_a + (b - expected_b) ** 2 / expected_b)[total > 0].sum()
-        p_value = float(torch.special.gammaincc(torch.tensor(1.5, dtype=torch.float64), stat.double() / 2))
-        assert p_value > 1e-3, (pos, a.tolist(), b.tolist())
+    for offset, method in ((1000, "ngram"), (2000, "draft")):
+        spec_engine = base.with_scheduling(max_num_seqs=64, speculative_method=method, num_speculative_tokens=3,
+                                           draft_model=str(models[1]) if method == "draft" else None)
+        spec = draw(spec_engine, range(offset, offset + 400))
+        assert spec_engine.spec_stats.num_accepted_tokens > 100
+        for pos in range(4):
+            a = torch.bincount(plain[:, pos], minlength=9)[5:].double()
+            b = torch.bincount(spec[:, pos], minlength=9)[5:].double()
+            total = a + b
+            expected_a, expected_b = total * a.sum() / total.sum(), total * b.sum() / total.sum()
+            stat = ((a - expected_a) ** 2 / expected_a + (b - expected_b) ** 2 / expected_b)[total > 0].sum()
+            p_value = float(torch.special.gammaincc(torch.tensor(1.5, dtype=torch.float64), stat.double() / 2))
+            assert p_value > 1e-3, (method, pos, a.tolist(), b.tolist())
