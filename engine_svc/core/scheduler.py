@@ -316,6 +316,10 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        # The proposals, before anyone joins: the blocks and budget taken for proposals not made go back first.
+        if speculating:
+            budget += self._add_proposals(out, speculating)
+
         # Then waiting requests join while seats, tokens and blocks allow, in service order. None joins after a
         # preemption this step: the blocks are short. One whose adapter would exceed max_loras is stepped over.
         seats = self._seats_used()
@@ -353,8 +357,6 @@ class Scheduler:
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
             seats += need
-        if speculating:
-            self._add_proposals(out, speculating)
         for s in out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
             # A proposal counts as computed only once accepted (update()).
             s.request.num_computed_tokens = s.start + s.num_new_tokens - len(s.spec_token_ids)
@@ -376,15 +378,18 @@ class Scheduler:
                           req.params.max_tokens - req.num_output_tokens - 1,
                           self.config.max_model_len - req.num_tokens - 1))
 
-    def _add_proposals(self, out: SchedulerOutput, speculating: list[tuple[int, int]]) -> None:
+    def _add_proposals(self, out: SchedulerOutput, speculating: list[tuple[int, int]]) -> int:
         """Asks the proposer, then grants each speculating request its proposals; the blocks taken for more than
-        it got go back."""
+        it got go back. Returns the token budget they give back."""
         rows = [(out.scheduled[i].request, k) for i, k in speculating]
+        unused = 0
         for (i, k), proposal in zip(speculating, self.proposer.propose(rows)):
             s = out.scheduled[i]
             proposal = tuple(proposal[:k])
             out.scheduled[i] = replace(s, num_new_tokens=1 + len(proposal), spec_token_ids=proposal)
             self.kv.free_tail(s.request, s.start + 1 + len(proposal))
+            unused += k - len(proposal)
+        return unused
 
     def mark_in_flight(self, out: SchedulerOutput) -> None:
         """Asynchronous scheduling: out was launched and its sampled ids are not known yet."""

@@ -141,6 +141,15 @@ def test_proposals_never_take_blocks_the_decodes_behind_need():
     assert len(a.block_ids) == 1 and len(b.block_ids) == 3 and s.kv.num_free_blocks == 0
 
 
+def test_blocks_and_budget_taken_for_proposals_not_made_go_back_before_anyone_joins():
+    s = make(Fixed([]), num_blocks=4, block_size=4, budget=13)
+    a = prefill(s, "a", [1, 2, 3], max_tokens=5)        # 4 tokens in 1 block; 3 blocks free
+    s.add_request("b", list(range(1, 13)), SamplingParams(temperature=0.0, max_tokens=4))   # 12 tokens, 3 blocks
+    out = s.schedule()
+    assert plan(out) == [("a", 3, 1, ()), ("b", 0, 12, ())] and not out.preempted
+    assert len(a.block_ids) == 1 and s.kv.num_free_blocks == 0
+
+
 def test_300_random_operations_keep_the_kv_invariants_and_free_every_block():
     rng = random.Random(7)
 
