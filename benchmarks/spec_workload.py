@@ -2,11 +2,12 @@
 and asks for it back word for word, as when a model edits code or quotes its source. The answer repeats the
 prompt, which is what n-gram lookup and a draft model predict well.
 
-A model without a tokenizer (a shipped config, random weights) gets token ids instead: a random block repeated
-twice. Its output does not copy anything, so acceptance there says nothing about real use."""
+A model without a tokenizer (a shipped config with random weights, a directory without tokenizer.json) gets
+token ids instead: a random block repeated twice. Its output does not copy anything, so acceptance there says nothing about real use."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from benchmarks.quality_data import DEFAULT_TEXT, read_text
 
@@ -15,7 +16,8 @@ INSTRUCTION = "Repeat the following passage exactly, word for word, and nothing 
 
 def quote_prompt(model_path: str, prompt_len: int, run: int, vocab: int, load_format: str) -> list[int]:
     """About prompt_len tokens: the instruction and a passage; run picks a different passage each time."""
-    if load_format == "dummy":
+    path = Path(model_path)
+    if load_format == "dummy" or not (path.is_file() or (path / "tokenizer.json").exists()):
         rng = random.Random(run)
         block = [rng.randrange(min(100, vocab - 1), vocab) for _ in range(max(1, prompt_len // 2))]
         return block + block

@@ -37,6 +37,23 @@ def test_latency_on_a_tiny_model(tiny, tmp_path, capsys):
     assert "decode tok/s" in table and "prefill tok/s" in table
 
 
+def test_latency_compares_speculative_decoding_with_none(tiny, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    latency.main(["--model", str(tiny), *CPU, "--workload", "quote", "--prompt-len", "12", "--output-len", "6",
+                  "--ttft-prompt-lens", "--repeats", "1", "--warmup", "0", "--speculative-method", "draft",
+                  "--draft-model", str(tiny), "--num-speculative-tokens", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["decode"]["speculative"] is None and result["decode"]["prompt_len"] == 12
+    spec = result["speculative_decode"]["speculative"]
+    assert (spec["method"], spec["num_speculative_tokens"]) == ("draft", 2)
+    # The model drafting for itself accepts every proposal. After the first token, 5 more in 2 verify rows: 2
+    # proposals + 1, then 1 (max_tokens is near) + 1.
+    assert (spec["num_drafts"], spec["acceptance_rate"], spec["mean_accepted_length"]) == (2, 1.0, 2.5)
+    assert spec["num_accepted_tokens"] == sum(spec["accepted_per_pos"])
+    table = capsys.readouterr().out
+    assert "speculative decoding: quote workload" in table and "mean acc. len" in table
+
+
 def test_throughput_engine_mode_counts_every_drawn_token(tiny, tmp_path, capsys):
     out = tmp_path / "throughput.json"
     argv = ["--model", str(tiny), *CPU, "--num-requests", "7", "--input-len", "3", "20", "--output-len", "1", "9",
