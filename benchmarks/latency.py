@@ -76,22 +76,33 @@ def decode_run(engine: Engine, prompt: list[int], rid: str, output_len: int) -> 
             "decode_tok_s": (output_len - 1) / decode_s if decode_s > 0 else float("nan")}
 
 
-def decode_bench(engine: Engine, args) -> dict:
-    """The same prompts whichever engine runs (the seed decides them): runs with and without speculation
-    compare like for like."""
+def decode_bench(engines: list[Engine], args) -> list[dict]:
+    """The decode runs of each engine (without speculation, then with it: one model, two engines), interleaved:
+    repeat i runs the same prompt on every engine in turn, so a load that comes and goes on a shared machine
+    falls on all of them alike. GPU gaps and tensor-parallel shares are measured on the first engine."""
     rng = random.Random(args.seed)
     for i in range(args.warmup):
-        decode_run(engine, decode_prompt(engine, rng, args, -1 - i), f"decode-warmup-{i}", args.output_len)
-    engine.scheduler.spec_stats = SpecDecodeStats()   # the timed runs' own
-    runs = []
-    timeline = gpu_gaps.attach(engine)
-    with tp_shares.measured(engine) as shares:   # the prompt's steps too: one in output_len of them
+        prompt = decode_prompt(engines[0], rng, args, -1 - i)
+        for engine in engines:
+            decode_run(engine, prompt, f"decode-warmup-{i}", args.output_len)
+    for engine in engines:
+        engine.scheduler.spec_stats = SpecDecodeStats()   # the timed runs' own
+    runs: list[list[dict]] = [[] for _ in engines]
+    timeline = gpu_gaps.attach(engines[0])
+    with tp_shares.measured(engines[0]) as shares:   # the prompt's steps too: one in output_len of them
         for i in range(args.repeats):
-            prompt = decode_prompt(engine, rng, args, i)
-            runs.append(decode_run(engine, prompt, f"decode-{i}", args.output_len))
-            runs[-1]["prompt_len"] = len(prompt)
-            print(f"  decode run {i + 1}/{args.repeats}: {runs[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
+            prompt = decode_prompt(engines[0], rng, args, i)
+            for engine, own in zip(engines, runs):
+                own.append(decode_run(engine, prompt, f"decode-{i}", args.output_len) | {"prompt_len": len(prompt)})
+            print(f"  decode run {i + 1}/{args.repeats}: "
+                  + ", ".join(f"{own[-1]['decode_tok_s']:.1f}" for own in runs) + " tok/s", file=sys.stderr,
                   flush=True)
+    results = [decode_summary(engine, own, args) for engine, own in zip(engines, runs)]
+    results[0] |= {"gpu_gaps": gpu_gaps.summarize(engines[0], timeline), "tensor_parallel": shares}
+    return results
+
+
+def decode_summary(engine: Engine, runs: list[dict], args) -> dict:
     tok_s = [r["decode_tok_s"] for r in runs]
     med = statistics.median(tok_s)
     sd = engine.spec_stats
@@ -105,7 +116,7 @@ def decode_bench(engine: Engine, args) -> dict:
             "workload": args.workload, "repeats": args.repeats, "speculative": spec,
             "decode_tok_s_median": med, "decode_tok_s_min": min(tok_s), "decode_tok_s_max": max(tok_s),
             "ms_per_token_median": 1e3 / med, "ttft_ms_median": statistics.median(r["ttft_s"] for r in runs) * 1e3,
-            "runs": runs, "gpu_gaps": gpu_gaps.summarize(engine, timeline), "tensor_parallel": shares}
+            "runs": runs}
 
 
 def ttft_bench(engine: Engine, args) -> list[dict]:
@@ -199,10 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     header = describe(engine)
     print(header, file=sys.stderr, flush=True)
     try:
-        decode = decode_bench(engine, args)
-        spec = None
+        engines = [engine]
         if args.speculative_method is not None:
-            spec = decode_bench(engine.with_scheduling(**spec_settings(args)), args)
+            engines.append(engine.with_scheduling(**spec_settings(args)))
+        decode, spec = (decode_bench(engines, args) + [None])[:2]
         ttft = ttft_bench(engine, args)
     finally:
         engine.shutdown()   # tensor-parallel workers
