@@ -95,9 +95,9 @@ def test_stop_ids_and_max_tokens_inside_an_accepted_run(base, models):
 
 
 def test_preemption_keeps_outputs_exact_and_the_draft_cache_in_step(base, models):
-    requests = [(REPEAT[i:] + [30 + i], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    requests = [(REPEAT[i:] + [30 + i], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
                 for i in range(4)]
-    small = dict(num_kv_blocks=20, max_num_seqs=4)
+    small = dict(num_kv_blocks=16, max_num_seqs=4)
     plain = run(base.with_scheduling(**small), requests)
     spec = base.with_scheduling(speculative_method="draft", draft_model=str(models[0]), num_speculative_tokens=3,
                                 **small)
@@ -166,17 +166,17 @@ def test_seeded_sampling_through_the_engine_follows_the_target_distribution(base
     prompt = [5, 6, 7, 8] * 3
 
     def draw(engine, seeds):
-        requests = [(prompt, SamplingParams(temperature=1.0, seed=s, max_tokens=4, ignore_eos=True,
+        requests = [(prompt, SamplingParams(temperature=1.0, seed=s, max_tokens=3, ignore_eos=True,
                                             allowed_token_ids=allowed)) for s in seeds]
         return torch.tensor([r[0] for r in run(engine, requests)])
 
-    plain = draw(base.with_scheduling(max_num_seqs=64), range(400))
+    plain = draw(base.with_scheduling(max_num_seqs=64), range(300))
     for offset, method in ((1000, "ngram"), (2000, "draft")):
         spec_engine = base.with_scheduling(max_num_seqs=64, speculative_method=method, num_speculative_tokens=3,
                                            draft_model=str(models[1]) if method == "draft" else None)
-        spec = draw(spec_engine, range(offset, offset + 400))
+        spec = draw(spec_engine, range(offset, offset + 300))
         assert spec_engine.spec_stats.num_accepted_tokens > 100
-        for pos in range(4):
+        for pos in range(3):
             a = torch.bincount(plain[:, pos], minlength=9)[5:].double()
             b = torch.bincount(spec[:, pos], minlength=9)[5:].double()
             total = a + b

@@ -18,7 +18,7 @@ def engine(smollm2_gguf):
 
 def test_smollm2_greedy_tokens_equal_those_without_speculation(engine, smollm2_gguf):
     prompt = quote_prompt(str(smollm2_gguf), 32, 0, engine.model_cfg.vocab_size, "auto")
-    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     plain = engine.with_scheduling().generate([prompt], params)
     ngram = engine.with_scheduling(speculative_method="ngram", num_speculative_tokens=4)
     assert ngram.generate([prompt], params) == plain
