@@ -170,12 +170,12 @@ def test_seeded_sampling_through_the_engine_follows_the_target_distribution(base
                                             allowed_token_ids=allowed)) for s in seeds]
         return torch.tensor([r[0] for r in run(engine, requests)])
 
-    plain = draw(base.with_scheduling(max_num_seqs=64), range(300))
+    plain = draw(base.with_scheduling(max_num_seqs=64), range(240))
     for offset, method in ((1000, "ngram"), (2000, "draft")):
         spec_engine = base.with_scheduling(max_num_seqs=64, speculative_method=method, num_speculative_tokens=3,
                                            draft_model=str(models[1]) if method == "draft" else None)
-        spec = draw(spec_engine, range(offset, offset + 300))
-        assert spec_engine.spec_stats.num_accepted_tokens > 100
+        spec = draw(spec_engine, range(offset, offset + 240))
+        assert spec_engine.spec_stats.num_accepted_tokens > 80
         for pos in range(4):
             a = torch.bincount(plain[:, pos], minlength=9)[5:].double()
             b = torch.bincount(spec[:, pos], minlength=9)[5:].double()
