@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from engine_svc.config import EngineConfig, config_from_args
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import FinishReason, SamplingParams, StructuredOutput
 from engine_svc.core.scheduler import Scheduler, SchedulerConfig
@@ -192,10 +195,6 @@ def test_300_random_operations_keep_the_kv_invariants_and_free_every_block():
 
 
 def test_bad_speculative_options_get_one_precise_error():
-    import pytest
-
-    from engine_svc.config import EngineConfig, config_from_args
-
     cfg = config_from_args(["--model", "m", "--speculative-method", "ngram", "--num-speculative-tokens", "3",
                             "--ngram-min", "2", "--ngram-max", "5"])
     assert (cfg.speculative_method, cfg.num_speculative_tokens, cfg.ngram_min, cfg.ngram_max) == ("ngram", 3, 2, 5)
