@@ -294,7 +294,8 @@ class ModelRunner:
 
     def receive_activations(self, plan: StepPlan) -> PendingActivations:
         """Posts the receive of the previous stage's activations for plan."""
-        return self.link.irecv((2, len(plan.host.input_ids), self.model_cfg.hidden_size), self.dtype, self.device)
+        shape = (self.model.stage_streams, len(plan.host.input_ids), self.model_cfg.hidden_size)
+        return self.link.irecv(shape, self.dtype, self.device)
 
     def run_plan(self, plan: StepPlan, intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor | None,
                                                                                            torch.Tensor | None]:
