@@ -200,17 +200,29 @@ class Engine:
         return outputs
 
     def _step_pipelined(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         while len(self._in_flight) < self.pipeline_depth:
             out = self.scheduler.schedule(self._in_flight_ids(), self._batch_rows())
             self._stepping.append(out)
             if out.is_empty:
                 break
+            outputs += self._finish_for_adapters(out)
             self._in_executor = True
             launched = self.executor.launch(out)
             self._in_executor = False
             self._in_flight.append((out, launched))
             self.num_steps += 1
-        return self._finish_in_flight() if self._in_flight else []
+        return outputs + (self._finish_in_flight() if self._in_flight else [])
+
+    def _finish_for_adapters(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """The driver writes a batch's adapter slots before the last stage of the batches in flight has run, so
+        their adapters and out's must fit the max_loras slots together: finishes the oldest until they do (the
+        scheduler bounds the running requests' adapters, but a batch in flight may hold one whose requests ended)."""
+        outputs: list[RequestOutput] = []
+        while self.adapters.enabled and self._in_flight and len(
+                out.adapters.union(*(o.adapters for o, _ in self._in_flight))) > self.config.max_loras:
+            outputs += self._finish_in_flight()
+        return outputs
 
     def _in_flight_ids(self) -> frozenset[str]:
         return frozenset(s.request.request_id for out, _ in self._in_flight for s in out.scheduled)

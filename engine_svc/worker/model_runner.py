@@ -11,6 +11,7 @@ batches. The other stages run each plan as it comes and send their activations o
 from __future__ import annotations
 
 import sys
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class ModelRunner:
         self.layers = pp.layer_range(self.model_cfg.num_layers)   # [start, stop) of this stage's layers
         self.link = StageLink(pp, depth=pp.size) if pp.size > 1 else None
         self.steps_in_flight = 0        # driver, P > 1: steps launched and not yet waited on
+        self._adapters_in_flight: deque[set[str]] = deque()   # driver, P > 1: each such step's LoRA adapters
         self.peak_steps_in_flight = 0
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -88,11 +90,10 @@ class ModelRunner:
         model_bytes = weights_bytes(self.model)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
-            if pp.size > 1:
-                raise ValueError("LoRA adapters are not supported with --pipeline-parallel-size > 1 yet")
             from engine_svc.lora.manager import LoRAManager
             mirror = None
-            if channel is not None and tp.rank == 0:   # the other ranks replay the driver's adapter changes
+            # The other ranks replay the driver's adapter changes; the driver is rank 0 of the last stage.
+            if channel is not None and tp.rank == 0 and pp.is_last:
                 mirror = lambda op, args: channel.send_call(RankCall("lora", op, args))  # noqa: E731
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
                                     self.device, self.dtype, mirror=mirror)
@@ -234,7 +235,7 @@ class ModelRunner:
             if any(s.adapter for s in out.scheduled):
                 raise ValueError("a request names a LoRA adapter, but LoRA is not enabled (--enable-lora)")
             return None
-        slot_of = self.lora.activate({s.adapter for s in out.scheduled if s.adapter})
+        slot_of = self.lora.activate(out.adapters, keep=set().union(*self._adapters_in_flight))
         return [slot_of[s.adapter] if s.adapter else -1 for s in out.scheduled]
 
     # --- forward ---------------------------------------------------------------------------------------------------
@@ -341,6 +342,7 @@ class ModelRunner:
         if self.pp.size > 1:
             plan, prompt = self._plan_and_send(out)
             self.steps_in_flight += 1
+            self._adapters_in_flight.append(out.adapters)
             self.peak_steps_in_flight = max(self.peak_steps_in_flight, self.steps_in_flight)
             return PipelinedStep(self, out, plan, prompt, self.receive_activations(plan))
         return self.sample_step(out, *self._forward(out))
@@ -403,6 +405,7 @@ class PipelinedStep:
     def wait(self) -> "StepResult":
         r = self.runner
         r.steps_in_flight -= 1
+        r._adapters_in_flight.popleft()
         logits, prompt = r._logits(self.plan, self.prompt, self.activations.wait())
         return r.sample_step(self.out, logits, prompt).wait()
 
