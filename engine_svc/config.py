@@ -72,8 +72,6 @@ class EngineConfig:
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
             (self.pipeline_parallel_size >= 1, "pipeline_parallel_size must be >= 1"),
-            (self.pipeline_parallel_size == 1 or self.distributed_executor == "mp",
-             "pipeline_parallel_size > 1 needs distributed_executor mp (worker processes on this node)"),
             (self.distributed_executor in DISTRIBUTED_EXECUTORS,
              f"distributed_executor must be one of {DISTRIBUTED_EXECUTORS}"),
             (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
