@@ -29,7 +29,8 @@ from engine_svc.executor.ray_worker import RankActor
 from engine_svc.worker.model_runner import ModelRunner, resolve_device
 
 _STOP_WAIT_S = 10.0   # a rank told to stop gets this long to leave its groups before it is killed
-_MONITOR_SLICE_S = 0.25
+_MONITOR_SLICE_S = 0.25     # the monitor's longest stay inside Ray at a time
+_MONITOR_JOIN_S = 15.0      # generous: on a loaded machine a thread may wait long to be scheduled
 
 
 class RayExecutor:
@@ -106,7 +107,7 @@ class RayExecutor:
         pending = list(self._serving)
         while pending and not self._released.is_set():
             try:
-                # In slices: a thread inside Ray's core while ray.shutdown() tears it down can crash the process.
+                # In slices, so that _stop_monitor can take it out of Ray before Ray shuts down.
                 done, pending = ray.wait(pending, num_returns=1, timeout=_MONITOR_SLICE_S)
             except Exception:   # noqa: BLE001 - Ray is going away: only an ending can do that
                 return
@@ -136,7 +137,17 @@ class RayExecutor:
         return "stopped serving before the engine told it to"
 
     def _mark_stopping(self) -> None:
+        """At interpreter exit, before Ray's own exit hook shuts Ray down."""
         self._stopping = True
+        self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        """Returns once the monitor thread is out of Ray (or after _MONITOR_JOIN_S): a thread inside Ray's core while
+        ray.shutdown() tears it down can crash the process."""
+        self._released.set()
+        monitor = self._monitor_thread
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=_MONITOR_JOIN_S)
 
     def _exit_engine(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -172,10 +183,7 @@ class RayExecutor:
         self._stopping = True
         if self._serving:   # told to stop, the ranks leave their groups and their serve calls return
             ray.wait(list(self._serving), num_returns=len(self._serving), timeout=_STOP_WAIT_S)
-        self._released.set()
-        monitor = self._monitor_thread
-        if monitor is not None and monitor is not threading.current_thread():
-            monitor.join(timeout=2 * _MONITOR_SLICE_S + 1)
+        self._stop_monitor()
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.workers, self._serving = [], [], {}
