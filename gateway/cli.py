@@ -178,6 +178,7 @@ BENCHMARKS = {
     "serve": "benchmarks.serve_load",
     "soak": "benchmarks.soak",
     "quant": "benchmarks.quant_matmul",
+    "sparse": "benchmarks.sparse_matmul",
     "lora": "benchmarks.lora_throughput",
     "tp": "benchmarks.tensor_parallel",
 }

@@ -67,6 +67,9 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     if load_format == "dummy":
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)
+        if cfg.checkpoint_sparsity is not None:   # a random model of a pruned config holds its pattern too
+            from engine_svc.pruning.sparse_serving import impose_pattern
+            impose_pattern(model, cfg.checkpoint_sparsity.spec)
     else:
         lazy = tp.size > 1 or pp.size > 1   # each rank reads its part of every tensor of its stage
         weights = _weights_iter(path, lazy) if plan is None else quantized_weights(path, plan, model, lazy)

@@ -75,12 +75,12 @@ def cuda_timings(linear: nn.Linear, batches: tuple[int, ...], iters: int = 50) -
     out: Timings = {}
     for m in batches:
         x = torch.randn(m, dense.shape[1], device=dense.device, dtype=dense.dtype)
-        out[m] = (_median_ms(lambda: F.linear(x, dense), iters), _median_ms(lambda: F.linear(x, sparse), iters))
+        out[m] = (median_ms(lambda: F.linear(x, dense), iters), median_ms(lambda: F.linear(x, sparse), iters))
     del sparse
     return out
 
 
-def _median_ms(fn: Callable[[], torch.Tensor], iters: int) -> float:
+def median_ms(fn: Callable[[], torch.Tensor], iters: int) -> float:
     for _ in range(5):
         fn()
     times = []

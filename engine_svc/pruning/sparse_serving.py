@@ -61,6 +61,16 @@ def check_two_four(linears: list[tuple[str, nn.Linear]]) -> None:
             raise ValueError(f"config.json says 2:4, but {name}.weight is not: {problem}")
 
 
+@torch.no_grad()
+def impose_pattern(model: nn.Module, spec) -> None:
+    """Prunes every decoder linear by magnitude in place: random weights (--load-format dummy) for a config that
+    says it is pruned, e.g. to benchmark a 2:4 model of a size no checkpoint is at hand for."""
+    from engine_svc.pruning.calibration import decoder_linears
+    from engine_svc.pruning.scores import prune_in_place
+    for _, linear in decoder_linears(model):
+        prune_in_place(linear.weight, spec)
+
+
 def serve_sparse(model: nn.Module, serving: SparseServing, max_tokens: int) -> None:
     """Applies the plan to a loaded model: converts the 2:4 linears that measure faster, or only says why not."""
     if serving.note:
