@@ -72,11 +72,20 @@ class _LayerwisePruner:
         return pre_hook
 
 
-def calibrated_norms(config: PruneConfig, on_linear: Callable[[str], None] = lambda name: None,
-                     engine_changes: dict | None = None) -> dict[str, torch.Tensor]:
+def calibration_dtype(checkpoint_dtype: str | None, device: str) -> str:
+    """The engine dtype that holds the checkpoint's values exactly, so the masks the engine applies during the
+    calibration are the ones the writer computes from the checkpoint with the same norms: a CUDA engine keeps a
+    float16 / bfloat16 checkpoint's own dtype (half the memory of float32); otherwise float32."""
+    from engine_svc.worker.model_runner import resolve_device
+    if checkpoint_dtype in ("float16", "bfloat16") and resolve_device(device).type == "cuda":
+        return checkpoint_dtype
+    return "float32"
+
+
+def calibrated_norms(config: PruneConfig, on_linear: Callable[[str], None] = lambda name: None
+                     ) -> dict[str, torch.Tensor]:
     """{engine module name (fused: ...qkv_proj, ...gate_up_proj): float32 [in_features] input norm}, each taken
-    from the calibration text flowing through the already-pruned layers before it. The engine runs in float32,
-    so its weights hold the checkpoint's values exactly and the writer's masks from these norms are the engine's."""
+    from the calibration text flowing through the already-pruned layers before it."""
     from engine_svc.config import EngineConfig
     from engine_svc.core.request import SamplingParams
     from engine_svc.engine import Engine
@@ -88,9 +97,10 @@ def calibrated_norms(config: PruneConfig, on_linear: Callable[[str], None] = lam
                                   config.calib_tokens, window)
     total = sum(len(w) for w in windows)
     engine = Engine(EngineConfig(
-        model=str(config.source), device=config.device, dtype="float32", enable_prefix_caching=False,
-        enforce_eager=True, async_scheduling=False, max_num_batched_tokens=total, max_num_seqs=len(windows),
-        num_kv_blocks=sum(-(-(len(w) + 1) // BLOCK) for w in windows), block_size=BLOCK, **(engine_changes or {})))
+        model=str(config.source), device=config.device, dtype=calibration_dtype(cfg.torch_dtype, config.device),
+        enable_prefix_caching=False, enforce_eager=True, async_scheduling=False, max_num_batched_tokens=total,
+        max_num_seqs=len(windows), num_kv_blocks=sum(-(-(len(w) + 1) // BLOCK) for w in windows),
+        block_size=BLOCK))
     pruner = _LayerwisePruner(config, total, on_linear)
     linears = decoder_linears(engine.runner.model)
     handles = [module.register_forward_pre_hook(pruner.hook(name)) for name, module in linears]

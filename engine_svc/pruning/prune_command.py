@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.quality_data import DEFAULT_TEXT
+
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_CALIB_WINDOW = 512
-_DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "alice_in_wonderland.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="the HF directory to write")
     p.add_argument("--method", choices=("magnitude", "wanda"), default="wanda")
     p.add_argument("--sparsity", default="2:4", help="N:M (2:4, 4:8) or an unstructured fraction (0.5)")
-    p.add_argument("--calib", type=Path, default=_DEFAULT_TEXT, help="wanda: calibration text file")
+    p.add_argument("--calib", type=Path, default=DEFAULT_TEXT, help="wanda: calibration text file")
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                    help="wanda: tokens of the calibration text (its last ones) (default %(default)s)")
     p.add_argument("--calib-window", type=int, default=DEFAULT_CALIB_WINDOW,

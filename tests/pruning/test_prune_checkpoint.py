@@ -136,6 +136,13 @@ def test_magnitude_needs_no_calibration_and_zeroes_the_fraction_of_each_row(sour
     assert result["zero_fraction"] == 0.5
 
 
+def test_the_calibration_engine_holds_the_checkpoint_values_exactly():
+    from engine_svc.pruning.calibration import calibration_dtype
+    assert calibration_dtype("bfloat16", "cpu") == calibration_dtype(None, "cpu") == "float32"
+    if torch.cuda.is_available():
+        assert calibration_dtype("bfloat16", "cuda") == "bfloat16" and calibration_dtype("float32", "cuda") == "float32"
+
+
 def test_bad_input_gets_one_line_not_a_traceback(source, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert prune_main(["--model", str(source), "--output", out, "--sparsity", "half"]) == 1
