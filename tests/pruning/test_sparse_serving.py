@@ -117,3 +117,32 @@ def test_compressed_linears_match_dense_and_count_their_stored_bytes():
     assert stored_bytes(linear.weight) == weights_bytes(linear) < 0.6 * dense_bytes
     choices = kernel_choice.apply_sparse_kernels(_linears((256, 512)), 256)
     assert choices[0].shape == (256, 512) and math.isfinite(choices[0].speedup)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_sparse_kernels_give_the_dense_greedy_tokens(tmp_path, monkeypatch, enforce_eager):
+    from engine_svc.core.request import SamplingParams
+    from engine_svc.engine import Engine
+    from engine_svc.pruning.prune_command import run_prune
+    from engine_svc.pruning.semi_sparse_linear import is_compressed, kernels_unavailable
+    from tests.pruning.tiny_checkpoints import prune_config, write_tiny_source
+
+    if kernels_unavailable(CUDA, torch.bfloat16):
+        pytest.skip(kernels_unavailable(CUDA, torch.bfloat16))
+    source = write_tiny_source(tmp_path / "source")
+    config = prune_config(source, tmp_path / "pruned", "magnitude", "2:4", tmp_path / "unused")
+    run_prune(config)
+    monkeypatch.setattr(kernel_choice, "MIN_SPEEDUP", 0.0)   # every shape that fits goes sparse, whatever it measures
+    prompts = [[1, 70, 108, 105, 99, 101], [1, 84, 104, 101, 32, 82, 97, 98, 98, 105, 116, 32]]
+    outputs = {}
+    for setting in ("on", "off"):
+        engine = Engine(EngineConfig(model=str(config.output), device="cuda", dtype="bfloat16", num_kv_blocks=32,
+                                     sparsity_kernels=setting, enforce_eager=enforce_eager))
+        compressed = [is_compressed(m.weight) for m in (engine.runner.model.model.layers[0].self_attn.qkv_proj,
+                                                         engine.runner.model.model.layers[0].mlp.down_proj)]
+        assert compressed == [setting == "on"] * 2
+        outputs[setting] = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        engine.shutdown()
+    assert outputs["on"] == outputs["off"]
