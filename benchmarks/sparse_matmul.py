@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     reason = kernels_unavailable(device, dtype)
     if reason:
-        raise RuntimeError(f"the 2:4 kernels cannot run here: {reason}")
+        raise RuntimeError(reason)
     rows, choices = [], {}
     for name, (k, n) in LLAMA3_8B_SHAPES.items():
         linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)

@@ -15,12 +15,12 @@ ROW_MULTIPLE, COL_MULTIPLE = 32, 64
 def kernels_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why 2:4 kernels cannot run here (None when they can)."""
     if device.type != "cuda":
-        return f"they need a CUDA GPU (the engine runs on {device.type})"
+        return f"the 2:4 kernels need a CUDA GPU (the engine runs on {device.type})"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        return f"they need compute capability >= 8.0 (this GPU has {major}.{minor})"
+        return f"the 2:4 kernels need compute capability >= 8.0 (this GPU has {major}.{minor})"
     if dtype not in KERNEL_DTYPES:
-        return f"they run float16 or bfloat16 (the engine runs {str(dtype).removeprefix('torch.')})"
+        return f"the 2:4 kernels run float16 or bfloat16 (the engine runs {str(dtype).removeprefix('torch.')})"
     return None
 
 

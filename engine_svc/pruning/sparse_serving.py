@@ -34,7 +34,8 @@ def plan_sparse_serving(cfg: ModelConfig, device: torch.device, dtype: torch.dty
         return SparseServing(False)
     pattern = sparsity.spec.label() if sparsity.spec.is_n_of_m else f"{sparsity.spec.zero_fraction:g} unstructured"
     if setting == "off":
-        return SparseServing(False, f"{pattern} pruned checkpoint served dense (--sparsity-kernels off)")
+        return SparseServing(False, f"{pattern} pruned checkpoint served dense (sparse kernels off: "
+                                   f"--sparsity-kernels off, or LoRA on)")
     if not sparsity.spec.is_two_four:
         if setting == "on":
             raise ValueError(f"--sparsity-kernels on: this checkpoint is {pattern} sparse; the kernels run 2:4 only")
@@ -46,7 +47,7 @@ def plan_sparse_serving(cfg: ModelConfig, device: torch.device, dtype: torch.dty
     reason = kernels_unavailable(device, dtype)
     if reason is not None:
         if setting == "on":
-            raise ValueError(f"--sparsity-kernels on: the 2:4 kernels cannot run here: {reason}")
+            raise ValueError(f"--sparsity-kernels on: {reason}")
         return SparseServing(False, f"2:4 pruned checkpoint served dense: {reason}")
     return SparseServing(True)
 

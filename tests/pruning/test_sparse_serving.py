@@ -29,19 +29,19 @@ def _config(sparsity: str | None) -> ModelConfig:
 
 def test_on_the_cpu_a_pruned_checkpoint_is_served_dense_and_says_so():
     plan = plan_sparse_serving(_config("2:4"), CPU, torch.float32, "none", "auto")
-    assert not plan.kernels and "served dense: they need a CUDA GPU" in plan.note
+    assert not plan.kernels and "served dense: the 2:4 kernels need a CUDA GPU" in plan.note
     assert "4:8 pruned checkpoint served dense (the sparse kernels run 2:4 only)" in \
         plan_sparse_serving(_config("4:8"), CPU, torch.float32, "none", "auto").note
     assert "0.5 unstructured" in plan_sparse_serving(_config("0.5"), CPU, torch.float32, "none", "auto").note
     assert plan_sparse_serving(_config(None), CPU, torch.float32, "int4", "auto") == sparse_serving.SparseServing(False)
     off = plan_sparse_serving(_config("2:4"), CPU, torch.float32, "int4", "off")   # dense, then quantized: fine
-    assert not off.kernels and "--sparsity-kernels off" in off.note
+    assert not off.kernels and "sparse kernels off" in off.note
 
 
 @pytest.mark.parametrize("sparsity, quantization, setting, message", [
     ("2:4", "int4", "auto", "cannot run on the sparse kernels with --quantization int4"),
     ("2:4", "int8", "on", "cannot run on the sparse kernels with --quantization int8"),
-    ("2:4", "none", "on", "the 2:4 kernels cannot run here: they need a CUDA GPU"),
+    ("2:4", "none", "on", "on: the 2:4 kernels need a CUDA GPU"),
     ("4:8", "none", "on", "this checkpoint is 4:8 sparse; the kernels run 2:4 only"),
     (None, "none", "on", "needs a 2:4 pruned checkpoint"),
 ])
