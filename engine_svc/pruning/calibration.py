@@ -29,7 +29,10 @@ def calibration_windows(source: Path, text: str, tokens: int, window: int) -> li
     calibration never saw."""
     from tokenizer_svc.loading import load_tokenizer
 
-    tok = load_tokenizer(source)
+    try:
+        tok = load_tokenizer(source)
+    except Exception as err:   # tokenizers raises its own exception type for a missing or broken tokenizer.json
+        raise ValueError(f"{source}: no tokenizer to encode the calibration text with ({err})") from None
     prefix = [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
     step = window - len(prefix)
     if step < 1:

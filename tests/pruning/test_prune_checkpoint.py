@@ -152,3 +152,7 @@ def test_bad_input_gets_one_line_not_a_traceback(source, tmp_path, capsys):
     assert "error: no model at" in capsys.readouterr().err
     assert prune_main(["--model", str(source), "--output", str(source)]) == 1
     assert "must differ from the input" in capsys.readouterr().err
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-tokenizer" / "config.json").write_bytes((source / "config.json").read_bytes())
+    assert prune_main(["--model", str(tmp_path / "no-tokenizer"), "--output", out]) == 1
+    assert "no tokenizer to encode the calibration text with" in capsys.readouterr().err
