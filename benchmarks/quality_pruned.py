@@ -1,6 +1,6 @@
 """The checkpoints `tandem eval`'s pruned modes serve: the eval model pruned by `tandem prune` (engine_svc.pruning)
-with the mode's method and sparsity, written once under --pruned-dir and reused while the model file, the
-calibration settings and the pruning code's output format stay the same."""
+with the mode's method and sparsity, written once under --pruned-dir and reused while the model file and the
+calibration settings stay the same (a change to the pruning code itself is not detected: delete the directory)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.quality_modes import Mode
-
-CALIB_TOKENS = 2048   # tandem prune's default: the last 2048 tokens of the calibration text
+from engine_svc.pruning.prune_command import DEFAULT_CALIB_TOKENS as CALIB_TOKENS
 
 
 def checkpoint_dir(model: str, mode: Mode, cache: Path, calib_text: Path) -> Path:
@@ -39,7 +38,7 @@ def pruned_checkpoint(model: str, mode: Mode, cache: Path, calib_text: Path, dev
 
 
 def calibration_overlap(text_tokens: int, scored_tokens: int, same_text: bool) -> int:
-    """Scored tokens that Wanda's calibration also saw: it takes the last CALIB_TOKENS of its text, the eval
+    """Scored tokens that Wanda's calibration also saw: it takes the last CALIB_TOKENS (2048) of its text, the eval
     scores the first scored_tokens of its own."""
     if not same_text:
         return 0
