@@ -10,6 +10,7 @@ LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
 KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
+SPARSITY_KERNELS = ("auto", "on", "off")           # 2:4 pruned checkpoints: see engine_svc.pruning.sparse_serving
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
 
 
@@ -23,6 +24,7 @@ class EngineConfig:
     attention_backend: str = "auto"             # auto: triton on CUDA, torch on the CPU
     quantization: str = "none"                  # none: the checkpoint's own format (AWQ/GPTQ are detected)
     kv_cache_dtype: str = "auto"
+    sparsity_kernels: str = "auto"              # a 2:4 checkpoint's linears on the sparse kernels where faster
     block_size: int = 16
     num_kv_blocks: int | None = None            # explicit KV size; otherwise taken from free memory
     gpu_memory_utilization: float = 0.9
@@ -57,6 +59,10 @@ class EngineConfig:
             (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
             (self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}"),
             (self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}"),
+            (self.sparsity_kernels in SPARSITY_KERNELS, f"sparsity_kernels must be one of {SPARSITY_KERNELS}"),
+            (not (self.sparsity_kernels == "on" and (self.enable_lora or self.lora_modules)),
+             "sparsity_kernels on cannot serve LoRA adapters (their layers multiply the dense weight); use auto "
+             "or off"),
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two <= 128"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
@@ -104,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hopper/Ada); AWQ and GPTQ checkpoints are detected from their config")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the model dtype; fp8: e4m3 (twice the tokens)")
+    p.add_argument("--sparsity-kernels", default="auto", choices=SPARSITY_KERNELS,
+                   help="2:4 pruned checkpoints (tandem prune): auto runs each linear shape on the semi-structured "
+                        "sparse kernels (CUDA, compute capability >= 8.0, fp16/bf16) where it measures faster at "
+                        "load; on requires them; off serves the pruned weights dense")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)

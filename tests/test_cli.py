@@ -250,6 +250,13 @@ def test_engine_lora_flag_is_repeatable_and_turns_lora_on() -> None:
         config_from_args(["--model", "m", "--lora", "nameonly"])
 
 
+def test_prune_hands_every_argument_to_the_pruning_module() -> None:
+    args = cli.parse_args(["prune", "--output", "out", "--method", "wanda", "--sparsity", "2:4", "--calib-tokens", "64"])
+    assert cli.prune_command(args)[1:] == ["-m", "engine_svc.pruning", "--output", "out", "--method", "wanda",
+                                           "--sparsity", "2:4", "--calib-tokens", "64"]
+    assert "prune" in cli.build_parser().format_help()
+
+
 def test_eval_hands_every_argument_to_the_eval_module() -> None:
     # Options right after `eval` are the module's, not argparse's own (they would be refused as unknown).
     args = cli.parse_args(["eval", "--modes", "fp32", "int8", "--max-tokens", "64"])

@@ -40,9 +40,11 @@ class MemoryPlan:
 
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers, each tensor once (tied weights are shared). Quantized layers
-    keep their weights in buffers, so parameters alone would undercount them."""
+    keep their weights in buffers, so parameters alone would undercount them; a 2:4 compressed weight counts its
+    stored values and metadata, not its dense shape."""
+    from engine_svc.pruning.semi_sparse_linear import stored_bytes
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(stored_bytes(t) for t in tensors.values())
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: torch.dtype) -> int:

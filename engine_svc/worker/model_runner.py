@@ -85,8 +85,10 @@ class ModelRunner:
         self._eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
+        # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
+        kernels = "off" if config.enable_lora else config.sparsity_kernels
         self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
-                                config.quantization, tp, pp)
+                                config.quantization, tp, pp, kernels, self.config.max_num_batched_tokens)
         model_bytes = weights_bytes(self.model)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
