@@ -1,0 +1,82 @@
+"""Memory tiers never change what is generated (greedy, fp32, CPU, where every copy and buffer handover is real):
+prefix hits served from the host KV tier (--kv-offload-gb) give the outputs of recomputing them, on a tiny random
+Llama and on SmolLM2, and the tier did serve hits; every run ends with no block in use and no host slot pinned."""
+from __future__ import annotations
+
+import pytest
+
+from engine_svc.config import EngineConfig
+from engine_svc.core.request import SamplingParams
+from engine_svc.engine import Engine
+from tests.engine.tiny_models import write_tiny_llama
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def rotating_prefixes(systems: list[list[int]], rounds: int) -> list[list[int]]:
+    """Each round asks every system prompt once, with a new question: the working set of prefixes is larger than a
+    small device pool, so by the time a prefix comes back, LRU has evicted it there."""
+    return [system + [20 + r, 30 + i, 40 + r] for r in range(rounds) for i, system in enumerate(systems)]
+
+
+def run_one_by_one(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    outs = [engine.generate([p], GREEDY)[0] for p in prompts]
+    assert engine.check_integrity() == [] and engine.kv.num_used_blocks == 0
+    if engine.kv.host is not None:
+        assert engine.kv.host.num_pinned == 0
+    return outs
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Engine:
+    model = write_tiny_llama(tmp_path_factory.mktemp("tiny-tiers"), seed=5, max_position_embeddings=256)
+    # 2 layers x K/V x 4 tokens x 2 heads x 16 dims x 4 bytes = 2 KiB a block: 1e-4 GB holds 52 of them.
+    return Engine(EngineConfig(model=str(model), device="cpu", dtype="float32", block_size=4, num_kv_blocks=12,
+                               max_model_len=256, max_num_batched_tokens=64, kv_offload_gb=1e-4))
+
+
+def test_tiny_model_host_tier_hits_give_the_outputs_of_recomputing(tiny_base):
+    systems = [[(k * i + 3) % 300 + 10 for i in range(22)] for k in (3, 5, 7, 11)]   # 5 full blocks each
+    prompts = rotating_prefixes(systems, rounds=3)
+    reference = run_one_by_one(tiny_base.with_scheduling(enable_prefix_caching=False), prompts)
+    device_only = tiny_base.with_scheduling(kv_offload_gb=0)
+    assert run_one_by_one(device_only, prompts) == reference
+    tiered = tiny_base.with_scheduling()
+    assert run_one_by_one(tiered, prompts) == reference
+    host = tiered.kv.host
+    # 12 device blocks hold about one conversation: every return of a prefix past the first round is a host hit.
+    assert host.stats.loaded_blocks >= 8 * 5 and host.stats.offloaded_blocks > 0
+    assert tiered.kv.prefix_stats.hits > device_only.kv.prefix_stats.hits
+    blocks, used, hits, offloaded, loaded = tiered.host_kv_stats()
+    assert (blocks, hits, loaded) == (52, host.stats.loaded_blocks, hits * 2048) and 0 < used <= 52
+
+
+def test_tiny_model_host_tier_under_a_burst_with_preemption(tiny_base):
+    """All at once, in 7-token chunks, on a pool small enough to preempt: loads, offloads and recomputation mix
+    within steps."""
+    systems = [[(k * i + 1) % 300 + 10 for i in range(13)] for k in (3, 5, 7)]
+    prompts = rotating_prefixes(systems, rounds=4)
+    reference = tiny_base.with_scheduling(enable_prefix_caching=False, num_kv_blocks=64).generate(prompts, GREEDY)
+    tiered = tiny_base.with_scheduling(num_kv_blocks=10, max_num_batched_tokens=7, max_num_seqs=4)
+    first = tiered.generate(prompts[:6], GREEDY)
+    assert first + tiered.generate(prompts[6:], GREEDY) == reference
+    assert tiered.kv.host.stats.loaded_blocks > 0 and tiered.scheduler.num_preemptions > 0
+    assert tiered.check_integrity() == [] and tiered.kv.num_used_blocks == 0 and tiered.kv.host.num_pinned == 0
+
+
+def test_smollm2_host_tier_hits_give_the_outputs_of_recomputing(smollm2_gguf):
+    from tokenizer_svc.loading import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_gguf))
+    systems = [tok.encode_text(f"You are assistant number {n}. Answer briefly, in one short sentence, and "
+                               f"never use lists.\nQuestion:") for n in ("one", "two")]
+    prompts = rotating_prefixes(systems, rounds=2)
+    base = Engine(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="float32", block_size=8,
+                               num_kv_blocks=5, max_model_len=128, max_num_batched_tokens=128,
+                               kv_offload_gb=0.02))
+    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    reference = [base.with_scheduling(enable_prefix_caching=False).generate([p], short)[0] for p in prompts]
+    tiered = base.with_scheduling()
+    assert [tiered.generate([p], short)[0] for p in prompts] == reference
+    assert tiered.kv.host.stats.loaded_blocks >= 2
+    assert tiered.check_integrity() == [] and tiered.kv.host.num_pinned == 0
