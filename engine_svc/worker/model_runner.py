@@ -27,6 +27,7 @@ from engine_svc.core.scheduler import SchedulerOutput
 from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
+from engine_svc.worker.weight_offload import WeightOffload
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.models import model_class
@@ -87,6 +88,13 @@ class ModelRunner:
         self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
                                 config.quantization, tp, pp)
         model_bytes = weights_bytes(self.model)
+        self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
+        if config.cpu_offload_gb:
+            self.weight_offload = WeightOffload(self.model, self.model_cfg.num_layers, config.cpu_offload_gb,
+                                                self.device)
+            # Each offloaded layer's tensors point into a staging set: counted once per layer above.
+            model_bytes += self.weight_offload.staging_bytes - self.weight_offload.offloaded_bytes
+            print(self.weight_offload.describe(), file=sys.stderr, flush=True)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
             if pp.size > 1:
@@ -104,6 +112,9 @@ class ModelRunner:
                                        self.dtype)
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
                                             self.device, self.kv_cache_dtype, activations)
+        if self.weight_offload is not None:
+            self.plan = replace(self.plan, offloaded_bytes=self.weight_offload.offloaded_bytes,
+                                bus_seconds_per_step=self.weight_offload.bus_seconds_per_step)
         if tp.size * pp.size > 1:   # one scheduler, one block table for all ranks: every cache has the smallest count
             self.plan = replace(self.plan, num_blocks=min_over_all_ranks(self.plan.num_blocks))
         where = [f"tensor-parallel rank {tp.rank} of {tp.size}"] if tp.size > 1 else []
@@ -135,7 +146,7 @@ class ModelRunner:
         # The torch backend sizes its work from host copies of the lengths, which a graph cannot replay. A pipeline
         # stage's forward is not captured (its input comes from another process): P > 1 decodes eagerly.
         return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager
-                and self.pp.size == 1)
+                and self.pp.size == 1 and self.weight_offload is None)
 
     def _token_budget(self, config: EngineConfig) -> int:
         if config.max_num_batched_tokens:

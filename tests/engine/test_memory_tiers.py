@@ -1,6 +1,8 @@
 """Memory tiers never change what is generated (greedy, fp32, CPU, where every copy and buffer handover is real):
-prefix hits served from the host KV tier (--kv-offload-gb) give the outputs of recomputing them, on a tiny random
-Llama and on SmolLM2, and the tier did serve hits; every run ends with no block in use and no host slot pinned."""
+prefix hits served from the host KV tier (--kv-offload-gb) give the outputs of recomputing them, and the tier did
+serve hits; decoder layers streamed from host memory through reused staging sets (--cpu-offload-gb, half the
+layers) give the outputs of resident ones. On a tiny random Llama and on SmolLM2. Every run ends with no block in
+use and no host slot pinned."""
 from __future__ import annotations
 
 import pytest
@@ -64,7 +66,33 @@ def test_tiny_model_host_tier_under_a_burst_with_preemption(tiny_base):
     assert tiered.check_integrity() == [] and tiered.kv.num_used_blocks == 0 and tiered.kv.host.num_pinned == 0
 
 
-def test_smollm2_host_tier_hits_give_the_outputs_of_recomputing(smollm2_gguf):
+def test_options_that_cannot_combine_are_refused_at_once():
+    with pytest.raises(ValueError, match="tensor_parallel_size and pipeline_parallel_size 1"):
+        EngineConfig(model="m", kv_offload_gb=1, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="LoRA"):
+        EngineConfig(model="m", cpu_offload_gb=1, enable_lora=True)
+    with pytest.raises(ValueError, match="kv_offload_gb must be >= 0"):
+        EngineConfig(model="m", kv_offload_gb=-1)
+
+
+def test_tiny_model_weight_offload_gives_the_outputs_of_resident_layers(tmp_path):
+    model = write_tiny_llama(tmp_path / "tiny8", seed=7, num_layers=8)
+    cfg = dict(model=str(model), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=256,
+               max_num_batched_tokens=16)   # prompts in chunks, decodes alongside: mixed steps
+    prompts = [[(3 * i + k) % 300 + 10 for i in range(n)] for k, n in ((1, 5), (2, 23), (3, 40))]
+    reference = Engine(EngineConfig(**cfg)).generate(prompts, GREEDY)
+    # One layer is 64 x (128 + 64 + 256 + 128) weights + 2 norms of 64, fp32: 148 KB; 0.6 MB holds 4 of the 8.
+    engine = Engine(EngineConfig(**cfg, cpu_offload_gb=0.6e6 / (1 << 30)))
+    offload = engine.runner.weight_offload
+    assert offload.layer_ids == [0, 2, 4, 6] and engine.runner.plan.offloaded_bytes == offload.offloaded_bytes
+    layers = [engine.runner.model.model.layers[i] for i in offload.layer_ids]
+    ptr = lambda layer: layer.mlp.down_proj.weight.data_ptr()   # noqa: E731
+    assert ptr(layers[0]) == ptr(layers[2]) != ptr(layers[1]) == ptr(layers[3])   # two staging sets, reused
+    assert engine.generate(prompts, GREEDY) == reference
+    assert engine.generate(prompts[::-1], GREEDY) == reference[::-1]
+
+
+def test_smollm2_outputs_with_both_tiers_equal_those_without(smollm2_gguf):
     from tokenizer_svc.loading import load_tokenizer
 
     tok = load_tokenizer(str(smollm2_gguf))
@@ -80,3 +108,10 @@ def test_smollm2_host_tier_hits_give_the_outputs_of_recomputing(smollm2_gguf):
     assert [tiered.generate([p], short)[0] for p in prompts] == reference
     assert tiered.kv.host.stats.loaded_blocks >= 2
     assert tiered.check_integrity() == [] and tiered.kv.host.num_pinned == 0
+    del base, tiered
+    # Weight offload: 14 of the 30 layers (about 14 MB each in fp32; the count is rounded down to an even one).
+    offloaded = Engine(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="float32", block_size=8,
+                                    num_kv_blocks=64, max_model_len=128, max_num_batched_tokens=128,
+                                    enable_prefix_caching=False, cpu_offload_gb=0.2))
+    assert offloaded.runner.weight_offload.num_offloaded == 14
+    assert offloaded.generate(prompts, short) == reference
