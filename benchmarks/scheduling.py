@@ -139,7 +139,7 @@ def chunked_scenario(base: Engine, args) -> list[dict]:
     settings += [dict(enable_chunked_prefill=True, max_num_batched_tokens=b) for b in args.chunk_budgets]
     rows = []
     for kw in settings:
-        engine = base.with_scheduling(enable_prefix_caching=False, **kw)
+        engine = base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0, **kw)
         rows.append(chunked_run(engine, streams, long_prompt, args))
         r = rows[-1]
         print(f"  chunked-prefill budget {r['budget']}: ITL p99 {r['itl_p99_s'] * 1e3:.0f} ms",

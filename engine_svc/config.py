@@ -88,6 +88,8 @@ class EngineConfig:
             (self.world_size == 1 or not (self.kv_offload_gb or self.cpu_offload_gb),
              "kv_offload_gb and cpu_offload_gb need tensor_parallel_size and pipeline_parallel_size 1 (the "
              "multi-rank step broadcast does not carry their copies)"),
+            (not self.kv_offload_gb or self.enable_prefix_caching,
+             "kv_offload_gb needs prefix caching (the host tier is keyed by its block hashes)"),
             (not (self.cpu_offload_gb and (self.enable_lora or self.lora_modules)),
              "cpu_offload_gb cannot be combined with LoRA (adapter slots live in the offloaded layers)"),
         ]

@@ -40,7 +40,7 @@ def tiny_base(tmp_path_factory) -> Engine:
 def test_tiny_model_host_tier_hits_give_the_outputs_of_recomputing(tiny_base):
     systems = [[(k * i + 3) % 300 + 10 for i in range(22)] for k in (3, 5, 7, 11)]   # 5 full blocks each
     prompts = rotating_prefixes(systems, rounds=3)
-    reference = run_one_by_one(tiny_base.with_scheduling(enable_prefix_caching=False), prompts)
+    reference = run_one_by_one(tiny_base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0), prompts)
     device_only = tiny_base.with_scheduling(kv_offload_gb=0)
     assert run_one_by_one(device_only, prompts) == reference
     tiered = tiny_base.with_scheduling()
@@ -58,7 +58,8 @@ def test_tiny_model_host_tier_under_a_burst_with_preemption(tiny_base):
     within steps."""
     systems = [[(k * i + 1) % 300 + 10 for i in range(13)] for k in (3, 5, 7)]
     prompts = rotating_prefixes(systems, rounds=4)
-    reference = tiny_base.with_scheduling(enable_prefix_caching=False, num_kv_blocks=64).generate(prompts, GREEDY)
+    recompute = tiny_base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0, num_kv_blocks=64)
+    reference = recompute.generate(prompts, GREEDY)
     tiered = tiny_base.with_scheduling(num_kv_blocks=10, max_num_batched_tokens=7, max_num_seqs=4)
     first = tiered.generate(prompts[:6], GREEDY)
     assert first + tiered.generate(prompts[6:], GREEDY) == reference
@@ -71,6 +72,8 @@ def test_options_that_cannot_combine_are_refused_at_once():
         EngineConfig(model="m", kv_offload_gb=1, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="LoRA"):
         EngineConfig(model="m", cpu_offload_gb=1, enable_lora=True)
+    with pytest.raises(ValueError, match="needs prefix caching"):
+        EngineConfig(model="m", kv_offload_gb=1, enable_prefix_caching=False)
     with pytest.raises(ValueError, match="kv_offload_gb must be >= 0"):
         EngineConfig(model="m", kv_offload_gb=-1)
 
@@ -103,7 +106,8 @@ def test_smollm2_outputs_with_both_tiers_equal_those_without(smollm2_gguf):
                                num_kv_blocks=5, max_model_len=128, max_num_batched_tokens=128,
                                kv_offload_gb=0.02))
     short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    reference = [base.with_scheduling(enable_prefix_caching=False).generate([p], short)[0] for p in prompts]
+    recompute = base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0)
+    reference = [recompute.generate([p], short)[0] for p in prompts]
     tiered = base.with_scheduling()
     assert [tiered.generate([p], short)[0] for p in prompts] == reference
     assert tiered.kv.host.stats.loaded_blocks >= 2
