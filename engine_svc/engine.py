@@ -245,10 +245,7 @@ class Engine:
                 launched.wait()
         outs += [out for out, _ in self._in_flight]
         self._in_flight.clear()
-        for out in outs:   # their host KV tier copies may not have run: what they carried is forgotten
-            self.kv.abandon_copies(out.kv_copies)
-        if self.kv.host is not None:
-            self.kv.host.release_all()   # nothing is in flight any more
+        self.kv.abandon_copies([out.kv_copies for out in outs])   # their host KV tier copies may not have run
         if self._stepping:
             ids = {s.request.external_id for o in outs for s in o.scheduled}
         else:

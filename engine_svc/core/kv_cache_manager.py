@@ -121,18 +121,20 @@ class KVCacheManager:
         if self.host is not None:
             self.host.release([s for s, _ in copies.loads])
 
-    def abandon_copies(self, copies: KVCopies) -> None:
-        """The step that was to run copies failed: what they were to carry is forgotten in both tiers (their
-        slots and blocks may hold anything), and the slots they read are released."""
+    def abandon_copies(self, copies: list[KVCopies]) -> None:
+        """Every step in flight was dropped (a failure) and copies may not have run: what they were to carry is
+        forgotten in both tiers (those slots and blocks may hold anything), and no host slot stays pinned."""
         if self.host is None:
             return
-        for s, b in copies.loads:
-            key = self.host.key_in(s)
-            if key is not None:
-                self.pool.uncache(b, key)
-        self.release_copies(copies)
-        for _, s in copies.offloads:
-            self.host.discard(s)
+        for c in copies:
+            for s, b in c.loads:
+                key = self.host.key_in(s)
+                if key is not None:
+                    self.pool.uncache(b, key)
+        for c in copies:
+            for _, s in c.offloads:
+                self.host.discard(s)
+        self.host.release_all()
 
     def cache_full_blocks(self, request: Request) -> None:
         """Indexes the request's blocks whose every token now has K/V in the cache."""

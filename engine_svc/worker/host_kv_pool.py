@@ -24,7 +24,6 @@ class HostKVPool:
         self.num_slots = num_slots
         self.host = [torch.zeros((2, num_slots, *c.data.shape[2:]), dtype=c.data.dtype, pin_memory=pin)
                      for c in device_caches]
-        self.bytes_moved = 0
 
     @staticmethod
     def bytes_per_block(device_caches: list[KVCache]) -> int:
@@ -45,7 +44,6 @@ class HostKVPool:
 
     @torch.inference_mode()
     def run(self, copies: KVCopies) -> None:
-        per_block = self.bytes_per_block(self.device_caches)
         offloads = _runs(copies.offloads)
         loads = _runs(copies.loads)
         for cache, host in zip(self.device_caches, self.host):
@@ -56,7 +54,6 @@ class HostKVPool:
             for slot, block, n in loads:
                 for kv in (0, 1):
                     cache.data[kv, block:block + n].copy_(host[kv, slot:slot + n], non_blocking=True)
-        self.bytes_moved += (len(copies.offloads) + len(copies.loads)) * per_block
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

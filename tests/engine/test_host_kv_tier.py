@@ -123,7 +123,7 @@ def test_a_failed_steps_copies_are_forgotten_in_both_tiers():
     s.add_request("a2", list(range(100, 108)) + [1], ONE)
     out = s.schedule()
     offloaded = [s.kv.host.key_in(slot) for _, slot in out.kv_copies.offloads]
-    s.kv.abandon_copies(out.kv_copies)
+    s.kv.abandon_copies([out.kv_copies])
     s.fail("a2", "boom")
     assert s.kv.pool.lookup(a_tail) is None and s.kv.host.num_pinned == 0
     assert all(s.kv.host.slot(k) is None for k in offloaded)
