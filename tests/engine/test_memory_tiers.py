@@ -11,6 +11,8 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
+from engine_svc.engine_loop import EngineLoop
+from engine_svc.proto_convert import load_to_pb
 from tests.engine.tiny_models import write_tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -52,6 +54,9 @@ def test_tiny_model_host_tier_hits_give_the_outputs_of_recomputing(tiny_base):
     assert tiered.kv.prefix_stats.hits > device_only.kv.prefix_stats.hits
     blocks, used, hits, offloaded, loaded = tiered.host_kv_stats()
     assert (blocks, hits, loaded) == (52, host.stats.loaded_blocks, hits * 2048) and 0 < used <= 52
+    load = load_to_pb(EngineLoop(tiered).load)   # what GetLoad answers
+    assert (load.host_kv_blocks_total, load.host_kv_blocks_used, load.host_kv_hits) == (52, used, hits)
+    assert (load.host_kv_bytes_offloaded, load.host_kv_bytes_loaded) == (offloaded, loaded) and offloaded > 0
 
 
 def test_tiny_model_host_tier_under_a_burst_with_preemption(tiny_base):
