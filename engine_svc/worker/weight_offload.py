@@ -5,8 +5,9 @@ Which layers: as many whole decoder layers as fit in the budget, rounded down to
 the stack (so resident layers run between offloaded ones and hide their copies). Their tensors stay in the format
 they were loaded in: a quantized layer's packed weights cross the bus packed.
 
-How: two device staging sets, each shaped like one offloaded layer's tensors. The i-th offloaded layer's tensors
-are re-pointed (`.data`) at staging set i % 2 for good, so the layer runs unchanged on whatever the set holds.
+How: two device staging sets, each one flat buffer holding one offloaded layer's tensors (each host copy has the
+same layout, so a layer crosses the bus in one copy). The i-th offloaded layer's tensors are re-pointed (`.data`)
+at views into staging set i % 2 for good, so the layer runs unchanged on whatever the set holds.
 Before offloaded layer i runs, a forward pre-hook makes the compute stream wait for the copy of its weights
 (issuing it first if it was never issued) and then issues the copy of layer i + 1 (cyclically: the last one
 prefetches the first for the next step) into the other set, on a side stream that first waits for the work
@@ -54,17 +55,22 @@ class WeightOffload:
         signature = _signature(owned[self.layer_ids[0]])
         if any(_signature(owned[i]) != signature for i in self.layer_ids):
             raise ValueError("weight offload needs decoder layers of identical shapes")
+        # One flat byte buffer per staging set and per offloaded layer's host copy, in the same layout: a layer
+        # crosses the bus in one copy.
+        layout, size = _layout(owned[self.layer_ids[0]])
         pin = device.type == "cuda"
-        self.staging = [[torch.empty_like(t, device=device) for t in owned[self.layer_ids[0]]] for _ in range(2)]
-        self.host: list[list[torch.Tensor]] = []
+        self.staging = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.host: list[torch.Tensor] = []
         for k, i in enumerate(self.layer_ids):
-            host = [t.detach().to("cpu", copy=True) for t in owned[i]]
-            self.host.append([h.pin_memory() for h in host] if pin else host)
-            for t, staged in zip(owned[i], self.staging[k % 2]):
+            host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            for t, view in zip(owned[i], _views(host, layout)):
+                view.copy_(t.detach())
+            self.host.append(host)
+            for t, staged in zip(owned[i], _views(self.staging[k % 2], layout)):
                 t.data = staged   # the layer now reads its staging set; its device copy is freed
             layers[i].register_forward_pre_hook(self._before_layer(k))
         self.offloaded_bytes = sum(per_layer[i] for i in self.layer_ids)
-        self.staging_bytes = 2 * sum(_nbytes(t) for t in self.staging[0])
+        self.staging_bytes = 2 * size
         self._in_set: list[int | None] = [None, None]   # which offloaded layer each staging set holds or receives
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: list[torch.cuda.Event | None] = [None, None]
@@ -100,13 +106,11 @@ class WeightOffload:
             return
         self._in_set[s] = k
         if self._stream is None:
-            for dst, src in zip(self.staging[s], self.host[k]):
-                dst.copy_(src)
+            self.staging[s].copy_(self.host[k])
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            for dst, src in zip(self.staging[s], self.host[k]):
-                dst.copy_(src, non_blocking=True)
+            self.staging[s].copy_(self.host[k], non_blocking=True)
             self._ready[s] = torch.cuda.Event()
             self._ready[s].record(self._stream)
 
@@ -120,7 +124,7 @@ class WeightOffload:
             if self._stream is not None:
                 self._ready[0].synchronize()
             seconds = time.perf_counter() - start
-        return sum(_nbytes(t) for t in self.staging[0]) / max(seconds, 1e-9)
+        return self.staging[0].numel() / max(seconds, 1e-9)
 
 
 def _owned_tensors(model: nn.Module, layers: nn.ModuleList) -> list[list[torch.Tensor]]:
@@ -144,6 +148,26 @@ def _owned_tensors(model: nn.Module, layers: nn.ModuleList) -> list[list[torch.T
                  for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     shared = elsewhere | {i for i, n in count.items() if n > 1}
     return [[t for t in ts if id(t) not in shared] for ts in per_layer]
+
+
+_ALIGN = 64   # bytes: every view starts aligned for any dtype (and for vectorized kernels)
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, torch.dtype, tuple[int, ...]]], int]:
+    """(byte offset, dtype, shape) of each tensor in a flat buffer, and the buffer's size."""
+    layout, offset = [], 0
+    for t in tensors:
+        layout.append((offset, t.dtype, tuple(t.shape)))
+        offset += -(-_nbytes(t) // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+def _views(flat: torch.Tensor, layout) -> list[torch.Tensor]:
+    out = []
+    for offset, dtype, shape in layout:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        out.append(flat[offset:offset + n].view(dtype).view(shape))
+    return out
 
 
 def _signature(tensors: list[torch.Tensor]) -> list[tuple]:
