@@ -121,7 +121,7 @@ def test_smollm2_outputs_with_both_tiers_equal_those_without(smollm2_gguf):
     base = Engine(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="float32", block_size=8,
                                num_kv_blocks=5, max_model_len=128, max_num_batched_tokens=128,
                                kv_offload_gb=0.02))
-    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     recompute = base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0)
     reference = [recompute.generate([p], short)[0] for p in prompts]
     tiered = base.with_scheduling()
