@@ -75,6 +75,28 @@ def test_tiny_model_host_tier_under_a_burst_with_preemption(tiny_base):
         assert tiered.check_integrity() == [] and tiered.kv.num_used_blocks == 0 and tiered.kv.host.num_pinned == 0
 
 
+def test_a_step_whose_copies_fail_forgets_them_and_the_engine_goes_on(tiny_base, monkeypatch):
+    systems = [[(k * i + 2) % 300 + 10 for i in range(22)] for k in (3, 5, 7, 11)]
+    prompts = rotating_prefixes(systems, rounds=1)
+    reference = run_one_by_one(tiny_base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0), prompts)
+    tiered = tiny_base.with_scheduling()
+    assert run_one_by_one(tiered, prompts) == reference   # the first prefixes are in the host tier now
+    run_copies = tiered.runner.host_kv.run
+
+    def fail_with_loads(copies):
+        if copies.loads:
+            raise RuntimeError("copy failed")
+        run_copies(copies)
+
+    monkeypatch.setattr(tiered.runner.host_kv, "run", fail_with_loads)
+    tiered.add_request("doomed", prompts[0], GREEDY)
+    outputs = tiered.step()
+    assert [(o.request_id, o.error) for o in outputs] == [("doomed", "RuntimeError: copy failed")]
+    assert tiered.check_integrity() == [] and tiered.kv.host.num_pinned == 0
+    monkeypatch.setattr(tiered.runner.host_kv, "run", run_copies)
+    assert run_one_by_one(tiered, prompts[:1]) == reference[:1]   # nothing the failed copies touched is served
+
+
 def test_options_that_cannot_combine_are_refused_at_once():
     with pytest.raises(ValueError, match="tensor_parallel_size and pipeline_parallel_size 1"):
         EngineConfig(model="m", kv_offload_gb=1, tensor_parallel_size=2)
