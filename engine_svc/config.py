@@ -50,6 +50,8 @@ class EngineConfig:
     distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node; ray, actors
     ray_address: str | None = None              # the Ray cluster (ray executor); None: Ray's own resolution
     distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
+    kv_offload_gb: float = 0.0                  # host tier of the KV cache (pinned memory); 0: none
+    cpu_offload_gb: float = 0.0                 # decoder weights kept in host memory, streamed in per layer
 
     def __post_init__(self) -> None:
         checks = [
@@ -85,6 +87,15 @@ class EngineConfig:
              "ray_address needs distributed_executor ray"),
             (not (self.ray_address or "").startswith("ray://"),
              "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
+            (self.kv_offload_gb >= 0, "kv_offload_gb must be >= 0"),
+            (self.cpu_offload_gb >= 0, "cpu_offload_gb must be >= 0"),
+            (self.world_size == 1 or not (self.kv_offload_gb or self.cpu_offload_gb),
+             "kv_offload_gb and cpu_offload_gb need tensor_parallel_size and pipeline_parallel_size 1 (the "
+             "multi-rank step broadcast does not carry their copies)"),
+            (not self.kv_offload_gb or self.enable_prefix_caching,
+             "kv_offload_gb needs prefix caching (the host tier is keyed by its block hashes)"),
+            (not (self.cpu_offload_gb and (self.enable_lora or self.lora_modules)),
+             "cpu_offload_gb cannot be combined with LoRA (adapter slots live in the offloaded layers)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "$RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new local Ray")
     p.add_argument("--distributed-timeout-s", type=float, default=600.0,
                    help="a collective that waits longer fails the engine (it exits naming the rank)")
+    p.add_argument("--kv-offload-gb", type=float, default=0.0,
+                   help="keep KV blocks evicted from the device in a host tier of this many GB (pinned memory) "
+                        "and copy them back on a prefix hit instead of recomputing them (needs prefix caching)")
+    p.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                   help="keep this many GB of decoder layers in host memory and stream each to the device just "
+                        "before it runs (serves a model a little too big for the device; decode runs eagerly)")
     return p
 
 

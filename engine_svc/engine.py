@@ -45,7 +45,8 @@ class Engine:
         # The runner owns the LoRA manager (and makes each step's adapters resident) when LoRA is enabled.
         self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
-        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+                                 num_host_blocks=self.runner.host_blocks_for(self.config.kv_offload_gb))
         self.pipeline_depth = self.config.pipeline_parallel_size   # batches in flight at most
         vocab = self.model_cfg.vocab_size
         self.structured = StructuredOutputs(
@@ -134,6 +135,16 @@ class Engine:
     def check_integrity(self) -> list[str]:
         """Broken KV-cache invariants (empty when sound); when idle, no block may be in use."""
         return self.scheduler.check_integrity()
+
+    def host_kv_stats(self) -> tuple[int, int, int, int, int]:
+        """The host KV tier's (blocks, blocks used, hits in blocks, bytes offloaded, bytes loaded back); zeros
+        without one."""
+        host = self.kv.host
+        if host is None:
+            return 0, 0, 0, 0, 0
+        per_block = self.runner.host_kv.bytes_per_block(self.runner.kv_caches)
+        return (host.num_slots, host.num_used, host.stats.loaded_blocks, host.stats.offloaded_blocks * per_block,
+                host.stats.loaded_blocks * per_block)
 
     def step(self) -> list[RequestOutput]:
         """One engine step. An exception in a request's own results fails that request alone (the scheduler); one
@@ -246,6 +257,7 @@ class Engine:
                 launched.wait()
         outs += [out for out, _ in self._in_flight]
         self._in_flight.clear()
+        self.kv.abandon_copies([out.kv_copies for out in outs])   # their host KV tier copies may not have run
         if self._stepping:
             ids = {s.request.external_id for o in outs for s in o.scheduled}
         else:
@@ -288,4 +300,4 @@ class Engine:
 
 
 _SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "async_scheduling",
-                                "max_num_seqs", "max_waiting", "num_kv_blocks"})
+                                "max_num_seqs", "max_waiting", "num_kv_blocks", "kv_offload_gb"})

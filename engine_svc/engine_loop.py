@@ -97,6 +97,11 @@ class LoadSnapshot:
     steps: int
     kv_integrity_checks: int
     kv_integrity_failures: int
+    host_kv_blocks_total: int = 0      # the host KV tier (--kv-offload-gb); 0 without one
+    host_kv_blocks_used: int = 0
+    host_kv_hits: int = 0              # blocks a prefix hit loaded back from the host tier
+    host_kv_bytes_offloaded: int = 0
+    host_kv_bytes_loaded: int = 0
 
 
 class EngineLoop:
@@ -153,7 +158,9 @@ class EngineLoop:
             kv_blocks_used=kv.num_used_blocks, kv_blocks_free=kv.pool.num_free, kv_blocks_cached=kv.pool.num_cached_idle,
             prefix_cache_queries=kv.prefix_stats.queries, prefix_cache_hits=kv.prefix_stats.hits,
             num_preemptions=s.num_preemptions, steps=self.engine.num_steps,
-            kv_integrity_checks=self.integrity_checks, kv_integrity_failures=self.integrity_failures)
+            kv_integrity_checks=self.integrity_checks, kv_integrity_failures=self.integrity_failures,
+            **dict(zip(("host_kv_blocks_total", "host_kv_blocks_used", "host_kv_hits", "host_kv_bytes_offloaded",
+                        "host_kv_bytes_loaded"), self.engine.host_kv_stats())))
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Submit):

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split the model's layers into this many stages, each on --tensor-parallel-size ranks "
                             "(T x P ranks in each engine); the engine keeps P batches in flight (default "
                             "%(default)s)")
+    serve.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                       help="keep this many GB of the model's decoder layers in host memory, streamed to the "
+                            "device per step (a model a little too big for it) (default %(default)s)")
+    serve.add_argument("--kv-offload-gb", type=float, default=0.0,
+                       help="a host tier of this many GB for KV blocks evicted from the device, copied back on a "
+                            "prefix hit instead of recomputed (default %(default)s)")
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
@@ -224,6 +230,9 @@ def _engine_args(args: argparse.Namespace) -> tuple[str, ...]:
                        ("--pipeline-parallel-size", args.pipeline_parallel_size)):
         if size > 1:
             sizes += [flag, str(size)]
+    for flag, gb in (("--cpu-offload-gb", args.cpu_offload_gb), ("--kv-offload-gb", args.kv_offload_gb)):
+        if gb:
+            sizes += [flag, f"{gb:g}"]
     return (*sizes, *args.engine_args)
 
 

@@ -17,7 +17,9 @@ What is measured, all on the gateway's monotonic clock:
 - request_success_total{finished_reason}: stop, length or cancelled for requests that ended normally; abort for
   those the client cancelled or whose deadline passed.
 - running/waiting, kv_cache_usage_perc (a fraction in [0, 1], as vLLM's), prefix cache queries/hits (tokens) and
-  preemptions: from the engine's GetLoad, polled; the engine's totals become counter increments.
+  preemptions: from the engine's GetLoad, polled; the engine's totals become counter increments. So do the host
+  KV tier's (--kv-offload-gb) blocks in use (a gauge), hits (blocks copied back instead of recomputed) and bytes
+  moved each way.
 """
 from __future__ import annotations
 
@@ -91,8 +93,16 @@ class GatewayMetrics:
                                    LABELS, registry=r)
         self.preemptions = Counter(PREFIX + "num_preemptions", "Requests preempted by the engine.", LABELS,
                                    registry=r)
+        self.host_kv_used = Gauge(PREFIX + "host_kv_cache_blocks", "Host KV tier blocks holding evicted K/V.",
+                                  LABELS, registry=r)
+        self.host_kv_hits = Counter(PREFIX + "host_kv_cache_hits", "KV blocks a prefix hit copied back from the "
+                                                                   "host tier instead of recomputing them.",
+                                    LABELS, registry=r)
+        self.host_kv_bytes = Counter(PREFIX + "host_kv_cache_bytes", "Bytes moved between the device KV cache "
+                                                                     "and its host tier.",
+                                     LABELS + ("direction",), registry=r)
         # The engine reports totals since it started; the last seen ones turn them into increments.
-        self._engine_totals: dict[str, tuple[int, int, int]] = {}
+        self._engine_totals: dict[str, tuple[int, ...]] = {}
 
     def request(self, replica: str) -> "RequestMetrics":
         """Called when a request reaches the gateway; its clock starts now."""
@@ -104,11 +114,16 @@ class GatewayMetrics:
         self.running.labels(*labels).set(load.num_running)
         self.waiting.labels(*labels).set(load.num_waiting)
         self.kv_usage.labels(*labels).set(load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0)
-        totals = (load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions)
-        last = self._engine_totals.get(replica, (0, 0, 0))
-        for counter, new, old in zip((self.prefix_queries, self.prefix_hits, self.preemptions), totals, last):
+        self.host_kv_used.labels(*labels).set(load.host_kv_blocks_used)
+        totals = (load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions, load.host_kv_hits,
+                  load.host_kv_bytes_offloaded, load.host_kv_bytes_loaded)
+        counters = (self.prefix_queries.labels(*labels), self.prefix_hits.labels(*labels),
+                    self.preemptions.labels(*labels), self.host_kv_hits.labels(*labels),
+                    self.host_kv_bytes.labels(*labels, "offload"), self.host_kv_bytes.labels(*labels, "load"))
+        last = self._engine_totals.get(replica, (0,) * len(totals))
+        for counter, new, old in zip(counters, totals, last):
             # A total that went down means the engine restarted and counts from 0 again.
-            counter.labels(*labels).inc(new - old if new >= old else new)
+            counter.inc(new - old if new >= old else new)
         self._engine_totals[replica] = totals
 
 

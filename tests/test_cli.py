@@ -63,6 +63,13 @@ def test_serve_passes_the_pipeline_parallel_size_to_the_engine() -> None:
                                                                                "/m/x.gguf"))
 
 
+def test_serve_passes_the_memory_tiers_to_the_engine() -> None:
+    argv = engine_argv(cli.topology_from_args(cli.parse_args(["serve", "--cpu-offload-gb", "4", "--kv-offload-gb",
+                                                              "16"]), "/m/x.gguf"))
+    assert argv[-4:] == ["--cpu-offload-gb", "4", "--kv-offload-gb", "16"]
+    assert "--kv-offload-gb" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+
+
 def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
     on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
     argv = gateway_argv(on)

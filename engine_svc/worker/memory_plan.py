@@ -21,6 +21,8 @@ class MemoryPlan:
     num_blocks: int
     kv_dtype: torch.dtype         # what the cache stores: the model dtype, or float8_e4m3fn
     activation_bytes: int = 0     # reserved for one step's transient tensors (CUDA)
+    offloaded_bytes: int = 0      # decoder weights kept in host memory (--cpu-offload-gb), not in weights_bytes
+    bus_seconds_per_step: float = 0.0   # their copies to the device, every forward, at the measured bandwidth
 
     @property
     def kv_bytes(self) -> int:
@@ -31,7 +33,9 @@ class MemoryPlan:
         return self.num_blocks * self.block_size
 
     def describe(self) -> str:
-        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB, activations "
+        offload = (f" resident + {self.offloaded_bytes / GB:.2f} GB offloaded (bus "
+                   f"{self.bus_seconds_per_step * 1e3:.1f} ms/step)" if self.offloaded_bytes else "")
+        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB{offload}, activations "
                 f"{self.activation_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
                 f"({str(self.kv_dtype).removeprefix('torch.')}, {self.kv_bytes_per_token} B/token, "
                 f"{self.num_blocks} blocks x {self.block_size} tokens), "

@@ -213,7 +213,7 @@ class EngineLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineLoad(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "steps", "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_integrity_checks", "kv_integrity_failures")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "steps", "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_integrity_checks", "kv_integrity_failures", "host_kv_blocks_total", "host_kv_blocks_used", "host_kv_hits", "host_kv_bytes_offloaded", "host_kv_bytes_loaded")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,11 @@ class EngineLoad(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     KV_INTEGRITY_CHECKS_FIELD_NUMBER: _ClassVar[int]
     KV_INTEGRITY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_HITS_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BYTES_OFFLOADED_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_total: int
@@ -238,7 +243,12 @@ class EngineLoad(_message.Message):
     num_preemptions: int
     kv_integrity_checks: int
     kv_integrity_failures: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., steps: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_integrity_checks: _Optional[int] = ..., kv_integrity_failures: _Optional[int] = ...) -> None: ...
+    host_kv_blocks_total: int
+    host_kv_blocks_used: int
+    host_kv_hits: int
+    host_kv_bytes_offloaded: int
+    host_kv_bytes_loaded: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., steps: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_integrity_checks: _Optional[int] = ..., kv_integrity_failures: _Optional[int] = ..., host_kv_blocks_total: _Optional[int] = ..., host_kv_blocks_used: _Optional[int] = ..., host_kv_hits: _Optional[int] = ..., host_kv_bytes_offloaded: _Optional[int] = ..., host_kv_bytes_loaded: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path")
