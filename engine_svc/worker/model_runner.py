@@ -28,7 +28,7 @@ from engine_svc.core.scheduler import SchedulerOutput
 from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
-from engine_svc.worker.weight_offload import WeightOffload
+from engine_svc.worker.weight_offload import WeightOffload, load_device
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.models import model_class
@@ -89,7 +89,8 @@ class ModelRunner:
         fmt = "dummy" if config.load_format == "dummy" else "weights"
         # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
         kernels = "off" if config.enable_lora else config.sparsity_kernels
-        self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
+        load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
+        self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
                                 config.quantization, tp, pp, kernels, self.config.max_num_batched_tokens)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb

@@ -30,6 +30,13 @@ from torch import nn
 GB = 1 << 30
 
 
+def load_device(device: torch.device, quantization: str) -> torch.device:
+    """Where a model with offloaded layers is loaded: host memory, so that the device never holds more than the
+    resident layers and the staging sets (the model may not fit it whole). fp8 checks the device it loads on, so an
+    fp8 model loads on the device first (peak: the whole model; README)."""
+    return device if quantization == "fp8" else torch.device("cpu")
+
+
 def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
     """The model's stack of decoder layers: its first ModuleList with one entry per layer."""
     for module in model.modules():
@@ -74,6 +81,10 @@ class WeightOffload:
         self._in_set: list[int | None] = [None, None]   # which offloaded layer each staging set holds or receives
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: list[torch.cuda.Event | None] = [None, None]
+        # Loaded on the host (load_device): the rest of the model, resident, goes to the device now; the offloaded
+        # layers' tensors are already views of the device's staging sets. Buffers are rebuilt there.
+        model.to(device)
+        model.init_buffers(device)
         self.bandwidth = self._measure_bandwidth()
 
     @property

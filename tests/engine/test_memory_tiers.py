@@ -157,3 +157,24 @@ def test_smollm2_outputs_with_both_tiers_equal_those_without(smollm2_gguf):
                                     enable_prefix_caching=False, cpu_offload_gb=0.2))
     assert offloaded.runner.weight_offload.num_offloaded == 14
     assert offloaded.generate(prompts, short) == reference
+
+
+def test_an_offloading_model_loads_in_host_memory_but_fp8():
+    from engine_svc.worker.weight_offload import load_device
+    cuda = torch.device("cuda", 0)
+    assert load_device(cuda, "none") == load_device(cuda, "int8") == torch.device("cpu")
+    assert load_device(cuda, "fp8") == cuda   # its loader checks the device it loads on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_load_never_holds_the_offloaded_layers(tiny8):
+    """The device's peak while starting stays below the whole model: offloaded layers never reach it whole."""
+    cfg = dict(model=str(tiny8), device="cuda", dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=256)
+    torch.cuda.reset_peak_memory_stats()
+    engine = Engine(EngineConfig(**cfg, cpu_offload_gb=0.6e6 / (1 << 30)))
+    assert engine.runner.weight_offload.num_offloaded == 4   # of 8 layers, 2 staging sets: 2 layers fewer
+    # Every layer's size (an offloaded layer's tensors are views of a staging set); loading all of them on the
+    # device and then moving some out would peak above it.
+    whole = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    assert torch.cuda.max_memory_allocated() - engine.runner.plan.kv_bytes < whole
+    assert engine.generate([[5, 6, 7]], GREEDY) == Engine(EngineConfig(**cfg)).generate([[5, 6, 7]], GREEDY)
