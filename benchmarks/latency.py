@@ -17,6 +17,11 @@ writes JSON.
 Every figure is the median over --repeats runs, after --warmup untimed runs of the same shape. Prefix caching
 is off and every run draws a new prompt, so each prefill is computed in full.
 
+With --cpu-offload-gb N, some decoder layers stream from host memory every step: the table adds the offloaded
+bytes, the measured host-to-device bandwidth and the bus-bound decode rate (bandwidth / offloaded bytes per token),
+next to the decode rate measured. On the CPU, where the "bus" is a memcpy, compare with a run without it to see the
+machinery's overhead.
+
     tandem bench latency --model default --device cpu --dtype float32 --workload quote --prompt-len 256 \
         --output-len 128 --ttft-prompt-lens --speculative-method ngram --num-speculative-tokens 4
 """
@@ -140,6 +145,14 @@ def ttft_bench(engine: Engine, args) -> list[dict]:
     return rows
 
 
+def offload_figures(engine: Engine) -> dict | None:
+    w = engine.runner.weight_offload
+    if w is None:
+        return None
+    return {"layers": w.num_offloaded, "offloaded_gb": w.offloaded_bytes / (1 << 30),
+            "bandwidth_gb_s": w.bandwidth / (1 << 30), "bus_bound_tok_s": 1 / w.bus_seconds_per_step}
+
+
 def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
     print(f"\n{header}")
     print(f"\nbatch-1 decode: prompt {decode['prompt_len']}, output {decode['output_len']} (greedy, ignore_eos), "
@@ -147,6 +160,12 @@ def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
     print(f"{'decode tok/s':>13} {'min':>8} {'max':>8} {'ms/token':>9} {'TTFT ms':>8}")
     print(f"{decode['decode_tok_s_median']:>13.1f} {decode['decode_tok_s_min']:>8.1f} "
           f"{decode['decode_tok_s_max']:>8.1f} {decode['ms_per_token_median']:>9.2f} {decode['ttft_ms_median']:>8.1f}")
+    if decode.get("weight_offload"):
+        w = decode["weight_offload"]
+        print(f"weight offload: {w['layers']} layers, {w['offloaded_gb']:.2f} GB per step over "
+              f"{w['bandwidth_gb_s']:.1f} GB/s: bus-bound {w['bus_bound_tok_s']:.1f} tok/s, measured "
+              f"{decode['decode_tok_s_median']:.1f} tok/s ({decode['decode_tok_s_median'] / w['bus_bound_tok_s']:.0%}"
+              f" of the bound)")
     print(gpu_gaps.describe(decode["gpu_gaps"]))
     print("decode: " + tp_shares.describe(decode["tensor_parallel"]))
     if ttft:
@@ -185,6 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workload", choices=("random", "quote"), default="random",
                    help="random: random token ids; quote: a quoted passage the model is asked to repeat (the "
                         "repetitive case speculative decoding is for)")
+    p.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                   help="stream this many GB of decoder layers from host memory each step")
     p.add_argument("--json", type=Path, default=Path("bench_out/latency.json"))
     args = p.parse_args(argv)
     if args.prompt_len < 1 or args.output_len < 2 or args.repeats < 1 or args.warmup < 0:
@@ -202,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # One request at a time; no prefix caching, so repeated shapes never skip their prefill. The engine runs
     # without speculation; with --speculative-method a second one over the same model runs with it.
-    engine = Engine(engine_config(args, enable_prefix_caching=False, speculative_method=None, draft_model=None))
+    engine = Engine(engine_config(args, enable_prefix_caching=False, speculative_method=None, draft_model=None,
+                                 cpu_offload_gb=args.cpu_offload_gb))
     longest = max([args.prompt_len + args.output_len] + [n + 1 for n in args.ttft_prompt_lens])
     if longest > engine.config.max_model_len:
         engine.shutdown()
@@ -214,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.speculative_method is not None:
             engines.append(engine.with_scheduling(**spec_settings(args)))
         decode, spec = (decode_bench(engines, args) + [None])[:2]
+        decode["weight_offload"] = offload_figures(engine)
         ttft = ttft_bench(engine, args)
     finally:
         engine.shutdown()   # tensor-parallel workers

@@ -96,7 +96,7 @@ def print_table(rows: list[dict], batch: int, header: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
-    p.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4", "fp8", "fp8+kv"], choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4", "fp8", "fp8+kv"], choices=[n for n, m in MODES.items() if not m.prune])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=64, help="requests decoded together in the batch-N column")

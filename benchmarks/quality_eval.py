@@ -3,6 +3,7 @@ progress line per mode, then one table; writes JSON.
 
     tandem eval                                         # default SmolLM2 GGUF; fp32 bf16 int8 int4 on the CPU
     tandem eval --modes bf16 int8 int4 fp8 fp8kv --device cuda
+    tandem eval --modes fp32 mag24 wanda24 wanda50 --max-tokens 8192   # pruned checkpoints (tandem prune)
     python -m benchmarks.quality_eval --model PATH --modes fp32 bf16 --max-tokens 2048
 
 - Perplexity over a public-domain text that ships in benchmarks/data (Alice's Adventures in Wonderland, 39k
@@ -13,6 +14,11 @@ progress line per mode, then one table; writes JSON.
   --gen-len greedy tokens each (ignore_eos). "agreement" is the share of generated positions equal to the
   reference's up to each sequence's first divergence; "identical" the share of sequences equal throughout.
 - Memory: weight bytes and KV-cache bytes per token from the engine's memory plan.
+- tok/s: generated tokens per second of the greedy run (all its prompts batched together; the model's load and
+  the perplexity windows not counted).
+- Pruned modes (mag24, wanda24, wanda48, mag50, wanda50) serve the model pruned by `tandem prune`, written once
+  under --pruned-dir. Wanda calibrates on the last 2048 tokens of --calib (default: the same Alice text); the eval
+  says how many of the tokens it scores the calibration also saw (none with --max-tokens 37000 or less).
 The reference (default: bf16 on CUDA, fp32 on the CPU) always runs, first.
 """
 from __future__ import annotations
@@ -69,7 +75,7 @@ def eval_engine_config(model: str, args: argparse.Namespace, device_type: str, w
 
 
 def evaluate_mode(base: EngineConfig, mode: Mode, windows: list[list[int]], prompts: list[list[int]],
-                  gen_len: int) -> dict:
+                  gen_len: int, args: argparse.Namespace | None = None) -> dict:
     """Loads the model in `mode`, scores the windows and generates greedily. The engine is unreachable once this
     returns or raises; free_memory then gives its memory back."""
     from dataclasses import replace
@@ -78,6 +84,10 @@ def evaluate_mode(base: EngineConfig, mode: Mode, windows: list[list[int]], prom
     from engine_svc.engine import Engine
 
     config = replace(base, dtype=mode.dtype, quantization=mode.quantization, kv_cache_dtype=mode.kv_cache_dtype)
+    if mode.prune:
+        from benchmarks.quality_pruned import pruned_checkpoint
+        config = replace(config, model=str(pruned_checkpoint(base.model, mode, args.pruned_dir, args.calib,
+                                                             args.device)))
     say(f"{mode.name}: loading ({mode.describe()})")
     t0 = time.perf_counter()
     engine = Engine(config)
@@ -96,12 +106,15 @@ def evaluate_mode(base: EngineConfig, mode: Mode, windows: list[list[int]], prom
     in_flight = windows_in_flight(engine.config.max_num_batched_tokens, longest)
     nll, count = window_nll(engine, windows, in_flight, progress)
     say(f"{mode.name}: greedy, {len(prompts)} prompts x {gen_len} tokens")
+    t_greedy = time.perf_counter()
     outputs = greedy_outputs(engine, prompts, gen_len) if prompts else []
+    greedy_s = time.perf_counter() - t_greedy
     plan = engine.runner.plan
     return {"mode": mode.name, "dtype": str(engine.runner.dtype).split(".")[-1],
             "quantization": mode.quantization, "kv_cache_dtype": mode.kv_cache_dtype,
             "weights_bytes": plan.weights_bytes, "kv_bytes_per_token": plan.kv_bytes_per_token,
             "nll_sum": nll, "predicted_tokens": count, "perplexity": perplexity(nll, count),
+            "tokens_per_second": len(prompts) * gen_len / greedy_s if prompts else None,
             "seconds": time.perf_counter() - t0, "greedy_outputs": outputs}
 
 
@@ -124,7 +137,7 @@ def compare(row: dict, ref: dict) -> None:
 
 
 HEADER = (f"{'mode':<7} {'weights GB':>10} {'KV B/token':>10} {'ppl':>9} {'delta %':>8} {'agreement %':>11} "
-          f"{'identical %':>11}")
+          f"{'identical %':>11} {'tok/s':>7}")
 
 
 def format_row(row: dict) -> str:
@@ -134,9 +147,10 @@ def format_row(row: dict) -> str:
     def pct(key: str) -> str:
         return f"{row[key]:.1f}" if key in row else "-"
 
+    speed = f"{row['tokens_per_second']:.1f}" if row.get("tokens_per_second") else "-"
     return (f"{row['mode']:<7} {row['weights_bytes'] / GB:>10.3f} {row['kv_bytes_per_token']:>10} "
             f"{row['perplexity']:>9.3f} {row['perplexity_delta_percent']:>+8.2f} {pct('agreement_percent'):>11} "
-            f"{pct('identical_percent'):>11}")
+            f"{pct('identical_percent'):>11} {speed:>7}")
 
 
 def summary(row: dict, reference: str) -> str:
@@ -144,8 +158,9 @@ def summary(row: dict, reference: str) -> str:
     agree = (f", agreement {row['agreement_percent']:.1f}%, identical {row['identical_percent']:.1f}%"
              if "agreement_percent" in row else "")
     return (f"perplexity {row['perplexity']:.3f} ({row['perplexity_delta_percent']:+.2f}% vs {reference}){agree}, "
-            f"weights {row['weights_bytes'] / GB:.3f} GB, KV {row['kv_bytes_per_token']} B/token "
-            f"({row['seconds']:.0f} s)")
+            f"weights {row['weights_bytes'] / GB:.3f} GB, KV {row['kv_bytes_per_token']} B/token"
+            + (f", {row['tokens_per_second']:.1f} tok/s" if row.get("tokens_per_second") else "")
+            + f" ({row['seconds']:.0f} s)")
 
 
 def print_table(result: dict) -> None:
@@ -164,7 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "SmolLM2-135M-Instruct (fetched on first use)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                    help=f"default: {' '.join(CPU_DEFAULT_MODES)} on the CPU, {' '.join(CUDA_DEFAULT_MODES)} on CUDA")
-    p.add_argument("--reference", choices=list(MODES), default=None,
+    p.add_argument("--reference", choices=[n for n, m in MODES.items() if not m.prune], default=None,
                    help="the unquantized mode deltas and agreement are taken against (default: bf16 on CUDA, fp32 "
                         "on the CPU); it always runs")
     p.add_argument("--context", type=int, default=1024, help="window length in tokens (default %(default)s)")
@@ -176,6 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="plain-text file for perplexity")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help='JSONL of {"prompt": ...} objects')
+    p.add_argument("--pruned-dir", type=Path, default=Path("bench_out/pruned"),
+                   help="where the pruned modes' checkpoints are written once and reused (default %(default)s)")
+    p.add_argument("--calib", type=Path, default=DEFAULT_TEXT, help="the pruned wanda modes' calibration text")
     p.add_argument("--json", type=Path, default=Path("bench_out/quality_eval.json"))
     args = p.parse_args(argv)
     if args.context < 2:
@@ -184,7 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.num_prompts < 0 or args.gen_len < 1:
         p.error("--num-prompts must be >= 0 and --gen-len >= 1")
-    for flag, path in (("--text", args.text), ("--prompts", args.prompts)):
+    for flag, path in (("--text", args.text), ("--prompts", args.prompts), ("--calib", args.calib)):
         if not path.is_file():
             p.error(f"{flag}: no file at {path}")
     return args
@@ -222,12 +240,18 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--num-prompts {args.num_prompts}: {args.prompts} holds only {len(prompt_texts)}")
     prompts = [tokenizer.encode_text(t) for t in prompt_texts[:args.num_prompts]]
     say(f"{len(ids)} text tokens in {len(windows)} windows; {len(prompts)} prompts; modes {[m.name for m in modes]}")
+    if any(m.prune and m.prune[0] == "wanda" for m in modes):
+        from benchmarks.quality_pruned import calibration_overlap
+        full = len(text_ids(tokenizer, read_text(args.text)))
+        seen = calibration_overlap(full, len(ids), args.text.resolve() == args.calib.resolve())
+        say(f"wanda modes: {seen} of the {len(ids)} scored tokens are also in the calibration"
+            + (" (pass --max-tokens to score only text it never saw)" if seen else ""))
 
     base = eval_engine_config(model, args, device.type, windows, prompts)
     rows = []
     for mode in modes:   # the reference first
         try:
-            row = evaluate_mode(base, mode, windows, prompts, args.gen_len)
+            row = evaluate_mode(base, mode, windows, prompts, args.gen_len, args)
             compare(row, rows[0] if rows else row)
             say(f"{mode.name}: {summary(row, reference)}")
         except (ValueError, RuntimeError, NotImplementedError) as err:

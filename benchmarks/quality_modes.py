@@ -1,6 +1,9 @@
 """The precision modes `tandem eval` and `tandem bench precision` compare: each a (dtype, weight quantization, KV-cache dtype) triple of
 EngineConfig settings. Plain Python: no torch.
 
+The pruned modes (mag24, wanda24, wanda48, mag50, wanda50) serve the model pruned by `tandem prune` with that method
+and sparsity (written once into a cache directory, see benchmarks.quality_pruned), dense, in dtype "auto".
+
 The quantized modes keep dtype "auto" (bfloat16 on CUDA, float32 on the CPU), the same activation dtype as the
 default reference of that device, so their delta against it measures the quantization alone.
 """
@@ -15,9 +18,11 @@ class Mode:
     dtype: str               # EngineConfig.dtype
     quantization: str        # EngineConfig.quantization
     kv_cache_dtype: str      # EngineConfig.kv_cache_dtype
+    prune: tuple[str, str] | None = None   # (method, sparsity) of tandem prune: the mode serves that checkpoint
 
     def describe(self) -> str:
-        return f"dtype {self.dtype}, weights {self.quantization}, KV cache {self.kv_cache_dtype}"
+        pruned = f", pruned {self.prune[0]} {self.prune[1]}" if self.prune else ""
+        return f"dtype {self.dtype}, weights {self.quantization}{pruned}, KV cache {self.kv_cache_dtype}"
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -29,6 +34,11 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("fp8", "auto", "fp8", "auto"),
     Mode("fp8kv", "auto", "none", "fp8"),
     Mode("fp8+kv", "auto", "fp8", "fp8"),
+    Mode("mag24", "auto", "none", "auto", ("magnitude", "2:4")),
+    Mode("wanda24", "auto", "none", "auto", ("wanda", "2:4")),
+    Mode("wanda48", "auto", "none", "auto", ("wanda", "4:8")),
+    Mode("mag50", "auto", "none", "auto", ("magnitude", "0.5")),
+    Mode("wanda50", "auto", "none", "auto", ("wanda", "0.5")),
 )}
 
 
@@ -37,6 +47,8 @@ def mode_fields(name: str) -> dict[str, str]:
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; modes: {', '.join(MODES)}")
     m = MODES[name]
+    if m.prune:
+        raise ValueError(f"mode {name!r} serves a pruned checkpoint, not engine settings: use tandem eval")
     return {"dtype": m.dtype, "quantization": m.quantization, "kv_cache_dtype": m.kv_cache_dtype}
 
 

@@ -7,6 +7,10 @@
   for requests that arrive one after another (sequential) and all at once (burst).
 - chunked-prefill: 8 streams decoding while a 4,000-token prompt arrives. Inter-token latency of the 8 streams
   (p50/p99/max) and the long prompt's TTFT, with chunked prefill vs a whole-prompt step.
+- host-kv-tier: --tier-prefixes shared prefixes (--tier-prefix-len tokens each) asked in turn, one request at a
+  time, for --tier-rounds rounds, on a device KV pool sized to a quarter of their blocks: LRU has evicted a prefix
+  from the device by the time it comes back. TTFT and prompt tokens computed with the host KV tier
+  (--kv-offload-gb) on and off.
 """
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ def prefix_cache_scenario(base: Engine, args) -> list[dict]:
     rows = []
     for burst in (False, True):
         for caching in (False, True):
-            engine = base.with_scheduling(enable_prefix_caching=caching)
+            engine = base.with_scheduling(enable_prefix_caching=caching, kv_offload_gb=0)
             rows.append(prefix_cache_run(engine, system, suffixes, burst))
             r = rows[-1]
             print(f"  prefix-cache {r['mode']:>10}, caching {'on ' if caching else 'off'}: "
@@ -135,7 +139,7 @@ def chunked_scenario(base: Engine, args) -> list[dict]:
     settings += [dict(enable_chunked_prefill=True, max_num_batched_tokens=b) for b in args.chunk_budgets]
     rows = []
     for kw in settings:
-        engine = base.with_scheduling(enable_prefix_caching=False, **kw)
+        engine = base.with_scheduling(enable_prefix_caching=False, kv_offload_gb=0, **kw)
         rows.append(chunked_run(engine, streams, long_prompt, args))
         r = rows[-1]
         print(f"  chunked-prefill budget {r['budget']}: ITL p99 {r['itl_p99_s'] * 1e3:.0f} ms",
@@ -149,7 +153,56 @@ def chunked_scenario(base: Engine, args) -> list[dict]:
     return rows
 
 
-SCENARIOS = {"prefix-cache": prefix_cache_scenario, "chunked-prefill": chunked_scenario}
+# --- host KV tier ---------------------------------------------------------------------------------------------------
+
+def host_tier_run(engine: Engine, prompts: list[list[int]]) -> dict:
+    clock = Clock(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        clock.submit(f"t{i}", p, params)
+        while engine.has_work():
+            clock.step()
+    ttfts = [clock.ttft(rid) for rid in clock.submitted]
+    _, _, host_hits, offloaded, loaded = engine.host_kv_stats()
+    return {"host_tier": engine.kv.host is not None, "device_blocks": engine.kv.num_blocks,
+            "host_blocks": engine.kv.host.num_slots if engine.kv.host else 0, "requests": len(prompts),
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+            "total_s": time.perf_counter() - t0, "hit_rate": engine.kv.prefix_stats.hit_rate,
+            "host_hit_blocks": host_hits, "bytes_offloaded": offloaded, "bytes_loaded": loaded,
+            "prompt_tokens_computed": sum(map(len, prompts)) - engine.kv.prefix_stats.hits}
+
+
+def host_tier_scenario(base: Engine, args) -> list[dict]:
+    rng = random.Random(2)
+    vocab, bs = base.model_cfg.vocab_size, base.config.block_size
+    prefixes = [random_tokens(rng, args.tier_prefix_len, vocab) for _ in range(args.tier_prefixes)]
+    prompts = [p + random_tokens(rng, rng.randrange(10, 30), vocab) for _ in range(args.tier_rounds)
+               for p in prefixes]
+    working_set = args.tier_prefixes * (args.tier_prefix_len // bs)
+    device_blocks = max(working_set // 4, -(-(max(map(len, prompts)) + 4) // bs))
+    rows = []
+    for gb in (0, args.kv_offload_gb):
+        engine = base.with_scheduling(enable_prefix_caching=True, num_kv_blocks=device_blocks, kv_offload_gb=gb)
+        rows.append(host_tier_run(engine, prompts))
+        r = rows[-1]
+        print(f"  host-kv-tier {'on ' if gb else 'off'}: TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms",
+              file=sys.stderr, flush=True)
+    print(f"\nhost KV tier: {args.tier_prefixes} prefixes of {args.tier_prefix_len} tokens ({working_set} blocks) "
+          f"asked in turn for {args.tier_rounds} rounds, one request at a time, 4 output tokens each; device pool "
+          f"{device_blocks} blocks of {bs} tokens")
+    print(f"{'host tier':>10} {'host blocks':>12} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'total s':>8} "
+          f"{'hit rate':>9} {'host hits':>10} {'MB moved':>9} {'computed tok':>13}")
+    for r in rows:
+        moved = (r["bytes_offloaded"] + r["bytes_loaded"]) / 1e6
+        print(f"{'on' if r['host_tier'] else 'off':>10} {r['host_blocks']:>12} {r['ttft_p50_s'] * 1e3:>12.0f} "
+              f"{r['ttft_p99_s'] * 1e3:>12.0f} {r['total_s']:>8.1f} {r['hit_rate']:>9.1%} "
+              f"{r['host_hit_blocks']:>10} {moved:>9.1f} {r['prompt_tokens_computed']:>13}")
+    return rows
+
+
+SCENARIOS = {"prefix-cache": prefix_cache_scenario, "chunked-prefill": chunked_scenario,
+             "host-kv-tier": host_tier_scenario}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,10 +221,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="token budgets to run chunked prefill with")
     p.add_argument("--warm-steps", type=int, default=4, help="decode steps before the long prompt arrives")
     p.add_argument("--measure-steps", type=int, default=40, help="decode steps of each stream after that")
+    p.add_argument("--tier-prefixes", type=int, default=8, help="host-kv-tier: shared prefixes in the working set")
+    p.add_argument("--tier-prefix-len", type=int, default=512, help="host-kv-tier: tokens of each prefix")
+    p.add_argument("--tier-rounds", type=int, default=3, help="host-kv-tier: times each prefix is asked")
+    p.add_argument("--kv-offload-gb", type=float, default=0.5, help="host-kv-tier: the host tier's size")
     p.add_argument("--json", type=Path, default=Path("bench_out/scheduling.json"))
     args = p.parse_args(argv)
+    tier = "host-kv-tier" in args.scenarios
     base = Engine(EngineConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                               max_model_len=args.max_model_len))
+                               max_model_len=args.max_model_len, kv_offload_gb=args.kv_offload_gb if tier else 0))
     base.with_scheduling().generate([[100, 101, 102]], SamplingParams(max_tokens=2))  # warm-up
     print(f"{base.model_name} on {base.runner.device} ({str(base.runner.dtype).split('.')[-1]})", file=sys.stderr)
     results = {name: SCENARIOS[name](base, args) for name in args.scenarios}

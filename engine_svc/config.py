@@ -10,6 +10,7 @@ LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
 KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
+SPARSITY_KERNELS = ("auto", "on", "off")           # 2:4 pruned checkpoints: see engine_svc.pruning.sparse_serving
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
 SPECULATIVE_METHODS = ("ngram", "draft")          # see engine_svc.spec
 MAX_SPECULATIVE_TOKENS = 16
@@ -25,6 +26,7 @@ class EngineConfig:
     attention_backend: str = "auto"             # auto: triton on CUDA, torch on the CPU
     quantization: str = "none"                  # none: the checkpoint's own format (AWQ/GPTQ are detected)
     kv_cache_dtype: str = "auto"
+    sparsity_kernels: str = "auto"              # a 2:4 checkpoint's linears on the sparse kernels where faster
     block_size: int = 16
     num_kv_blocks: int | None = None            # explicit KV size; otherwise taken from free memory
     gpu_memory_utilization: float = 0.9
@@ -50,6 +52,8 @@ class EngineConfig:
     distributed_executor: str = "mp"            # how the ranks run: mp, worker processes on this node; ray, actors
     ray_address: str | None = None              # the Ray cluster (ray executor); None: Ray's own resolution
     distributed_timeout_s: float = 600.0        # a collective waiting longer fails the engine
+    kv_offload_gb: float = 0.0                  # host tier of the KV cache (pinned memory); 0: none
+    cpu_offload_gb: float = 0.0                 # decoder weights kept in host memory, streamed in per layer
     speculative_method: str | None = None       # None: no speculation; ngram: prompt lookup; draft: a draft model
     num_speculative_tokens: int = 4             # K: tokens proposed per step and verified in one forward
     draft_model: str | None = None              # the draft model's path (method draft): same vocabulary
@@ -64,6 +68,10 @@ class EngineConfig:
             (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
             (self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}"),
             (self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}"),
+            (self.sparsity_kernels in SPARSITY_KERNELS, f"sparsity_kernels must be one of {SPARSITY_KERNELS}"),
+            (not (self.sparsity_kernels == "on" and (self.enable_lora or self.lora_modules)),
+             "sparsity_kernels on cannot serve LoRA adapters (their layers multiply the dense weight); use auto "
+             "or off"),
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two <= 128"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
@@ -79,8 +87,6 @@ class EngineConfig:
             (0 <= self.port < 65536, "port must be in [0, 65535]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
             (self.pipeline_parallel_size >= 1, "pipeline_parallel_size must be >= 1"),
-            (self.pipeline_parallel_size == 1 or self.distributed_executor == "mp",
-             "pipeline_parallel_size > 1 needs distributed_executor mp (worker processes on this node)"),
             (self.distributed_executor in DISTRIBUTED_EXECUTORS,
              f"distributed_executor must be one of {DISTRIBUTED_EXECUTORS}"),
             (self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0"),
@@ -88,6 +94,15 @@ class EngineConfig:
              "ray_address needs distributed_executor ray"),
             (not (self.ray_address or "").startswith("ray://"),
              "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
+            (self.kv_offload_gb >= 0, "kv_offload_gb must be >= 0"),
+            (self.cpu_offload_gb >= 0, "cpu_offload_gb must be >= 0"),
+            (self.world_size == 1 or not (self.kv_offload_gb or self.cpu_offload_gb),
+             "kv_offload_gb and cpu_offload_gb need tensor_parallel_size and pipeline_parallel_size 1 (the "
+             "multi-rank step broadcast does not carry their copies)"),
+            (not self.kv_offload_gb or self.enable_prefix_caching,
+             "kv_offload_gb needs prefix caching (the host tier is keyed by its block hashes)"),
+            (not (self.cpu_offload_gb and (self.enable_lora or self.lora_modules)),
+             "cpu_offload_gb cannot be combined with LoRA (adapter slots live in the offloaded layers)"),
         ]
         checks += self._speculative_checks()
         for ok, message in checks:
@@ -128,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hopper/Ada); AWQ and GPTQ checkpoints are detected from their config")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the model dtype; fp8: e4m3 (twice the tokens)")
+    p.add_argument("--sparsity-kernels", default="auto", choices=SPARSITY_KERNELS,
+                   help="2:4 pruned checkpoints (tandem prune): auto runs each linear shape on the semi-structured "
+                        "sparse kernels (CUDA, compute capability >= 8.0, fp16/bf16) where it measures faster at "
+                        "load; on requires them; off serves the pruned weights dense")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -175,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "$RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new local Ray")
     p.add_argument("--distributed-timeout-s", type=float, default=600.0,
                    help="a collective that waits longer fails the engine (it exits naming the rank)")
+    p.add_argument("--kv-offload-gb", type=float, default=0.0,
+                   help="keep KV blocks evicted from the device in a host tier of this many GB (pinned memory) "
+                        "and copy them back on a prefix hit instead of recomputing them (needs prefix caching)")
+    p.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                   help="keep this many GB of decoder layers in host memory and stream each to the device just "
+                        "before it runs (serves a model a little too big for the device; decode runs eagerly)")
     spec = p.add_argument_group("speculative decoding (off by default; see the README)")
     spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                       help="ngram: propose the tokens that followed the context's last n-gram earlier in it; "

@@ -53,7 +53,8 @@ class Engine:
         # The runner owns the LoRA manager (and makes each step's adapters resident) when LoRA is enabled.
         self.adapters = AdapterRegistry(self.runner.lora)
         num_blocks = min(self.config.num_kv_blocks or self.runner.num_blocks, self.runner.num_blocks)
-        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+                                 num_host_blocks=self.runner.host_blocks_for(self.config.kv_offload_gb))
         self.pipeline_depth = self.config.pipeline_parallel_size   # batches in flight at most
         vocab = self.model_cfg.vocab_size
         self.structured = StructuredOutputs(
@@ -162,6 +163,16 @@ class Engine:
         """Broken KV-cache invariants (empty when sound); when idle, no block may be in use."""
         return self.scheduler.check_integrity()
 
+    def host_kv_stats(self) -> tuple[int, int, int, int, int]:
+        """The host KV tier's (blocks, blocks used, hits in blocks, bytes offloaded, bytes loaded back); zeros
+        without one."""
+        host = self.kv.host
+        if host is None:
+            return 0, 0, 0, 0, 0
+        per_block = self.runner.host_kv.bytes_per_block(self.runner.kv_caches)
+        return (host.num_slots, host.num_used, host.stats.loaded_blocks, host.stats.offloaded_blocks * per_block,
+                host.stats.loaded_blocks * per_block)
+
     def step(self) -> list[RequestOutput]:
         """One engine step. An exception in a request's own results fails that request alone (the scheduler); one
         raised by the step as a whole (scheduling, the model, sampling) fails the requests that step carried, and
@@ -232,17 +243,29 @@ class Engine:
         return outputs
 
     def _step_pipelined(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         while len(self._in_flight) < self.pipeline_depth:
             out = self.scheduler.schedule(self._in_flight_ids(), self._batch_rows())
             self._stepping.append(out)
             if out.is_empty:
                 break
+            outputs += self._finish_for_adapters(out)
             self._in_executor = True
             launched = self.executor.launch(out)
             self._in_executor = False
             self._in_flight.append((out, launched))
             self.num_steps += 1
-        return self._finish_in_flight() if self._in_flight else []
+        return outputs + (self._finish_in_flight() if self._in_flight else [])
+
+    def _finish_for_adapters(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """The driver writes a batch's adapter slots before the last stage of the batches in flight has run, so
+        their adapters and out's must fit the max_loras slots together: finishes the oldest until they do (the
+        scheduler bounds the running requests' adapters, but a batch in flight may hold one whose requests ended)."""
+        outputs: list[RequestOutput] = []
+        while self.adapters.enabled and self._in_flight and len(
+                out.adapters.union(*(o.adapters for o, _ in self._in_flight))) > self.config.max_loras:
+            outputs += self._finish_in_flight()
+        return outputs
 
     def _in_flight_ids(self) -> frozenset[str]:
         return frozenset(s.request.request_id for out, _ in self._in_flight for s in out.scheduled)
@@ -266,6 +289,7 @@ class Engine:
                 launched.wait()
         outs += [out for out, _ in self._in_flight]
         self._in_flight.clear()
+        self.kv.abandon_copies([out.kv_copies for out in outs])   # their host KV tier copies may not have run
         if self._stepping:
             ids = {s.request.external_id for o in outs for s in o.scheduled}
         else:
@@ -309,9 +333,10 @@ class Engine:
         return [outputs[rid] for rid in ids]
 
 
-_SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "async_scheduling",
-                                "max_num_seqs", "max_waiting", "num_kv_blocks", "speculative_method",
-                                "num_speculative_tokens", "draft_model", "ngram_min", "ngram_max"})
+_SCHEDULING_FIELDS = frozenset({"enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
+                                "async_scheduling", "max_num_seqs", "max_waiting", "num_kv_blocks", "kv_offload_gb",
+                                "speculative_method", "num_speculative_tokens", "draft_model", "ngram_min",
+                                "ngram_max"})
 
 
 class _Timed:

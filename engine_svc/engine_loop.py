@@ -98,6 +98,11 @@ class LoadSnapshot:
     steps: int
     kv_integrity_checks: int
     kv_integrity_failures: int
+    host_kv_blocks_total: int = 0      # the host KV tier (--kv-offload-gb); 0 without one
+    host_kv_blocks_used: int = 0
+    host_kv_hits: int = 0              # blocks a prefix hit loaded back from the host tier
+    host_kv_bytes_offloaded: int = 0
+    host_kv_bytes_loaded: int = 0
     spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)   # a copy: the loop's own goes on
 
 
@@ -156,7 +161,9 @@ class EngineLoop:
             prefix_cache_queries=kv.prefix_stats.queries, prefix_cache_hits=kv.prefix_stats.hits,
             num_preemptions=s.num_preemptions, steps=self.engine.num_steps,
             kv_integrity_checks=self.integrity_checks, kv_integrity_failures=self.integrity_failures,
-            spec_decode=replace(s.spec_stats, accepted_per_pos=list(s.spec_stats.accepted_per_pos)))
+            spec_decode=replace(s.spec_stats, accepted_per_pos=list(s.spec_stats.accepted_per_pos)),
+            **dict(zip(("host_kv_blocks_total", "host_kv_blocks_used", "host_kv_hits", "host_kv_bytes_offloaded",
+                        "host_kv_bytes_loaded"), self.engine.host_kv_stats())))
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Submit):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from engine_svc.model_name import hf_dir_served_name
 
 if TYPE_CHECKING:
+    from engine_svc.pruning.sparsity_config import CheckpointSparsity
     from engine_svc.quant.checkpoint_config import PackedQuantConfig
 
 
@@ -39,6 +40,13 @@ class ModelConfig:
         checkpoint's quantization is one we cannot serve."""
         from engine_svc.quant.checkpoint_config import parse_quantization_config
         return parse_quantization_config(self.extra)
+
+    @property
+    def checkpoint_sparsity(self) -> "CheckpointSparsity | None":
+        """The sparsity_config `tandem prune` wrote (None when the checkpoint has none); ValueError when it cannot
+        be read."""
+        from engine_svc.pruning.sparsity_config import parse_sparsity_config
+        return parse_sparsity_config(self.extra)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

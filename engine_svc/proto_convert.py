@@ -117,7 +117,10 @@ def load_to_pb(s: LoadSnapshot) -> pb.EngineLoad:
         kv_blocks_used=s.kv_blocks_used, kv_blocks_free=s.kv_blocks_free, kv_blocks_cached=s.kv_blocks_cached,
         steps=s.steps, prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
         num_preemptions=s.num_preemptions, kv_integrity_checks=s.kv_integrity_checks,
-        kv_integrity_failures=s.kv_integrity_failures, **spec_decode_fields(s.spec_decode))
+        kv_integrity_failures=s.kv_integrity_failures, host_kv_blocks_total=s.host_kv_blocks_total,
+        host_kv_blocks_used=s.host_kv_blocks_used, host_kv_hits=s.host_kv_hits,
+        host_kv_bytes_offloaded=s.host_kv_bytes_offloaded, host_kv_bytes_loaded=s.host_kv_bytes_loaded,
+        **spec_decode_fields(s.spec_decode))
 
 
 def spec_decode_fields(sd) -> dict:

@@ -1,4 +1,4 @@
-"""The `tandem` command: serve, generate, fetch-model, bench, eval.
+"""The `tandem` command: serve, generate, fetch-model, bench, eval, prune.
 
 Parsing is kept apart from running (`parse_args` and the `*_from_args` builders are pure) so it can be tested
 without starting anything. Nothing here imports torch: the engine runs as its own process.
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split the model's layers into this many stages, each on --tensor-parallel-size ranks "
                             "(T x P ranks in each engine); the engine keeps P batches in flight (default "
                             "%(default)s)")
+    serve.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                       help="keep this many GB of the model's decoder layers in host memory, streamed to the "
+                            "device per step (a model a little too big for it) (default %(default)s)")
+    serve.add_argument("--kv-offload-gb", type=float, default=0.0,
+                       help="a host tier of this many GB for KV blocks evicted from the device, copied back on a "
+                            "prefix hit instead of recomputed (default %(default)s)")
     spec = serve.add_argument_group("speculative decoding (passed to the engine; off by default)")
     spec.add_argument("--speculative-method", choices=SPECULATIVE_METHODS,
                       help="ngram: prompt lookup; draft: a smaller model of the same tokenizer (--draft-model)")
@@ -166,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for `tandem --help` only: parse_args hands everything after `eval` to the module unparsed.
     sub.add_parser("eval", add_help=False, usage="tandem eval [--model M] [--modes MODE ...] [EVAL_ARG ...]",
                    help="perplexity and greedy agreement per precision/quantization mode (tandem eval --help)")
+    sub.add_parser("prune", add_help=False,
+                   usage="tandem prune --output DIR [--model M] [--method magnitude|wanda] [--sparsity 2:4|4:8|0.5] "
+                         "[PRUNE_ARG ...]",
+                   help="prune a model's decoder linears (magnitude or Wanda; 2:4, 4:8 or unstructured) into an HF "
+                        "directory (tandem prune --help)")
     return parser
 
 
@@ -182,18 +193,22 @@ BENCHMARKS = {
     "serve": "benchmarks.serve_load",
     "soak": "benchmarks.soak",
     "quant": "benchmarks.quant_matmul",
+    "sparse": "benchmarks.sparse_matmul",
     "lora": "benchmarks.lora_throughput",
     "tp": "benchmarks.tensor_parallel",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "grammar", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
+PRUNE_MODULE = "engine_svc.pruning"       # the same; it runs the engine (torch) for Wanda's calibration
+_PASSTHROUGH = {"eval": "eval_args", "prune": "prune_args"}   # subcommands whose arguments their module parses
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parses argv; for `serve`, everything after the first `--` becomes `engine_args`; for `eval`, everything
-    after `eval` becomes `eval_args` (argparse would take an option there for one of its own)."""
-    if argv[:1] == ["eval"]:
-        return argparse.Namespace(command="eval", eval_args=list(argv[1:]))
+    """Parses argv; for `serve`, everything after the first `--` becomes `engine_args`; for `eval` (`prune`),
+    everything after it becomes `eval_args` (`prune_args`): argparse would take an option there for one of its
+    own."""
+    if argv[:1] and argv[0] in _PASSTHROUGH:
+        return argparse.Namespace(command=argv[0], **{_PASSTHROUGH[argv[0]]: list(argv[1:])})
     engine_args: list[str] = []
     if argv[:1] == ["serve"] and "--" in argv:
         cut = argv.index("--")
@@ -224,6 +239,9 @@ def _engine_args(args: argparse.Namespace) -> tuple[str, ...]:
                        ("--pipeline-parallel-size", args.pipeline_parallel_size)):
         if size > 1:
             sizes += [flag, str(size)]
+    for flag, gb in (("--cpu-offload-gb", args.cpu_offload_gb), ("--kv-offload-gb", args.kv_offload_gb)):
+        if gb:
+            sizes += [flag, f"{gb:g}"]
     for flag, value in (("--speculative-method", args.speculative_method),
                         ("--num-speculative-tokens", args.num_speculative_tokens),
                         ("--draft-model", args.draft_model and os.path.abspath(args.draft_model)),
@@ -294,7 +312,16 @@ def _eval(args: argparse.Namespace) -> int:
     return subprocess.call(eval_command(args))
 
 
-_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model, "bench": _bench, "eval": _eval}
+def prune_command(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", PRUNE_MODULE, *args.prune_args]
+
+
+def _prune(args: argparse.Namespace) -> int:
+    return subprocess.call(prune_command(args))
+
+
+_COMMANDS = {"serve": _serve, "generate": _generate, "fetch-model": _fetch_model, "bench": _bench, "eval": _eval,
+             "prune": _prune}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,9 @@ What is measured, all on the gateway's monotonic clock:
 - request_success_total{finished_reason}: stop, length or cancelled for requests that ended normally; abort for
   those the client cancelled or whose deadline passed.
 - running/waiting, kv_cache_usage_perc (a fraction in [0, 1], as vLLM's), prefix cache queries/hits (tokens) and
-  preemptions: from the engine's GetLoad, polled; the engine's totals become counter increments.
+  preemptions: from the engine's GetLoad, polled; the engine's totals become counter increments. So do the host
+  KV tier's (--kv-offload-gb) blocks in use (a gauge), hits (blocks copied back instead of recomputed) and bytes
+  moved each way.
 - speculative decoding, from GetLoad the same way, under vLLM's names: spec_decode_num_drafts (verify rows),
   spec_decode_num_draft_tokens (proposed), spec_decode_num_accepted_tokens, and
   spec_decode_num_accepted_tokens_per_pos{position}; acceptance rate = accepted / draft tokens, mean accepted
@@ -106,8 +108,16 @@ class GatewayMetrics:
         self.spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                     "Accepted proposed tokens, by position in the proposal.",
                                     LABELS + ("position",), registry=r)
+        self.host_kv_used = Gauge(PREFIX + "host_kv_cache_blocks", "Host KV tier blocks holding evicted K/V.",
+                                  LABELS, registry=r)
+        self.host_kv_hits = Counter(PREFIX + "host_kv_cache_hits", "KV blocks a prefix hit copied back from the "
+                                                                   "host tier instead of recomputing them.",
+                                    LABELS, registry=r)
+        self.host_kv_bytes = Counter(PREFIX + "host_kv_cache_bytes", "Bytes moved between the device KV cache "
+                                                                     "and its host tier.",
+                                     LABELS + ("direction",), registry=r)
         # The engine reports totals since it started; the last seen ones turn them into increments.
-        self._engine_totals: dict[str, tuple] = {}
+        self._engine_totals: dict[str, tuple[int, ...]] = {}
 
     def request(self, replica: str) -> "RequestMetrics":
         """Called when a request reaches the gateway; its clock starts now."""
@@ -119,14 +129,18 @@ class GatewayMetrics:
         self.running.labels(*labels).set(load.num_running)
         self.waiting.labels(*labels).set(load.num_waiting)
         self.kv_usage.labels(*labels).set(load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0)
-        per_pos = list(getattr(load, "spec_decode_num_accepted_tokens_per_pos", ()))
-        counters = [self.prefix_queries, self.prefix_hits, self.preemptions, *self.spec_counters.values()]
+        self.host_kv_used.labels(*labels).set(load.host_kv_blocks_used)
+        per_pos = list(load.spec_decode_num_accepted_tokens_per_pos)
+        counters = [self.prefix_queries, self.prefix_hits, self.preemptions, *self.spec_counters.values(),
+                    self.host_kv_hits]
+        children = [c.labels(*labels) for c in counters]
+        children += [self.host_kv_bytes.labels(*labels, "offload"), self.host_kv_bytes.labels(*labels, "load")]
+        children += [self.spec_per_pos.labels(*labels, str(i)) for i in range(len(per_pos))]
         totals = (load.prefix_cache_queries, load.prefix_cache_hits, load.num_preemptions,
-                  *(getattr(load, name, 0) for name in self.spec_counters), *per_pos)
+                  *(getattr(load, name) for name in self.spec_counters), load.host_kv_hits,
+                  load.host_kv_bytes_offloaded, load.host_kv_bytes_loaded, *per_pos)
         last = self._engine_totals.get(replica, ())
         last = last + (0,) * (len(totals) - len(last))
-        children = [c.labels(*labels) for c in counters]
-        children += [self.spec_per_pos.labels(*labels, str(i)) for i in range(len(per_pos))]
         for child, new, old in zip(children, totals, last):
             # A total that went down means the engine restarted and counts from 0 again.
             if new != old:

@@ -54,6 +54,16 @@ def test_latency_compares_speculative_decoding_with_none(tiny, tmp_path, capsys)
     assert "speculative decoding: quote workload" in table and "mean acc. len" in table
 
 
+def test_latency_with_weight_offload_reports_the_bus_bound(tiny, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    # The tiny Llama's 2 layers are 148 KB each: 0.3 MB offloads both.
+    latency.main(["--model", str(tiny), *CPU, "--prompt-len", "4", "--output-len", "3", "--ttft-prompt-lens",
+                  "--repeats", "1", "--warmup", "0", "--cpu-offload-gb", str(0.3e6 / (1 << 30)), "--json", str(out)])
+    w = json.loads(out.read_text())["decode"]["weight_offload"]
+    assert w["layers"] == 2 and w["bus_bound_tok_s"] == pytest.approx(w["bandwidth_gb_s"] / w["offloaded_gb"])
+    assert "bus-bound" in capsys.readouterr().out
+
+
 def test_throughput_engine_mode_counts_every_drawn_token(tiny, tmp_path, capsys):
     out = tmp_path / "throughput.json"
     argv = ["--model", str(tiny), *CPU, "--num-requests", "7", "--input-len", "3", "20", "--output-len", "1", "9",

@@ -121,16 +121,17 @@ def smollm2_eval(smollm2_gguf, tmp_path_factory):
 
 def test_tandem_eval_prints_one_row_per_mode_and_writes_json(smollm2_eval):
     proc, result = smollm2_eval
+    rows = {r["mode"]: r for r in result["rows"]}
     lines = proc.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("mode"))
     assert lines[header].split() == ["mode", "weights", "GB", "KV", "B/token", "ppl", "delta", "%", "agreement", "%",
-                                     "identical", "%"]
+                                     "identical", "%", "tok/s"]
     table = {line.split()[0]: line.split() for line in lines[header + 1:]}
-    assert list(table) == EVAL_MODES and all(len(cells) == 7 for cells in table.values())
+    assert list(table) == EVAL_MODES and all(len(cells) == 8 for cells in table.values())
+    assert all(float(table[m][7]) == pytest.approx(rows[m]["tokens_per_second"], abs=0.06) for m in EVAL_MODES)
     for mode in EVAL_MODES:
         assert f"[eval] {mode}: loading" in proc.stderr and f"[eval] {mode}: perplexity windows 2/2" in proc.stderr
     assert (result["reference"], result["text_tokens"], result["windows"]) == ("fp32", 128, 2)
-    rows = {r["mode"]: r for r in result["rows"]}
     assert list(rows) == EVAL_MODES
     assert all(r["predicted_tokens"] == 126 for r in rows.values())   # SmolLM2 adds no BOS: 2 x 63
     for mode, row in rows.items():

@@ -72,6 +72,13 @@ def test_serve_passes_speculative_decoding_to_the_engine() -> None:
     assert "--speculative-method" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
 
 
+def test_serve_passes_the_memory_tiers_to_the_engine() -> None:
+    argv = engine_argv(cli.topology_from_args(cli.parse_args(["serve", "--cpu-offload-gb", "4", "--kv-offload-gb",
+                                                              "16"]), "/m/x.gguf"))
+    assert argv[-4:] == ["--cpu-offload-gb", "4", "--kv-offload-gb", "16"]
+    assert "--kv-offload-gb" not in engine_argv(cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf"))
+
+
 def test_serve_passes_the_metrics_port_on_and_0_turns_metrics_off() -> None:
     on = cli.topology_from_args(cli.parse_args(["serve", "--metrics-port", "9191"]), "/m/x.gguf")
     argv = gateway_argv(on)
@@ -257,6 +264,13 @@ def test_engine_lora_flag_is_repeatable_and_turns_lora_on() -> None:
     assert plain.lora_modules == () and not plain.enable_lora
     with pytest.raises(SystemExit):
         config_from_args(["--model", "m", "--lora", "nameonly"])
+
+
+def test_prune_hands_every_argument_to_the_pruning_module() -> None:
+    args = cli.parse_args(["prune", "--output", "out", "--method", "wanda", "--sparsity", "2:4", "--calib-tokens", "64"])
+    assert cli.prune_command(args)[1:] == ["-m", "engine_svc.pruning", "--output", "out", "--method", "wanda",
+                                           "--sparsity", "2:4", "--calib-tokens", "64"]
+    assert "prune" in cli.build_parser().format_help()
 
 
 def test_eval_hands_every_argument_to_the_eval_module() -> None:

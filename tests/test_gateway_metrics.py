@@ -152,6 +152,18 @@ def test_speculative_decoding_totals_become_vllm_named_counters(setup):
     assert value(m, "spec_decode_num_accepted_tokens_per_pos_total", position="3") == 3
 
 
+def test_engine_load_reports_the_host_kv_tier(setup):
+    m, _ = setup
+    load = epb.EngineLoad(kv_blocks_total=8, host_kv_blocks_total=64, host_kv_blocks_used=12, host_kv_hits=5,
+                          host_kv_bytes_offloaded=4096, host_kv_bytes_loaded=1024)
+    m.observe_engine_load(REPLICA, load)
+    load.host_kv_hits, load.host_kv_bytes_loaded = 7, 2048
+    m.observe_engine_load(REPLICA, load)
+    assert (value(m, "host_kv_cache_blocks"), value(m, "host_kv_cache_hits_total")) == (12, 7)
+    assert value(m, "host_kv_cache_bytes_total", direction="load") == 2048
+    assert value(m, "host_kv_cache_bytes_total", direction="offload") == 4096
+
+
 def test_the_pipeline_poller_feeds_every_answer_and_survives_a_failed_call(setup):
     """The metrics read the routing's load polls: each answered GetLoad is observed, a failed one is not (the
     gauges keep their last values) and polling goes on."""

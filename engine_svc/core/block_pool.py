@@ -10,9 +10,13 @@ Invariants:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_evict: Callable[[int, bytes], None] | None = None) -> None:
+        """on_evict(block, key): called as allocate() takes a cached block, before its contents change (the
+        host KV tier saves them)."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -22,6 +26,7 @@ class BlockPool:
         self._cached: dict[bytes, int] = {}
         self._num_cached_idle = 0   # free-queue blocks that still hold a key; kept so counts are O(1) per step
         self.num_evictions = 0
+        self.on_evict = on_evict
 
     # --- counts --------------------------------------------------------------------------------------------------
 
@@ -110,6 +115,15 @@ class BlockPool:
             del self._cached[key]
             self._key_of[block_id] = None
             self.num_evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(block_id, key)
+
+    def uncache(self, block_id: int, key: bytes) -> None:
+        """Drops block_id from the cache index if it holds key (its contents never arrived: a failed step)."""
+        if self._key_of[block_id] == key:
+            del self._cached[key]
+            self._key_of[block_id] = None
+            self._num_cached_idle -= self._ref_counts[block_id] == 0
 
     def check(self) -> list[str]:
         """Every broken invariant, described; empty when the pool is consistent."""

@@ -6,6 +6,12 @@ Invariants:
 - a request's leading blocks may be shared (prefix-cache hits); nothing ever writes into a shared or cached block,
   because hits cover only full blocks and always leave at least the last prompt token to compute, and a request
   writes only at positions >= its num_computed_tokens.
+
+With a host tier (num_host_blocks > 0, prefix caching on), the blocks the pool evicts are offloaded there and a
+lookup continues there after the device pool's chain ends (engine_svc.core.host_kv_tier). A block found there gets
+a fresh device block, a load copy planned for the step that adopts it, and is indexed in the device pool at once:
+the step's copies run before its forward, so every reader of that block in the step, or later, sees its K/V.
+take_copies() hands the copies planned since the last call to the step being scheduled.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 
 from engine_svc.core.block_hash import extend_block_hashes
 from engine_svc.core.block_pool import BlockPool
+from engine_svc.core.host_kv_tier import HostTier, KVCopies
 from engine_svc.core.request import Request
 
 
@@ -31,13 +38,21 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
+        """num_host_blocks: slots of the host tier (0: none; it needs prefix caching, whose keys it uses)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.prefix_stats = PrefixCacheStats()
+        self.host: HostTier | None = None
+        self._offloads: dict[int, int] = {}   # host slot -> device block; the last offload to a slot wins
+        self._loads: list[tuple[int, int]] = []
+        if num_host_blocks > 0 and enable_prefix_caching:
+            self.host = HostTier(num_host_blocks)
+            self.pool.on_evict = self._offload
 
     @property
     def num_blocks(self) -> int:
@@ -77,6 +92,50 @@ class KVCacheManager:
             blocks.append(b)
         return blocks
 
+    def find_host_blocks(self, request: Request, num_device_hits: int) -> list[bytes]:
+        """Keys of the full blocks right after the device pool's num_device_hits that the host tier holds, in
+        chain order (the same limit: at least one token left to compute)."""
+        if self.host is None:
+            return []
+        limit = (request.num_tokens - 1) // self.block_size
+        keys = []
+        for key in self._hashes(request)[num_device_hits:limit]:
+            if self.host.slot(key) is None:
+                break
+            keys.append(key)
+        return keys
+
+    def _offload(self, block_id: int, key: bytes) -> None:
+        slot = self.host.store(key)
+        if slot is not None:
+            self._offloads[slot] = block_id
+
+    def take_copies(self) -> KVCopies:
+        """The copies planned since the last call, for the step being scheduled to run before its forward."""
+        copies = KVCopies([(b, s) for s, b in self._offloads.items()], self._loads)
+        self._offloads, self._loads = {}, []
+        return copies
+
+    def release_copies(self, copies: KVCopies) -> None:
+        """The step that ran copies has had its results applied: the host slots it read may be reused."""
+        if self.host is not None:
+            self.host.release([s for s, _ in copies.loads])
+
+    def abandon_copies(self, copies: list[KVCopies]) -> None:
+        """Every step in flight was dropped (a failure) and copies may not have run: what they were to carry is
+        forgotten in both tiers (those slots and blocks may hold anything), and no host slot stays pinned."""
+        if self.host is None:
+            return
+        for c in copies:
+            for s, b in c.loads:
+                key = self.host.key_in(s)
+                if key is not None:
+                    self.pool.uncache(b, key)
+        for c in copies:
+            for _, s in c.offloads:
+                self.host.discard(s)
+        self.host.release_all()
+
     def cache_full_blocks(self, request: Request) -> None:
         """Indexes the request's blocks whose every token now has K/V in the cache."""
         if not self.enable_prefix_caching:
@@ -97,22 +156,33 @@ class KVCacheManager:
 
     # --- slots ----------------------------------------------------------------------------------------------------
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = (),
+                       host_keys: list[bytes] = ()) -> bool:
         """Grows the request's table to hold num_new_tokens beyond its computed ones, first adopting cached_blocks
-        (only for a request that holds no blocks yet; they count as computed). False, and no change, when the pool
-        is short."""
-        if cached_blocks and request.block_ids:
+        and then the host tier's blocks of host_keys (only for a request that holds no blocks yet; both count as
+        computed). False, and no change, when the pool is short."""
+        if (cached_blocks or host_keys) and request.block_ids:
             raise ValueError("cached blocks can only start an empty block table")
-        have = len(request.block_ids) + len(cached_blocks)
-        computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        adopted = len(cached_blocks) + len(host_keys)
+        have = len(request.block_ids) + adopted
+        computed = request.num_computed_tokens + adopted * self.block_size
         new = max(0, self.blocks_for_tokens(computed + num_new_tokens) - have)
         revived = sum(1 for b in cached_blocks if self.pool.ref_count(b) == 0)
-        if new + revived > self.pool.num_available:
+        if new + revived + len(host_keys) > self.pool.num_available:
             return False
         if cached_blocks:
             self.pool.share(list(cached_blocks))
             request.block_ids.extend(cached_blocks)
-            request.num_indexed_blocks = len(cached_blocks)
+        if host_keys:
+            # Pinned before allocating: the offloads of the blocks this allocation evicts cannot take these slots.
+            slots = [self.host.take_for_load(k) for k in host_keys]
+            blocks = self.pool.allocate(len(host_keys))
+            for key, slot, b in zip(host_keys, slots, blocks):
+                self._loads.append((slot, b))
+                self.pool.cache(b, key)
+            request.block_ids.extend(blocks)
+        if adopted:
+            request.num_indexed_blocks = adopted
         if new:
             request.block_ids.extend(self.pool.allocate(new))
         return True
@@ -157,4 +227,8 @@ class KVCacheManager:
         if not live and self.pool.num_free + self.pool.num_cached_idle != self.num_blocks:
             problems.append(f"idle, but free {self.pool.num_free} + cached {self.pool.num_cached_idle} "
                             f"!= total {self.num_blocks}")
+        if self.host is not None:
+            problems += self.host.check()
+            if not live and not self._loads and self.host.num_pinned:
+                problems.append(f"idle, but {self.host.num_pinned} host slots are still pinned")
         return problems

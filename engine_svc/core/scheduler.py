@@ -55,6 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from engine_svc.core.beam_search import BeamSearch
+from engine_svc.core.host_kv_tier import KVCopies
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.outputs import RequestOutput
 from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams, TokenLogprob
@@ -106,6 +107,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    kv_copies: KVCopies = field(default_factory=KVCopies)   # host KV tier copies, run before the forward
 
     @property
     def adapters(self) -> set[str]:
@@ -335,14 +337,14 @@ class Scheduler:
             need = self._seats_needed(req)
             if seats + need > self.config.max_num_seqs:
                 break
-            hits = self._prefix_blocks(req)
-            num_cached = len(hits) * self.kv.block_size
+            hits, host_keys = self._prefix_blocks(req)
+            num_cached = (len(hits) + len(host_keys)) * self.kv.block_size
             num_new = req.num_tokens - num_cached
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(req, num_new, hits):
+            if not self.kv.allocate_slots(req, num_new, hits, host_keys):
                 break
             self.waiting.pop(i)
             if req.adapter is not None:
@@ -360,6 +362,7 @@ class Scheduler:
         for s in out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
             # A proposal counts as computed only once accepted (update()).
             s.request.num_computed_tokens = s.start + s.num_new_tokens - len(s.spec_token_ids)
+        out.kv_copies = self.kv.take_copies()
         return out
 
     def speculates(self, req: Request) -> bool:
@@ -407,6 +410,7 @@ class Scheduler:
         member's request_id to (first prompt position scored, entries) for its prompt rows of the step. runs
         maps each verify row's request_id to its new tokens (the accepted proposals, then the target's token)
         and their logprobs when asked."""
+        self.kv.release_copies(out.kv_copies)
         samples = iter(sampled_token_ids)
         lps = iter(logprobs) if logprobs is not None else None
         outputs: list[RequestOutput] = []
@@ -507,19 +511,23 @@ class Scheduler:
             bisect.insort(self.waiting, r, key=_sort_key)
         group.waiting_to_fork = []
 
-    def _prefix_blocks(self, req: Request) -> list[int]:
+    def _prefix_blocks(self, req: Request) -> tuple[list[int], list[bytes]]:
         """Blocks a joining request starts with: a running sibling's full prompt blocks (a group member), else
-        its longest cached prefix. Never for prompt logprobs not yet computed: they need every prompt row."""
+        its longest cached prefix; then the keys of the blocks after those that the host KV tier holds. Never for
+        prompt logprobs not yet computed: they need every prompt row."""
         if req.params.prompt_logprobs is not None and req.num_prompt_logprobs < req.num_prompt_tokens - 1:
-            return []
+            return [], []
         group = req.group
+        blocks = None
         if group is not None and req is not group.members[0] and group.members[0].status is RequestStatus.RUNNING:
             first = group.members[0]
             k = min((req.num_tokens - 1) // self.kv.block_size, req.num_prompt_tokens // self.kv.block_size,
                     first.num_computed_tokens // self.kv.block_size, len(first.block_ids))
             if k > 0:
-                return first.block_ids[:k]
-        return self.kv.find_cached_blocks(req)
+                blocks = first.block_ids[:k]
+        if blocks is None:
+            blocks = self.kv.find_cached_blocks(req)
+        return blocks, self.kv.find_host_blocks(req, len(blocks))
 
     def _seats_used(self) -> int:
         """Running requests, where a beam search in progress counts as its full width."""

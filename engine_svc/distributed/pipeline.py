@@ -73,15 +73,41 @@ class PipelineStage:
 SINGLE_STAGE = PipelineStage()
 
 
+@dataclass(frozen=True)
+class StageNames:
+    """A family's checkpoint prefixes, for routing its tensors to the pipeline stage that holds them."""
+    layers: str                   # "model.layers." (followed by the layer index)
+    embedding: str                # "model.embed_tokens."
+    last_stage: tuple[str, ...]   # the final norm's and lm_head's prefixes
+
+    def on_stage(self, name: str, pp: PipelineStage, layers: tuple[int, int], tied: bool) -> str | None:
+        """The name the checkpoint tensor `name` loads under on stage pp (holding `layers`), None when another
+        stage holds it (it is then never read): the stage's layers, the embedding on the first stage, the final
+        norm and lm_head on the last, and there, with tied embeddings, the embedding's tensor as lm_head's own."""
+        if pp.size == 1:
+            return name
+        if name.startswith(self.layers):
+            layer = int(name[len(self.layers):].split(".", 1)[0])
+            return name if layers[0] <= layer < layers[1] else None
+        if name.startswith(self.embedding):
+            if pp.is_last and tied:
+                return "lm_head." + name.removeprefix(self.embedding)
+            return name if pp.is_first else None
+        if name.startswith(self.last_stage):
+            return name if pp.is_last else None
+        return name
+
+
 class MissingLayer(nn.Module):
     """Stands in for a decoder layer another stage holds: the layer indices, and so the checkpoint's names, stay
     global; it has no parameters and is never called."""
 
 
 class StageLink:
-    """Carries activations ([2, tokens, hidden]: the hidden states and the residual stream) from this rank to the
-    next stage's rank of the same tensor-parallel index, over the default process group (gloo on the CPU, NCCL on
-    CUDA). Messages between two ranks arrive in the order sent, which is every rank's order of plans.
+    """Carries activations ([streams, tokens, hidden]: the model's stage_streams, for Llama the hidden states and
+    the residual stream) from this rank to the next stage's rank of the same tensor-parallel index, over the
+    default process group (gloo on the CPU, NCCL on CUDA). Messages between two ranks arrive in the order sent,
+    which is every rank's order of plans.
 
     Sends are asynchronous: a stage goes on to its next plan while the next stage is still busy. A send is waited
     on (and its tensor freed) once more than `depth` are outstanding; with at most `depth` batches in flight the

@@ -5,8 +5,7 @@ An executor has `driver`, the ModelRunner in the engine process (rank 0: it buil
 - UniProcExecutor: one process, one runner; its methods are the runner's own (no added call).
 - MultiprocExecutor: ranks 1..T x P - 1 (tensor-parallel ranks of pipeline stages) in worker processes, rank 0
   in the engine process.
-- RayExecutor: tensor-parallel ranks 1..T-1 in Ray actors, on this node or others of a Ray cluster (Ray is
-  imported only here; no pipeline parallelism).
+- RayExecutor: the same ranks in Ray actors, on this node or others of a Ray cluster (Ray is imported only here).
 """
 from __future__ import annotations
 

@@ -55,8 +55,9 @@ def place_ranks(size: int, device_type: str, timeout_s: float):
     resource = rank_resource(device_type)
     total = ray.cluster_resources().get(resource, 0)
     if total < size:
-        raise ValueError(f"the Ray cluster has {total:g} {resource}(s); --tensor-parallel-size {size} needs {size} "
-                         f"(one per rank): start Ray on more nodes (ray start --address=HEAD:PORT)")
+        raise ValueError(f"the Ray cluster has {total:g} {resource}(s); {size} ranks (tensor-parallel size x "
+                         f"pipeline-parallel size) need {size}, one per rank: start Ray on more nodes "
+                         f"(ray start --address=HEAD:PORT)")
     here = f"node:{ray.util.get_node_ip_address()}"
     bundles = [{resource: 1.0, here: 0.001}] + [{resource: 1.0} for _ in range(size - 1)]
     group = placement_group(bundles, strategy="PACK")

@@ -1,10 +1,12 @@
-"""Tensor parallelism over Ray actors: the ranks may live on several machines of a Ray cluster.
+"""Tensor and pipeline parallelism over Ray actors: the ranks may live on several machines of a Ray cluster.
 
 Ray only places, starts, watches and ends the ranks; everything else is the mp executor's: rank 0 runs in the
 engine process beside the scheduler, the ranks join the same torch.distributed groups (NCCL on CUDA, gloo on the
 CPU; rank 0 listens on this node's address) and each step's plan reaches them by the same broadcast
-(worker/step_broadcast). Ranks 1..T-1 are RankActor actors in bundles 1..T-1 of one placement group
-(ray_cluster.place_ranks); on CUDA an idle actor holds bundle 0's GPU, and rank 0 uses that GPU.
+(worker/step_broadcast), and pipeline stages pass activations point to point as under mp. Ranks 1..T x P - 1 are
+RankActor actors in bundles 1..T x P - 1 of one placement group (ray_cluster.place_ranks); on CUDA an idle actor
+holds bundle 0's GPU, and rank 0 uses that GPU. Bundles are packed onto as few nodes as hold them, in rank order,
+so a stage's tensor-parallel ranks (consecutive ranks) share a node whenever a node holds a whole stage.
 
 A monitor thread waits on every actor's serve call: one that ends while the engine runs (the actor died, its node
 was lost, or it raised) is reported as one line naming the rank and the cause, then handed to on_failure (by
@@ -27,18 +29,23 @@ from engine_svc.executor.ray_worker import RankActor
 from engine_svc.worker.model_runner import ModelRunner, resolve_device
 
 _STOP_WAIT_S = 10.0   # a rank told to stop gets this long to leave its groups before it is killed
+_MONITOR_SLICE_S = 0.25     # the monitor's longest stay inside Ray at a time
+_MONITOR_JOIN_S = 15.0      # generous: on a loaded machine a thread may wait long to be scheduled
 
 
 class RayExecutor:
     def __init__(self, config: EngineConfig, on_failure: Callable[[str], None] | None = None) -> None:
         device = resolve_device(config.device)
-        size = config.tensor_parallel_size
+        size = config.world_size
         self._stopping = False
         self.on_failure = on_failure or self._exit_engine   # the engine service replaces it (NOT_SERVING first)
         self.actors: list = []                 # every actor placed (on CUDA the first holds rank 0's GPU)
-        self.workers: list = []                # ranks 1..T-1, in order
+        self.workers: list = []                # ranks 1..T x P - 1, in order
+        self.specs: list[RankSpec] = []        # the workers' specs, in order
         self.where: list[tuple[str, int, list]] = []   # (node, pid, GPU ids) of each worker
         self._serving: dict = {}               # serve call -> rank
+        self._monitor_thread: threading.Thread | None = None
+        self._released = threading.Event()     # set before leaving Ray: the monitor stops calling into it
         self.placement = None
         self._joined_ray = connect(config.ray_address)   # first: it prepares the environment Ray is imported in
         import ray
@@ -49,7 +56,7 @@ class RayExecutor:
             self.placement = place_ranks(size, device.type, config.distributed_timeout_s)
             driver_gpu = self._start_actors(size, device.type == "cuda")
             here = ray.util.get_node_ip_address()
-            print("[engine] tensor-parallel ranks placed by Ray: " + ", ".join(
+            print("[engine] ranks placed by Ray: " + ", ".join(
                 [f"0 on {here} (the engine, pid {os.getpid()})"]
                 + [f"{rank} on {node} (pid {pid})" for rank, (node, pid, _) in enumerate(self.where, 1)]),
                 file=sys.stderr, flush=True)
@@ -57,10 +64,13 @@ class RayExecutor:
             for rank, worker in enumerate(self.workers, 1):   # Ray gives a GPU actor one device: its index 0
                 spec = RankSpec(config, rank, init_method, device.type, os.getpid(),
                                 None if driver_gpu is None else 0)
+                self.specs.append(spec)
                 self._serving[worker.serve.remote(spec)] = rank
-            threading.Thread(target=self._monitor, daemon=True, name="tp-actor-monitor").start()
-            tp, self.channel = join(RankSpec(config, 0, init_method, device.type, os.getpid(), driver_gpu))
-            self.driver = ModelRunner(config, tp=tp, channel=self.channel)
+            self._monitor_thread = threading.Thread(target=self._monitor, daemon=True, name="rank-actor-monitor")
+            self._monitor_thread.start()
+            spec = RankSpec(config, 0, init_method, device.type, os.getpid(), driver_gpu)
+            tp, self.channel = join(spec)
+            self.driver = ModelRunner(config, tp=tp, channel=self.channel, pp=spec.stage)
         except BaseException:
             self._release()
             raise
@@ -95,9 +105,10 @@ class RayExecutor:
         import ray
 
         pending = list(self._serving)
-        while pending:
+        while pending and not self._released.is_set():
             try:
-                done, pending = ray.wait(pending, num_returns=1)
+                # In slices, so that _stop_monitor can take it out of Ray before Ray shuts down.
+                done, pending = ray.wait(pending, num_returns=1, timeout=_MONITOR_SLICE_S)
             except Exception:   # noqa: BLE001 - Ray is going away: only an ending can do that
                 return
             for ref in done:
@@ -108,7 +119,7 @@ class RayExecutor:
                 if self._stopping:
                     continue
                 self._stopping = True
-                self.on_failure(f"[engine] tensor-parallel worker rank {rank} {what}; the engine stops")
+                self.on_failure(f"[engine] {self.specs[rank - 1].describe()} {what}; the engine stops")
 
     def _what_ended(self, ref, rank: int) -> str:
         import ray
@@ -126,7 +137,17 @@ class RayExecutor:
         return "stopped serving before the engine told it to"
 
     def _mark_stopping(self) -> None:
+        """At interpreter exit, before Ray's own exit hook shuts Ray down."""
         self._stopping = True
+        self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        """Returns once the monitor thread is out of Ray (or after _MONITOR_JOIN_S): a thread inside Ray's core while
+        ray.shutdown() tears it down can crash the process."""
+        self._released.set()
+        monitor = self._monitor_thread
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=_MONITOR_JOIN_S)
 
     def _exit_engine(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -162,6 +183,7 @@ class RayExecutor:
         self._stopping = True
         if self._serving:   # told to stop, the ranks leave their groups and their serve calls return
             ray.wait(list(self._serving), num_returns=len(self._serving), timeout=_STOP_WAIT_S)
+        self._stop_monitor()
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.workers, self._serving = [], [], {}

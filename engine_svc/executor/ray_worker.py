@@ -1,4 +1,4 @@
-"""A tensor-parallel rank (1..T-1) as a Ray actor. The executor wraps RankActor with ray.remote() when it places
+"""A worker rank (1..T x P - 1: a tensor-parallel rank of a pipeline stage) as a Ray actor. The executor wraps RankActor with ray.remote() when it places
 the ranks; this module imports no Ray at import time, and the actor's process imports it by name (Tandem must be
 installed on every node of the cluster, as for the engine)."""
 from __future__ import annotations
@@ -21,6 +21,6 @@ class RankActor:
 
         tp, channel = join(spec)
         try:
-            ModelRunner(spec.config, tp=tp, channel=channel).serve_plans()
+            ModelRunner(spec.config, tp=tp, channel=channel, pp=spec.stage).serve_plans()
         finally:
             leave()

@@ -35,7 +35,8 @@ def _json_config(path: Path) -> ModelConfig:
 
 def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.device, dtype: torch.dtype,
                backend: AttentionBackend, quantization: str = "none", tp: TensorParallel = SINGLE,
-               pp: PipelineStage = SINGLE_STAGE) -> nn.Module:
+               pp: PipelineStage = SINGLE_STAGE, sparsity_kernels: str = "auto",
+               max_tokens: int = 2048) -> nn.Module:
     """quantization: none, or a method of engine_svc.quant.quantize_model applied once the weights are in (RTN);
     int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do. AWQ / GPTQ
     checkpoints (detected) and GGUF files with int4 / int8 load into quantized linears instead (quantized_load).
@@ -45,6 +46,8 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     if quantization == "fp8":   # refused before minutes of loading, not after
         from engine_svc.quant.fp8_format import require_fp8_support
         require_fp8_support(device)
+    from engine_svc.pruning.sparse_serving import plan_sparse_serving, serve_sparse
+    sparse = plan_sparse_serving(cfg, device, dtype, quantization, sparsity_kernels)
     # An AWQ / GPTQ checkpoint, or a GGUF file asked for as int4 / int8, fills quantized linears directly.
     plan = plan_quantized_load(path, cfg, quantization, load_format)
     use_triton = backend.name == "triton"
@@ -64,6 +67,9 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     if load_format == "dummy":
         from engine_svc.loader.dummy_loader import fill_random
         fill_random(model)
+        if cfg.checkpoint_sparsity is not None:   # a random model of a pruned config holds its pattern too
+            from engine_svc.pruning.sparse_serving import impose_pattern
+            impose_pattern(model, cfg.checkpoint_sparsity.spec)
     else:
         lazy = tp.size > 1 or pp.size > 1   # each rank reads its part of every tensor of its stage
         weights = _weights_iter(path, lazy) if plan is None else quantized_weights(path, plan, model, lazy)
@@ -73,6 +79,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
             raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:8]}")
     model.init_buffers(device)
     model.eval()
+    serve_sparse(model, sparse, max_tokens)
     if plan is not None:
         print(f"[engine] loaded the decoder linears as {plan.kind} (group {plan.group_size})" if plan.kind == "int4"
               else "[engine] loaded the decoder linears as int8", file=sys.stderr, flush=True)

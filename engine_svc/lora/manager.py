@@ -9,6 +9,11 @@ Under tensor parallelism every rank has a manager over its shard of the model, h
 (see engine_svc.lora.layers). The driver's (rank 0, beside the scheduler) decides: its load, unload and each slot
 write are mirrored, in order, to the other ranks (`mirror`, the step broadcast), which replay them before the next
 step's plan arrives, so every rank's slot holds the same adapter.
+
+Under pipeline parallelism a rank wraps only its stage's layers (`linears` is keyed by the global layer index) and
+packs only their part of each adapter; the mirror reaches every stage. With several batches in flight the driver
+writes a slot before the last stage of the earlier batches has run, so activate() never evicts an adapter those
+batches use (`keep`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine_svc.distributed.pipeline import MissingLayer
 from engine_svc.lora.batch import LoRABatch
 from engine_svc.lora.layers import LoRALinear
 from engine_svc.lora.peft_adapter import TARGETS, ModuleShapes, read_peft_adapter
@@ -70,7 +76,7 @@ class LoRAManager:
         layers = _decoder_layers(model)
         cfg = model.cfg
         if use_kernel is None:
-            use_kernel = device.type == "cuda" and layers[0].self_attn.backend.name == "triton"
+            use_kernel = device.type == "cuda" and next(iter(layers.values())).self_attn.backend.name == "triton"
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.device, self.dtype = device, dtype
         self.batch = LoRABatch(max_loras, device, use_kernel)
@@ -81,8 +87,8 @@ class LoRAManager:
                                    cfg.num_layers)
         self.mirror = mirror
         self.cuts = _rank_cuts(model)
-        self.linears: list[dict[str, LoRALinear]] = []
-        for layer in layers:
+        self.linears: dict[int, dict[str, LoRALinear]] = {}   # global layer index -> its wrapped projections
+        for index, layer in layers.items():
             wrapped = {}
             for proj, slices in _PROJECTIONS.items():
                 parent = layer.self_attn if proj in ("qkv_proj", "o_proj") else layer.mlp
@@ -91,13 +97,13 @@ class LoRAManager:
                 wrapped[proj] = LoRALinear(getattr(parent, proj), fan_in, sizes, max_lora_rank, self.batch,
                                            device, dtype)
                 setattr(parent, proj, wrapped[proj])
-            self.linears.append(wrapped)
+            self.linears[index] = wrapped
         self._loaded: dict[str, _Loaded] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()   # least recently used first
 
     @property
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self.linears for lin in d.values()
+        return sum(t.numel() * t.element_size() for d in self.linears.values() for lin in d.values()
                    for t in (lin.lora_a, lin.lora_b))
 
     # --- the registry ----------------------------------------------------------------------------------------------
@@ -155,7 +161,8 @@ class LoRAManager:
 
     # --- slots -----------------------------------------------------------------------------------------------------
 
-    def activate(self, names: set[str]) -> dict[str, int]:
+    def activate(self, names: set[str], keep: set[str] = frozenset()) -> dict[str, int]:
+        """Makes names resident; keep: adapters of the batches still in flight, never evicted for them."""
         names = set(names)
         if len(names) > self.max_loras:
             raise ValueError(f"{len(names)} LoRA adapters in one step; max_loras is {self.max_loras}")
@@ -165,7 +172,7 @@ class LoRAManager:
         for name in sorted(names & self._resident.keys()):
             self._resident.move_to_end(name)
         for name in sorted(names - self._resident.keys()):
-            slot = self._take_slot(names)
+            slot = self._take_slot(names | keep)
             self._write_slot(slot, self._loaded[name])
             self._resident[name] = slot
             self._mirror("write_slot", (name, slot))
@@ -175,7 +182,8 @@ class LoRAManager:
         free = set(range(self.max_loras)) - set(self._resident.values())
         if free:
             return min(free)
-        victim = next(n for n in self._resident if n not in keep)   # exists: len(keep) <= max_loras
+        # Exists: the scheduler runs at most max_loras adapters at once, and keep holds only running ones.
+        victim = next(n for n in self._resident if n not in keep)
         return self._resident.pop(victim)
 
     def _write_slot(self, slot: int, entry: _Loaded) -> None:
@@ -190,7 +198,7 @@ class LoRAManager:
     def _clear_slot(self, slot: int) -> None:
         # Zeros (not just rank 0): the torch path reads every rank, and a new occupant may leave projections alone.
         self.batch.slot_ranks[slot] = 0
-        for wrapped in self.linears:
+        for wrapped in self.linears.values():
             for lin in wrapped.values():
                 lin.lora_a[slot].zero_()
                 lin.lora_b[slot].zero_()
@@ -198,7 +206,7 @@ class LoRAManager:
     def _pack(self, adapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         pin = self.device.type == "cuda"
         packed = {}
-        for layer in range(self.shapes.num_layers):
+        for layer in self.linears:   # this pipeline stage's layers
             for proj, slices in _PROJECTIONS.items():
                 if not any((layer, s) in adapter.weights for s in slices):
                     continue
@@ -242,15 +250,18 @@ def _rank_cuts(model: nn.Module) -> dict[str, _Cut]:
             "o_proj": _Cut(inputs=q), "down_proj": _Cut(inputs=mlp)}
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def _decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The decoder layers this rank holds, by global index (a pipeline stage holds a run of them)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is not None:
+        layers = {i: l for i, l in enumerate(layers) if not isinstance(l, MissingLayer)}
     ok = layers is not None and len(layers) > 0 and all(
         hasattr(l, "self_attn") and hasattr(l, "mlp") and all(hasattr(l.self_attn, p) for p in ("qkv_proj", "o_proj"))
-        and all(hasattr(l.mlp, p) for p in ("gate_up_proj", "down_proj")) for l in layers)
+        and all(hasattr(l.mlp, p) for p in ("gate_up_proj", "down_proj")) for l in layers.values())
     if not ok:
         raise ValueError(f"LoRA needs a Llama-shaped model (qkv_proj, o_proj, gate_up_proj, down_proj in each decoder "
                          f"layer); {type(model).__name__} is not")
-    return list(layers)
+    return layers
 
 
 __all__ = ["AdapterInfo", "LoRACapacityError", "LoRAExists", "LoRAManager", "LoRANotFound", "TARGETS"]

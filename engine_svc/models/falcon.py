@@ -20,6 +20,9 @@ fused projection is column-parallel (each rank reads the rows of its query heads
 layout; multi-query's one K/V head is replicated on every rank), dense and dense_4h_to_h are row-parallel, and a
 parallel block sums the attention's and the MLP's shares in one all-reduce instead of one each.
 
+Under pipeline parallelism a stage holds its run of layers (the embedding on the first stage, ln_f and lm_head on
+the last) and passes on one stream, the hidden states: Falcon's layers add to x itself, with no separate residual.
+
 Module names follow the HF checkpoint (transformer.word_embeddings, transformer.h.N..., transformer.ln_f), so every
 tensor but the fused projection loads by name.
 """
@@ -34,7 +37,8 @@ from torch import nn
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.distributed.layers import (RowParallel, gather_logits, lm_head_rows, row_parallel_linear,
                                            vocab_embedding)
-from engine_svc.distributed.parallel_state import current_tp
+from engine_svc.distributed.parallel_state import current_pp, current_tp
+from engine_svc.distributed.pipeline import MissingLayer, StageNames
 from engine_svc.distributed.partition import ModelShard, model_shard
 from engine_svc.distributed.read_part import read_part, read_rows, shard_part
 from engine_svc.model_config import ModelConfig
@@ -158,18 +162,21 @@ class FalconModel(nn.Module):
         # The Triton backend's fused RoPE rotates q and k in place; they are views of the projection, as in Llama.
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                     fused=backend.name == "triton")
-        tp = current_tp()
+        tp, pp = current_tp(), current_pp()
+        self.start, self.stop = pp.layer_range(cfg.num_layers)
         self.word_embeddings = vocab_embedding(cfg.vocab_size, model_shard(cfg, tp.size, tp.rank).vocab,
-                                               cfg.hidden_size, tp)
-        self.h = nn.ModuleList(FalconDecoderLayer(cfg, opts, self.rope, backend) for _ in range(cfg.num_layers))
-        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+                                               cfg.hidden_size, tp) if pp.is_first else None
+        self.h = nn.ModuleList(FalconDecoderLayer(cfg, opts, self.rope, backend)
+                               if self.start <= i < self.stop else MissingLayer() for i in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps) if pp.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.word_embeddings(input_ids)
-        for layer, kv_cache in zip(self.h, kv_caches):
+                meta: AttentionMetadata, intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_caches: this stage's layers' caches, in order. A stage before the last returns [1, tokens, hidden]."""
+        x = self.word_embeddings(input_ids) if intermediate is None else intermediate[0]
+        for layer, kv_cache in zip(self.h[self.start:self.stop], kv_caches, strict=True):
             x = layer(x, positions, kv_cache, meta)
-        return self.ln_f(x)
+        return x.unsqueeze(0) if self.ln_f is None else self.ln_f(x)
 
 
 # HF module -> its tensors' role in the tensor-parallel partition (read_part.shard_part); others are held whole.
@@ -177,27 +184,37 @@ _ROLES = {"dense_h_to_4h": "mlp", "dense": "attention_output", "dense_4h_to_h": 
           "word_embeddings": "vocab", "lm_head": "vocab"}
 
 
+_STAGE_NAMES = StageNames(layers="transformer.h.", embedding="transformer.word_embeddings.",
+                          last_stage=("transformer.ln_f.", "lm_head."))
+
+
 class FalconForCausalLM(nn.Module):
+    supports_pipeline_parallel = True
+    stage_streams = 1   # the hidden states
+
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tp = current_tp()
+        self.tp, self.pp = current_tp(), current_pp()
         self.shard: ModelShard = model_shard(cfg, self.tp.size, self.tp.rank)
         self.options = FalconOptions(cfg)
         self.transformer = FalconModel(cfg, self.options, backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, lm_head_rows(cfg.vocab_size, self.shard.vocab, self.tp), bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, lm_head_rows(cfg.vocab_size, self.shard.vocab, self.tp),
+                                 bias=False) if self.pp.is_last else None
         if cfg.tie_word_embeddings:
             self.tie_weights()
 
     def tie_weights(self) -> None:
-        self.lm_head.weight = self.transformer.word_embeddings.weight
+        """Split over pipeline stages, the last stage's lm_head is its own copy of the embedding (stage_name)."""
+        if self.lm_head is not None and self.transformer.word_embeddings is not None:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def init_buffers(self, device: torch.device) -> None:
         self.transformer.rope.build(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.transformer(input_ids, positions, kv_caches, meta)
+                meta: AttentionMetadata, intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return gather_logits(self.lm_head(hidden), self.cfg.vocab_size, self.tp).float()
@@ -233,10 +250,14 @@ class FalconForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = loadable_tensors(self)
         filled: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name:
                 continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            if hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            name = _STAGE_NAMES.on_stage(hf_name, self.pp, (self.transformer.start, self.transformer.stop),
+                                         self.cfg.tie_word_embeddings)
+            if name is None:
                 continue
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")

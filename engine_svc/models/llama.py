@@ -14,7 +14,7 @@ from torch import nn
 from engine_svc.attention import AttentionBackend, AttentionMetadata, KVCache
 from engine_svc.distributed.layers import gather_logits, lm_head_rows, row_parallel_linear, vocab_embedding
 from engine_svc.distributed.parallel_state import current_pp, current_tp
-from engine_svc.distributed.pipeline import MissingLayer
+from engine_svc.distributed.pipeline import MissingLayer, StageNames
 from engine_svc.distributed.partition import ModelShard, model_shard
 from engine_svc.distributed.read_part import read_part, shard_part
 from engine_svc.model_config import ModelConfig
@@ -180,8 +180,13 @@ def loadable_tensors(model: nn.Module, remove_duplicate: bool = False) -> dict[s
     return tensors
 
 
+_STAGE_NAMES = StageNames(layers="model.layers.", embedding="model.embed_tokens.",
+                          last_stage=("model.norm.", "lm_head."))
+
+
 class LlamaForCausalLM(nn.Module):
     supports_pipeline_parallel = True
+    stage_streams = 2   # a stage's activations: the hidden states and the residual stream
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -233,21 +238,7 @@ class LlamaForCausalLM(nn.Module):
         return shard_part(_ROLES.get(module), self.shard, self.cfg.head_dim, local)
 
     def stage_name(self, name: str) -> str | None:
-        """The name a checkpoint tensor loads under on this pipeline stage, None when another stage holds it (it is
-        then never read): the stage's layers, the embedding on the first stage, the norm and lm_head on the last,
-        and there, with tied embeddings, the embedding's tensor as lm_head's own."""
-        if self.pp.size == 1:
-            return name
-        if name.startswith("model.layers."):
-            layer = int(name.split(".", 3)[2])
-            return name if self.model.start <= layer < self.model.stop else None
-        if name.startswith("model.embed_tokens."):
-            if self.pp.is_last and self.cfg.tie_word_embeddings:
-                return "lm_head." + name.removeprefix("model.embed_tokens.")
-            return name if self.pp.is_first else None
-        if name.startswith(("model.norm.", "lm_head.")):
-            return name if self.pp.is_last else None
-        return name
+        return _STAGE_NAMES.on_stage(name, self.pp, (self.model.start, self.model.stop), self.cfg.tie_word_embeddings)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF-named tensors into parameters; returns the parameter names that were filled."""

@@ -21,6 +21,8 @@ class MemoryPlan:
     num_blocks: int
     kv_dtype: torch.dtype         # what the cache stores: the model dtype, or float8_e4m3fn
     activation_bytes: int = 0     # reserved for one step's transient tensors (CUDA)
+    offloaded_bytes: int = 0      # decoder weights kept in host memory (--cpu-offload-gb), not in weights_bytes
+    bus_seconds_per_step: float = 0.0   # their copies to the device, every forward, at the measured bandwidth
 
     @property
     def kv_bytes(self) -> int:
@@ -31,7 +33,9 @@ class MemoryPlan:
         return self.num_blocks * self.block_size
 
     def describe(self) -> str:
-        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB, activations "
+        offload = (f" resident + {self.offloaded_bytes / GB:.2f} GB offloaded (bus "
+                   f"{self.bus_seconds_per_step * 1e3:.1f} ms/step)" if self.offloaded_bytes else "")
+        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB{offload}, activations "
                 f"{self.activation_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
                 f"({str(self.kv_dtype).removeprefix('torch.')}, {self.kv_bytes_per_token} B/token, "
                 f"{self.num_blocks} blocks x {self.block_size} tokens), "
@@ -40,9 +44,11 @@ class MemoryPlan:
 
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers, each tensor once (tied weights are shared). Quantized layers
-    keep their weights in buffers, so parameters alone would undercount them."""
+    keep their weights in buffers, so parameters alone would undercount them; a 2:4 compressed weight counts its
+    stored values and metadata, not its dense shape."""
+    from engine_svc.pruning.semi_sparse_linear import stored_bytes
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(stored_bytes(t) for t in tensors.values())
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: torch.dtype) -> int:

@@ -11,6 +11,7 @@ batches. The other stages run each plan as it comes and send their activations o
 from __future__ import annotations
 
 import sys
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
 from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.worker.gpu_timeline import GpuTimeline
+from engine_svc.worker.host_kv_pool import HostKVPool
+from engine_svc.worker.weight_offload import WeightOffload, load_device
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.models import model_class
-from engine_svc.worker.memory_plan import MemoryPlan, activation_bytes, plan_memory, weights_bytes
+from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
 from engine_svc.model_config import ModelConfig
@@ -69,6 +72,7 @@ class ModelRunner:
         self.layers = pp.layer_range(self.model_cfg.num_layers)   # [start, stop) of this stage's layers
         self.link = StageLink(pp, depth=pp.size) if pp.size > 1 else None
         self.steps_in_flight = 0        # driver, P > 1: steps launched and not yet waited on
+        self._adapters_in_flight: deque[set[str]] = deque()   # driver, P > 1: each such step's LoRA adapters
         self.peak_steps_in_flight = 0
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -84,16 +88,25 @@ class ModelRunner:
         self._eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
         self.block_size = config.block_size
         fmt = "dummy" if config.load_format == "dummy" else "weights"
-        self.model = load_model(path, self.model_cfg, fmt, self.device, self.dtype, self.backend,
-                                config.quantization, tp, pp)
+        # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
+        kernels = "off" if config.enable_lora else config.sparsity_kernels
+        load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
+        self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
+                                config.quantization, tp, pp, kernels, self.config.max_num_batched_tokens)
         model_bytes = weights_bytes(self.model)
+        self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
+        if config.cpu_offload_gb:
+            self.weight_offload = WeightOffload(self.model, self.model_cfg.num_layers, config.cpu_offload_gb,
+                                                self.device)
+            # Each offloaded layer's tensors point into a staging set: counted once per layer above.
+            model_bytes += self.weight_offload.staging_bytes - self.weight_offload.offloaded_bytes
+            print(self.weight_offload.describe(), file=sys.stderr, flush=True)
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
-            if pp.size > 1:
-                raise ValueError("LoRA adapters are not supported with --pipeline-parallel-size > 1 yet")
             from engine_svc.lora.manager import LoRAManager
             mirror = None
-            if channel is not None and tp.rank == 0:   # the other ranks replay the driver's adapter changes
+            # The other ranks replay the driver's adapter changes; the driver is rank 0 of the last stage.
+            if channel is not None and tp.rank == 0 and pp.is_last:
                 mirror = lambda op, args: channel.send_call(RankCall("lora", op, args))  # noqa: E731
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
                                     self.device, self.dtype, mirror=mirror)
@@ -104,6 +117,9 @@ class ModelRunner:
                                        self.dtype)
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
                                             self.device, self.kv_cache_dtype, activations)
+        if self.weight_offload is not None:
+            self.plan = replace(self.plan, offloaded_bytes=self.weight_offload.offloaded_bytes,
+                                bus_seconds_per_step=self.weight_offload.bus_seconds_per_step)
         if tp.size * pp.size > 1:   # one scheduler, one block table for all ranks: every cache has the smallest count
             self.plan = replace(self.plan, num_blocks=min_over_all_ranks(self.plan.num_blocks))
         where = [f"tensor-parallel rank {tp.rank} of {tp.size}"] if tp.size > 1 else []
@@ -112,6 +128,12 @@ class ModelRunner:
         shape = (2, self.plan.num_blocks, self.block_size, local_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches: list[KVCache] = allocate_kv_caches(local_cfg.num_layers, shape, self.kv_cache_dtype,
                                                            self.device)
+        self.host_kv: HostKVPool | None = None   # the host KV tier's memory (--kv-offload-gb)
+        if config.kv_offload_gb:
+            self.host_kv = HostKVPool(self.kv_caches, HostKVPool.slots_for(config.kv_offload_gb, self.kv_caches),
+                                      pin=self.device.type == "cuda")
+            print(f"[engine] host KV tier: {self.host_kv.nbytes / GB:.2f} GB, {self.host_kv.num_slots} blocks "
+                  f"({HostKVPool.bytes_per_block(self.kv_caches)} B each)", file=sys.stderr, flush=True)
         self._buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
         self._prev_sampled: torch.Tensor | None = None
@@ -131,7 +153,7 @@ class ModelRunner:
         # The torch backend sizes its work from host copies of the lengths, which a graph cannot replay. A pipeline
         # stage's forward is not captured (its input comes from another process): P > 1 decodes eagerly.
         return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager
-                and self.pp.size == 1)
+                and self.pp.size == 1 and self.weight_offload is None)
 
     def _token_budget(self, config: EngineConfig) -> int:
         if config.max_num_batched_tokens:
@@ -145,6 +167,14 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self.plan.num_blocks
+
+    def host_blocks_for(self, gb: float) -> int:
+        """Blocks of the host KV tier an engine with kv_offload_gb gb uses: at most what the runner allocated."""
+        if not gb:
+            return 0
+        if self.host_kv is None:
+            raise ValueError("kv_offload_gb needs a runner started with it (its host memory is allocated once)")
+        return min(self.host_kv.num_slots, HostKVPool.slots_for(gb, self.kv_caches))
 
     # --- inputs ----------------------------------------------------------------------------------------------------
 
@@ -240,7 +270,7 @@ class ModelRunner:
             if any(s.adapter for s in out.scheduled):
                 raise ValueError("a request names a LoRA adapter, but LoRA is not enabled (--enable-lora)")
             return None
-        slot_of = self.lora.activate({s.adapter for s in out.scheduled if s.adapter})
+        slot_of = self.lora.activate(out.adapters, keep=set().union(*self._adapters_in_flight))
         return [slot_of[s.adapter] if s.adapter else -1 for s in out.scheduled]
 
     # --- forward ---------------------------------------------------------------------------------------------------
@@ -280,6 +310,8 @@ class ModelRunner:
         return self._forward(out)[0]
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
+        if out.kv_copies:   # before the forward: it reads the loaded blocks and overwrites the offloaded ones
+            self.host_kv.run(out.kv_copies)
         plan, prompt = self._plan_and_send(out)
         return self._logits(plan, prompt)
 
@@ -301,7 +333,8 @@ class ModelRunner:
 
     def receive_activations(self, plan: StepPlan) -> PendingActivations:
         """Posts the receive of the previous stage's activations for plan."""
-        return self.link.irecv((2, len(plan.host.input_ids), self.model_cfg.hidden_size), self.dtype, self.device)
+        shape = (self.model.stage_streams, len(plan.host.input_ids), self.model_cfg.hidden_size)
+        return self.link.irecv(shape, self.dtype, self.device)
 
     def run_plan(self, plan: StepPlan, intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor | None,
                                                                                            torch.Tensor | None]:
@@ -347,6 +380,7 @@ class ModelRunner:
         if self.pp.size > 1:
             plan, prompt = self._plan_and_send(out)
             self.steps_in_flight += 1
+            self._adapters_in_flight.append(out.adapters)
             self.peak_steps_in_flight = max(self.peak_steps_in_flight, self.steps_in_flight)
             return PipelinedStep(self, out, plan, prompt, self.receive_activations(plan))
         return self.sample_step(out, *self._forward(out))
@@ -414,6 +448,7 @@ class PipelinedStep:
     def wait(self) -> "StepResult":
         r = self.runner
         r.steps_in_flight -= 1
+        r._adapters_in_flight.popleft()
         logits, prompt = r._logits(self.plan, self.prompt, self.activations.wait())
         return r.sample_step(self.out, logits, prompt).wait()
 

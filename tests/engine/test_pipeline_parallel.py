@@ -17,6 +17,7 @@ from engine_svc.distributed.pipeline import PipelineStage, rank_of, stage_of
 from engine_svc.engine import Engine
 from engine_svc.worker.model_runner import ModelRunner
 from tests.engine.family_checks import PROMPTS, assert_same_stepped_logits, run_mixed, single_and_parallel
+from tests.engine.test_family_falcon import write_tiny_falcon
 from tests.engine.tiny_models import write_tiny_family
 
 # name -> (family, tensor-parallel ranks per stage, stages, config overrides)
@@ -30,14 +31,31 @@ CASES = {
     "mistral-window-p2": ("mistral", 1, 2, dict(sliding_window=5)),
     # q/k/v bias; 2 stages of 2 tensor-parallel ranks, 3 K/V heads split unevenly within each stage.
     "qwen2-t2p2": ("qwen2", 2, 2, dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96)),
+    # q/k norms per head.
+    "qwen3-p2": ("qwen3", 1, 2, dict(head_dim=16)),
+    # Falcon-7B's layout: multi-query (the one K/V head replicated on both ranks of a stage), parallel attention
+    # and MLP, tied embeddings; one stream (the hidden states) between stages.
+    "falcon-mq-t2p2": ("falcon", 2, 2, dict(multi_query=True, parallel_attn=True, bias=True, num_hidden_layers=3)),
+    "falcon-mha-sequential-p2": ("falcon", 1, 2, dict(multi_query=False, parallel_attn=False, bias=True,
+                                                      tie_word_embeddings=False)),
 }
+# architecture -> (prefix of the decoder layers, of the embedding, the last stage's tensors)
+NAMES = {"FalconForCausalLM": ("transformer.h.", "transformer.word_embeddings",
+                               ("lm_head.weight", "transformer.ln_f.weight"))}
+LLAMA_NAMES = ("model.layers.", "model.embed_tokens", ("lm_head.weight", "model.norm.weight"))
+
+
+def write_checkpoint(path, family: str, **overrides):
+    if family == "falcon":
+        return write_tiny_falcon(path, seed=3, **overrides)
+    return write_tiny_family(path, family, seed=3, **overrides)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def engines(request, tmp_path_factory):
     """(single-process engine, pipeline-parallel engine) over the same checkpoint."""
     family, tp, pp, overrides = CASES[request.param]
-    path = write_tiny_family(tmp_path_factory.mktemp(request.param), family, seed=3, **overrides)
+    path = write_checkpoint(tmp_path_factory.mktemp(request.param), family, **overrides)
     with single_and_parallel(path, tensor_parallel_size=tp, pipeline_parallel_size=pp) as pair:
         yield pair
 
@@ -160,13 +178,15 @@ def test_a_failed_step_with_batches_in_flight_keeps_the_stages_in_step(engines):
 def test_each_rank_holds_only_its_stage(engines):
     _, parallel = engines
     runner = parallel.runner
+    layers, embedding, last = NAMES.get(parallel.model_cfg.architecture, LLAMA_NAMES)
     start, stop = runner.layers
     assert stop == parallel.model_cfg.num_layers and start > 0          # the driver holds the last stage
     assert len(runner.kv_caches) == stop - start                        # and caches only its layers' K/V
     names = {n for n, _ in runner.model.named_parameters()}
-    assert not any(n.startswith("model.embed_tokens") for n in names)
-    assert {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")} == set(range(start, stop))
-    assert "lm_head.weight" in names and "model.norm.weight" in names
+    assert not any(n.startswith(embedding) for n in names)
+    held = {int(n.removeprefix(layers).split(".")[0]) for n in names if n.startswith(layers)}
+    assert held == set(range(start, stop))
+    assert set(last) <= names
 
 
 def test_layers_split_evenly_with_the_first_stages_taking_the_rest():
@@ -185,7 +205,9 @@ def test_rank_layout_puts_the_last_stage_on_the_driver():
     assert (stage1.prev_rank, stage1.next_rank) == (3, 1)
 
 
-def test_a_family_without_stages_is_refused_by_name(tmp_path):
+def test_a_family_without_stages_is_refused_by_name(tmp_path, monkeypatch):
+    from engine_svc.models.falcon import FalconForCausalLM
+    monkeypatch.setattr(FalconForCausalLM, "supports_pipeline_parallel", False)   # every family has stages today
     (tmp_path / "config.json").write_text(json.dumps(dict(
         architectures=["FalconForCausalLM"], model_type="falcon", vocab_size=320, hidden_size=64,
         num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True, layer_norm_epsilon=1e-5)))

@@ -91,6 +91,25 @@ def test_shutdown_kills_the_actors_and_removes_the_placement_group(ray_engine): 
     _assert_left_nothing(actors, group)
 
 
+def test_pipeline_stages_as_ray_actors_give_the_same_logits_and_tokens(ray_cluster, tiny, mp_results):
+    """P=2: stage 0 in a Ray actor, the last stage in the engine; after ray_engine's tests (one group at a time)."""
+    engine = Engine(engine_config(tiny, pipeline_parallel_size=2, distributed_executor="ray"))
+    try:
+        seqs, logits, mixed = mp_results
+        got_seqs, got_logits, got_mixed = _results(engine)
+        assert got_seqs == seqs
+        for a, b in zip(logits, got_logits, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        tokens, preemptions, hits = got_mixed
+        assert tokens == mixed[0] and preemptions > 0 and hits > 0   # two batches in flight preempt differently
+        assert engine.runner.layers == (1, 2) and engine.runner.peak_steps_in_flight == 2
+        group = engine.executor.placement.id.hex()
+        actors = [psutil.Process(pid) for _, pid, _ in engine.executor.where]
+    finally:
+        engine.shutdown()
+    _assert_left_nothing(actors, group)
+
+
 def _placement_state(group_id: str) -> str:
     return ray.util.placement_group_table()[group_id]["state"]
 
@@ -99,8 +118,9 @@ def test_a_cluster_too_small_is_refused_by_name(ray_cluster, tiny):
     from engine_svc.executor.ray_executor import RayExecutor
 
     config = engine_config(tiny, tensor_parallel_size=CLUSTER_CPUS + 1, distributed_executor="ray")
-    with pytest.raises(ValueError, match=rf"the Ray cluster has {CLUSTER_CPUS} CPU\(s\); --tensor-parallel-size "
-                                         rf"{CLUSTER_CPUS + 1} needs {CLUSTER_CPUS + 1} \(one per rank\)"):
+    with pytest.raises(ValueError, match=rf"the Ray cluster has {CLUSTER_CPUS} CPU\(s\); {CLUSTER_CPUS + 1} ranks "
+                                         rf"\(tensor-parallel size x pipeline-parallel size\) need "
+                                         rf"{CLUSTER_CPUS + 1}, one per rank"):
         RayExecutor(config)
 
 
@@ -160,7 +180,7 @@ def _start_engine_service(address: str, model: Path, tmp_path: Path, ranks: int)
             proc.kill()
             pytest.fail(f"the engine did not come up:\n{text[-3000:]}")
         time.sleep(0.3)
-    (placed,) = [line for line in text.splitlines() if "tensor-parallel ranks placed by Ray" in line]
+    (placed,) = [line for line in text.splitlines() if "ranks placed by Ray" in line]
     by_rank = {int(r): int(pid) for r, pid in _PLACED.findall(placed)}
     assert sorted(by_rank) == list(range(1, ranks)), placed
     (group,) = set(ray.util.placement_group_table()) - groups_before

@@ -1,4 +1,5 @@
-"""LoRA adapters under tensor parallelism (CPU, gloo, T=2 over uneven K/V groups): each rank holds its cut of
+"""LoRA adapters under tensor parallelism (CPU, gloo, T=2 over uneven K/V groups) and pipeline parallelism (P=2,
+each stage wrapping and packing only its layers): under T each rank holds its cut of
 every adapter (column-parallel projections: A whole, B's rows; row-parallel: A's columns, B whole, the update added
 before the all-reduce), and the driver's loads, unloads and slot writes are replayed by the other rank. Adapters
 loaded at start and at run time, more adapters than slots (evictions), an unload and a reload into the freed slot
@@ -31,12 +32,17 @@ def adapters(tmp_path_factory):
                                           targets=("q_proj", "k_proj", "v_proj", "o_proj") + MLP, seed=4)}
 
 
-@pytest.fixture(scope="module")
-def engines(adapters):
+# Tensor parallelism, and pipeline parallelism (one layer a stage, two batches in flight: a batch's slot writes
+# happen before the last stage of the batch in flight has run).
+LAYOUTS = {"t2": dict(tensor_parallel_size=2), "p2": dict(pipeline_parallel_size=2)}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def engines(request, adapters):
     base, dirs = adapters
     kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=4, lora_modules=(("a", str(dirs["a"])),))
     single = Engine(engine_config(base, **kw))
-    parallel = Engine(engine_config(base, tensor_parallel_size=2, **kw))
+    parallel = Engine(engine_config(base, **LAYOUTS[request.param], **kw))
     for engine in (single, parallel):
         engine.load_adapter("b", str(dirs["b"]))
         engine.load_adapter("c", str(dirs["c"]))
@@ -75,7 +81,10 @@ def test_tokens_with_evictions_unload_and_reload_equal_single_process(engines, a
     requests = {"base": None, "on-a": "a", "on-b": "b", "on-c": "c"}
     expected = run(single, requests)
     assert len({tuple(t) for t in expected.values()}) == 4   # every adapter changes the tokens
+    parallel.runner.peak_steps_in_flight = 0
     assert run(parallel, requests) == expected
+    if parallel.config.pipeline_parallel_size > 1:   # two batches were in flight while slots were written
+        assert parallel.runner.peak_steps_in_flight == 2
     for engine in (single, parallel):   # b's slot is cleared on every rank; d is written into a freed slot
         engine.begin_unload_adapter("b")
         assert engine.drop_drained_adapters() == [("b", 0)]

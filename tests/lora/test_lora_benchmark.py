@@ -14,7 +14,8 @@ def test_lora_benchmark_on_a_tiny_model(tiny_llama, tmp_path, capsys, monkeypatc
     from engine_svc.lora.manager import LoRAManager
     used: list[set[str]] = []
     activate = LoRAManager.activate
-    monkeypatch.setattr(LoRAManager, "activate", lambda self, names: used.append(set(names)) or activate(self, names))
+    monkeypatch.setattr(LoRAManager, "activate",
+                        lambda self, names, **kw: used.append(set(names)) or activate(self, names, **kw))
     out = tmp_path / "lora.json"
     lora_throughput.main(["--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32", "--num-requests", "5",
                           "--input-len", "3", "12", "--output-len", "2", "6", "--num-loras", "0", "3",

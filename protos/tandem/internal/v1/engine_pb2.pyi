@@ -213,7 +213,7 @@ class EngineLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineLoad(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "steps", "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_integrity_checks", "kv_integrity_failures", "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens_per_pos", "spec_decode_draft_seconds", "spec_decode_step_seconds", "spec_decode_acceptance_rate", "spec_decode_mean_accepted_length", "spec_decode_draft_time_share")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "steps", "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_integrity_checks", "kv_integrity_failures", "host_kv_blocks_total", "host_kv_blocks_used", "host_kv_hits", "host_kv_bytes_offloaded", "host_kv_bytes_loaded", "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens_per_pos", "spec_decode_draft_seconds", "spec_decode_step_seconds", "spec_decode_acceptance_rate", "spec_decode_mean_accepted_length", "spec_decode_draft_time_share")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,11 @@ class EngineLoad(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     KV_INTEGRITY_CHECKS_FIELD_NUMBER: _ClassVar[int]
     KV_INTEGRITY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_HITS_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BYTES_OFFLOADED_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
     SPEC_DECODE_NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DECODE_NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DECODE_NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +252,11 @@ class EngineLoad(_message.Message):
     num_preemptions: int
     kv_integrity_checks: int
     kv_integrity_failures: int
+    host_kv_blocks_total: int
+    host_kv_blocks_used: int
+    host_kv_hits: int
+    host_kv_bytes_offloaded: int
+    host_kv_bytes_loaded: int
     spec_decode_num_drafts: int
     spec_decode_num_draft_tokens: int
     spec_decode_num_accepted_tokens: int
@@ -256,7 +266,7 @@ class EngineLoad(_message.Message):
     spec_decode_acceptance_rate: float
     spec_decode_mean_accepted_length: float
     spec_decode_draft_time_share: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., steps: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_integrity_checks: _Optional[int] = ..., kv_integrity_failures: _Optional[int] = ..., spec_decode_num_drafts: _Optional[int] = ..., spec_decode_num_draft_tokens: _Optional[int] = ..., spec_decode_num_accepted_tokens: _Optional[int] = ..., spec_decode_num_accepted_tokens_per_pos: _Optional[_Iterable[int]] = ..., spec_decode_draft_seconds: _Optional[float] = ..., spec_decode_step_seconds: _Optional[float] = ..., spec_decode_acceptance_rate: _Optional[float] = ..., spec_decode_mean_accepted_length: _Optional[float] = ..., spec_decode_draft_time_share: _Optional[float] = ...) -> None: ...
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., steps: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_integrity_checks: _Optional[int] = ..., kv_integrity_failures: _Optional[int] = ..., host_kv_blocks_total: _Optional[int] = ..., host_kv_blocks_used: _Optional[int] = ..., host_kv_hits: _Optional[int] = ..., host_kv_bytes_offloaded: _Optional[int] = ..., host_kv_bytes_loaded: _Optional[int] = ..., spec_decode_num_drafts: _Optional[int] = ..., spec_decode_num_draft_tokens: _Optional[int] = ..., spec_decode_num_accepted_tokens: _Optional[int] = ..., spec_decode_num_accepted_tokens_per_pos: _Optional[_Iterable[int]] = ..., spec_decode_draft_seconds: _Optional[float] = ..., spec_decode_step_seconds: _Optional[float] = ..., spec_decode_acceptance_rate: _Optional[float] = ..., spec_decode_mean_accepted_length: _Optional[float] = ..., spec_decode_draft_time_share: _Optional[float] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path")

@@ -1,0 +1,5 @@
+import sys
+
+from engine_svc.pruning.prune_command import main
+
+sys.exit(main())
