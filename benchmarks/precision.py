@@ -57,10 +57,11 @@ def measure_mode(args, name: str) -> dict:
                                   **mode_fields(name)))
     plan = engine.runner.plan
     rng = random.Random(args.seed)
+    vocab = engine.model_cfg.vocab_size
     for i in range(args.warmup):
-        decode_run(engine, rng, f"warmup-{i}", args.prompt_len, args.output_len)
+        decode_run(engine, random_prompt(rng, args.prompt_len, vocab), f"warmup-{i}", args.output_len)
         batch_decode(engine, rng, args.batch, args.prompt_len, args.output_len)
-    one = [decode_run(engine, rng, f"one-{i}", args.prompt_len, args.output_len)["decode_tok_s"]
+    one = [decode_run(engine, random_prompt(rng, args.prompt_len, vocab), f"one-{i}", args.output_len)["decode_tok_s"]
            for i in range(args.repeats)]
     many = [batch_decode(engine, rng, args.batch, args.prompt_len, args.output_len) for _ in range(args.repeats)]
     row = {"mode": name, **mode_fields(name), "dtype_resolved": str(engine.runner.dtype).split(".")[-1],
