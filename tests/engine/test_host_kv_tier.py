@@ -10,7 +10,7 @@ from engine_svc.core.host_kv_tier import HostTier
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import Scheduler, SchedulerConfig
-from tests.engine.test_prefix_cache import EOS, plan, run_alone, step
+from tests.engine.test_prefix_cache import EOS, plan, random_operations, run_alone, step
 
 ONE = SamplingParams(max_tokens=1)
 
@@ -135,21 +135,7 @@ def test_integrity_after_400_random_operations_with_the_tier_on():
     rng = random.Random(0)
     s = make(num_blocks=10, host=6, block_size=4, budget=10, max_num_seqs=4)
     prefixes = [[rng.randrange(90) for _ in range(rng.choice([4, 8, 9, 12]))] for _ in range(6)]
-    n = 0
-    for _ in range(400):
-        r = rng.random()
-        if r < 0.25:
-            prompt = rng.choice(prefixes) + [rng.randrange(90) for _ in range(rng.randrange(1, 8))]
-            s.add_request(f"r{n}", prompt, SamplingParams(max_tokens=rng.randrange(1, 10)),
-                          cache_salt=rng.choice(["", "", "x"]))
-            n += 1
-        elif r < 0.32 and s.requests:
-            s.abort(rng.choice(list(s.requests)))
-        elif s.has_work:
-            step(s, token=rng.choice([7, 8, EOS]))
-        assert s.check_integrity() == []
-    for rid in list(s.requests):
-        s.abort(rid)
+    random_operations(s, rng, prefixes, salts=["", "", "x"])
     kv = s.kv
     stats = kv.host.stats
     assert stats.offloaded_blocks > 0 and stats.loaded_blocks > 0 and stats.evictions > 0

@@ -28,6 +28,26 @@ def step(s, token=7):
     return out, s.update(out, [token] * sum(x.samples for x in out.scheduled))
 
 
+def random_operations(s, rng, prefixes, salts, count=400):
+    """count random operations (a request on a shared prefix, an abort, a step that finishes or continues), the
+    scheduler's integrity checked after each; then every request is aborted."""
+    n = 0
+    for _ in range(count):
+        r = rng.random()
+        if r < 0.25:
+            prompt = rng.choice(prefixes) + [rng.randrange(90) for _ in range(rng.randrange(1, 8))]
+            s.add_request(f"r{n}", prompt, SamplingParams(max_tokens=rng.randrange(1, 10)),
+                          cache_salt=rng.choice(salts))
+            n += 1
+        elif r < 0.32 and s.requests:
+            s.abort(rng.choice(list(s.requests)))
+        elif s.has_work:
+            step(s, token=rng.choice([7, 8, EOS]))
+        assert s.check_integrity() == []
+    for rid in list(s.requests):
+        s.abort(rid)
+
+
 def run_alone(s, rid, prompt, params=P):
     s.add_request(rid, prompt, params)
     while rid in s.requests:
@@ -161,21 +181,7 @@ def test_integrity_after_random_mixes_of_finish_abort_and_preemption():
     rng = random.Random(0)
     s = make(num_blocks=12, block_size=4, budget=10, max_num_seqs=4)
     prefixes = [[rng.randrange(90) for _ in range(rng.choice([4, 8, 9]))] for _ in range(3)]
-    n = 0
-    for _ in range(400):
-        r = rng.random()
-        if r < 0.25:
-            prompt = rng.choice(prefixes) + [rng.randrange(90) for _ in range(rng.randrange(1, 8))]
-            s.add_request(f"r{n}", prompt, SamplingParams(max_tokens=rng.randrange(1, 10)),
-                          cache_salt=rng.choice(["", "x"]))
-            n += 1
-        elif r < 0.32 and s.requests:
-            s.abort(rng.choice(list(s.requests)))
-        elif s.has_work:
-            step(s, token=rng.choice([7, 8, EOS]))
-        assert s.check_integrity() == []
-    for rid in list(s.requests):
-        s.abort(rid)
+    random_operations(s, rng, prefixes, salts=["", "x"])
     kv = s.kv
     assert s.num_preemptions > 0 and kv.prefix_stats.hits > 0 and kv.pool.num_evictions > 0
     assert kv.num_used_blocks == 0 and kv.pool.num_free + kv.pool.num_cached_idle == kv.num_blocks
