@@ -120,6 +120,18 @@ def stack_phase(args, prompts, lengths: list[tuple[int, int]]) -> dict:
         return run_stack_workload(stack.address, prompts, max_tokens)
 
 
+def stack_engine_ratio(by_run: dict[str, dict], num_requests: int) -> tuple[float | None, str | None]:
+    """(stack / engine output tok/s, None) when both runs served every request without an error; else (None, why
+    not): a ratio over runs that did unequal work (requests refused or failed on one side) compares nothing."""
+    if len(by_run) != 2:
+        return None, None
+    short = [f"{name}: {r['finished']} of {num_requests} finished" + (f", {r['errors']} errors" if r["errors"] else "")
+             for name, r in by_run.items() if r["finished"] != num_requests or r["errors"]]
+    if short:
+        return None, "; ".join(short)
+    return by_run["stack"]["output_tok_s"] / by_run["engine"]["output_tok_s"], None
+
+
 def print_table(header: str, workload: dict, rows: list[dict], ratio: float | None) -> None:
     print(f"\n{header}")
     print(f"throughput: {workload['num_requests']} requests at once, input {workload['input_len'][0]}-"
@@ -193,14 +205,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode in ("stack", "both"):
         rows.append(stack_phase(args, text_prompts, lengths))
     by_run = {r["run"]: r for r in rows}
-    ratio = (by_run["stack"]["output_tok_s"] / by_run["engine"]["output_tok_s"]) if len(by_run) == 2 else None
+    ratio, unequal = stack_engine_ratio(by_run, args.num_requests)
     workload = {"num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
                 "seed": args.seed, "prompts": "text (tokenized)" if text_prompts else "random ids"}
     print_table(header, workload, rows, ratio)
+    if unequal:
+        print(f"stack / engine output tok/s: not shown, the runs did unequal work ({unequal})")
     result = {"benchmark": "throughput", "model_path": args.model, "load_format": args.load_format,
               "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
               "quantization": args.quantization, "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
-              "mode": args.mode, "workload": workload, "runs": rows, "stack_vs_engine_output_tok_s": ratio}
+              "mode": args.mode, "workload": workload, "runs": rows, "stack_vs_engine_output_tok_s": ratio,
+              "unequal_work": unequal}
     write_json(args.json, result)
     return result
 

@@ -82,6 +82,16 @@ def test_throughput_engine_mode_counts_every_drawn_token(tiny, tmp_path, capsys)
     assert "output tok/s" in capsys.readouterr().out
 
 
+def test_a_ratio_over_unequal_work_is_never_given():
+    engine = {"finished": 300, "errors": 0, "output_tok_s": 9026.0}
+    stack = {"finished": 256, "errors": 44, "output_tok_s": 9595.0}   # the H200 run: 44 refused at the gateway
+    ratio, why = throughput.stack_engine_ratio({"engine": engine, "stack": stack}, 300)
+    assert ratio is None and why == "stack: 256 of 300 finished, 44 errors"
+    stack = {"finished": 300, "errors": 0, "output_tok_s": 8853.0}
+    assert throughput.stack_engine_ratio({"engine": engine, "stack": stack}, 300) == (8853.0 / 9026.0, None)
+    assert throughput.stack_engine_ratio({"engine": engine}, 300) == (None, None)
+
+
 def test_lengths_are_seeded_and_in_range():
     a = throughput.draw_lengths(50, (128, 1024), (4, 8), seed=1)
     assert a == throughput.draw_lengths(50, (128, 1024), (4, 8), seed=1)
