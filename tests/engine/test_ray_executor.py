@@ -33,9 +33,17 @@ CLUSTER_CPUS = 3   # logical CPUs: one per rank of the T=3 fault test
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray (no dashboard, a small object store: the ranks pass nothing through it); its GCS address."""
-    ray.init(num_cpus=CLUSTER_CPUS, num_gpus=0, include_dashboard=False, object_store_memory=100 * 2**20,
-             log_to_driver=False)
+    """A local Ray (no dashboard, a small object store: the ranks pass nothing through it); its GCS address. Ray's
+    first start from a fresh environment can outlast its own 30 s wait for the raylet: up to three attempts."""
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=CLUSTER_CPUS, num_gpus=0, include_dashboard=False, object_store_memory=100 * 2**20,
+                     log_to_driver=False)
+            break
+        except Exception:   # noqa: BLE001 - Ray's own start-up timeout (a cold first start in a fresh venv)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
