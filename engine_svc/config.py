@@ -59,6 +59,7 @@ class EngineConfig:
     draft_model: str | None = None              # the draft model's path (method draft): same vocabulary
     ngram_min: int = 1                          # prompt lookup matches the context's last n tokens, n from
     ngram_max: int = 4                          # ngram_max down to ngram_min
+    cpu_threads: int | None = None              # torch threads on the CPU; None: see engine_svc.worker.cpu_threads
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +97,7 @@ class EngineConfig:
              "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
             (self.kv_offload_gb >= 0, "kv_offload_gb must be >= 0"),
             (self.cpu_offload_gb >= 0, "cpu_offload_gb must be >= 0"),
+            (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be >= 1"),
             (self.world_size == 1 or not (self.kv_offload_gb or self.cpu_offload_gb),
              "kv_offload_gb and cpu_offload_gb need tensor_parallel_size and pipeline_parallel_size 1 (the "
              "multi-rank step broadcast does not carry their copies)"),
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-offload-gb", type=float, default=0.0,
                    help="keep this many GB of decoder layers in host memory and stream each to the device just "
                         "before it runs (serves a model a little too big for the device; decode runs eagerly)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads of the engine on the CPU (default: 1 when batch-1 decode runs the GEMVs over "
+                        "a Q4 GGUF's blocks, the CPU default, else torch's own choice)")
     spec = p.add_argument_group("speculative decoding (off by default; see the README)")
     spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                       help="ngram: propose the tokens that followed the context's last n-gram earlier in it; "

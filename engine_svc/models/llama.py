@@ -100,9 +100,12 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, rope, backend, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.mlp = LlamaMLP(cfg, fused)
+        self.row_decode = None   # a single token's step in compiled calls (engine_svc.models.row_decode), if set
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.row_decode is not None and x.shape[0] == 1:
+            return self.row_decode(x, residual, positions, kv_cache, meta)
         if residual is None:  # first layer: the embeddings are the residual stream
             residual = x
             h = self.input_layernorm(x)

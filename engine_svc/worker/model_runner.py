@@ -25,12 +25,14 @@ from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, Pi
 from engine_svc.distributed.partition import model_shard, rank_local_config
 from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
+from engine_svc.worker.cpu_threads import set_cpu_threads
 from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
 from engine_svc.worker.weight_offload import WeightOffload, load_device
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
+from engine_svc.loader.gguf_gemv_serving import GGUF_GEMV, gguf_gemv_applies
 from engine_svc.models import model_class
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
@@ -91,8 +93,11 @@ class ModelRunner:
         # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
         kernels = "off" if config.enable_lora else config.sparsity_kernels
         load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
+        gemv = gguf_gemv_applies(config, path, self.device, tp.size * pp.size)
+        set_cpu_threads(config, self.device, gemv)
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
-                                config.quantization, tp, pp, kernels, self.config.max_num_batched_tokens)
+                                GGUF_GEMV if gemv else config.quantization, tp, pp, kernels,
+                                self.config.max_num_batched_tokens)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
         if config.cpu_offload_gb:
