@@ -20,7 +20,7 @@ from torch import nn
 
 from engine_svc.config import EngineConfig
 from engine_svc.loader.gguf_loader import hf_name, open_gguf
-from engine_svc.models.row_decode import RowDecodeLayer, row_decode_supported
+from engine_svc.models.row_decode import RowDecodeModel, row_decode_supported
 from engine_svc.quant.gemv_linear import GemvLinear
 from engine_svc.quant.gguf_gemv import GemvBlocks, q4_blocks, q8_0_blocks
 from engine_svc.quant.gguf_quant import INT4_GGUF_TYPES, INT8_GGUF_TYPES, q4_to_int4
@@ -60,18 +60,18 @@ def serve_gguf_gemv(model: nn.Module, path: Path) -> None:
     try:
         for m in gemvs:
             m.compile()
-        for layer in rows:
-            layer.row_decode = RowDecodeLayer(layer)
+        for m in rows:
+            m.row_decode = RowDecodeModel(m)
     except Exception as err:   # noqa: BLE001  (inductor's failures have no common type: a missing compiler, ...)
         for m in gemvs:
             m.kernel = None
-        for layer in rows:
-            layer.row_decode = None
+        for m in rows:
+            m.row_decode = None
         print(f"[engine] batch-1 GEMV kernels unavailable ({type(err).__name__}: {str(err)[:200]}); serving "
               f"float32 F.linear only", file=sys.stderr, flush=True)
         return
     print(f"[engine] float32 with batch-1 GEMVs over the GGUF's blocks: {len(layers)} decoder linears"
-          + (f", lm_head ({head.kind})" if head is not None else "") + f", {len(rows)} layers in compiled calls"
+          + (f", lm_head ({head.kind})" if head is not None else "") + (", single-token steps in compiled calls" if rows else "")
           + f"; compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
