@@ -10,7 +10,10 @@ Options (weights / activations):
 - fp32, bf16, fp16: F.linear on weights of that dtype (fp32 is what the engine served before the int4 path);
 - int8-<act>: torch.ops.aten._weight_int8pack_mm, int8 per output row;
 - int4-<act>: torch.ops.aten._weight_int4pack_mm_for_cpu, group 32 (GGUF Q4 blocks' group), lm_head included;
-- int4-fp16/int8-head: the int4 layers with an int8 lm_head (the Q8_0 embedding of the default model's file).
+- gemv-q4/q8-head: the CPU default's float32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv, compiled by
+  inductor): Q4 decoder linears, a Q8_0 lm_head (the default model's file).
+Only float32 activations (fp32, gemv) keep the exact path's greedy outputs on the default model (README: "Single-
+stream decode on the CPU").
 """
 from __future__ import annotations
 
@@ -32,8 +35,7 @@ LM_HEAD = (49152, 576)
 NUM_LAYERS = 30
 GROUP = 32
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIONS = ("fp32", "bf16", "fp16", "int8-bf16", "int8-fp16", "int4-fp32", "int4-bf16", "int4-fp16",
-           "int4-fp16/int8-head", "gemv-q4/q8-head")
+OPTIONS = ("fp32", "bf16", "fp16", "int8-bf16", "int8-fp16", "int4-fp32", "int4-bf16", "int4-fp16", "gemv-q4/q8-head")
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,24 +71,24 @@ def gguf_gemv(n: int, k: int, kind: str) -> Matmul:
     return lambda x: kernel(x.view(-1), *blocks.tensors)
 
 
-def build(option: str) -> tuple[torch.dtype, list[Matmul]]:
-    """The activation dtype and one matmul per linear of a step, in order."""
-    layers, _, head = option.partition("/")
-    kind, _, act = layers.partition("-")
-    if kind == "gemv":   # gemv-q4/q8-head
-        dtype, mms = torch.float32, [gguf_gemv(n, k, "q4") for _ in range(NUM_LAYERS) for n, k in LAYER_SHAPES.values()]
+def build(option: str, layers: int = NUM_LAYERS) -> tuple[torch.dtype, list[Matmul]]:
+    """The activation dtype and one matmul per linear of a step (`layers` decoder layers, lm_head), in order."""
+    kind, _, act = option.partition("-")
+    if kind == "gemv":
+        dtype, mms = torch.float32, [gguf_gemv(n, k, "q4") for _ in range(layers) for n, k in LAYER_SHAPES.values()]
         return dtype, [*mms, gguf_gemv(*LM_HEAD, "q8")]
     dtype = _DTYPES[act or kind]
     make = {"int8": int8, "int4": int4}.get(kind, dense)
-    mms = [make(n, k, dtype) for _ in range(NUM_LAYERS) for n, k in LAYER_SHAPES.values()]
-    mms.append((int8 if head == "int8-head" else make)(*LM_HEAD, dtype))
+    mms = [make(n, k, dtype) for _ in range(layers) for n, k in LAYER_SHAPES.values()]
+    mms.append(make(*LM_HEAD, dtype))
     return dtype, mms
 
 
 def time_token(dtype: torch.dtype, mms: list[Matmul], warmup: int, repeats: int) -> list[float]:
     """Milliseconds per token (every matmul once, each on an input of its own width), per repeat."""
     xs = {k: torch.randn(1, k, dtype=dtype) for k in {k for _, k in (*LAYER_SHAPES.values(), LM_HEAD)}}
-    widths = [k for _ in range(NUM_LAYERS) for _, k in LAYER_SHAPES.values()] + [LM_HEAD[1]]
+    layers = (len(mms) - 1) // len(LAYER_SHAPES)
+    widths = [k for _ in range(layers) for _, k in LAYER_SHAPES.values()] + [LM_HEAD[1]]
     calls = list(zip(mms, (xs[k] for k in widths)))
     out = []
     for i in range(warmup + repeats):
@@ -98,26 +100,26 @@ def time_token(dtype: torch.dtype, mms: list[Matmul], warmup: int, repeats: int)
     return out
 
 
-def weight_mb(option: str) -> float:
+def weight_mb(option: str, layers: int = NUM_LAYERS) -> float:
     """Bytes each option reads per token (weights, scales, zeros), in MB."""
-    layers, _, head = option.partition("/")
-    kind, _, act = layers.partition("-")
+    kind, _, act = option.partition("-")
     if kind == "gemv":
-        return (NUM_LAYERS * sum(n * k for n, k in LAYER_SHAPES.values()) * (0.5 + 8 / GROUP)
+        return (layers * sum(n * k for n, k in LAYER_SHAPES.values()) * (0.5 + 8 / GROUP)
                 + LM_HEAD[0] * LM_HEAD[1] * (1 + 4 / GROUP)) / 1e6
     if kind == "int4":
         per_weight = 0.5 + 2 * _DTYPES[act].itemsize / GROUP
     else:
         per_weight = 1.0 if kind == "int8" else _DTYPES[kind].itemsize
-    layer_params = NUM_LAYERS * sum(n * k for n, k in LAYER_SHAPES.values())
-    head_per_weight = 1.0 if head == "int8-head" else per_weight
-    return (layer_params * per_weight + LM_HEAD[0] * LM_HEAD[1] * head_per_weight) / 1e6
+    layer_params = layers * sum(n * k for n, k in LAYER_SHAPES.values())
+    return (layer_params * per_weight + LM_HEAD[0] * LM_HEAD[1] * per_weight) / 1e6
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_linears", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
+    p.add_argument("--layers", type=int, default=NUM_LAYERS, help="decoder layers of distinct weights (default: "
+                   "SmolLM2's %(default)s; fewer fit in the caches and measure hot-cache speed)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--json", type=Path, default=Path("bench_out/cpu_linears.json"))
@@ -128,15 +130,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     rows = []
     with torch.inference_mode():
-        for option in args.options:
-            dtype, mms = build(option)
-            for threads in args.threads:
-                torch.set_num_threads(threads)
+        for threads in args.threads:
+            torch.set_num_threads(threads)   # before build: inductor bakes the thread count into its kernels
+            for option in args.options:
+                dtype, mms = build(option, args.layers)
                 ms = time_token(dtype, mms, args.warmup, args.repeats)
                 rows.append({"option": option, "threads": threads, "ms_median": statistics.median(ms),
-                             "ms_best": min(ms), "weight_mb": weight_mb(option)})
+                             "ms_best": min(ms), "weight_mb": weight_mb(option, args.layers)})
                 print(f"  {option} x{threads}: {rows[-1]['ms_median']:.2f} ms", file=sys.stderr, flush=True)
-    print(f"\nbatch-1 linears of one SmolLM2-135M decode step ({NUM_LAYERS} layers + lm_head), "
+    rows.sort(key=lambda r: (args.options.index(r["option"]), r["threads"]))
+    print(f"\nbatch-1 linears of one SmolLM2-135M decode step ({args.layers} layers + lm_head), "
           f"median and best of {args.repeats}")
     print(f"{'option':>20} {'threads':>8} {'MB/token':>9} {'ms/token':>9} {'best':>7} {'GB/s':>6} {'x fp32':>7}")
     base = {r["threads"]: r["ms_median"] for r in rows if r["option"] == "fp32"}

@@ -9,9 +9,9 @@ Prints a table with the ratios and writes JSON.
   --output-len tokens after a --prompt-len token prompt), so a load that comes and goes on a shared machine falls
   on all of them alike. A request's decode rate counts the tokens after the first over the time from the first
   token's arrival to the last's, at the client: the prefill is excluded, as llama-bench's tg test excludes it.
-- llama.cpp: `llama-bench -m MODEL -p 0 -n OUTPUT_LEN -t THREADS -r 1` once per round, after the streams
-  (the stacks idle meanwhile): its tg test generates OUTPUT_LEN tokens from an empty prompt. A benchmark peer
-  only: build it yourself (see the README) and pass its path.
+- llama.cpp: `llama-bench -m MODEL -p 0 -n OUTPUT_LEN -t THREADS -r 1` once per round and --llama-threads
+  entry, after the streams (the stacks idle meanwhile): its tg test generates OUTPUT_LEN tokens from an empty
+  prompt. A benchmark peer only: build it yourself (see the README) and pass its path.
 Figures are the median and the best over the rounds; `uptime`'s load average is printed before and after.
 """
 from __future__ import annotations
@@ -67,13 +67,13 @@ def print_table(result: dict) -> None:
     print(f"\nsingle-stream decode on the CPU, {result['model_name']}: prompt {result['prompt_len']} tokens, "
           f"{result['output_len']} generated; median and best of {result['rounds']} rounds "
           f"(load average {result['load_before']} before, {result['load_after']} after)")
-    print(f"{'run':<32} {'tok/s median':>12} {'best':>8} {'ms/token':>9}")
+    print(f"{'run':<28} {'tok/s median':>12} {'best':>8} {'ms/token':>9}")
     for name, r in rows.items():
-        print(f"{name:<32} {r['median_tok_s']:>12.1f} {r['best_tok_s']:>8.1f} {1e3 / r['median_tok_s']:>9.2f}")
+        print(f"{name:<28} {r['median_tok_s']:>12.1f} {r['best_tok_s']:>8.1f} {1e3 / r['median_tok_s']:>9.2f}")
     if result["ratios"]:
         print("\nratios of the medians (best in brackets)")
         for name, (med, best) in result["ratios"].items():
-            print(f"  {name:<44} {med:>6.2f} ({best:.2f})")
+            print(f"  {name:<52} {med:>6.2f} ({best:.2f})")
 
 
 def ratios(rows: dict[str, dict]) -> dict[str, tuple[float, float]]:
@@ -83,10 +83,10 @@ def ratios(rows: dict[str, dict]) -> dict[str, tuple[float, float]]:
     for name in names[1:]:
         out[f"{name} / {names[0]}"] = (rows[name]["median_tok_s"] / rows[names[0]]["median_tok_s"],
                                        rows[name]["best_tok_s"] / rows[names[0]]["best_tok_s"])
-    if "llama.cpp" in rows:
+    for peer in (n for n in rows if n.startswith("llama.cpp")):
         for name in names:
-            out[f"{name} / llama.cpp"] = (rows[name]["median_tok_s"] / rows["llama.cpp"]["median_tok_s"],
-                                          rows[name]["best_tok_s"] / rows["llama.cpp"]["best_tok_s"])
+            out[f"{name} / {peer}"] = (rows[name]["median_tok_s"] / rows[peer]["median_tok_s"],
+                                       rows[name]["best_tok_s"] / rows[peer]["best_tok_s"])
     return out
 
 
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary (optional)")
-    p.add_argument("--llama-threads", type=int, default=2)
+    p.add_argument("--llama-threads", type=int, nargs="+", default=[2], help="one llama.cpp row per thread count")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--log-dir", type=Path, default=Path("bench_out/single_stream"))
     p.add_argument("--json", type=Path, default=Path("bench_out/single_stream.json"))
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = str(resolve_model(args.model))
     prompts = text_prompts(load_tokenizer(model), [args.prompt_len] * (args.rounds + 1), seed=0)
     rates: dict[str, list[float]] = {f"tandem serve --dtype {d}": [] for d in args.dtypes}
-    if args.llama_bench:
-        rates["llama.cpp"] = []
+    peers = [f"llama.cpp -t {t}" for t in args.llama_threads] if args.llama_bench else []
+    rates.update({peer: [] for peer in peers})
     load_before = load_average()
     with ExitStack() as stacks:
         addresses = [stacks.enter_context(LocalStack(model, "cpu", d, [], args.log_dir / f"stack_{d}.log",
@@ -129,15 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(1, args.rounds + 1):
             for name, address in zip(rates, addresses):
                 rates[name].append(asyncio.run(_one_stream(address, prompts[i].text, args.output_len)))
-            if args.llama_bench:
-                rates["llama.cpp"].append(llama_bench_tok_s(args.llama_bench, model, args.output_len,
-                                                            args.llama_threads))
+            for peer, threads in zip(peers, args.llama_threads):
+                rates[peer].append(llama_bench_tok_s(args.llama_bench, model, args.output_len, threads))
             print(f"  round {i}/{args.rounds}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()),
                   file=sys.stderr, flush=True)
     rows = {name: summarize(r) for name, r in rates.items()}
     result = {"benchmark": "single_stream", "model": model, "model_name": Path(model).name,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "rounds": args.rounds,
-              "llama_threads": args.llama_threads if args.llama_bench else None, "load_before": load_before,
+              "load_before": load_before,
               "load_after": load_average(), "rows": rows, "ratios": ratios(rows)}
     print_table(result)
     write_json(args.json, result)

@@ -1,6 +1,7 @@
 """One activation row times a weight kept in GGUF blocks (Q4_0 / Q4_1 / Q8_0, 32 weights of a row per block), in
 float32 on the CPU: the batch-1 decode GEMV. The weight is never widened in memory; each block is scaled in
-registers, so a step reads 4.5 (Q4) or 8.5 (Q8) bits per weight instead of fp32's 32.
+registers, so a step reads 6 (Q4: 4-bit codes, a float32 scale and offset per block) or 9 (Q8) bits per weight
+instead of fp32's 32. (The file's fp16 scales, widened once at load: the kernel is compute-bound, not memory-bound.)
 
 Forms (GemvBlocks.kind), each weight row's blocks contiguous as in the file, so rows stream from memory in order
 (with rows innermost instead, the compiled loop needs no horizontal sums and wins while the weights sit in cache,
