@@ -50,8 +50,8 @@ def serve_gguf_gemv(model: nn.Module, path: Path) -> None:
         parent, _, attr = name.rpartition(".")
         int4: Int4Linear = model.get_submodule(name)
         blocks = q4_blocks(int4.qweight, int4.scales, int4.offsets)
-        model.get_submodule(parent).__setattr__(attr, GemvLinear(int4.dequantized_weight(torch.float32),
-                                                                 int4.bias, blocks))
+        setattr(model.get_submodule(parent), attr, GemvLinear(int4.dequantized_weight(torch.float32), int4.bias,
+                                                              blocks))
     head = _lm_head_blocks(path)
     if head is not None and getattr(model, "lm_head", None) is not None:
         model.lm_head = GemvLinear(model.lm_head.weight, model.lm_head.bias, head)
@@ -70,9 +70,10 @@ def serve_gguf_gemv(model: nn.Module, path: Path) -> None:
         print(f"[engine] batch-1 GEMV kernels unavailable ({type(err).__name__}: {str(err)[:200]}); serving "
               f"float32 F.linear only", file=sys.stderr, flush=True)
         return
-    print(f"[engine] float32 with batch-1 GEMVs over the GGUF's blocks: {len(layers)} decoder linears"
-          + (f", lm_head ({head.kind})" if head is not None else "") + (", single-token steps in compiled calls" if rows else "")
-          + f"; compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    parts = [f"{len(layers)} decoder linears", *([f"lm_head ({head.kind})"] if head is not None else []),
+             *(["single-token steps in compiled calls"] if rows else [])]
+    print(f"[engine] float32 with batch-1 GEMVs over the GGUF's blocks: {', '.join(parts)}; compiled in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
 def _lm_head_blocks(path: Path) -> GemvBlocks | None:

@@ -109,10 +109,9 @@ class RowDecodeModel:
         self._finish_args = [(layer.post_attention_layernorm.weight, *_gemv_args(layer.self_attn.o_proj),
                               *_gemv_args(layer.mlp.gate_up_proj), *_gemv_args(layer.mlp.down_proj))
                              for layer in self.layers]
-        first, last = self.layers[0], self.layers[-1]
-        attn = first.self_attn
+        attn = self.layers[0].self_attn
         self._heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
-        hidden = first.input_layernorm.weight.shape[0]
+        hidden = self.layers[0].input_layernorm.weight.shape[0]
         self._zeros = torch.zeros(1, hidden)
         row, o, rope_row = (partial(torch.zeros, 1, n) for n in (hidden, attn.q_size, 1))
         rope = (rope_row(attn.head_dim), rope_row(attn.head_dim))

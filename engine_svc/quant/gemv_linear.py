@@ -1,8 +1,8 @@
 """GemvLinear: a float32 linear that also holds its weight in GGUF blocks (engine_svc.quant.gguf_gemv) and
 multiplies a single row (batch-1 decode, the CPU's memory-bound case) with the compiled block GEMV. Several rows
 (prefills, batched decodes, verify rows) go to F.linear on the float32 weight, which the BLAS's GEMM runs at
-compute speed; both forms hold the same weights (GemvLinear.from_* check it), so the two paths differ only in
-float32 rounding."""
+compute speed. Both forms hold the same weights (the loader widens the float32 weight from the blocks' exact int4
+form, engine_svc.loader.gguf_gemv_serving), so the two paths differ only in float32 rounding."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +15,8 @@ from engine_svc.quant.gguf_gemv import GEMV_FUNCTIONS, GemvBlocks
 
 class GemvLinear(nn.Module):
     """Buffers: weight float32 [N, K] (a parameter shared with a tied embedding stays that parameter), bias [N]
-    or None, and the blocks' tensors. kernel: the compiled GEMV, None until compile() (then every row count uses
-    F.linear)."""
+    or None, and the blocks' tensors. kernel: the compiled GEMV; until compile() sets it, every row count uses
+    F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: GemvBlocks) -> None:
         super().__init__()
