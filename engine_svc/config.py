@@ -59,7 +59,7 @@ class EngineConfig:
     draft_model: str | None = None              # the draft model's path (method draft): same vocabulary
     ngram_min: int = 1                          # prompt lookup matches the context's last n tokens, n from
     ngram_max: int = 4                          # ngram_max down to ngram_min
-    cpu_threads: int | None = None              # torch threads on the CPU; None: see engine_svc.worker.cpu_threads
+    cpu_threads: int | None = None              # torch threads on the CPU; None: torch's own (worker/cpu_threads.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this many GB of decoder layers in host memory and stream each to the device just "
                         "before it runs (serves a model a little too big for the device; decode runs eagerly)")
     p.add_argument("--cpu-threads", type=int, default=None,
-                   help="torch threads of the engine on the CPU (default: 1 when batch-1 decode runs the GEMVs over "
-                        "a Q4 GGUF's blocks, the CPU default, else torch's own choice)")
+                   help="torch threads of the engine on the CPU (default: torch's own, the cores); the CPU default's "
+                        "single-token steps (GEMVs over a Q4 GGUF's blocks) run on one thread whatever the count")
     spec = p.add_argument_group("speculative decoding (off by default; see the README)")
     spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                       help="ngram: propose the tokens that followed the context's last n-gram earlier in it; "

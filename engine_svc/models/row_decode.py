@@ -23,7 +23,7 @@ from torch import nn
 
 from engine_svc.attention import AttentionMetadata, KVCache
 from engine_svc.models.layers import rms_norm, rotate
-from engine_svc.quant.compiled_kernels import compile_kernel
+from engine_svc.quant.compiled_kernels import compile_kernel, one_thread
 from engine_svc.quant.gemv_linear import GemvLinear
 from engine_svc.quant.gguf_gemv import q4_gemv
 
@@ -131,6 +131,11 @@ class RowDecodeModel:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:
+        with one_thread():   # the attention's ops too (see compiled_kernels)
+            return self._step(input_ids, positions, kv_caches, meta)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+              meta: AttentionMetadata) -> torch.Tensor:
         rope = self.layers[0].self_attn.rope
         cos, sin = rope.cos[positions][:, None, :], rope.sin[positions][:, None, :]
         # The first layer's residual stream is its input: adding zeros leaves it as it is.

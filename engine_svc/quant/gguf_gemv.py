@@ -11,9 +11,10 @@ but a decode step's SmolLM2 decoder linears, out of cache, took 15.2 ms against 
   -8 * scale).
 - "q8": codes int8 [N, K // 32, 32], scales float32 [N, K // 32]; w = q * scale.
 
-Arithmetic: the sum over a block is taken as q * (x * scale), plus offset * sum(x) per block: equal to
-sum(x * (q * scale + offset)), the float32 weights the exact path multiplies, up to float32 rounding in another
-order than the BLAS's (the q * scale products themselves are exact in float32).
+Arithmetic: a block's sum is taken as scale * (q * x) (q4: the two nibbles' products added first) plus offset *
+sum(x): equal to sum(x * (q * scale + offset)), the float32 weights the exact path multiplies (q * scale is exact
+in float32), up to float32 rounding in another order than the BLAS's. (q4 in this order measured 5% faster than
+with x * scale taken first.)
 
 q4_gemv / q8_gemv are the reference, in plain torch ops; engine_svc.quant.compiled_kernels compiles them.
 """
@@ -34,8 +35,7 @@ def q4_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets:
     """x float32 [K] -> [N]; codes, scales, offsets in the "q4" form."""
     xb = x.reshape(codes.shape[1], 2, _HALF)
     low, high = (codes & 15).float(), (codes >> 4).float()
-    dots = low * (xb[:, 0] * scales[..., None]) + high * (xb[:, 1] * scales[..., None])
-    return dots.sum((1, 2)) + (offsets * xb.sum((1, 2))).sum(1)
+    return ((low * xb[:, 0] + high * xb[:, 1]) * scales[..., None]).sum((1, 2)) + (offsets * xb.sum((1, 2))).sum(1)
 
 
 def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -93,8 +93,8 @@ class ModelRunner:
         # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
         kernels = "off" if config.enable_lora else config.sparsity_kernels
         load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
+        set_cpu_threads(config, self.device)
         gemv = gguf_gemv_applies(config, path, self.device, tp.size * pp.size)
-        set_cpu_threads(config, self.device, gemv)
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
                                 GGUF_GEMV if gemv else config.quantization, tp, pp, kernels,
                                 self.config.max_num_batched_tokens)

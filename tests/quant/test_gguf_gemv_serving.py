@@ -26,7 +26,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(autouse=True)
 def keep_threads():
-    """Engines on the GEMV path set the process's thread count: give the other tests theirs back."""
+    """The thread tests set the process's thread count: give the other tests theirs back."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -42,10 +42,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engines(files):
-    threads = torch.get_num_threads()
-    pair = make_engine(files["q4_1"], dtype="auto"), make_engine(files["q4_1"])
-    torch.set_num_threads(threads)
-    return pair
+    return make_engine(files["q4_1"], dtype="auto"), make_engine(files["q4_1"])
 
 
 def test_applies_to_the_cpu_default_on_q4_linears_only(files):
@@ -118,14 +115,25 @@ def test_row_decode_computes_what_the_eager_model_does(engines):
     torch.testing.assert_close(written[0], written[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device, world, asked, gemv, expected", [
-    ("cpu", 1, None, True, 1), ("cpu", 1, 3, True, 3), ("cpu", 1, None, False, None), ("cpu", 2, 3, True, None),
-    ("cuda", 1, 3, True, None)])
-def test_cpu_threads(device, world, asked, gemv, expected):
+@pytest.mark.parametrize("device, world, asked, expected", [
+    ("cpu", 1, None, 2), ("cpu", 1, 3, 3), ("cpu", 2, 3, 2), ("cuda", 1, 3, 2)])
+def test_cpu_threads(device, world, asked, expected):
     torch.set_num_threads(2)
-    config = EngineConfig(model="m", cpu_threads=asked, tensor_parallel_size=world)
-    set_cpu_threads(config, torch.device(device), gemv)
-    assert torch.get_num_threads() == (expected or 2)
+    set_cpu_threads(EngineConfig(model="m", cpu_threads=asked, tensor_parallel_size=world), torch.device(device))
+    assert torch.get_num_threads() == expected
+
+
+def test_single_token_steps_run_on_one_thread(engines, monkeypatch):
+    fast, exact = engines
+    seen = []
+    backend = fast.runner.model.model.layers[0].self_attn.backend
+    forward = type(backend).forward
+    monkeypatch.setattr(type(backend), "forward", lambda *a, **kw: seen.append(torch.get_num_threads())
+                        or forward(*a, **kw))
+    torch.set_num_threads(2)
+    fast.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    # the prompt's step (11 rows) on the process's two threads, each single-token step's layers on one
+    assert seen == [2, 2] + [1, 1] * 2 and torch.get_num_threads() == 2
 
 
 def test_cpu_threads_must_be_positive():
