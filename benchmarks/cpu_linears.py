@@ -11,7 +11,8 @@ Options (weights / activations):
 - int8-<act>: torch.ops.aten._weight_int8pack_mm, int8 per output row;
 - int4-<act>: torch.ops.aten._weight_int4pack_mm_for_cpu, group 32 (GGUF Q4 blocks' group), lm_head included;
 - gemv-q4/q8-head: the CPU default's float32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv, compiled by
-  inductor): Q4 decoder linears, a Q8_0 lm_head (the default model's file).
+  inductor): Q4 decoder linears, a Q8_0 lm_head (the default model's file). Compiled for one thread, as the
+  engine runs it, so its row is the same at every thread count.
 Only float32 activations (fp32, gemv) keep the exact path's greedy outputs on the default model (README: "Single-
 stream decode on the CPU").
 """
