@@ -10,9 +10,11 @@ Options (weights / activations):
 - fp32, bf16, fp16: F.linear on weights of that dtype (fp32 is what the engine served before the int4 path);
 - int8-<act>: torch.ops.aten._weight_int8pack_mm, int8 per output row;
 - int4-<act>: torch.ops.aten._weight_int4pack_mm_for_cpu, group 32 (GGUF Q4 blocks' group), lm_head included;
-- gemv-q4/q8-head: the CPU default's float32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv, compiled by
-  inductor): Q4 decoder linears, a Q8_0 lm_head (the default model's file). Compiled for one thread, as the
-  engine runs it, so its row is the same at every thread count.
+- gemv-q4/q8-head: the float32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv) that inductor compiles, the
+  CPU default's fallback: Q4 decoder linears, a Q8_0 lm_head (the default model's file). Compiled for one thread,
+  as the engine runs it, so its row is the same at every thread count.
+- cpp-q4/q8-head: the same GEMVs in C++ (engine_svc.cpu_kernels, the CPU default where it builds), its rows
+  split over the thread count (its own helper thread, not torch's).
 Only float32 activations (fp32, gemv) keep the exact path's greedy outputs on the default model (README: "Single-
 stream decode on the CPU").
 """
@@ -22,6 +24,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +39,8 @@ LM_HEAD = (49152, 576)
 NUM_LAYERS = 30
 GROUP = 32
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIONS = ("fp32", "bf16", "fp16", "int8-bf16", "int8-fp16", "int4-fp32", "int4-bf16", "int4-fp16", "gemv-q4/q8-head")
+OPTIONS = ("fp32", "bf16", "fp16", "int8-bf16", "int8-fp16", "int4-fp32", "int4-bf16", "int4-fp16", "gemv-q4/q8-head",
+           "cpp-q4/q8-head")
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,26 +62,34 @@ def int4(n: int, k: int, dtype: torch.dtype) -> Matmul:
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros)
 
 
-def gguf_gemv(n: int, k: int, kind: str) -> Matmul:
-    """The compiled fp32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv); kind q4 or q8. Batch 1 only."""
+def gguf_gemv(n: int, k: int, kind: str, impl: str) -> Matmul:
+    """The fp32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv); kind q4 or q8, impl "gemv" (inductor) or
+    "cpp". Batch 1 only."""
     from engine_svc.quant.compiled_kernels import compile_kernel
+    from engine_svc.quant.gemv_linear import gemv_function
     from engine_svc.quant.gguf_gemv import GEMV_FUNCTIONS, GemvBlocks
+    scale = partial(torch.rand, n, k // GROUP, dtype=torch.float16)
     if kind == "q4":
         blocks = GemvBlocks("q4", (torch.randint(0, 256, (n, k // GROUP, GROUP // 2), dtype=torch.uint8),
-                                   torch.rand(n, k // GROUP) * 1e-3, torch.rand(n, k // GROUP) * 1e-3))
+                                   scale() * 1e-3, scale() * 1e-3))
     else:
-        blocks = GemvBlocks("q8", (torch.randint(-127, 128, (n, k // GROUP, GROUP), dtype=torch.int8),
-                                   torch.rand(n, k // GROUP) * 1e-3))
-    kernel = compile_kernel(GEMV_FUNCTIONS[kind], (torch.zeros(k), *blocks.tensors))
+        blocks = GemvBlocks("q8", (torch.randint(-127, 128, (n, k // GROUP, GROUP), dtype=torch.int8), scale() * 1e-3))
+    if impl == "cpp":
+        kernel = gemv_function(kind)
+        if kernel is None:
+            from engine_svc.cpu_kernels import load_error
+            raise SystemExit(f"the C++ GEMV cannot be built here: {load_error()}")
+    else:
+        kernel = compile_kernel(GEMV_FUNCTIONS[kind], (torch.zeros(k), *blocks.tensors))
     return lambda x: kernel(x.view(-1), *blocks.tensors)
 
 
 def build(option: str, layers: int = NUM_LAYERS) -> tuple[torch.dtype, list[Matmul]]:
     """The activation dtype and one matmul per linear of a step (`layers` decoder layers, lm_head), in order."""
     kind, _, act = option.partition("-")
-    if kind == "gemv":
-        dtype, mms = torch.float32, [gguf_gemv(n, k, "q4") for _ in range(layers) for n, k in LAYER_SHAPES.values()]
-        return dtype, [*mms, gguf_gemv(*LM_HEAD, "q8")]
+    if kind in ("gemv", "cpp"):
+        mms = [gguf_gemv(n, k, "q4", kind) for _ in range(layers) for n, k in LAYER_SHAPES.values()]
+        return torch.float32, [*mms, gguf_gemv(*LM_HEAD, "q8", kind)]
     dtype = _DTYPES[act or kind]
     make = {"int8": int8, "int4": int4}.get(kind, dense)
     mms = [make(n, k, dtype) for _ in range(layers) for n, k in LAYER_SHAPES.values()]
@@ -104,15 +116,23 @@ def time_token(dtype: torch.dtype, mms: list[Matmul], warmup: int, repeats: int)
 def weight_mb(option: str, layers: int = NUM_LAYERS) -> float:
     """Bytes each option reads per token (weights, scales, zeros), in MB."""
     kind, _, act = option.partition("-")
-    if kind == "gemv":
-        return (layers * sum(n * k for n, k in LAYER_SHAPES.values()) * (0.5 + 8 / GROUP)
-                + LM_HEAD[0] * LM_HEAD[1] * (1 + 4 / GROUP)) / 1e6
+    if kind in ("gemv", "cpp"):   # fp16 scales (and offsets)
+        return (layers * sum(n * k for n, k in LAYER_SHAPES.values()) * (0.5 + 4 / GROUP)
+                + LM_HEAD[0] * LM_HEAD[1] * (1 + 2 / GROUP)) / 1e6
     if kind == "int4":
         per_weight = 0.5 + 2 * _DTYPES[act].itemsize / GROUP
     else:
         per_weight = 1.0 if kind == "int8" else _DTYPES[kind].itemsize
     layer_params = layers * sum(n * k for n, k in LAYER_SHAPES.values())
     return (layer_params * per_weight + LM_HEAD[0] * LM_HEAD[1] * per_weight) / 1e6
+
+
+def set_cpp_threads(threads: int) -> None:
+    """The C++ GEMV's threads (1 or 2), where it builds."""
+    from engine_svc import cpu_kernels
+    ops = cpu_kernels.load()
+    if ops is not None:
+        ops.gemv_set_threads(min(threads, 2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,6 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)   # before build: inductor bakes the thread count into its kernels
+            set_cpp_threads(threads)
             for option in args.options:
                 dtype, mms = build(option, args.layers)
                 ms = time_token(dtype, mms, args.warmup, args.repeats)

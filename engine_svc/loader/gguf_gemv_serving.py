@@ -21,6 +21,7 @@ from torch import nn
 from engine_svc.config import EngineConfig
 from engine_svc.loader.gguf_loader import hf_name, open_gguf
 from engine_svc.models.row_decode import RowDecodeModel, row_decode_supported
+from engine_svc import cpu_kernels
 from engine_svc.quant.gemv_linear import GemvLinear
 from engine_svc.quant.gguf_gemv import GemvBlocks, q4_blocks, q8_0_blocks
 from engine_svc.quant.gguf_quant import INT4_GGUF_TYPES, INT8_GGUF_TYPES, q4_to_int4
@@ -71,7 +72,7 @@ def serve_gguf_gemv(model: nn.Module, path: Path) -> None:
               f"float32 F.linear only", file=sys.stderr, flush=True)
         return
     parts = [f"{len(layers)} decoder linears", *([f"lm_head ({head.kind})"] if head is not None else []),
-             *(["single-token steps in compiled calls"] if rows else [])]
+             *(["single-token steps in compiled calls"] if rows else []), f"GEMVs: {cpu_kernels.describe_gemv()}"]
     print(f"[engine] float32 with batch-1 GEMVs over the GGUF's blocks: {', '.join(parts)}; compiled in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 

@@ -3,75 +3,84 @@
 row). The call between layer i's attention and layer i + 1's takes layer i's o GEMV, residual add, RMSNorm,
 gate_up GEMV, SwiGLU and down GEMV, then layer i + 1's residual add, RMSNorm, qkv GEMV and RoPE; the first call
 starts the first layer, the last one ends the last layer with the final norm. Each is one inductor kernel call
-(engine_svc.quant.compiled_kernels), shared by every layer of the same shapes; the KV write and the paged attention
-run eagerly on the layers' backend.
+(engine_svc.quant.compiled_kernels), shared by every layer of the same shapes, in which the GEMVs are calls of the
+C++ op (engine_svc.cpu_kernels; inductor runs the ops around them) or, where it cannot be built, inductor's
+own compilation of the reference q4_gemv. The KV write and the attention are one call of the C++ decode_attention
+op on a float32 cache (engine_svc.cpu_kernels), else eager calls of the layers' backend (an fp8 cache, no C++
+library).
 
 It serves a whole model (one pipeline stage) whose decoder linears are all q4 GemvLinear
 (engine_svc.loader.gguf_gemv_serving) and whose q / k have no per-head norms. The arithmetic is the eager layers',
 in float32, rounded in another order (inductor's fused reductions and the GEMVs' block sums).
 
-Every normalized row is also returned by the graph that makes it: inductor then stores it once, where it would
-otherwise recompute the norm inside every output row of the GEMV that reads it (measured: 40% slower).
+Every normalized row is also returned by the graph that makes it: with inductor's own GEMV it then stores it once,
+where it would otherwise recompute the norm inside every output row of the GEMV that reads it (measured: 40%
+slower).
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_svc import cpu_kernels
 from engine_svc.attention import AttentionMetadata, KVCache
 from engine_svc.models.layers import rms_norm, rotate
 from engine_svc.quant.compiled_kernels import compile_kernel, one_thread
-from engine_svc.quant.gemv_linear import GemvLinear
+from engine_svc.quant.gemv_linear import GemvLinear, gemv_function
 from engine_svc.quant.gguf_gemv import q4_gemv
 
 _GEMV_ARGS = 4   # a linear's tensors in the graphs: codes, scales, offsets, bias
+Gemv = Callable[..., torch.Tensor]   # q4: (x [K], codes, scales, offsets) -> [N]
 
 
-def _gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+def _gemv(q4: Gemv, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
           bias: torch.Tensor) -> torch.Tensor:
-    return q4_gemv(x.reshape(-1), codes, scales, offsets).view(1, -1) + bias
+    return q4(x.reshape(-1), codes, scales, offsets).view(1, -1) + bias
 
 
-def _start(heads: tuple[int, int, int], eps: float, x: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor,
-           *rest: torch.Tensor):
+def _start(q4: Gemv, heads: tuple[int, int, int], eps: float, x: torch.Tensor, residual: torch.Tensor,
+           norm: torch.Tensor, *rest: torch.Tensor):
     """A layer's work before attention: -> q [1, heads, d], k and v [1, kv_heads, d], the residual stream, h.
     rest: the qkv linear's tensors, then the position's cos and sin rows."""
     num_heads, num_kv_heads, head_dim = heads
     qkv_args, (cos, sin) = rest[:_GEMV_ARGS], rest[_GEMV_ARGS:]
     residual = x + residual
     h = rms_norm(residual, norm, eps)
-    q, k, v = _gemv(h, *qkv_args).split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+    q, k, v = _gemv(q4, h, *qkv_args).split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
                                         dim=-1)
     q = rotate(q.view(1, num_heads, head_dim), cos, sin)
     k = rotate(k.view(1, num_kv_heads, head_dim), cos, sin)
     return q, k, v.reshape(1, num_kv_heads, head_dim), residual, h
 
 
-def _finish(eps: float, o: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, *linears: torch.Tensor):
+def _finish(q4: Gemv, eps: float, o: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor,
+            *linears: torch.Tensor):
     """A layer's work after attention: -> the MLP's output, the residual stream, h. linears: o, gate_up, down's."""
     o_args, gate_up_args, down_args = (linears[i:i + _GEMV_ARGS] for i in range(0, 3 * _GEMV_ARGS, _GEMV_ARGS))
-    residual = _gemv(o, *o_args) + residual
+    residual = _gemv(q4, o, *o_args) + residual
     h = rms_norm(residual, norm, eps)
-    gate, up = _gemv(h, *gate_up_args).chunk(2, dim=-1)
-    return _gemv(F.silu(gate) * up, *down_args), residual, h
+    gate, up = _gemv(q4, h, *gate_up_args).chunk(2, dim=-1)
+    return _gemv(q4, F.silu(gate) * up, *down_args), residual, h
 
 
 _FINISH_ARGS = 1 + 3 * _GEMV_ARGS   # the norm and three linears
 
 
-def _between(heads: tuple[int, int, int], eps_finish: float, eps_start: float, o: torch.Tensor,
+def _between(q4: Gemv, heads: tuple[int, int, int], eps_finish: float, eps_start: float, o: torch.Tensor,
              residual: torch.Tensor, *rest: torch.Tensor):
     """One layer's finish, then the next one's start: -> the start's outputs, then the finish's h."""
-    out, residual, h_finish = _finish(eps_finish, o, residual, *rest[:_FINISH_ARGS])
-    return (*_start(heads, eps_start, out, residual, *rest[_FINISH_ARGS:]), h_finish)
+    out, residual, h_finish = _finish(q4, eps_finish, o, residual, *rest[:_FINISH_ARGS])
+    return (*_start(q4, heads, eps_start, out, residual, *rest[_FINISH_ARGS:]), h_finish)
 
 
-def _end(eps_finish: float, eps_final: float, o: torch.Tensor, residual: torch.Tensor, *rest: torch.Tensor):
+def _end(q4: Gemv, eps_finish: float, eps_final: float, o: torch.Tensor, residual: torch.Tensor,
+         *rest: torch.Tensor):
     """The last layer's finish and the final norm: -> the model's hidden row, the finish's h."""
-    out, residual, h = _finish(eps_finish, o, residual, *rest[:_FINISH_ARGS])
+    out, residual, h = _finish(q4, eps_finish, o, residual, *rest[:_FINISH_ARGS])
     return rms_norm(out + residual, rest[_FINISH_ARGS], eps_final), h
 
 
@@ -117,17 +126,20 @@ class RowDecodeModel:
         rope = (rope_row(attn.head_dim), rope_row(attn.head_dim))
         eps_start = [layer.input_layernorm.eps for layer in self.layers]
         eps_finish = [layer.post_attention_layernorm.eps for layer in self.layers]
-        self._first = compile_kernel(partial(_start, self._heads, eps_start[0]),
+        q4 = gemv_function("q4") or q4_gemv
+        ops = cpu_kernels.load()
+        self._decode_attention = None if ops is None else ops.decode_attention
+        self._first = compile_kernel(partial(_start, q4, self._heads, eps_start[0]),
                                      (row(), row(), *self._start_args[0], *rope),
-                                     key=("llama-row-start", self._heads, eps_start[0]))
-        self._between = [compile_kernel(partial(_between, self._heads, eps_finish[i], eps_start[i + 1]),
+                                     key=("llama-row-start", q4, self._heads, eps_start[0]))
+        self._between = [compile_kernel(partial(_between, q4, self._heads, eps_finish[i], eps_start[i + 1]),
                                         (o(), row(), *self._finish_args[i], *self._start_args[i + 1], *rope),
-                                        key=("llama-row-between", self._heads, eps_finish[i], eps_start[i + 1]))
+                                        key=("llama-row-between", q4, self._heads, eps_finish[i], eps_start[i + 1]))
                          for i in range(len(self.layers) - 1)]
         self._final_norm = (model.norm.weight,)
-        self._end = compile_kernel(partial(_end, eps_finish[-1], model.norm.eps),
+        self._end = compile_kernel(partial(_end, q4, eps_finish[-1], model.norm.eps),
                                    (o(), row(), *self._finish_args[-1], *self._final_norm),
-                                   key=("llama-row-end", eps_finish[-1], model.norm.eps))
+                                   key=("llama-row-end", q4, eps_finish[-1], model.norm.eps))
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -142,13 +154,29 @@ class RowDecodeModel:
         q, k, v, residual, _ = self._first(self.model.embed_tokens(input_ids), self._zeros, *self._start_args[0],
                                            cos, sin)
         last = len(self.layers) - 1
+        attend = self._attention(kv_caches, meta)
         for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            attn = layer.self_attn
-            attn.backend.write_kv(k, v, cache.data, meta, kv_scales=cache.scales)
-            o = attn.backend.forward(q, cache.data, meta, attn.scale, window=attn.sliding_window,
-                                     kv_scales=cache.scales).reshape(1, -1)
+            o = attend(layer.self_attn, q, k, v, cache)
             if i == last:
                 return self._end(o, residual, *self._finish_args[i], *self._final_norm)[0]
             q, k, v, residual, *_ = self._between[i](o, residual, *self._finish_args[i], *self._start_args[i + 1],
                                                      cos, sin)
         raise AssertionError("unreachable: a model has at least one layer")
+
+    def _attention(self, kv_caches: list[KVCache], meta: AttentionMetadata) -> Callable[..., torch.Tensor]:
+        """This step's attention for a layer: (attention module, q, k, v, cache) -> o [1, heads * head_dim]. The
+        C++ op where it applies (float32 cache, the library built), else the layers' backend."""
+        if self._decode_attention is not None and all(c.scales is None and c.data.dtype == torch.float32
+                                                       for c in kv_caches):
+            table, seq_len, slot = meta.block_tables[0], meta.seq_lens_cpu[0], int(meta.slot_mapping[0])
+
+            def cpp(attn, q, k, v, cache):
+                return self._decode_attention(q[0], k[0], v[0], cache.data, table, seq_len, slot, attn.scale,
+                                              attn.sliding_window or 0).view(1, -1)
+            return cpp
+
+        def backend(attn, q, k, v, cache):
+            attn.backend.write_kv(k, v, cache.data, meta, kv_scales=cache.scales)
+            return attn.backend.forward(q, cache.data, meta, attn.scale, window=attn.sliding_window,
+                                        kv_scales=cache.scales).reshape(1, -1)
+        return backend

@@ -1,5 +1,6 @@
 """GemvLinear: a float32 linear that also holds its weight in GGUF blocks (engine_svc.quant.gguf_gemv) and
-multiplies a single row (batch-1 decode, the CPU's memory-bound case) with the compiled block GEMV. Several rows
+multiplies a single row (batch-1 decode) with the block GEMV: the C++ op (engine_svc.cpu_kernels), else the
+reference compiled by inductor. Several rows
 (prefills, batched decodes, verify rows) go to F.linear on the float32 weight, which the BLAS's GEMM runs at
 compute speed. Both forms hold the same weights (the loader widens the float32 weight from the blocks' exact int4
 form, engine_svc.loader.gguf_gemv_serving), so the two paths differ only in float32 rounding."""
@@ -9,14 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_svc import cpu_kernels
 from engine_svc.quant.compiled_kernels import Kernel, compile_kernel
 from engine_svc.quant.gguf_gemv import GEMV_FUNCTIONS, GemvBlocks
 
 
+def gemv_function(kind: str) -> Kernel | None:
+    """The C++ op for a block form ("q4" / "q8"), or None where it cannot be built (cpu_kernels.load_error says
+    why)."""
+    ops = cpu_kernels.load()
+    return None if ops is None else getattr(ops, f"{kind}_gemv")
+
+
 class GemvLinear(nn.Module):
     """Buffers: weight float32 [N, K] (a parameter shared with a tied embedding stays that parameter), bias [N]
-    or None, and the blocks' tensors. kernel: the compiled GEMV; until compile() sets it, every row count uses
-    F.linear."""
+    or None, and the blocks' tensors. kernel: the GEMV; until compile() sets it, every row count uses F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: GemvBlocks) -> None:
         super().__init__()
@@ -39,9 +47,12 @@ class GemvLinear(nn.Module):
         return GemvBlocks(self.kind, tuple(getattr(self, n) for n in self.block_names))
 
     def compile(self) -> None:
-        """Compiles the GEMV for this layer's shapes (shared with every layer of the same shapes)."""
-        x = torch.zeros(self.weight.shape[1], dtype=torch.float32)
-        self.kernel = compile_kernel(GEMV_FUNCTIONS[self.kind], (x, *self.blocks.tensors))
+        """Sets the GEMV: the C++ op, else inductor's compilation for this layer's shapes (shared with every layer
+        of the same shapes)."""
+        self.kernel = gemv_function(self.kind)
+        if self.kernel is None:
+            x = torch.zeros(self.weight.shape[1], dtype=torch.float32)
+            self.kernel = compile_kernel(GEMV_FUNCTIONS[self.kind], (x, *self.blocks.tensors))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None or x.shape[0] != 1:
