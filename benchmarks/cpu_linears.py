@@ -13,8 +13,10 @@ Options (weights / activations):
 - gemv-q4/q8-head: the float32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv) that inductor compiles, the
   CPU default's fallback: Q4 decoder linears, a Q8_0 lm_head (the default model's file). Compiled for one thread,
   as the engine runs it, so its row is the same at every thread count.
-- cpp-q4/q8-head: the same GEMVs in C++ (engine_svc.cpu_kernels, the CPU default where it builds), its rows
-  split over the thread count (its own helper thread, not torch's).
+- cpp-q4/q8-head: the same GEMVs in C++ with the float32 path's exact weights (engine_svc.cpu_kernels: q4_gemv,
+  q8_gemv); one thread whatever the count.
+- cppi8-q4/q8-head: the Q4 layers with integer dot products over x split into two int8 levels (q4_gemv_i8x3,
+  the CPU default's on a CPU with AVX-512 VNNI), the lm_head as cpp's; one thread.
 Only float32 activations (fp32, gemv) keep the exact path's greedy outputs on the default model (README: "Single-
 stream decode on the CPU").
 """
@@ -40,7 +42,7 @@ NUM_LAYERS = 30
 GROUP = 32
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIONS = ("fp32", "bf16", "fp16", "int8-bf16", "int8-fp16", "int4-fp32", "int4-bf16", "int4-fp16", "gemv-q4/q8-head",
-           "cpp-q4/q8-head")
+           "cpp-q4/q8-head", "cppi8-q4/q8-head")
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,10 +65,10 @@ def int4(n: int, k: int, dtype: torch.dtype) -> Matmul:
 
 
 def gguf_gemv(n: int, k: int, kind: str, impl: str) -> Matmul:
-    """The fp32 GEMV over GGUF blocks (engine_svc.quant.gguf_gemv); kind q4 or q8, impl "gemv" (inductor) or
-    "cpp". Batch 1 only."""
+    """The GEMV over GGUF blocks (engine_svc.quant.gguf_gemv); kind q4 or q8, impl "gemv" (inductor), "cpp" (C++,
+    exact weights) or "cppi8" (C++, q4 over a two-level int8 split of x). Batch 1 only."""
+    from engine_svc import cpu_kernels
     from engine_svc.quant.compiled_kernels import compile_kernel
-    from engine_svc.quant.gemv_linear import gemv_function
     from engine_svc.quant.gguf_gemv import GEMV_FUNCTIONS, GemvBlocks
     scale = partial(torch.rand, n, k // GROUP, dtype=torch.float16)
     if kind == "q4":
@@ -74,11 +76,11 @@ def gguf_gemv(n: int, k: int, kind: str, impl: str) -> Matmul:
                                    scale() * 1e-3, scale() * 1e-3))
     else:
         blocks = GemvBlocks("q8", (torch.randint(-127, 128, (n, k // GROUP, GROUP), dtype=torch.int8), scale() * 1e-3))
-    if impl == "cpp":
-        kernel = gemv_function(kind)
-        if kernel is None:
-            from engine_svc.cpu_kernels import load_error
-            raise SystemExit(f"the C++ GEMV cannot be built here: {load_error()}")
+    if impl in ("cpp", "cppi8"):
+        ops = cpu_kernels.load()
+        if ops is None:
+            raise SystemExit(f"the C++ GEMV cannot be built here: {cpu_kernels.load_error()}")
+        kernel = ops.q4_gemv_i8x3 if (impl, kind) == ("cppi8", "q4") else getattr(ops, f"{kind}_gemv")
     else:
         kernel = compile_kernel(GEMV_FUNCTIONS[kind], (torch.zeros(k), *blocks.tensors))
     return lambda x: kernel(x.view(-1), *blocks.tensors)
@@ -87,7 +89,7 @@ def gguf_gemv(n: int, k: int, kind: str, impl: str) -> Matmul:
 def build(option: str, layers: int = NUM_LAYERS) -> tuple[torch.dtype, list[Matmul]]:
     """The activation dtype and one matmul per linear of a step (`layers` decoder layers, lm_head), in order."""
     kind, _, act = option.partition("-")
-    if kind in ("gemv", "cpp"):
+    if kind in ("gemv", "cpp", "cppi8"):
         mms = [gguf_gemv(n, k, "q4", kind) for _ in range(layers) for n, k in LAYER_SHAPES.values()]
         return torch.float32, [*mms, gguf_gemv(*LM_HEAD, "q8", kind)]
     dtype = _DTYPES[act or kind]
@@ -116,7 +118,7 @@ def time_token(dtype: torch.dtype, mms: list[Matmul], warmup: int, repeats: int)
 def weight_mb(option: str, layers: int = NUM_LAYERS) -> float:
     """Bytes each option reads per token (weights, scales, zeros), in MB."""
     kind, _, act = option.partition("-")
-    if kind in ("gemv", "cpp"):   # fp16 scales (and offsets)
+    if kind in ("gemv", "cpp", "cppi8"):   # fp16 scales (and offsets)
         return (layers * sum(n * k for n, k in LAYER_SHAPES.values()) * (0.5 + 4 / GROUP)
                 + LM_HEAD[0] * LM_HEAD[1] * (1 + 2 / GROUP)) / 1e6
     if kind == "int4":
@@ -125,14 +127,6 @@ def weight_mb(option: str, layers: int = NUM_LAYERS) -> float:
         per_weight = 1.0 if kind == "int8" else _DTYPES[kind].itemsize
     layer_params = layers * sum(n * k for n, k in LAYER_SHAPES.values())
     return (layer_params * per_weight + LM_HEAD[0] * LM_HEAD[1] * per_weight) / 1e6
-
-
-def set_cpp_threads(threads: int) -> None:
-    """The C++ GEMV's threads (1 or 2), where it builds."""
-    from engine_svc import cpu_kernels
-    ops = cpu_kernels.load()
-    if ops is not None:
-        ops.gemv_set_threads(min(threads, 2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -153,7 +147,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)   # before build: inductor bakes the thread count into its kernels
-            set_cpp_threads(threads)
             for option in args.options:
                 dtype, mms = build(option, args.layers)
                 ms = time_token(dtype, mms, args.warmup, args.repeats)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.cpp", "decode_attention.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.cpp", "gemv_i8x3.cpp", "decode_attention.cpp"))
 NAMESPACE = "tandem_cpu"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -74,6 +74,7 @@ def _register_fakes() -> None:
     fake = torch.library.register_fake
     fake(f"{NAMESPACE}::q4_gemv")(lambda x, codes, scales, offsets: x.new_empty(codes.shape[0]))
     fake(f"{NAMESPACE}::q8_gemv")(lambda x, codes, scales: x.new_empty(codes.shape[0]))
+    fake(f"{NAMESPACE}::q4_gemv_i8x3")(lambda x, codes, scales, offsets: x.new_empty(codes.shape[0]))
     fake(f"{NAMESPACE}::decode_attention")(lambda q, *rest: torch.empty_like(q))
 
 
@@ -102,9 +103,8 @@ def load_error() -> str | None:
 
 
 def describe_gemv() -> str:
-    """Which GEMV code runs, for the start log: e.g. 'C++ avx512, 1 thread'."""
+    """Which GEMV code runs, for the start log: e.g. 'C++ avx512-vnni'."""
     ops = load()
     if ops is None:
         return f"inductor (C++ kernels unavailable: {load_error()})"
-    threads = ops.gemv_threads()
-    return f"C++ {ops.isa()}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"C++ {ops.isa()}"

@@ -1,7 +1,8 @@
 // Batch-1 GEMVs over GGUF blocks in float32 on the CPU: y[n] = sum_k w[n, k] * x[k], where w is exactly the float32
 // weight the engine's F.linear path multiplies (q * scale + offset, computed in float32 from the file's fp16 scale
 // and offset). Built and loaded at engine start by engine_svc/cpu_kernels (g++, cached), which documents the
-// Python side; registered as torch ops tandem_cpu::q4_gemv / q8_gemv so inductor graphs can call them.
+// Python side; registered as torch ops tandem_cpu::q4_gemv / q8_gemv so inductor graphs can call them. (The q4
+// GEMV with integer dot products, which rounds x, is gemv_i8x3.cpp.)
 //
 // Layout (engine_svc/quant/gguf_gemv.py, GemvBlocks), rows contiguous, K = 32 * nb:
 //   q4: codes uint8 [N, nb, 16] (byte j of a block: weight j in the low nibble, weight 16 + j in the high one,
@@ -15,37 +16,30 @@
 //
 // AVX-512 (F, BW), chosen at run time: a q4 block's 16 possible weights are one register (the table
 // T[j] = fma(j, scale, offset)); each weight is a lane permute of it by its 4-bit code (vpermps reads only the low
-// 4 bits of an index, so the high nibble needs just a shift). ROWS rows at a time share each load of x and give
-// 2 * ROWS independent accumulator chains to cover the FMA latency.
+// 4 bits of an index, so the high nibble needs just a shift). kRows rows at a time share each load of x and give
+// 2 * kRows independent accumulator chains to cover the FMA latency.
 //
-// Threads: tandem_cpu::gemv_set_threads(2) starts one helper thread. A GEMV's rows are split in chunks that the calling
-// thread and the helper claim from one atomic counter; the caller waits only for chunks the helper has claimed and
-// not finished, never for the helper to wake up. So when another process holds the other core the caller does the
-// rows alone, instead of stalling at a join as fork-join threading does. The helper spins (yielding) for a while
-// after each chunk and then sleeps on a condition variable.
+// One thread: a single-token step is a chain of small calls, and the gateway and tokenizer work on every token
+// too; rows split over two threads (a helper claiming chunks of rows from an atomic counter, the caller never
+// waiting for it to wake) measured 15.5 ms a token alone against 22 to 32 ms with the helper, on this 2-core
+// machine type shared with other jobs: the scheduler put both threads on one core.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kChunkRows = 32;      // rows a thread claims at once (a multiple of kRows)
 constexpr int kRows = 4;                // rows the AVX-512 loop computes together
 constexpr int kMaxBlocksOnStack = 256;  // K up to 8192 keeps one row's widened scales on the stack; larger K loops
 
@@ -222,117 +216,6 @@ namespace {
 using tandem_cpu::use_avx512;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Row splitting between the calling thread and one helper.
-//
-// state packs (generation: 24 bits | chunks: 20 bits | next chunk: 20 bits). A GEMV publishes a new generation
-// with its chunk count; a claim is a CAS that moves next forward only within the generation it read, so a helper
-// that looks late can never claim a chunk of the following GEMV with the previous one's arguments. busy counts
-// helpers between "about to claim" and "chunk done": the caller returns only when every chunk is claimed and busy
-// is 0, and it writes the next GEMV's arguments only after that, so a claim that succeeds reads the arguments of
-// its own generation.
-
-using RowFn = void (*)(const void* args, int64_t r0, int64_t r1);
-
-class RowSplitter {
- public:
-  void set_threads(int threads) {
-    if (threads > 1 && !helper_.joinable()) helper_ = std::thread([this] { helper_loop(); });
-    threads_ = threads;
-  }
-  int threads() const { return threads_; }
-
-  void run(RowFn fn, const void* args, int64_t rows) {
-    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-    // One caller at a time shares the rows with the helper; a concurrent caller (another engine in the process)
-    // does its rows alone.
-    if (threads_ < 2 || chunks < 2 || chunks >= (1 << 20) || in_use_.exchange(true, std::memory_order_acquire)) {
-      fn(args, 0, rows);
-      return;
-    }
-    fn_ = fn;
-    args_ = args;
-    rows_ = rows;
-    generation_ = (generation_ + 1) & 0xffffff;
-    state_.store((generation_ << 40) | (static_cast<uint64_t>(chunks) << 20), std::memory_order_seq_cst);
-    if (sleeping_.load(std::memory_order_seq_cst)) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      wake_.notify_one();
-    }
-    int64_t chunk;
-    while ((chunk = claim(generation_)) >= 0) run_chunk(chunk);
-    while (busy_.load(std::memory_order_acquire) != 0) _mm_pause();
-    in_use_.store(false, std::memory_order_release);
-  }
-
- private:
-  // The next chunk of generation gen, or -1 when that generation is over or fully claimed.
-  int64_t claim(uint64_t gen) {
-    uint64_t s = state_.load(std::memory_order_acquire);
-    while ((s >> 40) == gen && (s & 0xfffff) < ((s >> 20) & 0xfffff)) {
-      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire))
-        return static_cast<int64_t>(s & 0xfffff);
-    }
-    return -1;
-  }
-
-  void run_chunk(int64_t chunk) {
-    const int64_t r0 = chunk * kChunkRows;
-    fn_(args_, r0, std::min(rows_, r0 + kChunkRows));
-  }
-
-  void helper_loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      uint64_t gen = wait_for_generation_after(seen);
-      seen = gen;
-      busy_.fetch_add(1, std::memory_order_seq_cst);
-      int64_t chunk;
-      while ((chunk = claim(gen)) >= 0) {
-        run_chunk(chunk);
-        helper_chunks_.fetch_add(1, std::memory_order_relaxed);
-      }
-      busy_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-
-  uint64_t wait_for_generation_after(uint64_t seen) {
-    for (int i = 0; i < spin_; ++i) {
-      uint64_t gen = state_.load(std::memory_order_acquire) >> 40;
-      if (gen != seen) return gen;
-      _mm_pause();
-    }
-    std::unique_lock<std::mutex> lock(mutex_);
-    sleeping_.store(true, std::memory_order_seq_cst);
-    uint64_t gen;
-    while ((gen = state_.load(std::memory_order_seq_cst) >> 40) == seen) wake_.wait(lock);
-    sleeping_.store(false, std::memory_order_relaxed);
-    return gen;
-  }
-
-  std::atomic<uint64_t> state_{0};
-  std::atomic<int> busy_{0};
-  std::atomic<bool> sleeping_{false};
-  std::atomic<bool> in_use_{false};
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::thread helper_;
-  int threads_ = 1;
- public:
-  int spin_ = 20000;
-  std::atomic<int64_t> helper_chunks_{0};
- private:
-  uint64_t generation_ = 0;   // the caller's; helpers read the generation from state_
-  RowFn fn_ = nullptr;
-  const void* args_ = nullptr;
-  int64_t rows_ = 0;
-};
-
-RowSplitter& splitter() {
-  static RowSplitter* s = new RowSplitter();   // never destroyed: its helper thread runs for the process's life
-  return *s;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // The ops.
 
 void check_common(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, at::ScalarType code_type,
@@ -352,50 +235,34 @@ void check_common(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
               scales.sizes());
 }
 
-void q4_rows(const void* args, int64_t r0, int64_t r1) {
-  const auto& a = *static_cast<const Q4Args*>(args);
-  use_avx512() ? q4_avx512(a, r0, r1) : q4_portable(a, r0, r1);
-}
-
-void q8_rows(const void* args, int64_t r0, int64_t r1) {
-  const auto& a = *static_cast<const Q8Args*>(args);
-  use_avx512() ? q8_avx512(a, r0, r1) : q8_portable(a, r0, r1);
-}
-
 at::Tensor q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets) {
   check_common(x, codes, scales, at::kByte, 16, "tandem_cpu::q4_gemv");
   TORCH_CHECK(offsets.scalar_type() == at::kHalf && offsets.is_contiguous() && offsets.sizes() == scales.sizes(),
               "tandem_cpu::q4_gemv: offsets must be contiguous float16 shaped as the scales, got ",
               offsets.scalar_type(), " ", offsets.sizes());
   at::Tensor y = at::empty({codes.size(0)}, x.options());
-  Q4Args a{x.data_ptr<float>(), codes.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(),
-           offsets.data_ptr<c10::Half>(), y.data_ptr<float>(), codes.size(1)};
-  splitter().run(q4_rows, &a, codes.size(0));
+  const Q4Args a{x.data_ptr<float>(), codes.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(),
+                 offsets.data_ptr<c10::Half>(), y.data_ptr<float>(), codes.size(1)};
+  use_avx512() ? q4_avx512(a, 0, codes.size(0)) : q4_portable(a, 0, codes.size(0));
   return y;
 }
 
 at::Tensor q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
   check_common(x, codes, scales, at::kChar, kBlock, "tandem_cpu::q8_gemv");
   at::Tensor y = at::empty({codes.size(0)}, x.options());
-  Q8Args a{x.data_ptr<float>(), codes.data_ptr<int8_t>(), scales.data_ptr<c10::Half>(), y.data_ptr<float>(),
-           codes.size(1)};
-  splitter().run(q8_rows, &a, codes.size(0));
+  const Q8Args a{x.data_ptr<float>(), codes.data_ptr<int8_t>(), scales.data_ptr<c10::Half>(), y.data_ptr<float>(),
+                 codes.size(1)};
+  use_avx512() ? q8_avx512(a, 0, codes.size(0)) : q8_portable(a, 0, codes.size(0));
   return y;
 }
 
-// "avx512" or "portable": the code the ops (these and decode_attention) run now.
-std::string isa() { return use_avx512() ? "avx512" : "portable"; }
-
-void use_portable(bool portable) { force_portable.store(portable); }
-
-void set_threads(int64_t threads) {
-  TORCH_CHECK(threads == 1 || threads == 2, "tandem_cpu::gemv_set_threads: 1 or 2, got ", threads);
-  splitter().set_threads(static_cast<int>(threads));
+// "avx512-vnni", "avx512" or "portable": the code the ops (these, q4_gemv_i8x3's and decode_attention's) run now.
+std::string isa() {
+  if (!use_avx512()) return "portable";
+  return __builtin_cpu_supports("avx512vnni") ? "avx512-vnni" : "avx512";
 }
 
-int64_t get_threads() { return splitter().threads(); }
-void set_spin(int64_t n) { splitter().spin_ = n; }
-int64_t helper_chunks() { return splitter().helper_chunks_.load(); }
+void use_portable(bool portable) { force_portable.store(portable); }
 
 }  // namespace
 
@@ -404,10 +271,6 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("q8_gemv(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("isa() -> str", isa);
   m.def("use_portable(bool portable) -> ()", use_portable);
-  m.def("gemv_set_threads(int threads) -> ()", set_threads);
-  m.def("gemv_threads() -> int", get_threads);
-  m.def("gemv_set_spin(int n) -> ()", set_spin);
-  m.def("gemv_helper_chunks() -> int", helper_chunks);
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {

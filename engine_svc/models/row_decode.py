@@ -106,7 +106,9 @@ def _gemv_args(linear: GemvLinear) -> tuple[torch.Tensor, ...]:
 class RowDecodeModel:
     """Runs a LlamaModel on a single token: __call__ takes and returns what its forward does."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, q4: Gemv | None = None) -> None:
+        """q4: the q4 GEMV the graphs call (default: engine_svc.quant.gemv_linear.gemv_function's, else the
+        reference compiled by inductor)."""
         if not row_decode_supported(model):
             raise ValueError("row decode needs a whole model of torch-backend layers with q4 GemvLinear linears "
                              "and no q/k norms")
@@ -126,7 +128,7 @@ class RowDecodeModel:
         rope = (rope_row(attn.head_dim), rope_row(attn.head_dim))
         eps_start = [layer.input_layernorm.eps for layer in self.layers]
         eps_finish = [layer.post_attention_layernorm.eps for layer in self.layers]
-        q4 = gemv_function("q4") or q4_gemv
+        q4 = q4 or gemv_function("q4") or q4_gemv
         ops = cpu_kernels.load()
         self._decode_attention = None if ops is None else ops.decode_attention
         self._first = compile_kernel(partial(_start, q4, self._heads, eps_start[0]),

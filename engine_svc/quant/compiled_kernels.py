@@ -22,6 +22,10 @@ import torch
 Kernel = Callable[..., torch.Tensor]
 
 _COMPILED: dict[tuple, Kernel] = {}
+# The generated wrapper checks every input's size and stride on each call, about 1 µs each: 20 µs a call of the
+# single-token step's graphs (15 to 25 tensors). The callers pass tensors of the example's layout by construction
+# (the loaded weights, the previous call's outputs).
+_WRAPPER_CONFIG = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
 @contextmanager
@@ -46,7 +50,7 @@ def compile_kernel(fn: Callable, example: tuple[torch.Tensor, ...], key=None) ->
     kernel = _COMPILED.get(signature)
     if kernel is None:
         from torch.fx.experimental.proxy_tensor import make_fx
-        with torch.no_grad(), one_thread():
+        with torch.no_grad(), one_thread(), torch._inductor.config.patch(_WRAPPER_CONFIG):
             graph = make_fx(fn)(*example)
             kernel = torch._inductor.compile(graph, list(example))
         _COMPILED[signature] = kernel

@@ -1,7 +1,8 @@
-"""The C++ kernels of the CPU's single-token step (engine_svc.cpu_kernels): the block GEMVs multiply by exactly the
-float32 weights the blocks hold (a one-hot x returns a weight column bit for bit) and agree with the torch
-reference, on the AVX-512 and the portable code alike, split over two threads or not; the decode attention writes
-the cache and attends as the torch backend does; bad input gets a precise error; a failed build falls back."""
+"""The C++ kernels of the CPU's single-token step (engine_svc.cpu_kernels): the float32 block GEMVs multiply by
+exactly the float32 weights the blocks hold (a one-hot x returns a weight column bit for bit) and agree with the
+torch reference, on the AVX-512 and the portable code alike; the integer q4 GEMV stays within its rounding of x;
+the decode attention writes the cache and attends as the torch backend does; bad input gets a precise error; a
+failed build falls back."""
 from __future__ import annotations
 
 import math
@@ -89,18 +90,35 @@ def test_the_portable_code_sums_as_the_native_one(ops):
     torch.testing.assert_close(portable, native, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
-def test_two_threads_give_the_same_bits(ops, kind):
-    blocks = _blocks(kind, 1000, 576, seed=5)   # 32 chunks of 32 rows, the last one short
-    x = torch.randn(576, generator=torch.Generator().manual_seed(6))
-    one = _op(ops, kind)(x, *blocks.tensors)
-    ops.gemv_set_threads(2)
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_i8x3_gemv_rounds_x_to_23_bits_of_each_blocks_largest(ops, code, n, k):
+    blocks = _blocks("q4", n, k, seed=7)
+    weight = blocks.dequantized().double()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(k, generator=g) * torch.rand(k, generator=g) * 4
+    x[32:64] = 0                                                 # an all-zero block has no scale
+    exact = weight @ x.double()
+    # x kept to (its block's max |x|) / 127 / 254^2 / 2 on the weights q * scale (the offsets multiply the float32
+    # sum of x), plus float32 rounding of the block sums and their combination
+    codes, scales, _ = blocks.tensors
+    q = torch.cat([codes & 15, codes >> 4], dim=-1).double()      # [N, nb, 32]
+    top = x.double().view(-1, 32).abs().amax(1)                   # [nb]
+    rounding = (q.sum(-1) * scales.double() * top / 127 / (2 * 254 ** 2) * 1.01).sum(1)
+    bound = rounding + (k / 32 + 8) * 4 * EPS * (weight.abs() @ x.double().abs())
+    got = ops.q4_gemv_i8x3(x, *blocks.tensors).double()
+    assert ((got - exact).abs() <= bound).all()
+
+
+def test_i8x3_portable_and_native_agree(ops):
+    blocks = _blocks("q4", 64, 576, seed=9)
+    x = torch.randn(576, generator=torch.Generator().manual_seed(10))
+    native = ops.q4_gemv_i8x3(x, *blocks.tensors)
+    ops.use_portable(True)
     try:
-        assert ops.gemv_threads() == 2
-        for _ in range(20):
-            assert torch.equal(_op(ops, kind)(x, *blocks.tensors), one)
+        portable = ops.q4_gemv_i8x3(x, *blocks.tensors)
     finally:
-        ops.gemv_set_threads(1)
+        ops.use_portable(False)
+    torch.testing.assert_close(portable, native, rtol=1e-5, atol=1e-5)
 
 
 def test_gemv_input_errors(ops):
@@ -115,8 +133,11 @@ def test_gemv_input_errors(ops):
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             ops.q4_gemv(*args)
-    with pytest.raises(RuntimeError, match="1 or 2"):
-        ops.gemv_set_threads(3)
+    for args, message in cases[:3]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.q4_gemv_i8x3(*args)
+    with pytest.raises(RuntimeError, match="scales and offsets must be contiguous float16"):
+        ops.q4_gemv_i8x3(x, codes, scales, offsets[:4])
 
 
 H, KVH, D, BS, NB = 6, 2, 32, 4, 24

@@ -11,9 +11,11 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from engine_svc.attention import AttentionMetadata
+from engine_svc import cpu_kernels
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.loader.gguf_gemv_serving import gguf_gemv_applies
+from engine_svc.models.row_decode import RowDecodeModel
 from engine_svc.quant.gemv_linear import GemvLinear
 from engine_svc.worker.cpu_threads import set_cpu_threads
 from tests.engine.family_checks import PROMPTS, engine_config, make_engine, stepped_logits
@@ -97,30 +99,38 @@ def _one_token_step(position: int, block: int) -> AttentionMetadata:
         query_lens_cpu=[1], seq_lens_cpu=[position + 1], block_size=4, max_seq_len=position + 1)
 
 
+def _row_decode_variants(model) -> list[tuple[RowDecodeModel, float]]:
+    """(row decode, tolerance against the eager model): the engine's own (its q4 GEMV rounds x to 24 bits of each
+    block's largest |x| on AVX-512 VNNI) and, where the C++ kernels build, one on the float32 q4 GEMV."""
+    variants = [(model.row_decode, 1e-5)]
+    ops = cpu_kernels.load()
+    if ops is not None:
+        variants.append((RowDecodeModel(model, q4=ops.q4_gemv), 1e-5))
+    return variants
+
+
 def test_row_decode_computes_what_the_eager_model_does(engines):
     fast, _ = engines
     model, caches = fast.runner.model.model, fast.runner.kv_caches
     ids, positions, meta = torch.tensor([17]), torch.tensor([5]), _one_token_step(5, 9)
-    hidden, written = [], []
-    for row in (model.row_decode, None):
-        for i, cache in enumerate(caches):
-            cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(i)))
-        saved, model.row_decode = model.row_decode, row
-        with torch.inference_mode():
-            hidden.append(model(ids, positions, caches, meta))
-        model.row_decode = saved
-        written.append(torch.stack([cache.data[:, 9] for cache in caches]))
-    assert hidden[0].shape == (1, 64)
-    torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(written[0], written[1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("device, world, asked, expected", [
-    ("cpu", 1, None, 2), ("cpu", 1, 3, 3), ("cpu", 2, 3, 2), ("cuda", 1, 3, 2)])
-def test_cpu_threads(device, world, asked, expected):
-    torch.set_num_threads(2)
-    set_cpu_threads(EngineConfig(model="m", cpu_threads=asked, tensor_parallel_size=world), torch.device(device))
-    assert torch.get_num_threads() == expected
+    for row_decode, tol in _row_decode_variants(model):
+        hidden, written = [], []
+        for row in (row_decode, None):   # then the eager layers on F.linear (the float32 path)
+            for i, cache in enumerate(caches):
+                cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(i)))
+            saved, model.row_decode = model.row_decode, row
+            kernels = {m: m.kernel for m in model.modules() if isinstance(m, GemvLinear)}
+            for m in kernels:
+                m.kernel = None if row is None else kernels[m]
+            with torch.inference_mode():
+                hidden.append(model(ids, positions, caches, meta))
+            model.row_decode = saved
+            for m, kernel in kernels.items():
+                m.kernel = kernel
+            written.append(torch.stack([cache.data[:, 9] for cache in caches]))
+        assert hidden[0].shape == (1, 64)
+        torch.testing.assert_close(hidden[0], hidden[1], rtol=tol, atol=tol)
+        torch.testing.assert_close(written[0], written[1], rtol=tol, atol=tol)
 
 
 def test_single_token_steps_run_on_one_thread(engines, monkeypatch):
