@@ -92,7 +92,8 @@ AVX512 inline void weighted_values(const float* values, const int64_t* rows, con
   if constexpr (C == 0) {
     for (int64_t i = 0; i < d; i += kLanes) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(values + rows[t] + i), acc);
+      for (int64_t t = 0; t < n; ++t)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(values + rows[t] + i), acc);
       _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
     }
   } else {
@@ -166,7 +167,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   rows.resize(seq_len - start);
   cache_rows(table, s, start, seq_len, rows.data());
   at::Tensor out = at::empty({s.heads, s.head_dim}, q.options());
-  auto attend = !tandem_cpu::use_avx512()              ? attend_portable
+  auto attend = !tandem_cpu::use_avx512()    ? attend_portable
                 : s.head_dim == 4 * kLanes ? attend_avx512<4>
                 : s.head_dim == 8 * kLanes ? attend_avx512<8>
                                            : attend_avx512<0>;

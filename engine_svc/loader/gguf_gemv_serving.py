@@ -1,6 +1,7 @@
 """The CPU's default serving of a GGUF whose decoder linears are all Q4_0 / Q4_1 (the default model is Q4_1):
-float32 arithmetic throughout, and every linear with a block type the GEMV reads (decoder linears, and lm_head when
-it is Q8_0 / Q4_0 / Q4_1) also keeps the file's blocks, so a batch-1 decode step reads 6 to 9 bits per weight
+float32 arithmetic throughout (the q4 GEMV on AVX-512 VNNI: integer dot products over x kept to about 23 bits of
+each block's largest |x|), and every linear with a block type the GEMV reads (decoder linears, and lm_head when it
+is Q8_0 / Q4_0 / Q4_1) also keeps the file's blocks, so a batch-1 decode step reads 5 to 8.5 bits per weight
 instead of 32 (engine_svc.quant.gemv_linear).
 
 It applies to `--dtype auto` (the default) on the CPU, one rank, no LoRA and no weight offload; `--dtype float32`

@@ -11,7 +11,8 @@ library).
 
 It serves a whole model (one pipeline stage) whose decoder linears are all q4 GemvLinear
 (engine_svc.loader.gguf_gemv_serving) and whose q / k have no per-head norms. The arithmetic is the eager layers',
-in float32, rounded in another order (inductor's fused reductions and the GEMVs' block sums).
+in float32, rounded in another order (inductor's fused reductions and the GEMVs' block sums), except that the q4
+GEMV on AVX-512 VNNI keeps x to about 23 bits of each block's largest |x| (engine_svc/cpu_kernels/gemv_i8x3.cpp).
 
 Every normalized row is also returned by the graph that makes it: with inductor's own GEMV it then stores it once,
 where it would otherwise recompute the norm inside every output row of the GEMV that reads it (measured: 40%

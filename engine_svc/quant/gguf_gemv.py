@@ -12,7 +12,8 @@ but a decode step's SmolLM2 decoder linears, out of cache, took 15.2 ms against 
 - "q8": codes int8 [N, K // 32, 32], scales float16 [N, K // 32]; w = q * scale.
 
 The GEMVs that serve: the C++ ops of engine_svc.cpu_kernels (gemv.cpp), which multiply x by exactly the
-float32 weights the exact path multiplies; where they cannot be built, q4_gemv / q8_gemv below compiled by inductor
+float32 weights the exact path multiplies (on AVX-512 VNNI, q4 in integer dot products over x split into three
+int8 levels, gemv_i8x3.cpp); where they cannot be built, q4_gemv / q8_gemv below compiled by inductor
 (engine_svc.quant.compiled_kernels). Those take a block's sum as scale * (q * x) (q4: the two nibbles' products
 added first) plus offset * sum(x): equal to sum(x * (q * scale + offset)) up to float32 rounding in another order
 (in this order inductor's loop measured 5% faster than with x * scale taken first). q4_gemv / q8_gemv are also the
