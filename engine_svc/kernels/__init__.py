@@ -2,7 +2,10 @@
 writes, and fused RMSNorm(+residual), RoPE and SwiGLU.
 
 One module per kernel, each with a torch-level wrapper; importing any of them imports triton, and
-engine_svc.attention only imports them when the "triton" backend is chosen.
+engine_svc.attention only imports them when the "triton" backend is chosen. This package is the engine's bottom layer
+(it imports nothing from the engine above it), so what the kernels and the layers above share lives here in modules
+that import no triton: the fp8 arithmetic (fp8_numerics), the fp8 KV cache's scales (kv_scales) and the LoRA token
+tile (lora_tile).
 
 Triton decides between compiling and interpreting a function when its @triton.jit decorator runs (TRITON_INTERPRET
 is read then), and that includes triton.language's own jitted helpers (tl.sum, tl.max), decorated when triton is

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from engine_svc.kernels._attention_tile import dot
-from engine_svc.lora.batch import TILE
+from engine_svc.kernels.lora_tile import TILE
 
 BLOCK_R = 16
 BLOCK_K = 128

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_svc.attention.kv_cache import check_scales
 from engine_svc.kernels._attention_tile import attend_tile
+from engine_svc.kernels.kv_scales import check_scales
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64     # packed (token, head) rows per program
