@@ -5,7 +5,7 @@ import asyncio
 import sys
 
 from engine_svc.config import config_from_args
-from engine_svc.server import serve
+from engine_svc.service.server import serve
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
 from engine_svc.model_config import ModelConfig
-from engine_svc.logprobs import token_logprobs
+from engine_svc.sampling.logprobs import token_logprobs
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
-from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
+from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.verify import sample_with_proposals
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-from gateway import cli
+from gateway.cli import main as cli
 from gateway.admission import Admission
 from gateway.auth import ENV_VAR
 from gateway.config import GatewayConfig, config_from_args
 from gateway.public_server import create_server, exposure_warning, is_loopback
-from gateway.service_commands import compose_topology, gateway_argv, local_topology
+from gateway.cli.service_commands import compose_topology, gateway_argv, local_topology
 
 
 def test_every_entry_point_binds_loopback_by_default() -> None:

@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 
-from gateway.generate_client import ConnectionOptions, GenerateOptions, run_generate, unescape
-from gateway.launcher import LauncherConfig, run_stack
-from gateway.model_fetch import DEFAULT_MODEL, resolve_model
-from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_HTTP_PORT,
+from gateway.cli.generate_client import ConnectionOptions, GenerateOptions, run_generate, unescape
+from gateway.cli.launcher import LauncherConfig, run_stack
+from gateway.cli.model_fetch import DEFAULT_MODEL, resolve_model
+from gateway.cli.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_HTTP_PORT,
                                       DEFAULT_METRICS_PORT, DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -16,13 +16,13 @@ from typing import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine_svc.adapter_rpcs import AdapterAdminRpcs
+from engine_svc.service.adapter_rpcs import AdapterAdminRpcs
 from engine_svc.adapters import UnknownAdapter
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import FinishReason
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, logprob_to_pb,
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, logprob_to_pb,
                                       params_from_pb)
 from protos.reflection import enable_reflection
 from protos.tandem.internal.v1 import engine_pb2 as pb

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway import healthcheck
+from gateway.cli import healthcheck
 from gateway.admission import RETRY_AFTER_KEY, Admission
 from gateway.auth import ENV_VAR, check_metadata, key_matches, load_api_keys
 from gateway.config import GatewayConfig

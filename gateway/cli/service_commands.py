@@ -1,7 +1,7 @@
 """The argv of each Tandem service, built from one frozen topology.
 
 This is the single source of truth for how the three services are started: the `tandem serve` launcher runs
-exactly these argvs, and tests/test_compose.py checks that every `command:` in docker-compose.yml equals what
+exactly these argvs, and tests/cli/test_compose.py checks that every `command:` in docker-compose.yml equals what
 `compose_topology()` builds here. Change a flag here and the compose test tells you to update the compose file.
 
 Pure functions only: nothing here starts a process, touches the network or reads the environment.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from gateway.model_fetch import DEFAULT_GGUF_NAME
+from gateway.cli.model_fetch import DEFAULT_GGUF_NAME
 
 TOKENIZER = "tokenizer"
 ENGINE = "engine"
@@ -176,7 +176,7 @@ def gateway_argv(t: ServiceTopology) -> list[str]:
 
 def model_fetch_argv(python: str) -> list[str]:
     """The compose one-shot that fetches the default model (TANDEM_CACHE picks the directory)."""
-    return [python, "-m", "gateway.model_fetch"]
+    return [python, "-m", "gateway.cli.model_fetch"]
 
 
 def service_argvs(t: ServiceTopology) -> dict[str, list[str]]:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack,
+from gateway.cli.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack,
                               services_for)
 from gateway.restart_budget import RestartBudget
-from gateway.service_commands import local_topology
+from gateway.cli.service_commands import local_topology
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_SERVICE = r'''
 import argparse, os, signal, sys, threading, time
@@ -76,8 +76,8 @@ server.stop(0)
 # Runs the launcher as its own process, so the tests can signal it the way a terminal or an OOM killer would.
 DRIVER = r'''
 import json, sys
-from gateway.launcher import LauncherConfig, run_stack
-from gateway.service_commands import local_topology
+from gateway.cli.launcher import LauncherConfig, run_stack
+from gateway.cli.service_commands import local_topology
 cfg = json.loads(sys.argv[1])
 topology = local_topology("/models/fake.gguf", gateway_host="127.0.0.1", **cfg["ports"])
 def wrap(name, argv):

@@ -7,10 +7,10 @@ from concurrent import futures
 import grpc
 import pytest
 
-from gateway import cli
+from gateway.cli import main as cli
 from gateway.config import config_from_args
-from gateway.generate_client import GenerateOptions, build_request, run_generate
-from gateway.service_commands import engine_argv, gateway_argv, tokenizer_argv
+from gateway.cli.generate_client import GenerateOptions, build_request, run_generate
+from gateway.cli.service_commands import engine_argv, gateway_argv, tokenizer_argv
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 

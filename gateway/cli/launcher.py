@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TextIO
 
-from gateway import healthcheck
+from gateway.cli import healthcheck
 from gateway.restart_budget import RestartBudget
-from gateway.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses,
+from gateway.cli.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses,
                                       service_argvs)
-from gateway.service_process import NAME_WIDTH, ServiceProcess
+from gateway.cli.service_process import NAME_WIDTH, ServiceProcess
 
 # Stage of each service: a stage starts only when every service of the previous stages is SERVING. Engine
 # replicas past the first (engine-2, ...) share the engine's stage.
