@@ -10,8 +10,8 @@ to one (it fails at once with UNAVAILABLE if that engine is really gone, and suc
 """
 from __future__ import annotations
 
+import logging
 import asyncio
-import sys
 from typing import Callable
 
 import grpc
@@ -25,6 +25,8 @@ from gateway.router import ReplicaLoad, Router, prefix_block_keys
 from gateway.tokenizer_pool import TokenizerPool
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
+
+_LOG = logging.getLogger("tandem.gateway.pipeline")
 
 __all__ = ["Chunk", "Failure", "Pipeline", "RequestHandle", "Submission", "TextOptions"]
 
@@ -140,7 +142,7 @@ class Pipeline:
             self.load_observer(replica.name, replica.load)
         if not replica.live:
             replica.live = True
-            print(f"[gateway] engine replica {replica.name} is up", file=sys.stderr, flush=True)
+            _LOG.info("engine replica %s is up", replica.name)
 
     async def _poll_forever(self, replica: Replica) -> None:
         while True:
@@ -157,7 +159,7 @@ class Pipeline:
         replica.live = False
         replica.load = epb.EngineLoad()
         self.router.forget(replica.name)   # it may come back with an empty prefix cache
-        print(f"[gateway] engine replica {replica.name} is down: {why}", file=sys.stderr, flush=True)
+        _LOG.warning("engine replica %s is down: %s", replica.name, why)
         if end_requests:
             replica.fail_all(why)
 

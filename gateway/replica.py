@@ -11,9 +11,9 @@ submit. An engine stream that breaks also marks the replica down (on_engine_lost
 """
 from __future__ import annotations
 
+import logging
 import asyncio
 import collections
-import sys
 from typing import Callable
 
 import grpc
@@ -24,6 +24,8 @@ from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import engine_pb2_grpc
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
 from protos.tandem.internal.v1 import tokenizer_pb2_grpc
+
+_LOG = logging.getLogger("tandem.gateway.replica")
 
 PROMPT_CONTEXT_TOKENS = 8   # prompt tail the detokenizer needs to decode the first new token as mid-text
 
@@ -188,7 +190,7 @@ class Replica:
     def _fail_internal(self, request_id: str, stage: str, error: object) -> None:
         """Ends one request with INTERNAL (stopping it in the engine) after an error of its own."""
         detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        print(f"[gateway] request {request_id} failed while {stage}: {detail}", file=sys.stderr, flush=True)
+        _LOG.error("request %s failed while %s: %s", request_id, stage, detail)
         in_engine = request_id in self._handles
         self._fail(request_id, Failure(grpc.StatusCode.INTERNAL, f"{stage} failed: {detail}"))
         if in_engine and self._engine_stream is not None:
@@ -204,7 +206,7 @@ class Replica:
         # Either stream breaking strands every request in flight here.
         detail = getattr(error, "details", lambda: None)() or str(error or "stream ended")
         which = "engine" if engine else "tokenizer"
-        print(f"[gateway] {which} stream of replica {self.name} closed: {detail}", file=sys.stderr, flush=True)
+        _LOG.warning("%s stream of replica %s closed: %s", which, self.name, detail)
         self.fail_all(detail)
         if engine:
             self._on_engine_lost(self, detail)

@@ -23,8 +23,7 @@ from typing import Callable, Sequence, TextIO
 
 from gateway.cli import healthcheck
 from gateway.restart_budget import RestartBudget
-from gateway.cli.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses,
-                                      service_argvs)
+from gateway.cli.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses, service_argvs)
 from gateway.cli.service_process import NAME_WIDTH, ServiceProcess
 
 # Stage of each service: a stage starts only when every service of the previous stages is SERVING. Engine

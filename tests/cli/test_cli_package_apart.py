@@ -15,7 +15,7 @@ def walk(package):   # pkgutil.walk_packages would import gateway.cli itself to 
         if info.ispkg:
             walk(module)
 walk({package})
-print(sorted(m for m in sys.modules if m.startswith("gateway.cli")))
+print(sorted(m for m in sys.modules if m == "gateway.cli" or m.startswith("gateway.cli.")))
 """
 
 

@@ -14,8 +14,8 @@ import yaml
 from gateway.cli import main as cli, model_fetch
 from gateway.cli.launcher import services_for
 from gateway.cli.service_commands import (COMPOSE_CACHE, COMPOSE_MODEL_PATH, DEFAULT_METRICS_PORT, ENGINE, GATEWAY,
-                                      TOKENIZER, compose_topology, listen_addresses, model_fetch_argv,
-                                      service_argvs)
+                                          TOKENIZER, compose_topology, listen_addresses, model_fetch_argv,
+                                          service_argvs)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_DOCKERFILE = "gateway/Dockerfile"

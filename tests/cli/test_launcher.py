@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack,
-                              services_for)
+from gateway.cli.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack, services_for)
 from gateway.restart_budget import RestartBudget
 from gateway.cli.service_commands import local_topology
 
