@@ -56,16 +56,22 @@ class JsonFormatter(_ServiceFormatter):
         return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
+def text_line(service: str, level: str, message: str, created: float | None = None) -> str:
+    """One text line; also what the launcher writes for itself (service `tandem`), so its lines read the same."""
+    created = time.time() if created is None else created
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) + f".{int(created * 1000) % 1000:03d}"
+    return f"{stamp} {level} {service}: {message}"
+
+
 class TextFormatter(_ServiceFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         fields = getattr(record, "fields", None)
         if fields is None:
             message = record.getMessage()
         else:
             rest = " ".join(f"{k}={v}" for k, v in fields.items() if k != "event")
             message = f"{fields.get('event', record.getMessage())} {rest}"
-        line = f"{stamp} {record.levelname} {self.service}: {message}"
+        line = text_line(self.service, record.levelname, message, record.created)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
