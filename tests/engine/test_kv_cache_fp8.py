@@ -4,6 +4,7 @@ the engine, and greedy generation on a tiny random Llama against the model-dtype
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,7 @@ def teacher_forced_top1(engine: Engine, seqs: list[list[int]]) -> list[list[int]
     return [tops[rid] for rid in ids]
 
 
-def test_greedy_tokens_mostly_match_the_model_dtype_cache(tmp_path, capsys):
+def test_greedy_tokens_mostly_match_the_model_dtype_cache(tmp_path, caplog):
     """Criterion: the fp8 engine's next-token choice, fed the same tokens, agrees with the fp32 cache's on at
     least 80% of positions. Positions are compared teacher-forced (both engines score the auto engine's own
     greedy continuations), so one flip does not cascade into the rest of a sequence. Flips are expected only at
@@ -147,10 +148,11 @@ def test_greedy_tokens_mostly_match_the_model_dtype_cache(tmp_path, capsys):
     fp8 cache moves logits by up to about 0.3 (e4m3's 2^-4 relative rounding of every key and value, through two
     layers); observed agreement over seeds: 83-93%. A broken fp8 path (unscaled, garbage reads) agrees on few."""
     path = write_tiny_llama(tmp_path / "tiny", seed=0)
+    caplog.set_level(logging.INFO, logger="tandem")
     engines = {kv: Engine(EngineConfig(model=str(path), device="cpu", dtype="float32", attention_backend="torch",
                                        block_size=4, num_kv_blocks=128, max_num_seqs=8, kv_cache_dtype=kv))
                for kv in ("auto", "fp8")}
-    assert "(float8_e4m3fn, " in capsys.readouterr().err                 # the printed plan names the KV dtype
+    assert "(float8_e4m3fn, " in caplog.text                            # the logged plan names the KV dtype
     caches = engines["fp8"].runner.kv_caches
     assert all(c.data.dtype == E4M3 and c.scales is not None for c in caches)
     prompts = [[(7 * i + 3 + 13 * j) % 300 + 10 for i in range(5 + 9 * j)] for j in range(4)]
