@@ -11,6 +11,7 @@ cast rounds to nearest even.
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

@@ -20,6 +20,7 @@ o = (sum p v_stored / l) * V scale, so no tile is multiplied element-wise.
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

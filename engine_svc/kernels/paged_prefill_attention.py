@@ -22,6 +22,7 @@ normalised output; the tiles are only converted (exactly) from e4m3 to q's dtype
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
