@@ -25,10 +25,12 @@ from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, Pi
 from engine_svc.distributed.partition import model_shard, rank_local_config
 from engine_svc.core.request import PLACEHOLDER, TokenLogprob
 from engine_svc.core.scheduler import SchedulerOutput
-from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine_svc.worker.cuda_graphs import StepGraphs, runner_graphs
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
 from engine_svc.worker.weight_offload import WeightOffload, load_device
+from engine_svc.worker.graph_layout import (GraphShape, RowShape, graph_batch_sizes, graph_shapes, pad_step,
+                                            row_lengths, select_shape)
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.models import model_class
@@ -115,10 +117,13 @@ class ModelRunner:
             model_bytes += self.lora.device_bytes
         local_cfg = replace(rank_local_config(self.model_cfg, model_shard(self.model_cfg, tp.size, tp.rank)),
                             num_layers=self.layers[1] - self.layers[0])
-        activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
+        self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
+        draft = self._load_draft()
+        activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self._max_logits_rows(),
                                        self.dtype)
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
-                                            self.device, self.kv_cache_dtype, activations)
+                                            self.device, self.kv_cache_dtype, activations,
+                                            draft.runner.plan if draft is not None else None)
         if self.weight_offload is not None:
             self.plan = replace(self.plan, offloaded_bytes=self.weight_offload.offloaded_bytes,
                                 bus_seconds_per_step=self.weight_offload.bus_seconds_per_step)
@@ -130,6 +135,8 @@ class ModelRunner:
         shape = (2, self.plan.num_blocks, self.block_size, local_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches: list[KVCache] = allocate_kv_caches(local_cfg.num_layers, shape, self.kv_cache_dtype,
                                                            self.device)
+        if draft is not None:
+            draft.fit(self.num_blocks)
         self.host_kv: HostKVPool | None = None   # the host KV tier's memory (--kv-offload-gb)
         if config.kv_offload_gb:
             self.host_kv = HostKVPool(self.kv_caches, HostKVPool.slots_for(config.kv_offload_gb, self.kv_caches),
@@ -137,18 +144,17 @@ class ModelRunner:
             _LOG.info("host KV tier: %.2f GB, %d blocks (%d B each)", self.host_kv.nbytes / GB, self.host_kv.num_slots,
                       HostKVPool.bytes_per_block(self.kv_caches))
         self._buffers: InputBuffers | None = None
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
         self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
         self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
-        self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         if self.uses_graphs:
-            self.enable_decode_graphs(capture=True)
+            self.enable_step_graphs(capture=True)
 
     @property
     def uses_graphs(self) -> bool:
@@ -156,6 +162,31 @@ class ModelRunner:
         # stage's forward is not captured (its input comes from another process): P > 1 decodes eagerly.
         return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager
                 and self.pp.size == 1 and self.weight_offload is None)
+
+    def _load_draft(self):
+        """The draft proposer of --speculative-method draft, loaded before the memory plan counts its weights and
+        KV cache, with a one-block cache that fit() sizes to the plan's blocks; None without a draft."""
+        if self.config.speculative_method != "draft":
+            return None
+        from engine_svc.spec.draft_proposer import DraftProposer
+        draft = self.draft_proposers[self.config.draft_model] = DraftProposer(self, self.config)
+        return draft
+
+    def _max_logits_rows(self) -> int:
+        """The most rows a step samples from: one per sequence, 1 + K per verify row of speculative decoding."""
+        c = self.config
+        per_seq = 1 + (c.num_speculative_tokens if c.speculative_method else 0)
+        return min(c.max_num_seqs * per_seq, c.max_num_batched_tokens)
+
+    def resize_kv(self, num_blocks: int) -> None:
+        """Re-allocates the KV caches (zeroed) with num_blocks blocks: a draft's, once the target's plan has its
+        count. Only for a runner whose caches nothing else holds: no CUDA graphs, no host KV tier."""
+        if self.graphs is not None or self.host_kv is not None:
+            raise RuntimeError("resize_kv: CUDA graphs or the host KV tier hold the KV caches")
+        layers, shape = len(self.kv_caches), self.kv_caches[0].data.shape
+        self.kv_caches = []   # the old caches are freed before the new ones are allocated
+        self.kv_caches = allocate_kv_caches(layers, (2, num_blocks, *shape[2:]), self.kv_cache_dtype, self.device)
+        self.plan = replace(self.plan, num_blocks=num_blocks)
 
     def _token_budget(self, config: EngineConfig) -> int:
         if config.max_num_batched_tokens:
@@ -192,8 +223,8 @@ class ModelRunner:
             self.graphs = None
         return b
 
-    def plan_step(self, out: SchedulerOutput, pad_to: int | None = None) -> StepPlan:
-        """The step's host inputs; pad_to pads a decode batch with inert rows up to a graph's batch size."""
+    def plan_step(self, out: SchedulerOutput, shape: GraphShape | None = None) -> StepPlan:
+        """The step's host inputs; shape: the graph the step is padded to (graph_layout), None: eager."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -225,21 +256,19 @@ class ModelRunner:
             elif s.samples:
                 logits_rows.append(query_start[-1] - 1)
         width = max(len(t) for t in tables)
-        if pad_to is not None:
-            width = self._buffers.max_blocks_per_seq   # the graph was captured at full width
-            pad = pad_to - len(seq_lens)
-            input_ids += [0] * pad
-            positions += [0] * pad
-            slots += [-1] * pad
-            seq_lens += [1] * pad
-            query_start += range(query_start[-1] + 1, query_start[-1] + 1 + pad)
-            tables += [[]] * pad
-        lora_plan = {} if lora_slots is None else plan_tokens(
-            lora_slots, [s.num_new_tokens for s in out.scheduled], len(input_ids), self.lora.max_loras)
         host = HostStep(input_ids, positions, slots, seq_lens, query_start, logits_rows, table_rows(tables, width),
-                        width, ph_dst, ph_src, lora_plan)
-        return StepPlan(host, pad_to or 0, len(out.scheduled), lora_active=lora_slots is not None and any(
-            x >= 0 for x in lora_slots))
+                        width, ph_dst, ph_src)
+        if shape is not None:   # the graph was captured at full table width
+            host = pad_step(host, shape, self._buffers.max_blocks_per_seq)
+        self.plan_lora(host, lora_slots)
+        return StepPlan(host, shape, len(out.scheduled), len(logits_rows),
+                        lora_active=lora_slots is not None and any(x >= 0 for x in lora_slots))
+
+    def plan_lora(self, host: HostStep, slots: list[int] | None) -> None:
+        """Fills host.extra with the LoRA token plan of the step's layout: each scheduled row's adapter slot (slots;
+        None without LoRA), the base model for a graph's padding rows."""
+        if slots is not None:
+            host.extra = plan_tokens(slots, row_lengths(host)[:len(slots)], len(host.input_ids), self.lora.max_loras)
 
     def prepare(self, plan: StepPlan) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
         """Device inputs of a planned step."""
@@ -262,7 +291,7 @@ class ModelRunner:
             query_start=t["query_start"],
             query_lens_cpu=[b - a for a, b in zip(query_start, query_start[1:])],
             seq_lens_cpu=seq_lens, block_size=self.block_size,
-            max_seq_len=max(seq_lens[:plan.num_real]) if not plan.graph_bucket else self.max_model_len)
+            max_seq_len=max(seq_lens[:plan.num_real]) if plan.graph is None else self.max_model_len)
         return t, meta
 
     def _lora_slots(self, out: SchedulerOutput) -> list[int] | None:
@@ -277,33 +306,22 @@ class ModelRunner:
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
-    def enable_decode_graphs(self, capture: bool) -> None:
-        """Decode steps up to max_num_seqs run as CUDA graphs (capture=True) or, for tests on the CPU, eagerly over
-        the same padded persistent buffers (capture=False)."""
-        sizes = graph_batch_sizes(self.config.max_num_seqs)
-        buffers = self._buffers_for(sizes[-1], sizes[-1])
-        dev = buffers.device_tensors
-        width = buffers.max_blocks_per_seq
-        dev["slot_mapping"].fill_(-1)   # capture runs on whatever the buffers hold: make it write no KV
-        dev["seq_lens"].fill_(1)
+    def enable_step_graphs(self, capture: bool, shapes: list[GraphShape] | None = None) -> None:
+        """Steps of the given shapes (default: every batch bucket up to max_num_seqs, one token per row and, with
+        speculation, K + 1) run as CUDA graphs (capture=True) or, for tests on the CPU, eagerly over the same
+        padded persistent buffers (capture=False)."""
+        if shapes is None:
+            k = self.config.num_speculative_tokens if self.config.speculative_method else 0
+            shapes = graph_shapes(graph_batch_sizes(self.config.max_num_seqs), [k + 1],
+                                  self.config.max_num_batched_tokens)
+        buffers = self._buffers_for(max(s.num_tokens for s in shapes), max(s.batch for s in shapes))
+        self.graphs = runner_graphs(self, buffers, shapes, capture)
 
-        def run(b: int) -> torch.Tensor:
-            meta = AttentionMetadata(
-                slot_mapping=dev["slot_mapping"][:b], block_tables=dev["block_tables"][:b * width].view(b, width),
-                seq_lens=dev["seq_lens"][:b], query_start=dev["query_start"][:b + 1], query_lens_cpu=[1] * b,
-                seq_lens_cpu=[self.max_model_len] * b, block_size=self.block_size, max_seq_len=self.max_model_len)
-            if self.lora is not None:   # the graph holds the LoRA kernels; replays read the plan prepare() wrote
-                self.lora.batch.bind(dev, b, active=True)
-            hidden = self.model(dev["input_ids"][:b], dev["positions"][:b], self.kv_caches, meta)
-            return self.model.compute_logits(hidden)
-
-        with torch.inference_mode():
-            self.graphs = DecodeGraphs(run, sizes, capture)
-
-    def _graph_bucket(self, out: SchedulerOutput) -> int | None:
-        if self.graphs is None or not all(s.num_new_tokens == 1 and s.samples for s in out.scheduled):
+    def _graph_shape(self, out: SchedulerOutput) -> GraphShape | None:
+        if self.graphs is None:
             return None
-        return self.graphs.bucket(len(out.scheduled))
+        rows = [RowShape(s.start, s.num_new_tokens, len(s.spec_token_ids), s.samples) for s in out.scheduled]
+        return select_shape(rows, self.graphs.shapes, self.max_model_len)
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
@@ -318,7 +336,7 @@ class ModelRunner:
         return self._logits(plan, prompt)
 
     def _plan_and_send(self, out: SchedulerOutput) -> tuple[StepPlan, "_PromptRows | None"]:
-        plan = self.plan_step(out, pad_to=self._graph_bucket(out))
+        plan = self.plan_step(out, self._graph_shape(out))
         prompt = _PromptRows.of(out)
         if prompt is not None:
             plan.prompt_rows = tuple(prompt.rows_list)
@@ -344,8 +362,8 @@ class ModelRunner:
         sampling rows, and of its prompt rows when it scores any; on an earlier stage, (None, None) once its
         activations are sent on. intermediate: the previous stage's activations when already received."""
         t, meta = self.prepare(plan)
-        if plan.graph_bucket:
-            return self.graphs.run(plan.graph_bucket)[:plan.num_real], None
+        if plan.graph is not None:
+            return self.graphs.run(plan.graph)[:plan.num_logits], None
         inputs = (t["input_ids"], t["positions"], self.kv_caches, meta)
         if not self.pp.is_first:
             hidden = self.model(*inputs, intermediate if intermediate is not None else
