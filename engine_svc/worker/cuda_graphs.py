@@ -70,8 +70,9 @@ class StepGraphs:
 def runner_graphs(runner, buffers: InputBuffers, shapes: list[GraphShape], capture: bool) -> StepGraphs:
     """The graphs of a model runner's steps of the given shapes, over its persistent input buffers (large enough
     for every shape)."""
-    if runner.backend.name != "triton":
-        raise ValueError("step graphs read every length on the device: they need the triton attention backend")
+    if runner.backend.name != "triton" and any(s.width > 1 for s in shapes):
+        raise ValueError("verify graphs need the triton attention backend (the torch backend reads the length of a "
+                         "row of several tokens on the host)")
     dev, width = buffers.device_tensors, buffers.max_blocks_per_seq
     lora, model, max_len = runner.lora, runner.model, runner.max_model_len
 
