@@ -66,9 +66,11 @@ class DraftProposer:
         from engine_svc.worker.model_runner import ModelRunner
 
         # Its own forward only: no host tiers (a block the target reloads is recomputed by the draft, whose count
-        # restarts for a new request), no graphs (fit() re-allocates the caches), no adapters.
-        draft_cfg = replace(target.config, model=config.draft_model, load_format="auto", speculative_method=None,
-                            draft_model=None, num_kv_blocks=1, enable_lora=False, lora_modules=(),
+        # restarts for a new request), no graphs (fit() re-allocates the caches), no adapters. A config .json has
+        # no weights: a draft of random weights at its shapes (benchmarks).
+        load_format = "dummy" if config.draft_model.endswith(".json") else "auto"
+        draft_cfg = replace(target.config, model=config.draft_model, load_format=load_format,
+                            speculative_method=None, draft_model=None, num_kv_blocks=1, enable_lora=False, lora_modules=(),
                             enforce_eager=True, max_model_len=target.max_model_len, kv_offload_gb=0.0,
                             cpu_offload_gb=0.0)
         self.runner = ModelRunner(draft_cfg)

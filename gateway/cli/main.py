@@ -200,6 +200,7 @@ BENCHMARKS = {
     "sparse": "benchmarks.sparse_matmul",
     "lora": "benchmarks.lora_throughput",
     "tp": "benchmarks.tensor_parallel",
+    "spec": "benchmarks.spec_verify",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "grammar", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
