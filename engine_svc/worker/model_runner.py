@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from engine_svc.config import EngineConfig
 from engine_svc.distributed.parallel_state import SINGLE, TensorParallel, min_over_all_ranks
 from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, PipelineStage, StageLink
 from engine_svc.distributed.partition import model_shard, rank_local_config
-from engine_svc.core.request import PLACEHOLDER, TokenLogprob
+from engine_svc.core.request import PLACEHOLDER
 from engine_svc.core.scheduler import SchedulerOutput
 from engine_svc.worker.cuda_graphs import StepGraphs, runner_graphs
 from engine_svc.worker.gpu_timeline import GpuTimeline
@@ -37,6 +37,7 @@ from engine_svc.models import model_class
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
+from engine_svc.worker.step_results import LaunchedStep, PinnedSlots, PromptRows, StepResult
 from engine_svc.model_config import ModelConfig
 from engine_svc.sampling.logprobs import token_logprobs
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
@@ -147,7 +148,7 @@ class ModelRunner:
         self.graphs: StepGraphs | None = None
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
-        self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
+        self._out_slots = PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
         self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
@@ -329,23 +330,23 @@ class ModelRunner:
         row's k + 1 positions each)."""
         return self._forward(out)[0]
 
-    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, PromptRows | None]:
         if out.kv_copies:   # before the forward: it reads the loaded blocks and overwrites the offloaded ones
             self.host_kv.run(out.kv_copies)
         plan, prompt = self._plan_and_send(out)
         return self._logits(plan, prompt)
 
-    def _plan_and_send(self, out: SchedulerOutput) -> tuple[StepPlan, "_PromptRows | None"]:
+    def _plan_and_send(self, out: SchedulerOutput) -> tuple[StepPlan, PromptRows | None]:
         plan = self.plan_step(out, self._graph_shape(out))
-        prompt = _PromptRows.of(out)
+        prompt = PromptRows.of(out)
         if prompt is not None:
             plan.prompt_rows = tuple(prompt.rows_list)
         if self.channel is not None:
             self.channel.send(plan)
         return plan, prompt
 
-    def _logits(self, plan: StepPlan, prompt: "_PromptRows | None",
-                intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor, "_PromptRows | None"]:
+    def _logits(self, plan: StepPlan, prompt: PromptRows | None,
+                intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor, PromptRows | None]:
         logits, prompt_logits = self.run_plan(plan, intermediate)
         if prompt is not None:
             prompt.score(prompt_logits)
@@ -392,7 +393,7 @@ class ModelRunner:
             self.link.flush()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> "LaunchedStep | PipelinedStep":
+    def launch(self, out: SchedulerOutput) -> LaunchedStep | PipelinedStep:
         """Queues the step's forward and sampling on the device and returns at once (on CUDA); the results are
         read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs.
         Under pipeline parallelism: sends the plan to every stage and returns a PipelinedStep, whose wait() runs
@@ -406,7 +407,7 @@ class ModelRunner:
         return self.sample_step(out, *self._forward(out))
 
     def sample_step(self, out: SchedulerOutput, logits: torch.Tensor,
-                    prompt: "_PromptRows | None") -> "LaunchedStep":
+                    prompt: PromptRows | None) -> LaunchedStep:
         """Samples a step's logits and queues its results' copy to the host."""
         sampling = [s for s in out.scheduled if s.samples]
         step = LaunchedStep(self._out_slots)
@@ -423,10 +424,10 @@ class ModelRunner:
             self.timeline.step_ends()
         return step
 
-    def execute(self, out: SchedulerOutput) -> "StepResult":
+    def execute(self, out: SchedulerOutput) -> StepResult:
         return self.launch(out).wait()
 
-    def sample_rows(self, logits: torch.Tensor, sampling: list, step: "LaunchedStep") -> None:
+    def sample_rows(self, logits: torch.Tensor, sampling: list, step: LaunchedStep) -> None:
         """Samples the step's sampling rows (and their logprobs, when asked) into step."""
         if any(s.spec_token_ids for s in sampling):
             v = sample_with_proposals(logits, sampling, self.model_cfg.vocab_size, self.device, self._eos_token_ids,
@@ -460,119 +461,14 @@ class PipelinedStep:
     the previous stage's activations, runs the driver's last stage, samples and returns the results. The engine
     waits for steps in the order it launched them (every rank runs plans in that order)."""
 
-    def __init__(self, runner: ModelRunner, out: SchedulerOutput, plan: StepPlan, prompt: "_PromptRows | None",
+    def __init__(self, runner: ModelRunner, out: SchedulerOutput, plan: StepPlan, prompt: PromptRows | None,
                  activations: PendingActivations) -> None:
         self.runner, self.out, self.plan, self.prompt, self.activations = runner, out, plan, prompt, activations
 
     @torch.inference_mode()
-    def wait(self) -> "StepResult":
+    def wait(self) -> StepResult:
         r = self.runner
         r.steps_in_flight -= 1
         r._adapters_in_flight.popleft()
         logits, prompt = r._logits(self.plan, self.prompt, self.activations.wait())
         return r.sample_step(self.out, logits, prompt).wait()
-
-
-@dataclass
-class StepResult:
-    sampled: list[int]                                       # one per sampling row
-    logprobs: list[TokenLogprob | None] | None = None        # one per sampling row, when any row asked
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None
-    runs: dict[str, tuple[list[int], list[TokenLogprob] | None]] | None = None   # verify rows' new tokens
-
-
-class _PromptRows:
-    """The rows of a step that score prompt tokens for prompt_logprobs: row of position p scores token p + 1."""
-
-    def __init__(self) -> None:
-        self.rows_list: list[int] = []
-        self.targets: list[int] = []
-        self.spans: list[tuple[str, int, int, int]] = []   # (request id, first position scored, count, k)
-        self.result: tuple[torch.Tensor, ...] | None = None
-
-    @classmethod
-    def of(cls, out: SchedulerOutput) -> "_PromptRows | None":
-        pr, row = None, 0
-        for s in out.scheduled:
-            req = s.request
-            k = req.params.prompt_logprobs
-            end = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
-            if k is not None and s.start < end:
-                pr = pr or cls()
-                pr.rows_list.extend(range(row, row + end - s.start))
-                pr.targets.extend(req.token_ids[s.start + 1:end + 1])
-                pr.spans.append((req.request_id, s.start + 1, end - s.start, k))
-            row += s.num_new_tokens
-        return pr
-
-    def score(self, logits: torch.Tensor) -> None:
-        targets = to_device(self.targets, torch.int64, logits.device)
-        self.result = token_logprobs(logits, targets, max(k for *_, k in self.spans))
-
-
-class LaunchedStep:
-    """A step queued on the device. Its results come to the host in non_blocking copies into pinned memory;
-    wait() blocks until those copies are done (never on device work queued after them)."""
-
-    def __init__(self, slots: "_PinnedSlots | None") -> None:
-        self._slots = slots
-        self.sampled: torch.Tensor | None = None
-        self.logprobs: tuple[torch.Tensor, ...] | None = None
-        self.logprobs_wanted: list[int | None] = []
-        self.prompt: _PromptRows | None = None
-        self.runs: dict | None = None                          # verify rows' tokens, already on the host
-        self.host_logprobs: list[TokenLogprob | None] | None = None   # a verify step's logprobs, on the host
-        self._host: list[torch.Tensor] = []
-        self._event = None
-
-    def send_to_host(self) -> None:
-        tensors = [self.sampled, *(self.logprobs or ()), *(self.prompt.result if self.prompt else ())]
-        if self._slots is None:   # CPU: already on the host
-            self._host = tensors
-            return
-        self._host = [self._slots.next(self.sampled.numel())] if self.sampled.numel() else [self.sampled.cpu()]
-        self._host[0].copy_(self.sampled, non_blocking=True)
-        for t in tensors[1:]:
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t, non_blocking=True)
-            self._host.append(h)
-        self._event = torch.cuda.Event()
-        self._event.record()
-
-    def wait(self) -> StepResult:
-        if self._event is not None:
-            self._event.synchronize()
-        host = [t.tolist() for t in self._host]
-        result = StepResult(host[0], self.host_logprobs, runs=self.runs)
-        rest = host[1:]
-        if self.logprobs is not None:
-            chosen, top_ids, top_lps = rest[:3]
-            rest = rest[3:]
-            result.logprobs = [
-                None if k is None else TokenLogprob(tok, chosen[i], tuple(zip(top_ids[i][:k], top_lps[i][:k])))
-                for i, (tok, k) in enumerate(zip(result.sampled, self.logprobs_wanted))]
-        if self.prompt is not None:
-            chosen, top_ids, top_lps = rest[:3]
-            result.prompt_logprobs, i = {}, 0
-            for rid, first, count, k in self.prompt.spans:
-                result.prompt_logprobs[rid] = (first, [
-                    TokenLogprob(self.prompt.targets[j], chosen[j], tuple(zip(top_ids[j][:k], top_lps[j][:k])))
-                    for j in range(i, i + count)])
-                i += count
-        return result
-
-
-class _PinnedSlots:
-    """Two pinned host buffers for sampled ids, taken in turn: at most one step is in flight while the next is
-    launched, so a buffer is never reused before its step has been waited on."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._bufs = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self._turn = 0
-
-    def next(self, n: int) -> torch.Tensor:
-        if n > self._size:
-            self.__init__(n)
-        self._turn ^= 1
-        return self._bufs[self._turn][:n]

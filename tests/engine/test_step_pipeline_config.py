@@ -5,7 +5,7 @@ import pytest
 
 from engine_svc.attention import get_backend
 from engine_svc.config import config_from_args
-from engine_svc.worker.graph_layout import GraphShape, RowShape, graph_batch_sizes, graph_shapes, select_shape
+from engine_svc.worker.graph_layout import RowShape, graph_batch_sizes, graph_shapes, select_shape
 
 
 @pytest.mark.parametrize("max_num_seqs,sizes", [(1, [1]), (3, [1, 2, 3]), (8, [1, 2, 4, 8]),
