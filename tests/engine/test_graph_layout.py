@@ -1,6 +1,9 @@
-"""Which CUDA graph a decode or verify step runs in, and its inputs padded to the graph's shape (plain lists: no
-device). The padded layout's forward equals the eager one's in tests/kernels/test_verify_graphs.py."""
+"""Which CUDA graph a decode or verify step runs in, its inputs padded to the graph's shape (plain lists: no
+device), and the padded plan as the step broadcast carries it to the other ranks. The padded layout's forward
+equals the eager one's in tests/kernels/test_verify_graphs.py."""
 from __future__ import annotations
+
+import pytest
 
 from engine_svc.worker.graph_layout import GraphShape, RowShape, graph_shapes, pad_step, select_shape
 from engine_svc.worker.input_buffers import HostStep, table_rows
@@ -96,3 +99,25 @@ def test_padding_a_decode_batch_adds_inert_rows():
     assert padded.slot_mapping == [3, 20, -1, -1] and padded.seq_lens == [4, 21, 1, 1]
     assert padded.query_start == [0, 1, 2, 3, 4] and padded.logits_rows == [0, 1, 0, 0]
     assert padded.block_tables == [0, 0, 0, 0, 1, 4, 5, 0] + [0] * 8
+
+
+def test_a_plans_graph_shape_and_logits_rows_travel_in_the_step_broadcast(tmp_path):
+    """What the other tensor-parallel ranks receive of a padded plan (one process, a gloo group of one: the
+    broadcast leaves the packed tensor as sent, and recv() unpacks it)."""
+    import torch.distributed as dist
+
+    from engine_svc.worker.step_broadcast import StepChannel
+    from engine_svc.worker.step_plan import StepPlan
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        channel = StepChannel([dist.group.WORLD], rank=0)
+        host = pad_step(two_rows(), GraphShape(3, 4), table_width=5)
+        for plan in (StepPlan(host, GraphShape(3, 4), num_real=2, num_logits=4, prompt_rows=(1,)),
+                     StepPlan(two_rows(), None, num_real=2, num_logits=4, lora_active=True)):
+            channel.send(plan)
+            assert channel.recv() == plan
+    finally:
+        dist.destroy_process_group()
