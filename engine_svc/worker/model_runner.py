@@ -170,8 +170,8 @@ class ModelRunner:
         if self.config.speculative_method != "draft":
             return None
         from engine_svc.spec.draft_proposer import DraftProposer
-        draft = self.draft_proposers[self.config.draft_model] = DraftProposer(self, self.config)
-        return draft
+        self.draft_proposers[self.config.draft_model] = DraftProposer(self, self.config)
+        return self.draft_proposers[self.config.draft_model]
 
     def _max_logits_rows(self) -> int:
         """The most rows a step samples from: one per sequence, 1 + K per verify row of speculative decoding."""
