@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--tls-ca", help="CA the launcher's health probe trusts (default: --tls-cert itself)")
     sec.add_argument("--tls-server-name", help="name the probe checks the certificate against (default: the "
                                                "dialled 127.0.0.1)")
-    sec.add_argument("--max-in-flight", type=_positive_int, help="gateway bound on generation calls in flight")
+    sec.add_argument("--max-in-flight", type=_positive_int,
+                     help="gateway bound on generation calls in flight (default: what the engines queue, their "
+                          "max_num_seqs + max_waiting summed over replicas)")
     sec.add_argument("--max-request-bytes", type=_positive_int, help="largest public request message")
     sec.add_argument("--max-prompt-chars", type=_positive_int, help="longest prompt in characters")
     sec.add_argument("--drain-timeout", type=float, default=8.0,
