@@ -34,22 +34,23 @@ def base(models):
 
 
 def run(engine, requests):
-    """requests: (prompt, params[, adapter]) -> per request: (tokens, logprobs, finish reasons). Each run takes a
-    fresh engine (base.with_scheduling): engines over one runner share its KV tensors, so an engine's prefix
-    cache is stale once another has run."""
-    out = {}
+    """requests: (prompt, params[, adapter]) -> per request: (tokens, logprobs, finish reasons), each output's in
+    turn (a group's outputs interleave differently with the scheduling mode). Each run takes a fresh engine
+    (base.with_scheduling): engines over one runner share its KV tensors, so an engine's prefix cache is stale once
+    another has run."""
+    out = {f"q{i}": {} for i in range(len(requests))}
     for i, (prompt, params, *adapter) in enumerate(requests):
         engine.add_request(f"q{i}", prompt, params, adapter=adapter[0] if adapter else None)
-        out[f"q{i}"] = ([], [], [])
     while engine.has_work():
         for o in engine.step():
-            toks, lps, reasons = out[o.request_id]
+            toks, lps, reasons = out[o.request_id].setdefault(o.index, ([], [], []))
             toks.extend(o.new_token_ids)
             lps.extend((lp.token_id, round(lp.logprob, 4), tuple(t for t, _ in lp.top)) for lp in o.logprobs or ())
             if o.finish_reason is not None:   # how many outputs carry the tokens differs; the endings do not
                 reasons.append((o.index, o.finish_reason))
     assert engine.check_integrity() == [] and engine.kv.num_used_blocks == 0
-    return [out[f"q{i}"] for i in range(len(requests))]
+    return [tuple(sum((by_index[k][part] for k in sorted(by_index)), []) for part in range(3))
+            for by_index in (out[f"q{i}"] for i in range(len(requests)))]
 
 
 def mixed_requests():
