@@ -58,6 +58,7 @@ class PenaltyState:
         still in flight."""
         return req.has_placeholder and not self.is_current(req)
 
+    @torch.inference_mode()   # the pool is updated in place: it is made, and only ever changed, in inference mode
     def penalties(self, requests: list[Request]) -> Penalties | None:
         """The penalties of a batch's sampling rows (one request each), None when no row uses them. The rows whose
         sampled id becomes their next output are counted by count() once sampled."""
@@ -74,6 +75,7 @@ class PenaltyState:
         return Penalties(to_device(rows, torch.int64, self.device), self.prompt_seen[index], self.counts[index],
                          repetition, presence, frequency)
 
+    @torch.inference_mode()
     def count(self, sampled: torch.Tensor) -> None:
         """Adds the sampled ids ([N] int64 on the device, one per batch row) of the rows penalties() named."""
         if not self._to_count:
