@@ -4,7 +4,8 @@ torch.
 
 The scheduler treats every member as a request of its own (queues, blocks, preemption) and asks the group only:
 - how many of the engine's seats it holds while some of its members run (seats);
-- whether its members may propose tokens (speculates) or take the token the sampler picks (chooses_tokens);
+- whether its members may propose tokens (speculates), and whether it picks their next tokens itself instead of
+  the sampler (chooses_tokens);
 - what a member's new token means: on_token() returns the outputs to send, and may add members (GroupHost.enqueue,
   GroupHost.fork: they share the prompt's, or their parent's, full blocks by reference) or end them
   (GroupHost.drop);

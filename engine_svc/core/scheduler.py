@@ -46,7 +46,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-from dataclasses import dataclass, field
 from typing import Callable
 
 from engine_svc.core.group_policy import (GroupPolicy, MemberToken, chooses_tokens, prompt_donor, seats_needed,
@@ -55,7 +54,7 @@ from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.outputs import RequestOutput
 from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, RequestStatus, SamplingParams, TokenLogprob
 from engine_svc.core.scheduler_config import AdmissionError, SchedulerConfig, check_request
-from engine_svc.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from engine_svc.core.scheduler_output import BatchBuilder, ScheduledRequest, SchedulerOutput
 from engine_svc.core.spec_stats import SpecDecodeStats
 from engine_svc.core.speculation import Proposer, Speculation
 
@@ -114,15 +113,16 @@ class Scheduler:
     def fail(self, request_id: str, error: str) -> list[RequestOutput]:
         """Ends the API request after an error in its own processing: every member goes and its blocks are freed;
         its last output carries the error. The other requests are untouched."""
-        if not self._end(request_id, FinishReason.FAILED):
-            return []
-        return [RequestOutput(request_id, [], FinishReason.FAILED, error=error, last=True)]
+        return self._end_with_error(request_id, FinishReason.FAILED, error)
 
     def reject(self, request_id: str, error: str) -> list[RequestOutput]:
         """Ends the API request, found invalid after admission (its grammar does not compile): it never ran."""
-        if not self._end(request_id, FinishReason.REJECTED):
+        return self._end_with_error(request_id, FinishReason.REJECTED, error)
+
+    def _end_with_error(self, request_id: str, reason: FinishReason, error: str) -> list[RequestOutput]:
+        if not self._end(request_id, reason):
             return []
-        return [RequestOutput(request_id, [], FinishReason.REJECTED, error=error, last=True)]
+        return [RequestOutput(request_id, [], reason, error=error, last=True)]
 
     def is_live(self, request_id: str) -> bool:
         """The API request is admitted and has not ended (its last output is still to come)."""
@@ -192,48 +192,48 @@ class Scheduler:
     def schedule(self, in_flight: frozenset[str] = frozenset(), max_rows: int | None = None) -> SchedulerOutput:
         """in_flight: request ids of the batches in flight, left out of this one; max_rows: at most this many
         requests in the batch (None: max_num_seqs bounds it)."""
-        step = _Batch(SchedulerOutput(), self.config.max_num_batched_tokens, max_rows or self.config.max_num_seqs,
-                      in_flight)
-        self._continue_running(step)
+        batch = BatchBuilder(SchedulerOutput(), self.config.max_num_batched_tokens,
+                             max_rows or self.config.max_num_seqs, in_flight)
+        self._continue_running(batch)
         # The proposals, before anyone joins: the blocks and budget taken for proposals not made go back first.
-        if step.speculating:
-            step.budget += self.spec.grant(step.out.scheduled, step.speculating)
-        if not step.out.preempted:   # none joins after a preemption this step: the blocks are short
-            self._admit_waiting(step)
-        for s in step.out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
+        if batch.speculating:
+            batch.budget += self.spec.grant(batch.out.scheduled, batch.speculating)
+        if not batch.out.preempted:   # none joins after a preemption this step: the blocks are short
+            self._admit_waiting(batch)
+        for s in batch.out.scheduled:   # the launched step computes them; later steps may rely on that (stream order)
             # A proposal counts as computed only once accepted (update()).
             s.request.num_computed_tokens = s.start + s.num_new_tokens - len(s.spec_token_ids)
-        step.out.kv_copies = self.kv.take_copies()
-        return step.out
+        batch.out.kv_copies = self.kv.take_copies()
+        return batch.out
 
-    def _continue_running(self, step: _Batch) -> None:
+    def _continue_running(self, batch: BatchBuilder) -> None:
         """Running requests first, in service order: they already hold blocks. Every decode is granted its token
         (and the proposals it has room for) before a prefill chunk takes budget beyond it."""
         decodes_left = sum(1 for r in self.running if self._wants_decode(r))
         i = 0
-        while i < len(self.running) and step.is_open:
+        while i < len(self.running) and batch.is_open:
             req = self.running[i]
             i += 1
             remaining = req.num_tokens - req.num_computed_tokens
-            if req.request_id in step.in_flight or (remaining == 1 and not self._wants_decode(req)):
+            if req.request_id in batch.in_flight or (remaining == 1 and not self._wants_decode(req)):
                 continue   # in a batch in flight, or its pending token ends it by length: nothing to compute
             if remaining == 1:
                 decodes_left -= 1
                 num_new = 1
-                k = self.spec.reserve(req, step.budget - decodes_left - 1, decodes_left)
+                k = self.spec.reserve(req, batch.budget - decodes_left - 1, decodes_left)
                 if k:
-                    step.speculating.append((len(step.out.scheduled), k))
-                    step.grant(req, 1, k)
+                    batch.speculating.append((len(batch.out.scheduled), k))
+                    batch.grant(req, 1, k)
                     continue
             else:
                 # A prefill chunk leaves one token of budget for each decode behind it.
-                num_new = min(remaining, step.budget - decodes_left)
+                num_new = min(remaining, batch.budget - decodes_left)
                 if num_new <= 0:
                     continue
-            decodes_left -= self._make_room(req, num_new, step.out)
+            decodes_left -= self._make_room(req, num_new, batch.out)
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
-            step.grant(req, num_new)
+            batch.grant(req, num_new)
 
     def _make_room(self, req: Request, num_new: int, out: SchedulerOutput) -> int:
         """Allocates req's num_new slots, preempting from the back of running (req itself last) until they fit.
@@ -249,15 +249,15 @@ class Scheduler:
                 break
         return decodes
 
-    def _admit_waiting(self, step: _Batch) -> None:
+    def _admit_waiting(self, batch: BatchBuilder) -> None:
         """Waiting requests join while seats, tokens and blocks allow, in service order. One whose adapter would
         exceed max_loras, or that is not ready, is stepped over."""
         seats = seats_used(self.running)
         adapters = {r.adapter for r in self.running if r.adapter is not None}
         i = 0
-        while i < len(self.waiting) and step.is_open:
+        while i < len(self.waiting) and batch.is_open:
             req = self.waiting[i]
-            if req.has_placeholder or req.request_id in step.in_flight:
+            if req.has_placeholder or req.request_id in batch.in_flight:
                 break   # preempted while its last step ran: it can rejoin once that step's token is known
             if not (self._adapter_fits(req, adapters) and self.is_ready(req)):
                 i += 1
@@ -268,10 +268,10 @@ class Scheduler:
             hits, host_keys = self._prefix_blocks(req)
             num_cached = (len(hits) + len(host_keys)) * self.kv.block_size
             num_new = req.num_tokens - num_cached
-            if num_new > step.budget:
+            if num_new > batch.budget:
                 if not self.config.enable_chunked_prefill:
                     break
-                num_new = step.budget
+                num_new = batch.budget
             if not self.kv.allocate_slots(req, num_new, hits, host_keys):
                 break
             self.waiting.pop(i)
@@ -284,7 +284,7 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_sort_key)
-            step.grant(req, num_new)
+            batch.grant(req, num_new)
             seats += need
 
     def mark_in_flight(self, out: SchedulerOutput) -> None:
@@ -411,27 +411,6 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, req, key=_sort_key)
-
-
-@dataclass
-class _Batch:
-    """The batch one schedule() call builds, and what it may still take."""
-    out: SchedulerOutput
-    budget: int                  # tokens it may still grant
-    max_rows: int
-    in_flight: frozenset[str]    # request ids of the batches in flight: left out
-    speculating: list[tuple[int, int]] = field(default_factory=list)   # (index in out.scheduled, k proposals)
-
-    @property
-    def is_open(self) -> bool:
-        return self.budget > 0 and len(self.out.scheduled) < self.max_rows
-
-    def grant(self, req: Request, num_new: int, num_proposals: int = 0) -> None:
-        """req computes num_new tokens from its num_computed_tokens on; num_proposals more are reserved."""
-        start = req.num_computed_tokens
-        self.out.scheduled.append(ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens,
-                                                   adapter=req.adapter))
-        self.budget -= num_new + num_proposals
 
 
 def _sort_key(req: Request) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""What one Scheduler.schedule() call hands the model runner: the requests of a step and the tokens each
-computes. Plain Python: no torch."""
+"""What one Scheduler.schedule() call hands the model runner (the requests of a step and the tokens each computes),
+and the builder that fills it within the step's limits. Plain Python: no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,3 +36,24 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class BatchBuilder:
+    """The batch one Scheduler.schedule() call builds, and what it may still take."""
+    out: SchedulerOutput
+    budget: int                  # tokens it may still grant
+    max_rows: int
+    in_flight: frozenset[str]    # request ids of the batches in flight: left out
+    speculating: list[tuple[int, int]] = field(default_factory=list)   # (index in out.scheduled, k proposals)
+
+    @property
+    def is_open(self) -> bool:
+        return self.budget > 0 and len(self.out.scheduled) < self.max_rows
+
+    def grant(self, req: Request, num_new: int, num_proposals: int = 0) -> None:
+        """req computes num_new tokens from its num_computed_tokens on; num_proposals more are reserved."""
+        start = req.num_computed_tokens
+        self.out.scheduled.append(ScheduledRequest(req, num_new, start, samples=start + num_new == req.num_tokens,
+                                                   adapter=req.adapter))
+        self.budget -= num_new + num_proposals
