@@ -27,7 +27,7 @@ def resolve_model(value: str) -> tuple[str, bool]:
     """Returns (path, is_shipped_config). An existing path wins over a short name of the same spelling;
     'default' is the default model of `tandem serve` (fetched on first use)."""
     if value == "default":
-        from gateway.model_fetch import fetch_default_model
+        from gateway.cli.model_fetch import fetch_default_model
         return str(fetch_default_model()), False
     path = Path(value).expanduser()
     if path.exists():

@@ -210,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_eval_model(value: str) -> str:
     if value == "default":
-        from gateway.model_fetch import fetch_default_model
+        from gateway.cli.model_fetch import fetch_default_model
         return str(fetch_default_model())
     path = Path(value).expanduser()
     if not path.exists():

@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.mode != "engine" and args.tokenizer is None and args.model.endswith(".json"):
         args.tokenizer = "default"   # a bare config (random weights) has no tokenizer of its own
     if args.tokenizer is not None:
-        from gateway.model_fetch import resolve_model
+        from gateway.cli.model_fetch import resolve_model
         args.tokenizer = str(resolve_model(args.tokenizer))
     return args
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from protos.service_logging import add_logging_args, check_logging
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
@@ -59,8 +61,11 @@ class EngineConfig:
     draft_model: str | None = None              # the draft model's path (method draft): same vocabulary
     ngram_min: int = 1                          # prompt lookup matches the context's last n tokens, n from
     ngram_max: int = 4                          # ngram_max down to ngram_min
+    log_level: str = "info"                     # every log line, the worker ranks' too
+    log_format: str = "text"                    # text or json (protos/service_logging.py)
 
     def __post_init__(self) -> None:
+        check_logging(self.log_level, self.log_format)
         checks = [
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
@@ -200,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-offload-gb", type=float, default=0.0,
                    help="keep this many GB of decoder layers in host memory and stream each to the device just "
                         "before it runs (serves a model a little too big for the device; decode runs eagerly)")
+    add_logging_args(p)
     spec = p.add_argument_group("speculative decoding (off by default; see the README)")
     spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                       help="ngram: propose the tokens that followed the context's last n-gram earlier in it; "

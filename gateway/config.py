@@ -5,6 +5,7 @@ import argparse
 from dataclasses import dataclass
 
 from gateway.router import POLICIES
+from protos.service_logging import add_logging_args, check_logging
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class GatewayConfig:
     max_request_bytes: int = 4 * 1024 * 1024   # gRPC max receive message size on the public port
     max_prompt_chars: int = 1_000_000   # prompt, or all chat message contents together
     drain_timeout_s: float = 30.0       # after SIGTERM, how long in-flight calls may still run
+    log_level: str = "info"             # every log line (protos/service_logging.py)
     log_format: str = "text"
     routing: str = "prefix"             # gateway.router.POLICIES
     routing_load_margin: float = 4.0    # how much busier than the least-loaded replica a prefix holder may be
@@ -48,6 +50,7 @@ class GatewayConfig:
         return _addresses(self.tokenizer)
 
     def __post_init__(self) -> None:
+        check_logging(self.log_level, self.log_format)
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
         if not 0 <= self.metrics_port < 65536:
@@ -69,8 +72,6 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-        if self.log_format not in ("json", "text"):
-            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
         for name, addresses in (("engine", self.engine_addresses), ("tokenizer", self.tokenizer_addresses)):
             if not addresses or len(set(addresses)) != len(addresses):
                 raise ValueError(f"{name} addresses must be non-empty and distinct, got {getattr(self, name)!r}")
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt (or all chat contents together) in characters")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=30.0,
                    help="after SIGTERM, seconds in-flight calls may run before they end with UNAVAILABLE")
-    p.add_argument("--log-format", choices=("json", "text"), default="text", help="request log lines on stderr")
+    add_logging_args(p)
     return p
 
 

@@ -10,8 +10,8 @@ to one (it fails at once with UNAVAILABLE if that engine is really gone, and suc
 """
 from __future__ import annotations
 
+import logging
 import asyncio
-import sys
 from typing import Callable
 
 import grpc
@@ -20,13 +20,15 @@ from gateway.bidi_stream import internal_channel_options
 from gateway.config import GatewayConfig
 from gateway.replica import Replica
 from gateway.replica_admin import AllReplicasEngine
-from gateway.request_handle import Chunk, Failure, RequestHandle, Unavailable
+from gateway.request_handle import Chunk, Failure, RequestHandle, Submission, TextOptions
 from gateway.router import ReplicaLoad, Router, prefix_block_keys
 from gateway.tokenizer_pool import TokenizerPool
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
 
-__all__ = ["Chunk", "Failure", "Pipeline", "RequestHandle", "Unavailable"]
+_LOG = logging.getLogger("tandem.gateway.pipeline")
+
+__all__ = ["Chunk", "Failure", "Pipeline", "RequestHandle", "Submission", "TextOptions"]
 
 POLL_TIMEOUT_S = 1.0
 DEFAULT_BLOCK_SIZE = 16   # the engine's; its EngineInfo.block_size wins when set
@@ -101,24 +103,17 @@ class Pipeline:
         replica = (self.live_replicas() or self.replicas)[0]
         return await replica.engine.GetLoad(epb.EngineLoadRequest(), timeout=5)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams,
-               stop: tuple[str, ...], priority: int = 0, cache_salt: str = "", *,
-               include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
-               spaces_between_special_tokens: bool = True, adapter: str = "") -> RequestHandle:
-        """Routes the request to a replica and submits it there; handle.replica says which. request_id is the
-        gateway's own id for the call, unique among the requests in flight."""
+    def submit(self, sub: Submission) -> RequestHandle:
+        """Routes the request to a replica and submits it there; handle.replica says which."""
         block_size = (self.engine_info.block_size if self.engine_info else 0) or DEFAULT_BLOCK_SIZE
-        keys = prefix_block_keys(prompt_ids, block_size, cache_salt, adapter)
+        keys = prefix_block_keys(sub.prompt_ids, block_size, sub.cache_salt, sub.adapter)
         chosen = self.router.choose([self._load_of(r) for r in self.replicas], keys)
         if chosen is None:
             self._fallback += 1
             replica = self.replicas[self._fallback % len(self.replicas)]
         else:
             replica = next(r for r in self.replicas if r.name == chosen)
-        return replica.submit(request_id, prompt_ids, params, stop, priority, cache_salt,
-                              include_stop_str_in_output=include_stop_str_in_output,
-                              skip_special_tokens=skip_special_tokens,
-                              spaces_between_special_tokens=spaces_between_special_tokens, adapter=adapter)
+        return replica.submit(sub)
 
     def cancel(self, request_id: str) -> None:
         """Drops the request everywhere; idempotent."""
@@ -147,7 +142,7 @@ class Pipeline:
             self.load_observer(replica.name, replica.load)
         if not replica.live:
             replica.live = True
-            print(f"[gateway] engine replica {replica.name} is up", file=sys.stderr, flush=True)
+            _LOG.info("engine replica %s is up", replica.name)
 
     async def _poll_forever(self, replica: Replica) -> None:
         while True:
@@ -164,7 +159,7 @@ class Pipeline:
         replica.live = False
         replica.load = epb.EngineLoad()
         self.router.forget(replica.name)   # it may come back with an empty prefix cache
-        print(f"[gateway] engine replica {replica.name} is down: {why}", file=sys.stderr, flush=True)
+        _LOG.warning("engine replica %s is down: %s", replica.name, why)
         if end_requests:
             replica.fail_all(why)
 

@@ -2,9 +2,9 @@
 event loop the OpenAI-compatible HTTP API (gateway/http_api.py); both run requests through gateway/generation.py."""
 from __future__ import annotations
 
+import logging
 import asyncio
 import signal
-import sys
 from typing import AsyncIterator
 
 import grpc
@@ -16,14 +16,16 @@ from gateway.auth import load_api_keys
 from gateway.config import GatewayConfig
 from gateway.generation import GenerationFlow, RequestFailed, collect
 from gateway.http_api import HttpApi, HttpPortError
-from gateway.logs import setup_logging
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_export import MetricsPortError, serve_metrics_http
 from gateway.pipeline import Pipeline
 from gateway.public_server import add_public_port, create_server, drain
 from protos.reflection import enable_reflection
+from protos.service_logging import setup_logging
 from protos.tandem.v1 import admin_pb2_grpc, generation_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as api
+
+_LOG = logging.getLogger("tandem.gateway")
 
 SERVICE_NAME = api.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -54,7 +56,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 async def serve(config: GatewayConfig) -> None:
-    setup_logging(config.log_format)
+    setup_logging("gateway", config.log_level, config.log_format)
     admission = Admission(config.max_in_flight, config.retry_after_ms)
     keys = load_api_keys(config.api_key_file)
     server = create_server(config, admission, keys)
@@ -78,8 +80,7 @@ async def serve(config: GatewayConfig) -> None:
     try:
         await pipeline.start()
     except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
-        print(f"gateway: could not reach the engine ({config.engine}) or the tokenizer ({config.tokenizer}): "
-              f"{e!r}", file=sys.stderr, flush=True)
+        _LOG.error("could not reach the engine (%s) or the tokenizer (%s): %r", config.engine, config.tokenizer, e)
         await server.stop(0)
         raise SystemExit(1)
     info = pipeline.engine_info
@@ -92,7 +93,7 @@ async def serve(config: GatewayConfig) -> None:
         if http_api is not None:
             await http_api.start()
     except (MetricsPortError, HttpPortError) as e:
-        print(f"gateway: {e}", file=sys.stderr, flush=True)
+        _LOG.error("%s", e)
         if metrics_http is not None:
             metrics_http.shutdown()
         await server.stop(0)
@@ -102,15 +103,13 @@ async def serve(config: GatewayConfig) -> None:
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     scheme = "https" if config.tls_cert else "http"
-    print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})"
-          + (f", OpenAI-compatible HTTP API on {scheme}://{config.host}:{config.http_port}/v1" if http_api else "")
-          + (f", metrics on http://{config.host}:{config.metrics_port}/metrics" if metrics_http else ""),
-          file=sys.stderr, flush=True)
+    _LOG.info(f"listening on {config.host}:{port} (model {pipeline.engine_info.model_name})"
+              + (f", OpenAI-compatible HTTP API on {scheme}://{config.host}:{config.http_port}/v1" if http_api else "")
+              + (f", metrics on http://{config.host}:{config.metrics_port}/metrics" if metrics_http else ""))
     await stop.wait()
-    print(f"gateway: draining {admission.in_flight} requests (up to {config.drain_timeout_s:g} s)",
-          file=sys.stderr, flush=True)
+    _LOG.info("draining %d requests (up to %g s)", admission.in_flight, config.drain_timeout_s)
     ended = await drain(server, health_servicer, admission, config.drain_timeout_s)
-    print(f"gateway: drained; {ended} requests ended by the drain timeout", file=sys.stderr, flush=True)
+    _LOG.info("drained; %d requests ended by the drain timeout", ended)
     if http_api is not None:
         await http_api.stop()
     if metrics_http is not None:

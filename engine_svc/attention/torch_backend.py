@@ -2,15 +2,16 @@
 against. Decode rows are attended in one padded SDPA call, also when the batch mixes them with prefill chunks;
 sequences with several new tokens (prefill) are attended one by one.
 
-An fp8 cache (kv_scales given) is written and read with the arithmetic of engine_svc.attention.kv_cache: keys and
+An fp8 cache (kv_scales given) is written and read with the arithmetic of engine_svc.kernels.fp8_numerics: keys and
 values are dequantized to q's dtype before attention."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine_svc.attention.kv_cache import check_scales, dequantize_fp8, quantize_fp8
 from engine_svc.attention.metadata import AttentionMetadata
+from engine_svc.kernels.fp8_numerics import dequantize_fp8, quantize_fp8
+from engine_svc.kernels.kv_scales import check_scales
 
 
 class TorchPagedAttention:

@@ -20,6 +20,7 @@ time of a bf16 F.linear of the same shape.
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

@@ -8,6 +8,7 @@ cos/sin are rounded to the activation dtype first, like layers.RotaryEmbedding; 
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

@@ -50,7 +50,7 @@ def config_from_args(args: argparse.Namespace):
 
 def resolve_source(value: str) -> Path:
     if value == "default":
-        from gateway.model_fetch import fetch_default_model
+        from gateway.cli.model_fetch import fetch_default_model
         return Path(fetch_default_model())
     return Path(value).expanduser().absolute()
 

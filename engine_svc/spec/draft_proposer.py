@@ -24,7 +24,7 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import Request, SamplingParams
 from engine_svc.core.scheduler import ScheduledRequest, SchedulerOutput
-from engine_svc.sampler import SamplingBatch, apply_processors, exponential_noise
+from engine_svc.sampling.sampler import SamplingBatch, apply_processors, exponential_noise
 from engine_svc.spec.rejection_sampler import target_probs
 
 _DRAFT_SEED_SALT = 0x5DEECE66D   # a seeded request's draft draws: independent of the target's

@@ -10,12 +10,14 @@ exercised without a GPU.
 """
 from __future__ import annotations
 
+import logging
 import bisect
-import sys
 import time
 from typing import Callable
 
 import torch
+
+_LOG = logging.getLogger("tandem.engine.cuda_graphs")
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -62,5 +64,5 @@ class DecodeGraphs:
             pool = graph.pool()
             self._graphs[b] = (graph, out)
         torch.cuda.synchronize()
-        print(f"[engine] captured {len(self.sizes)} decode CUDA graphs (batch sizes {self.sizes[0]}..{self.max_size}) "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        _LOG.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.sizes), self.sizes[0],
+                  self.max_size, time.perf_counter() - start)

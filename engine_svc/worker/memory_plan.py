@@ -1,14 +1,16 @@
 """Sizes the KV cache: explicit block count, or what free memory allows after weights and activations."""
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from engine_svc.config import EngineConfig
 from engine_svc.model_config import ModelConfig
+
+_LOG = logging.getLogger("tandem.engine.memory")
 
 GB = 1 << 30
 
@@ -35,7 +37,7 @@ class MemoryPlan:
     def describe(self) -> str:
         offload = (f" resident + {self.offloaded_bytes / GB:.2f} GB offloaded (bus "
                    f"{self.bus_seconds_per_step * 1e3:.1f} ms/step)" if self.offloaded_bytes else "")
-        return (f"[engine] memory plan: weights {self.weights_bytes / GB:.2f} GB{offload}, activations "
+        return (f"memory plan: weights {self.weights_bytes / GB:.2f} GB{offload}, activations "
                 f"{self.activation_bytes / GB:.2f} GB, KV cache {self.kv_bytes / GB:.2f} GB "
                 f"({str(self.kv_dtype).removeprefix('torch.')}, {self.kv_bytes_per_token} B/token, "
                 f"{self.num_blocks} blocks x {self.block_size} tokens), "
@@ -85,8 +87,8 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, max_model_len: int, weig
         cap = -(-max_model_len // config.block_size) * config.max_num_seqs
         num_blocks = min(budget // per_block, cap)
     if num_blocks < -(-max_model_len // config.block_size) and config.num_kv_blocks is None:
-        print(f"[engine] warning: KV cache holds {num_blocks * config.block_size} tokens, less than one "
-              f"full-length sequence ({max_model_len})", file=sys.stderr, flush=True)
+        _LOG.warning("KV cache holds %d tokens, less than one full-length sequence (%d)",
+                     num_blocks * config.block_size, max_model_len)
     if num_blocks < 1:
         raise MemoryError(f"no memory left for the KV cache (needs {per_block} bytes per block)")
     return MemoryPlan(weights_bytes, per_token, config.block_size, int(num_blocks), kv_dtype,

@@ -10,7 +10,7 @@ forward and the sampling run when the engine waits for the step, by which time t
 batches. The other stages run each plan as it comes and send their activations on."""
 from __future__ import annotations
 
-import sys
+import logging
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,10 +36,12 @@ from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
 from engine_svc.model_config import ModelConfig
-from engine_svc.logprobs import token_logprobs
+from engine_svc.sampling.logprobs import token_logprobs
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
-from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
+from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.verify import sample_with_proposals
+
+_LOG = logging.getLogger("tandem.engine.runner")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,7 +102,7 @@ class ModelRunner:
                                                 self.device)
             # Each offloaded layer's tensors point into a staging set: counted once per layer above.
             model_bytes += self.weight_offload.staging_bytes - self.weight_offload.offloaded_bytes
-            print(self.weight_offload.describe(), file=sys.stderr, flush=True)
+            _LOG.info(self.weight_offload.describe())
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
             from engine_svc.lora.manager import LoRAManager
@@ -124,7 +126,7 @@ class ModelRunner:
             self.plan = replace(self.plan, num_blocks=min_over_all_ranks(self.plan.num_blocks))
         where = [f"tensor-parallel rank {tp.rank} of {tp.size}"] if tp.size > 1 else []
         where += [pp.describe(self.model_cfg.num_layers)] if pp.size > 1 else []
-        print(self.plan.describe() + (f" ({', '.join(where)})" if where else ""), file=sys.stderr, flush=True)
+        _LOG.info(self.plan.describe() + (f" ({', '.join(where)})" if where else ""))
         shape = (2, self.plan.num_blocks, self.block_size, local_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches: list[KVCache] = allocate_kv_caches(local_cfg.num_layers, shape, self.kv_cache_dtype,
                                                            self.device)
@@ -132,8 +134,8 @@ class ModelRunner:
         if config.kv_offload_gb:
             self.host_kv = HostKVPool(self.kv_caches, HostKVPool.slots_for(config.kv_offload_gb, self.kv_caches),
                                       pin=self.device.type == "cuda")
-            print(f"[engine] host KV tier: {self.host_kv.nbytes / GB:.2f} GB, {self.host_kv.num_slots} blocks "
-                  f"({HostKVPool.bytes_per_block(self.kv_caches)} B each)", file=sys.stderr, flush=True)
+            _LOG.info("host KV tier: %.2f GB, %d blocks (%d B each)", self.host_kv.nbytes / GB, self.host_kv.num_slots,
+                      HostKVPool.bytes_per_block(self.kv_caches))
         self._buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
         self._prev_sampled: torch.Tensor | None = None

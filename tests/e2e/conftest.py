@@ -49,7 +49,7 @@ def _serving(address: str) -> bool:
 def serve_process(serve_args: list[str], address: str, log: Path):
     """`tandem serve SERVE_ARGS` in its own process group, output to `log`; yields the process once `address`
     reports SERVING. At exit, Ctrl-C must stop it cleanly within 30 s."""
-    cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", *serve_args]
+    cmd = [sys.executable, "-c", "from gateway.cli.main import main; main()", "serve", *serve_args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -12,8 +12,8 @@ import pytest
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import params_from_pb
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import params_from_pb
 from protos.tandem.internal.v1 import engine_pb2 as pb
 from tests.engine.tiny_models import write_tiny_llama
 
@@ -217,7 +217,7 @@ def test_an_engine_whose_loop_dies_exits_non_zero(tmp_path):
     import sys
 
     tiny = write_tiny_llama(tmp_path / "tiny", seed=1)
-    plant = ("import engine_svc.engine_loop as m\n"
+    plant = ("import engine_svc.service.engine_loop as m\n"
              "def crash(self, block):\n    raise RuntimeError('planted loop crash')\n"
              "m.EngineLoop._drain = crash\n"
              "import runpy, sys\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_svc.core.request import SamplingParams
-from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, sample
+from engine_svc.sampling.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, sample
 
 V = 50
 

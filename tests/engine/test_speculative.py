@@ -14,8 +14,8 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import load_to_pb
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import load_to_pb
 from engine_svc.spec.rejection_sampler import rejection_sample
 from tests.engine.lora_files import write_lora_adapter
 from tests.engine.tiny_models import write_tiny_llama

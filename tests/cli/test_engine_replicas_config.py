@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import cli
+from gateway.cli import main as cli
 from gateway.config import GatewayConfig, config_from_args
-from gateway.launcher import services_for
-from gateway.service_commands import engine_argv, gateway_argv, local_topology, service_argvs
+from gateway.cli.launcher import services_for
+from gateway.cli.service_commands import engine_argv, gateway_argv, local_topology, service_argvs
 
 
 def engines_dialled(argv: list[str]) -> list[str]:

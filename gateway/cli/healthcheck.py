@@ -1,7 +1,7 @@
 """Asks a service for its overall grpc.health.v1 status.
 
 Used by the launcher while it waits for the services to start, and by docker compose healthchecks:
-`python -m gateway.healthcheck HOST:PORT` exits 0 only when the service reports SERVING.
+`python -m gateway.cli.healthcheck HOST:PORT` exits 0 only when the service reports SERVING.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def is_serving(channel: grpc.Channel, timeout_s: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.healthcheck",
+    parser = argparse.ArgumentParser(prog="python -m gateway.cli.healthcheck",
                                      description="Exit 0 when the service at ADDRESS reports SERVING.")
     parser.add_argument("address", help="HOST:PORT of a Tandem service")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")

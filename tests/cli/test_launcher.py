@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack,
-                              services_for)
-from gateway.restart_budget import RestartBudget
-from gateway.service_commands import local_topology
+from gateway.cli.launcher import (Launcher, LauncherConfig, ServiceSpec, StartupError, run_stack, services_for)
+from gateway.cli.restart_budget import RestartBudget
+from gateway.cli.service_commands import local_topology
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_SERVICE = r'''
 import argparse, os, signal, sys, threading, time
@@ -76,8 +75,8 @@ server.stop(0)
 # Runs the launcher as its own process, so the tests can signal it the way a terminal or an OOM killer would.
 DRIVER = r'''
 import json, sys
-from gateway.launcher import LauncherConfig, run_stack
-from gateway.service_commands import local_topology
+from gateway.cli.launcher import LauncherConfig, run_stack
+from gateway.cli.service_commands import local_topology
 cfg = json.loads(sys.argv[1])
 topology = local_topology("/models/fake.gguf", gateway_host="127.0.0.1", **cfg["ports"])
 def wrap(name, argv):
@@ -264,9 +263,9 @@ def test_exit_during_startup_reports_the_stderr_tail(stack: Stack) -> None:
                      wrap=stack.wrap({"engine": ["--exit-after", "0", "--exit-code", "3"]}), out=out)
     log = out.getvalue()
     assert code == 1
-    assert "error: engine exited with code 3 during start-up" in log
+    assert "ERROR tandem: engine exited with code 3 during start-up" in log
     # The cause, quoted in the error itself (not only in the relayed stream).
-    error = log[log.index("error: engine exited"):]
+    error = log[log.index("ERROR tandem: engine exited"):]
     assert "fatal: engine could not load the model (fake failure)" in error
     assert "starting gateway" not in log
     assert _wait_dead(stack.pids().values()) == []

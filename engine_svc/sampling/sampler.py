@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_svc import logits_processors as lp
+from engine_svc.sampling import logits_processors as lp
 
 _MASKED = float("-inf")
 _MASK32 = 0xFFFFFFFF

@@ -11,11 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway import healthcheck
+from gateway.cli import healthcheck
 from gateway.admission import RETRY_AFTER_KEY, Admission
 from gateway.auth import ENV_VAR, check_metadata, key_matches, load_api_keys
 from gateway.config import GatewayConfig
-from gateway.logs import JsonFormatter
+from protos.service_logging import JsonFormatter
 from gateway.public_server import add_public_port, create_server, drain
 from gateway.request_log import InvalidRequestId, validate_request_id
 from gateway.validation import InvalidRequest, validate
@@ -208,7 +208,8 @@ def test_x_request_id_becomes_the_request_id_and_shows_in_every_log_line(caplog)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details() == "x-request-id: at most 128 characters, got 129"
     _run(_config(), scenario)
-    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "tandem.gateway.requests"]
+    lines = [json.loads(JsonFormatter("gateway").format(r))
+             for r in caplog.records if r.name == "tandem.gateway.requests"]
     traced = [line for line in lines if line["request_id"] == "trace-42"]
     assert [line["event"] for line in traced] == ["start", "first_token", "finish"]
     finish = traced[-1]

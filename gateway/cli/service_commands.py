@@ -1,7 +1,7 @@
 """The argv of each Tandem service, built from one frozen topology.
 
 This is the single source of truth for how the three services are started: the `tandem serve` launcher runs
-exactly these argvs, and tests/test_compose.py checks that every `command:` in docker-compose.yml equals what
+exactly these argvs, and tests/cli/test_compose.py checks that every `command:` in docker-compose.yml equals what
 `compose_topology()` builds here. Change a flag here and the compose test tells you to update the compose file.
 
 Pure functions only: nothing here starts a process, touches the network or reads the environment.
@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from gateway.model_fetch import DEFAULT_GGUF_NAME
+from gateway.cli.model_fetch import DEFAULT_GGUF_NAME
+from protos.service_logging import check_logging
 
 TOKENIZER = "tokenizer"
 ENGINE = "engine"
@@ -77,6 +78,8 @@ class ServiceTopology:
     # for a self-signed one) and the name to check the certificate against (default: the dialled 127.0.0.1).
     gateway_tls_ca: str | None = None
     gateway_tls_server_name: str | None = None
+    log_level: str = "info"             # every service's; passed only when not the default
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -105,6 +108,7 @@ class ServiceTopology:
         for name in ("metrics_port", "http_port"):
             if getattr(self, name) != 0:
                 _check_port(name, getattr(self, name))
+        check_logging(self.log_level, self.log_format)
         if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
             raise ValueError("gateway_tls_cert and gateway_tls_key go together")
         if not isinstance(self.gateway_extra_args, tuple) or not all(
@@ -151,7 +155,7 @@ def engine_names(t: ServiceTopology) -> list[str]:
 
 def tokenizer_argv(t: ServiceTopology) -> list[str]:
     return [t.python, "-m", "tokenizer_svc", "--model", t.tokenizer_path or t.model_path,
-            "--host", t.internal_listen_host, "--port", str(t.tokenizer_port)]
+            "--host", t.internal_listen_host, "--port", str(t.tokenizer_port), *_logging_args(t)]
 
 
 def engine_argv(t: ServiceTopology, replica: int = 0) -> list[str]:
@@ -161,7 +165,8 @@ def engine_argv(t: ServiceTopology, replica: int = 0) -> list[str]:
             "--device", t.device, "--dtype", t.dtype,
             *(["--quantization", t.quantization] if t.quantization != "none" else []),
             *(("--kv-cache-dtype", t.kv_cache_dtype) if t.kv_cache_dtype != "auto" else ()),
-            *(arg for module in t.lora_modules for arg in ("--lora", module)), *t.engine_extra_args]
+            *(arg for module in t.lora_modules for arg in ("--lora", module)), *_logging_args(t),
+            *t.engine_extra_args]
 
 
 def gateway_argv(t: ServiceTopology) -> list[str]:
@@ -171,12 +176,17 @@ def gateway_argv(t: ServiceTopology) -> list[str]:
             *(["--metrics-port", str(t.metrics_port)] if t.metrics_port else []),
             *(["--http-port", str(t.http_port)] if t.http_port else []),
             *(("--tls-cert", t.gateway_tls_cert, "--tls-key", t.gateway_tls_key) if t.gateway_tls_cert else ()),
-            *t.gateway_extra_args]
+            *_logging_args(t), *t.gateway_extra_args]
+
+
+def _logging_args(t: ServiceTopology) -> tuple[str, ...]:
+    return (*(("--log-level", t.log_level) if t.log_level != "info" else ()),
+            *(("--log-format", t.log_format) if t.log_format != "text" else ()))
 
 
 def model_fetch_argv(python: str) -> list[str]:
     """The compose one-shot that fetches the default model (TANDEM_CACHE picks the directory)."""
-    return [python, "-m", "gateway.model_fetch"]
+    return [python, "-m", "gateway.cli.model_fetch"]
 
 
 def service_argvs(t: ServiceTopology) -> dict[str, list[str]]:

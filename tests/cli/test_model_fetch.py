@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import model_fetch
+from gateway.cli import model_fetch
 
 
 def test_fetch_into_empty_cache(tmp_path, monkeypatch, capfd):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from engine_svc.core.request import FinishReason, SamplingParams, StructuredOutput, TokenLogprob
-from engine_svc.engine_loop import LoadSnapshot
+from engine_svc.service.engine_loop import LoadSnapshot
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
 FINISH_TO_PB = {

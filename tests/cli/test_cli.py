@@ -7,10 +7,10 @@ from concurrent import futures
 import grpc
 import pytest
 
-from gateway import cli
+from gateway.cli import main as cli
 from gateway.config import config_from_args
-from gateway.generate_client import GenerateOptions, build_request, run_generate
-from gateway.service_commands import engine_argv, gateway_argv, tokenizer_argv
+from gateway.cli.generate_client import GenerateOptions, build_request, run_generate
+from gateway.cli.service_commands import engine_argv, gateway_argv, tokenizer_argv
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -108,10 +108,9 @@ def test_serve_passes_security_limits_and_drain_to_the_gateway(tmp_path) -> None
                            "--max-in-flight", "7", "--max-request-bytes", "1000", "--max-prompt-chars", "99",
                            "--drain-timeout", "20", "--log-format", "json", "--stop-grace", "3"])
     topology = cli.topology_from_args(args, "/m/x.gguf")
-    assert gateway_argv(topology)[15:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--drain-timeout", "20",
-                                           "--api-key-file", "/keys", "--max-in-flight", "7",
-                                           "--max-request-bytes", "1000", "--max-prompt-chars", "99",
-                                           "--log-format", "json"]
+    assert gateway_argv(topology)[15:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--log-format", "json",
+                                           "--drain-timeout", "20", "--api-key-file", "/keys", "--max-in-flight", "7",
+                                           "--max-request-bytes", "1000", "--max-prompt-chars", "99"]
     assert cli.launcher_config_from_args(args).stop_grace_s == 25.0   # never kills a draining gateway
     with pytest.raises(ValueError, match="go together"):
         cli.topology_from_args(cli.parse_args(["serve", "--tls-cert", "/c.pem"]), "/m/x.gguf")
@@ -291,3 +290,13 @@ def test_serve_passes_quantization_to_the_engine_only_when_set() -> None:
     assert "--quantization" not in plain
     with pytest.raises(SystemExit):
         cli.parse_args(["serve", "--quantization", "int3"])
+
+
+def test_serve_log_level_and_format_reach_every_service() -> None:
+    topology = cli.topology_from_args(cli.parse_args(["serve", "--log-level", "debug", "--log-format", "json"]),
+                                      "/m/x.gguf")
+    for argv in (tokenizer_argv(topology), engine_argv(topology), gateway_argv(topology)):
+        assert argv[argv.index("--log-level") + 1] == "debug" and argv[argv.index("--log-format") + 1] == "json"
+    defaults = cli.topology_from_args(cli.parse_args(["serve"]), "/m/x.gguf")
+    for argv in (tokenizer_argv(defaults), engine_argv(defaults), gateway_argv(defaults)):
+        assert "--log-level" not in argv and "--log-format" not in argv   # compose's commands stay as they are

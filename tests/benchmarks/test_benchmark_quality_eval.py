@@ -20,7 +20,7 @@ from engine_svc.config import EngineConfig
 from engine_svc.engine import Engine
 from tests.engine.tiny_models import write_tiny_llama
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_windows_are_consecutive_and_each_may_start_with_a_prefix():

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TextIO
 
-from gateway import healthcheck
-from gateway.restart_budget import RestartBudget
-from gateway.service_commands import (ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses,
-                                      service_argvs)
-from gateway.service_process import NAME_WIDTH, ServiceProcess
+from gateway.cli import healthcheck
+from gateway.cli.restart_budget import RestartBudget
+from gateway.cli.service_commands import ENGINE, GATEWAY, TOKENIZER, ServiceTopology, listen_addresses, service_argvs
+from gateway.cli.service_process import NAME_WIDTH, ServiceProcess
+from protos.service_logging import text_line
 
 # Stage of each service: a stage starts only when every service of the previous stages is SERVING. Engine
 # replicas past the first (engine-2, ...) share the engine's stage.
@@ -145,9 +145,9 @@ class Launcher:
 
     # -- output ------------------------------------------------------------------------------------------------
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, level: str = "INFO") -> None:
         prefix = f"{'tandem':>{NAME_WIDTH}} | "
-        text = "".join(prefix + line + "\n" for line in message.splitlines() or [""])
+        text = "".join(prefix + text_line("tandem", level, line) + "\n" for line in message.splitlines() or [""])
         with self._out_lock:
             self._out.write(text)
             self._out.flush()
@@ -230,11 +230,11 @@ class Launcher:
             done = budget.recent(now)
             limit = f" after {done} restart{'s' if done != 1 else ''} within {window}" if done else ""
             self.say(f"{name} exited with code {code} ({self._describe(code)}){limit}; shutting down. "
-                     f"Its last output:\n{tail}")
+                     f"Its last output:\n{tail}", "ERROR")
             return 1
         self.say(f"{name} exited with code {code} ({self._describe(code)}); restarting it in {backoff:g} s "
                  f"(restart {budget.recent(now)} of {self.config.max_restarts} within {window}). "
-                 f"Its last output:\n{tail}")
+                 f"Its last output:\n{tail}", "WARNING")
         if self._sleep_unless_stopped(backoff):
             return 0
         spec = next(s for s in self.specs if s.name == name)
@@ -244,7 +244,7 @@ class Launcher:
             if not self._wait_serving([spec], started + self.config.start_timeout_s, started):
                 return 0
         except StartupError as err:
-            self.say(f"error: restarting {name} failed: {err}")
+            self.say(f"restarting {name} failed: {err}", "ERROR")
             return 1
         return None
 
@@ -276,7 +276,7 @@ class Launcher:
                 time.sleep(0.05)
             for proc in alive:
                 if proc.poll() is None:
-                    self.say(f"{proc.name} did not stop within {self.config.stop_grace_s:g} s; killing it")
+                    self.say(f"{proc.name} did not stop within {self.config.stop_grace_s:g} s; killing it", "WARNING")
                     proc.signal_group(signal.SIGKILL)
                     proc.wait(5.0)
 
@@ -314,7 +314,7 @@ class Launcher:
             try:
                 ready = self.start()
             except StartupError as err:
-                self.say(f"error: {err}")
+                self.say(str(err), "ERROR")
                 return 1
             if not ready:
                 return 0

@@ -9,7 +9,7 @@ import grpc
 
 from engine_svc.adapters import (AdapterExists, AdapterNotFound, AdapterStatus, InvalidAdapter, LoRANotEnabled,
                                  TooManyAdapters)
-from engine_svc.engine_loop import Reply
+from engine_svc.service.engine_loop import Reply
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
 

@@ -6,27 +6,30 @@ tensor-parallel worker) turns it NOT_SERVING first, then ends the open streams.
 """
 from __future__ import annotations
 
+import logging
 import asyncio
 import os
 import signal
-import sys
 import threading
 from typing import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine_svc.adapter_rpcs import AdapterAdminRpcs
 from engine_svc.adapters import UnknownAdapter
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import FinishReason
 from engine_svc.core.scheduler import AdmissionError, RequestOutput
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb, logprob_to_pb,
-                                      params_from_pb)
+from engine_svc.service.adapter_rpcs import AdapterAdminRpcs
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import (FINISH_TO_PB, check_cache_salt, check_prompt, load_to_pb,
+                                              logprob_to_pb, params_from_pb)
 from protos.reflection import enable_reflection
+from protos.service_logging import setup_logging
 from protos.tandem.internal.v1 import engine_pb2 as pb
 from protos.tandem.internal.v1 import engine_pb2_grpc
+
+_LOG = logging.getLogger("tandem.engine.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name
 _END = object()
@@ -216,6 +219,7 @@ def _load_in_daemon_thread(fn, aio_loop: asyncio.AbstractEventLoop) -> asyncio.F
 async def serve(config: EngineConfig) -> None:
     # A Session message carries whole prompts, and the gateway's channels take up to this much (gRPC's default of
     # 4 MiB would refuse a long prompt's submit and break the stream every request of that gateway shares).
+    setup_logging("engine", config.log_level, config.log_format)
     limit = 256 * 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)])
@@ -236,7 +240,7 @@ async def serve(config: EngineConfig) -> None:
 
     from engine_svc.engine import Engine  # imports torch: after the port is open so health answers early
 
-    print(f"[engine] loading {config.model} ...", file=sys.stderr, flush=True)
+    _LOG.info("loading %s ...", config.model)
     load = _load_in_daemon_thread(lambda: Engine(config), aio_loop)
     await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if not load.done():  # stopped while loading: exit now; the daemon loader thread dies with the process
@@ -245,7 +249,7 @@ async def serve(config: EngineConfig) -> None:
     try:
         engine = load.result()
     except Exception as e:  # a model that cannot load: one clear line, a non-zero exit, no hang
-        print(f"engine_svc: cannot load {config.model}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _LOG.error("cannot load %s: %s: %s", config.model, type(e).__name__, e)
         await server.stop(0)
         raise SystemExit(1)
     loop = EngineLoop(engine)
@@ -268,8 +272,8 @@ async def serve(config: EngineConfig) -> None:
     servicer.loop = loop
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"engine_svc listening on {config.host}:{port} ({engine.model_name}, {engine.runner.device}, "
-          f"{str(engine.runner.dtype).split('.')[-1]})", file=sys.stderr, flush=True)
+    _LOG.info("listening on %s:%d (%s, %s, %s)", config.host, port, engine.model_name, engine.runner.device,
+              str(engine.runner.dtype).split(".")[-1])
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()   # NOT_SERVING, whatever the cause
     await server.stop(grace=2.0)   # the streams still open end, so their requests fail over to the gateway
@@ -281,9 +285,8 @@ async def serve(config: EngineConfig) -> None:
         kill_workers = getattr(engine.executor, "kill_workers", None)
         if kill_workers is not None:
             kill_workers()
-        print(worker_failure[0], file=sys.stderr, flush=True)
+        _LOG.error(worker_failure[0])
         os._exit(1)
     if fatal:   # a crash is never a clean exit: the launcher (or compose) must see it and restart the engine
-        print(f"engine_svc: the engine loop died: {type(fatal[0]).__name__}: {fatal[0]}", file=sys.stderr,
-              flush=True)
+        _LOG.error("the engine loop died: %s: %s", type(fatal[0]).__name__, fatal[0])
         raise SystemExit(1)

@@ -1,6 +1,6 @@
 """docker-compose.yml and the Dockerfiles, checked without a Docker engine.
 
-The compose commands must be exactly gateway/service_commands.py's argvs for the compose topology, so `tandem
+The compose commands must be exactly gateway/cli/service_commands.py's argvs for the compose topology, so `tandem
 serve` and `docker compose up` cannot drift apart; torch must stay out of the gateway/tokenizer image.
 """
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import cli, model_fetch
-from gateway.launcher import services_for
-from gateway.service_commands import (COMPOSE_CACHE, COMPOSE_MODEL_PATH, DEFAULT_METRICS_PORT, ENGINE, GATEWAY,
-                                      TOKENIZER, compose_topology, listen_addresses, model_fetch_argv,
-                                      service_argvs)
+from gateway.cli import main as cli, model_fetch
+from gateway.cli.launcher import services_for
+from gateway.cli.service_commands import (COMPOSE_CACHE, COMPOSE_MODEL_PATH, DEFAULT_METRICS_PORT, ENGINE, GATEWAY,
+                                          TOKENIZER, compose_topology, listen_addresses, model_fetch_argv,
+                                          service_argvs)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_DOCKERFILE = "gateway/Dockerfile"
 ENGINE_DOCKERFILE = "engine_svc/Dockerfile"
 CPU_REQUIREMENTS = REPO_ROOT / "gateway" / "requirements-cpu.txt"
@@ -109,7 +109,7 @@ def test_only_the_gateway_is_published(services) -> None:
 
 def test_healthchecks_probe_each_service_over_grpc_health(services) -> None:
     for name, (_host, port) in listen_addresses(compose_topology()).items():
-        assert services[name]["healthcheck"]["test"] == ["CMD", "python", "-m", "gateway.healthcheck",
+        assert services[name]["healthcheck"]["test"] == ["CMD", "python", "-m", "gateway.cli.healthcheck",
                                                          f"127.0.0.1:{port}"]
     assert services[GATEWAY]["depends_on"] == {TOKENIZER: {"condition": "service_healthy"},
                                                ENGINE: {"condition": "service_healthy"}}

@@ -1,4 +1,4 @@
-"""`python -m gateway.healthcheck ADDR`, the probe docker compose runs and the launcher shares."""
+"""`python -m gateway.cli.healthcheck ADDR`, the probe docker compose runs and the launcher shares."""
 from __future__ import annotations
 
 import socket
@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway import healthcheck
+from gateway.cli import healthcheck
 
 
 @pytest.fixture

@@ -208,7 +208,7 @@ class EngineLoop:
         try:
             dropped = self.engine.drop_drained_adapters()
         except Exception as e:  # noqa: BLE001 - the manager failed to free an adapter: tell the callers, go on
-            print(f"engine: unloading an adapter failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            _LOG.error("unloading an adapter failed: %s: %s", type(e).__name__, e)
             for replies in self._unload_replies.values():
                 for reply in replies:
                     reply(e)
@@ -241,8 +241,7 @@ class EngineLoop:
         self.integrity_checks += 1
         if problems:
             self.integrity_failures += 1
-            print("engine: KV cache integrity check failed when idle: " + "; ".join(problems[:10]),
-                  file=sys.stderr, flush=True)
+            _LOG.error("KV cache integrity check failed when idle: %s", "; ".join(problems[:10]))
         self.load = self._snapshot()
 
     def _drain(self, block: bool) -> None:

@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 
-from gateway.generate_client import ConnectionOptions, GenerateOptions, run_generate, unescape
-from gateway.launcher import LauncherConfig, run_stack
-from gateway.model_fetch import DEFAULT_MODEL, resolve_model
-from gateway.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_HTTP_PORT,
-                                      DEFAULT_METRICS_PORT, DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
+from gateway.cli.generate_client import ConnectionOptions, GenerateOptions, run_generate, unescape
+from gateway.cli.launcher import LauncherConfig, run_stack
+from gateway.cli.model_fetch import DEFAULT_MODEL, resolve_model
+from gateway.cli.service_commands import (DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT, DEFAULT_HTTP_PORT,
+                                          DEFAULT_METRICS_PORT, DEFAULT_TOKENIZER_PORT, ServiceTopology, local_topology)
+from protos.service_logging import LOG_FORMATS, LOG_LEVELS
 
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # the engine's --quantization (engine_svc.config)
@@ -130,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--drain-timeout", type=float, default=8.0,
                      help="on stop, seconds in-flight requests may still run (default %(default)g; --stop-grace "
                           "is raised to cover it)")
-    sec.add_argument("--log-format", choices=("json", "text"), help="gateway request log format")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="every service's least severe level logged (default %(default)s)")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="every service's log lines: text, or json for log shippers (default %(default)s)")
     serve.add_argument("--max-restarts", type=_non_negative_int, default=3,
                        help="restarts of one crashed service allowed within --restart-window; one more crash in "
                             "that window stops the whole stack (default %(default)s; 0: never restart)")
@@ -229,8 +233,8 @@ def topology_from_args(args: argparse.Namespace, model_path: str,
                           engine_replicas=args.engine_replicas,
                           metrics_port=args.metrics_port, http_port=args.http_port,
                           gateway_tls_cert=args.tls_cert, gateway_tls_key=args.tls_key, gateway_tls_ca=args.tls_ca,
-                          gateway_tls_server_name=args.tls_server_name,
-                          gateway_extra_args=gateway_args_from_args(args))
+                          gateway_tls_server_name=args.tls_server_name, log_level=args.log_level,
+                          log_format=args.log_format, gateway_extra_args=gateway_args_from_args(args))
 
 
 def _engine_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -256,7 +260,7 @@ def gateway_args_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     out = ["--drain-timeout", f"{args.drain_timeout:g}"]
     if args.api_key_file:
         out += ["--api-key-file", os.path.abspath(args.api_key_file)]
-    for flag in ("max_in_flight", "max_request_bytes", "max_prompt_chars", "log_format"):
+    for flag in ("max_in_flight", "max_request_bytes", "max_prompt_chars"):
         value = getattr(args, flag)
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
