@@ -56,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem", description="Tandem: an LLM inference server over gRPC and an OpenAI-compatible HTTP API.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+
+def _add_serve(sub) -> None:
+    """`tandem serve`: the model and engine options, then those passed to the gateway, then the launcher's."""
     serve = sub.add_parser(
         "serve", help="start the tokenizer, engine and gateway; stop them with Ctrl-C",
         description="Start the three services and wait until they are SERVING. Arguments after `--` are "
@@ -105,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-offload-gb", type=float, default=0.0,
                        help="a host tier of this many GB for KV blocks evicted from the device, copied back on a "
                             "prefix hit instead of recomputed (default %(default)s)")
+    _add_speculation(serve)
+    serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
+                       help="seconds to wait for every service to report SERVING (default %(default)g)")
+    serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
+                       help="seconds between SIGTERM and SIGKILL at shutdown (default %(default)g)")
+    _add_gateway_options(serve)
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="every service's least severe level logged (default %(default)s)")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="every service's log lines: text, or json for log shippers (default %(default)s)")
+    serve.add_argument("--max-restarts", type=_non_negative_int, default=3,
+                       help="restarts of one crashed service allowed within --restart-window; one more crash in "
+                            "that window stops the whole stack (default %(default)s; 0: never restart)")
+    serve.add_argument("--restart-window", type=_positive_float, default=300.0, metavar="SECONDS",
+                       help="the sliding window --max-restarts counts over: crashes further apart never use the "
+                            "restarts up; the backoff before a restart (1 s, doubled for each restart still in "
+                            "the window) is back at 1 s after a service stayed up that long (default %(default)g)")
+
+
+def _add_speculation(serve: argparse.ArgumentParser) -> None:
+    """Speculative decoding flags, passed to the engine."""
     spec = serve.add_argument_group("speculative decoding (passed to the engine; off by default)")
     spec.add_argument("--speculative-method", choices=SPECULATIVE_METHODS,
                       help="ngram: prompt lookup; draft: a smaller model of the same tokenizer (--draft-model)")
@@ -113,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--draft-model", help="the draft model: an HF directory or a .gguf file")
     spec.add_argument("--ngram-min", type=_positive_int, help="shortest n-gram matched (engine default 1)")
     spec.add_argument("--ngram-max", type=_positive_int, help="longest n-gram matched (engine default 4)")
-    serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
-                       help="seconds to wait for every service to report SERVING (default %(default)g)")
-    serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
-                       help="seconds between SIGTERM and SIGKILL at shutdown (default %(default)g)")
+
+
+def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
+    """Security, limits and lifecycle flags, passed to the gateway."""
     sec = serve.add_argument_group("gateway security, limits and lifecycle (passed to the gateway)")
     sec.add_argument("--api-key-file", help="API keys, one per line (or env TANDEM_API_KEYS, comma-separated); "
                                             "public RPCs then need metadata 'authorization: Bearer <key>'")
@@ -133,18 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--drain-timeout", type=float, default=8.0,
                      help="on stop, seconds in-flight requests may still run (default %(default)g; --stop-grace "
                           "is raised to cover it)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
-                       help="every service's least severe level logged (default %(default)s)")
-    serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                       help="every service's log lines: text, or json for log shippers (default %(default)s)")
-    serve.add_argument("--max-restarts", type=_non_negative_int, default=3,
-                       help="restarts of one crashed service allowed within --restart-window; one more crash in "
-                            "that window stops the whole stack (default %(default)s; 0: never restart)")
-    serve.add_argument("--restart-window", type=_positive_float, default=300.0, metavar="SECONDS",
-                       help="the sliding window --max-restarts counts over: crashes further apart never use the "
-                            "restarts up; the backoff before a restart (1 s, doubled for each restart still in "
-                            "the window) is back at 1 s after a service stayed up that long (default %(default)g)")
 
+
+def _add_generate(sub) -> None:
+    """`tandem generate`: a client of a running server."""
     gen = sub.add_parser("generate", help="stream a completion from a running server",
                          usage="tandem generate PROMPT [options]")
     gen.add_argument("prompt")
@@ -164,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls", action="store_true", help="connect over TLS trusting the system's CAs")
     gen.add_argument("--api-key", help="sent as 'authorization: Bearer <key>' (default: env TANDEM_API_KEY)")
 
+
+def _add_tool_commands(sub) -> None:
+    """fetch-model, bench, eval and prune: tools that run on their own, not through the stack."""
     fetch = sub.add_parser("fetch-model", help="fetch the model (if needed) and print its path")
     fetch.add_argument("--model", default=DEFAULT_MODEL)
 
@@ -183,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "[PRUNE_ARG ...]",
                    help="prune a model's decoder linears (magnitude or Wanda; 2:4, 4:8 or unstructured) into an HF "
                         "directory (tandem prune --help)")
-    return parser
 
 
 # Benchmarks run as their own process: they import torch, which the gateway never does.
