@@ -7,6 +7,9 @@ with UNAVAILABLE. A poll that times out (1 s) marks it down for routing only: a 
 has, a dead one breaks their stream by itself. The poller keeps probing a down replica and marks it up when
 GetLoad answers; its streams are re-opened on its next request. When no replica is live a request is still sent
 to one (it fails at once with UNAVAILABLE if that engine is really gone, and succeeds if it just came back).
+
+Each time a replica comes up its EngineInfo is read again; the replicas' queue capacities (max_num_seqs +
+max_waiting) give the gateway's automatic admission bound, reported to capacity_observer.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Callable
 
 import grpc
 
+from gateway.admission import engines_bound
 from gateway.bidi_stream import internal_channel_options
 from gateway.config import GatewayConfig
 from gateway.replica import Replica
@@ -49,6 +53,8 @@ class Pipeline:
         self._fallback = 0
         # Called with (replica name, EngineLoad) after every answered poll (the metrics read the routing's polls).
         self.load_observer: Callable[[str, epb.EngineLoad], None] | None = None
+        # Called with engines_bound over the replicas whenever a replica's EngineInfo is read.
+        self.capacity_observer: Callable[[int | None], None] | None = None
 
     def live_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.live]
@@ -67,7 +73,11 @@ class Pipeline:
                 raise asyncio.TimeoutError("no engine replica and tokenizer answered")
             await asyncio.sleep(self.config.load_poll_interval_s)
         timeout = self.config.connect_timeout_s
-        self.engine_info = await live[0].engine.GetInfo(epb.EngineInfoRequest(), timeout=timeout)
+        first = live[0]
+        if first.info is None:   # its GetInfo failed as it came up; now a failure fails the start
+            first.info = await first.engine.GetInfo(epb.EngineInfoRequest(), timeout=timeout)
+            self._report_capacity()
+        self.engine_info = first.info
         tok = next(i for i, up in enumerate(self.tokenizers.live) if up)
         self.tokenizer_info = await self.tokenizers.stubs[tok].GetInfo(tpb.TokenizerInfoRequest(), timeout=timeout)
         self._pollers = [asyncio.create_task(self._poll_forever(r), name=f"load-poller {r.name}")
@@ -141,8 +151,24 @@ class Pipeline:
         if self.load_observer is not None:
             self.load_observer(replica.name, replica.load)
         if not replica.live:
+            await self._read_info(replica)
             replica.live = True
             _LOG.info("engine replica %s is up", replica.name)
+
+    async def _read_info(self, replica: Replica) -> None:
+        """Re-reads a replica's EngineInfo as it comes up (a restarted engine may queue more or less); on failure the
+        last answer stays."""
+        try:
+            replica.info = await replica.engine.GetInfo(epb.EngineInfoRequest(), timeout=POLL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            _LOG.warning("engine replica %s did not answer GetInfo: %s", replica.name, e.code().name)
+            return
+        self._report_capacity()
+
+    def _report_capacity(self) -> None:
+        if self.capacity_observer is not None:
+            self.capacity_observer(engines_bound(r.info.max_num_seqs + r.info.max_waiting if r.info else None
+                                                 for r in self.replicas))
 
     async def _poll_forever(self, replica: Replica) -> None:
         while True:

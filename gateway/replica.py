@@ -38,6 +38,7 @@ class Replica:
         self.engine = engine_pb2_grpc.EngineStub(self.channel)
         self.live = False                       # set by the pipeline: start-up, the load poller, a broken stream
         self.load = epb.EngineLoad()            # the engine's last GetLoad answer
+        self.info: epb.EngineInfo | None = None # its GetInfo answer when it last came up (None: not answered)
         self.in_flight_at_poll = 0              # this gateway's requests on it when that answer arrived
         self._tokenizer = tokenizer             # a live tokenizer's stub, preferring this replica's pair
         self._on_engine_lost = on_engine_lost

@@ -65,6 +65,7 @@ async def serve(config: GatewayConfig) -> None:
     for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     pipeline = Pipeline(config)
+    pipeline.capacity_observer = admission.follow_engines
     flow = GenerationFlow(config, pipeline)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(flow), server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin.AdminServicer(pipeline.engine_stub), server)

@@ -12,6 +12,8 @@ Semantics follow the usual definitions:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _MASKED = float("-inf")
@@ -26,15 +28,40 @@ def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return counts[:, :vocab_size]
 
 
+@dataclass
+class Penalties:
+    """The penalized rows of a batch and what they have seen: from id histories (penalties_of_histories) or kept on
+    the device across steps (engine_svc/sampling/penalty_state.py)."""
+    rows: torch.Tensor          # [M] int64: the batch rows that use penalties
+    prompt_seen: torch.Tensor   # [M, V] bool: in the row's prompt
+    counts: torch.Tensor        # [M, V] int32: how often the row has output each token
+    repetition: torch.Tensor    # [M] float32
+    presence: torch.Tensor      # [M] float32
+    frequency: torch.Tensor     # [M] float32
+
+
+def penalties_of_histories(prompt_ids: torch.Tensor, output_ids: torch.Tensor, repetition: torch.Tensor,
+                           presence: torch.Tensor, frequency: torch.Tensor, vocab_size: int) -> Penalties:
+    """Every row's penalties from its padded prompt and output ids ([N, L], pad -1)."""
+    rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
+    return Penalties(rows, token_counts(prompt_ids, vocab_size) > 0, token_counts(output_ids, vocab_size),
+                     repetition, presence, frequency)
+
+
 def apply_penalties(logits: torch.Tensor, prompt_ids: torch.Tensor, output_ids: torch.Tensor,
                     repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    out_counts = token_counts(output_ids, vocab)
-    seen = (token_counts(prompt_ids, vocab) > 0) | (out_counts > 0)
-    rep = repetition[:, None]
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalized, logits)
-    return logits - presence[:, None] * (out_counts > 0) - frequency[:, None] * out_counts
+    return apply_penalty_counts(logits, penalties_of_histories(prompt_ids, output_ids, repetition, presence,
+                                                               frequency, logits.shape[-1]))
+
+
+def apply_penalty_counts(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Out of place: the logits may be a CUDA graph's output buffer."""
+    sub = logits[p.rows]
+    seen = p.prompt_seen | (p.counts > 0)
+    rep = p.repetition[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - p.presence[:, None] * (p.counts > 0) - p.frequency[:, None] * p.counts
+    return logits.index_put((p.rows,), sub)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

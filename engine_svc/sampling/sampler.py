@@ -32,17 +32,18 @@ class SamplingBatch:
     top_k_width: int                     # largest top-k of the batch, or the vocabulary size when a row has none
     # Processors; each is None when no row of the batch uses it.
     min_p: torch.Tensor | None = None
-    penalties: tuple[torch.Tensor, ...] | None = None   # (prompt ids, output ids, repetition, presence, frequency)
+    penalties: lp.Penalties | None = None
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (rows, token ids, biases)
-    allowed: torch.Tensor | None = None                 # [N, V] bool
+    allowed: torch.Tensor | None = None                 # [N, V] bool (allowed_mask)
     suppressed: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids)
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None      # (bitmask [rows, ceil(V / 32)] int32, rows masked)
 
     @classmethod
     def build(cls, params: list, output_lens: list[int], vocab_size: int, device: torch.device, *,
-              histories: list[tuple[list[int], list[int]]] | None = None,
+              histories: list[tuple[list[int], list[int]]] | None = None, penalties: lp.Penalties | None = None,
               eos_token_ids: frozenset[int] = frozenset()) -> "SamplingBatch":
-        """histories: each row's (prompt ids, output ids), needed only when a row uses penalties."""
+        """When a row uses penalties: penalties, the penalized rows' counts kept on the device (PenaltyState), or
+        else histories, each row's (prompt ids, output ids)."""
         temps = [p.temperature for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         top_p = [p.top_p for p in params]
@@ -65,24 +66,20 @@ class SamplingBatch:
         i64 = dict(dtype=torch.int64, device=device)
         if any(p.min_p > 0 for p in params):
             b.min_p = to_device([p.min_p for p in params], **f32)
-        if any(p.uses_penalties for p in params):
+        if penalties is not None:
+            b.penalties = penalties
+        elif any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("penalties need each row's prompt and output ids")
-            b.penalties = (_padded([h[0] for h in histories], device), _padded([h[1] for h in histories], device),
-                           to_device([p.repetition_penalty for p in params], **f32),
-                           to_device([p.presence_penalty for p in params], **f32),
-                           to_device([p.frequency_penalty for p in params], **f32))
+            b.penalties = lp.penalties_of_histories(
+                padded([h[0] for h in histories], device), padded([h[1] for h in histories], device),
+                *penalty_values(params, device), vocab_size)
         bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
         if bias:
             rows, ids, vals = zip(*bias)
             b.bias = (to_device(rows, **i64), to_device(ids, **i64), to_device(vals, **f32))
         if any(p.allowed_token_ids is not None for p in params):
-            allowed = torch.ones(len(params), vocab_size, dtype=torch.bool)
-            for i, p in enumerate(params):
-                if p.allowed_token_ids is not None:
-                    allowed[i] = False
-                    allowed[i, list(p.allowed_token_ids)] = True
-            b.allowed = to_device(allowed, torch.bool, device)
+            b.allowed = allowed_mask([p.allowed_token_ids for p in params], vocab_size, device)
         banned = [(i, t) for i, (p, n) in enumerate(zip(params, output_lens)) if n < p.min_tokens
                   for t in sorted(p.stop_token_ids | (frozenset() if p.ignore_eos else eos_token_ids))]
         if banned:
@@ -91,7 +88,26 @@ class SamplingBatch:
         return b
 
 
-def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+def penalty_values(params: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(repetition, presence, frequency) [N] float32 of the given rows."""
+    return tuple(to_device([getattr(p, name) for p in params], torch.float32, device)
+                 for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
+
+
+def allowed_mask(allowed_ids: list[frozenset[int] | None], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[N, V] bool: each row's allowed ids (None: every id), made on the device by one scatter of the ids, so the
+    host's work grows with the ids' count, not with the vocabulary."""
+    restricted = [i for i, ids in enumerate(allowed_ids) if ids is not None]
+    rows = [i for i in restricted for _ in allowed_ids[i]]
+    ids = [t for i in restricted for t in allowed_ids[i]]
+    i64 = dict(dtype=torch.int64, device=device)
+    mask = torch.ones(len(allowed_ids), vocab_size, dtype=torch.bool, device=device)
+    mask.index_fill_(0, to_device(restricted, **i64), False)
+    return mask.index_put_((to_device(rows, **i64), to_device(ids, **i64)),
+                           torch.ones((), dtype=torch.bool, device=device))
+
+
+def padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
     return to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64, device)
 
@@ -108,7 +124,7 @@ def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def apply_processors(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Everything that changes the logits themselves, for greedy and sampled rows alike."""
     if b.penalties is not None:
-        logits = lp.apply_penalties(logits, *b.penalties)
+        logits = lp.apply_penalty_counts(logits, b.penalties)
     if b.bias is not None:
         logits = lp.apply_logit_bias(logits, *b.bias)
     if b.allowed is not None:

@@ -6,11 +6,12 @@ tensor-parallel worker) turns it NOT_SERVING first, then ends the open streams.
 """
 from __future__ import annotations
 
-import logging
 import asyncio
+import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -216,10 +217,44 @@ def _load_in_daemon_thread(fn, aio_loop: asyncio.AbstractEventLoop) -> asyncio.F
     return fut
 
 
+@dataclass
+class _Running:
+    """The engine service while it serves: its gRPC server and health, and why it must stop (a signal, the loop's
+    fatal error, a worker rank's death), each of which sets `stop`."""
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    servicer: EngineServicer
+    port: int
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    fatal: list[BaseException] = field(default_factory=list)
+    worker_failure: list[str] = field(default_factory=list)
+
+    def set_health(self, status) -> "asyncio.Future":
+        return asyncio.gather(*(self.health.set(name, status) for name in ("", SERVICE_NAME)))
+
+
 async def serve(config: EngineConfig) -> None:
+    """Opens the port first (health answers NOT_SERVING while the model loads), loads the engine, serves until a
+    signal or a failure, then shuts down; a failure ends the process non-zero."""
+    setup_logging("engine", config.log_level, config.log_format)
+    running = await _open_port(config)
+    engine = await _load_engine(config, running)
+    if engine is None:
+        return
+    loop = _start_loop(engine, running)
+    await running.set_health(health_pb2.HealthCheckResponse.SERVING)
+    _LOG.info("listening on %s:%d (%s, %s, %s)", config.host, running.port, engine.model_name, engine.runner.device,
+              str(engine.runner.dtype).split(".")[-1])
+    await running.stop.wait()
+    await running.health.enter_graceful_shutdown()   # NOT_SERVING, whatever the cause
+    await running.server.stop(grace=2.0)   # the streams still open end, so their requests fail over to the gateway
+    loop.stop()
+    _exit_on_failure(engine, running)
+
+
+async def _open_port(config: EngineConfig) -> _Running:
     # A Session message carries whole prompts, and the gateway's channels take up to this much (gRPC's default of
     # 4 MiB would refuse a long prompt's submit and break the stream every request of that gateway shares).
-    setup_logging("engine", config.log_level, config.log_format)
     limit = 256 * 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)])
@@ -228,65 +263,64 @@ async def serve(config: EngineConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    running = _Running(server, health_servicer, servicer, server.add_insecure_port(f"{config.host}:{config.port}"))
+    await running.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-
-    stop = asyncio.Event()
     aio_loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        aio_loop.add_signal_handler(sig, stop.set)
+        aio_loop.add_signal_handler(sig, running.stop.set)
+    return running
 
+
+async def _load_engine(config: EngineConfig, running: _Running):
+    """The loaded Engine, or None when a stop came first; a model that cannot load exits non-zero."""
     from engine_svc.engine import Engine  # imports torch: after the port is open so health answers early
 
     _LOG.info("loading %s ...", config.model)
-    load = _load_in_daemon_thread(lambda: Engine(config), aio_loop)
-    await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    load = _load_in_daemon_thread(lambda: Engine(config), asyncio.get_running_loop())
+    await asyncio.wait([load, asyncio.ensure_future(running.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if not load.done():  # stopped while loading: exit now; the daemon loader thread dies with the process
-        await server.stop(0)
-        return
+        await running.server.stop(0)
+        return None
     try:
-        engine = load.result()
+        return load.result()
     except Exception as e:  # a model that cannot load: one clear line, a non-zero exit, no hang
         _LOG.error("cannot load %s: %s: %s", config.model, type(e).__name__, e)
-        await server.stop(0)
+        await running.server.stop(0)
         raise SystemExit(1)
+
+
+def _start_loop(engine, running: _Running) -> EngineLoop:
+    """Starts the engine loop thread; its fatal error and a worker rank's death (the executor's monitor thread)
+    both stop the service."""
+    aio_loop = asyncio.get_running_loop()
+
+    def stop_for(failures: list):
+        def record(failure) -> None:
+            failures.append(failure)
+            aio_loop.call_soon_threadsafe(running.stop.set)
+        return record
+
     loop = EngineLoop(engine)
-    fatal: list[BaseException] = []
-
-    def on_fatal(e: BaseException) -> None:
-        fatal.append(e)
-        aio_loop.call_soon_threadsafe(stop.set)
-
-    loop.on_fatal = on_fatal
-    worker_failure: list[str] = []
-
-    def on_worker_failure(message: str) -> None:   # the executor's monitor thread: a rank's process is gone
-        worker_failure.append(message)
-        aio_loop.call_soon_threadsafe(stop.set)
-
+    loop.on_fatal = stop_for(running.fatal)
     if hasattr(engine.executor, "on_failure"):
-        engine.executor.on_failure = on_worker_failure
+        engine.executor.on_failure = stop_for(running.worker_failure)
     loop.start()
-    servicer.loop = loop
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _LOG.info("listening on %s:%d (%s, %s, %s)", config.host, port, engine.model_name, engine.runner.device,
-              str(engine.runner.dtype).split(".")[-1])
-    await stop.wait()
-    await health_servicer.enter_graceful_shutdown()   # NOT_SERVING, whatever the cause
-    await server.stop(grace=2.0)   # the streams still open end, so their requests fail over to the gateway
-    loop.stop()
-    if worker_failure:
+    running.servicer.loop = loop
+    return loop
+
+
+def _exit_on_failure(engine, running: _Running) -> None:
+    if running.worker_failure:
         # The ranks are out of step (one is gone, the others may wait in a collective for it), so the process group
         # cannot be torn down cleanly: the surviving workers are killed and the process ends here, non-zero, its
         # last line naming the rank and the cause.
         kill_workers = getattr(engine.executor, "kill_workers", None)
         if kill_workers is not None:
             kill_workers()
-        _LOG.error(worker_failure[0])
+        _LOG.error(running.worker_failure[0])
         os._exit(1)
-    if fatal:   # a crash is never a clean exit: the launcher (or compose) must see it and restart the engine
-        _LOG.error("the engine loop died: %s: %s", type(fatal[0]).__name__, fatal[0])
+    if running.fatal:   # a crash is never a clean exit: the launcher (or compose) must see it and restart the engine
+        fatal = running.fatal[0]
+        _LOG.error("the engine loop died: %s: %s", type(fatal).__name__, fatal)
         raise SystemExit(1)

@@ -80,7 +80,10 @@ class DraftProposer:
                              f"from the model's ({self.vocab_size}): a draft must share its tokenizer")
         self.eos_token_ids = frozenset(target.model_cfg.eos_token_ids)
         self._computed: weakref.WeakKeyDictionary[Request, tuple[int, int]] = weakref.WeakKeyDictionary()
-        self._probs: dict[str, torch.Tensor] = {}   # request id -> [k, V] distributions of its proposals
+        # Each request's [k, V] distributions of its latest proposals, until verified (proposal_probs). Kept per
+        # request, not per call: the scheduler may ask row by row (after a batched call raised). Weak: what a
+        # request never verifies (its step failed) goes with it.
+        self._probs: weakref.WeakKeyDictionary[Request, torch.Tensor] = weakref.WeakKeyDictionary()
 
     def fit(self, num_blocks: int) -> None:
         """Gives the draft's KV caches the target's block count (its K/V are stored under the target's block ids)."""
@@ -92,7 +95,6 @@ class DraftProposer:
             return self._propose(rows)
 
     def _propose(self, rows: list[tuple[Request, int]]) -> list[list[int]]:
-        self._probs.clear()   # the previous step's rows were verified before this step was scheduled
         views, scheduled = [], []
         for req, _ in rows:
             start = req.num_computed_tokens   # the verify row's first position: its last token
@@ -118,7 +120,7 @@ class DraftProposer:
         for (req, k), props, qs in zip(rows, proposals, probs):
             # The draft wrote K/V at the last token's position and the first k - 1 proposals'.
             self._computed[req] = (req.num_computed_tokens + k, req.num_preemptions)
-            self._probs[req.request_id] = torch.stack(qs)
+            self._probs[req] = torch.stack(qs)
         return proposals
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +141,7 @@ class DraftProposer:
         """[R, width, V]: the distributions the requests' proposals were drawn from (zeros past each one's)."""
         out = None
         for r, req in enumerate(requests):
-            q = self._probs.pop(req.request_id)
+            q = self._probs.pop(req)
             if out is None:
                 out = q.new_zeros(len(requests), width, q.shape[-1])
             out[r, :q.shape[0]] = q

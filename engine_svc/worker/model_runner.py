@@ -40,6 +40,7 @@ from engine_svc.worker.step_plan import StepPlan
 from engine_svc.worker.step_results import LaunchedStep, PinnedSlots, PromptRows, StepResult
 from engine_svc.model_config import ModelConfig
 from engine_svc.sampling.logprobs import token_logprobs
+from engine_svc.sampling.penalty_state import PenaltyState
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
 from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.verify import sample_with_proposals
@@ -151,6 +152,7 @@ class ModelRunner:
         self._out_slots = PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
+        self.penalties = PenaltyState(self.model_cfg.vocab_size, self.device)   # the driver's; see its module
         self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
@@ -435,12 +437,9 @@ class ModelRunner:
             step.sampled, step.runs, step.host_logprobs = v.sampled, v.runs, v.logprobs
             return
         params = [s.request.params for s in sampling]
-        histories = None
-        if any(p.uses_penalties for p in params):
-            # The engine resolves pending steps before scheduling requests with penalties: ids are all real here.
-            histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
         batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
-                                    self.model_cfg.vocab_size, self.device, histories=histories,
+                                    self.model_cfg.vocab_size, self.device,
+                                    penalties=self.penalties.penalties([s.request for s in sampling]),
                                     eos_token_ids=self._eos_token_ids)
         if self.structured is not None:
             # Filled on the host while the device runs the forward, then applied there in one call.
@@ -450,6 +449,7 @@ class ModelRunner:
                                  to_device(mask[1], torch.int32, self.device))
         logits = apply_processors(logits, batch)
         step.sampled = sample_processed(logits, batch)
+        self.penalties.count(step.sampled)
         wanted = [(p.logprobs or 0) if p.needs_logprob else None for p in params]
         if any(w is not None for w in wanted):
             step.logprobs_wanted = wanted

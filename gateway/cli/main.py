@@ -56,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem", description="Tandem: an LLM inference server over gRPC and an OpenAI-compatible HTTP API.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+
+def _add_serve(sub) -> None:
+    """`tandem serve`: the model and engine options, then those passed to the gateway, then the launcher's."""
     serve = sub.add_parser(
         "serve", help="start the tokenizer, engine and gateway; stop them with Ctrl-C",
         description="Start the three services and wait until they are SERVING. Arguments after `--` are "
@@ -105,32 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-offload-gb", type=float, default=0.0,
                        help="a host tier of this many GB for KV blocks evicted from the device, copied back on a "
                             "prefix hit instead of recomputed (default %(default)s)")
-    spec = serve.add_argument_group("speculative decoding (passed to the engine; off by default)")
-    spec.add_argument("--speculative-method", choices=SPECULATIVE_METHODS,
-                      help="ngram: prompt lookup; draft: a smaller model of the same tokenizer (--draft-model)")
-    spec.add_argument("--num-speculative-tokens", type=_positive_int, help="tokens proposed per step (engine "
-                                                                           "default 4)")
-    spec.add_argument("--draft-model", help="the draft model: an HF directory or a .gguf file")
-    spec.add_argument("--ngram-min", type=_positive_int, help="shortest n-gram matched (engine default 1)")
-    spec.add_argument("--ngram-max", type=_positive_int, help="longest n-gram matched (engine default 4)")
+    _add_speculation(serve)
     serve.add_argument("--start-timeout", type=_positive_float, default=300.0,
                        help="seconds to wait for every service to report SERVING (default %(default)g)")
     serve.add_argument("--stop-grace", type=_positive_float, default=10.0,
                        help="seconds between SIGTERM and SIGKILL at shutdown (default %(default)g)")
-    sec = serve.add_argument_group("gateway security, limits and lifecycle (passed to the gateway)")
-    sec.add_argument("--api-key-file", help="API keys, one per line (or env TANDEM_API_KEYS, comma-separated); "
-                                            "public RPCs then need metadata 'authorization: Bearer <key>'")
-    sec.add_argument("--tls-cert", help="PEM certificate for TLS on the public port (with --tls-key)")
-    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    sec.add_argument("--tls-ca", help="CA the launcher's health probe trusts (default: --tls-cert itself)")
-    sec.add_argument("--tls-server-name", help="name the probe checks the certificate against (default: the "
-                                               "dialled 127.0.0.1)")
-    sec.add_argument("--max-in-flight", type=_positive_int, help="gateway bound on generation calls in flight")
-    sec.add_argument("--max-request-bytes", type=_positive_int, help="largest public request message")
-    sec.add_argument("--max-prompt-chars", type=_positive_int, help="longest prompt in characters")
-    sec.add_argument("--drain-timeout", type=float, default=8.0,
-                     help="on stop, seconds in-flight requests may still run (default %(default)g; --stop-grace "
-                          "is raised to cover it)")
+    _add_gateway_options(serve)
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                        help="every service's least severe level logged (default %(default)s)")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
@@ -143,6 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
                             "restarts up; the backoff before a restart (1 s, doubled for each restart still in "
                             "the window) is back at 1 s after a service stayed up that long (default %(default)g)")
 
+
+def _add_speculation(serve: argparse.ArgumentParser) -> None:
+    """Speculative decoding flags, passed to the engine."""
+    spec = serve.add_argument_group("speculative decoding (passed to the engine; off by default)")
+    spec.add_argument("--speculative-method", choices=SPECULATIVE_METHODS,
+                      help="ngram: prompt lookup; draft: a smaller model of the same tokenizer (--draft-model)")
+    spec.add_argument("--num-speculative-tokens", type=_positive_int, help="tokens proposed per step (engine "
+                                                                           "default 4)")
+    spec.add_argument("--draft-model", help="the draft model: an HF directory or a .gguf file")
+    spec.add_argument("--ngram-min", type=_positive_int, help="shortest n-gram matched (engine default 1)")
+    spec.add_argument("--ngram-max", type=_positive_int, help="longest n-gram matched (engine default 4)")
+
+
+def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
+    """Security, limits and lifecycle flags, passed to the gateway."""
+    sec = serve.add_argument_group("gateway security, limits and lifecycle (passed to the gateway)")
+    sec.add_argument("--api-key-file", help="API keys, one per line (or env TANDEM_API_KEYS, comma-separated); "
+                                            "public RPCs then need metadata 'authorization: Bearer <key>'")
+    sec.add_argument("--tls-cert", help="PEM certificate for TLS on the public port (with --tls-key)")
+    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-ca", help="CA the launcher's health probe trusts (default: --tls-cert itself)")
+    sec.add_argument("--tls-server-name", help="name the probe checks the certificate against (default: the "
+                                               "dialled 127.0.0.1)")
+    sec.add_argument("--max-in-flight", type=_positive_int,
+                     help="gateway bound on generation calls in flight (default: what the engines queue, their "
+                          "max_num_seqs + max_waiting summed over replicas)")
+    sec.add_argument("--max-request-bytes", type=_positive_int, help="largest public request message")
+    sec.add_argument("--max-prompt-chars", type=_positive_int, help="longest prompt in characters")
+    sec.add_argument("--drain-timeout", type=float, default=8.0,
+                     help="on stop, seconds in-flight requests may still run (default %(default)g; --stop-grace "
+                          "is raised to cover it)")
+
+
+def _add_generate(sub) -> None:
+    """`tandem generate`: a client of a running server."""
     gen = sub.add_parser("generate", help="stream a completion from a running server",
                          usage="tandem generate PROMPT [options]")
     gen.add_argument("prompt")
@@ -162,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls", action="store_true", help="connect over TLS trusting the system's CAs")
     gen.add_argument("--api-key", help="sent as 'authorization: Bearer <key>' (default: env TANDEM_API_KEY)")
 
+
+def _add_tool_commands(sub) -> None:
+    """fetch-model, bench, eval and prune: tools that run on their own, not through the stack."""
     fetch = sub.add_parser("fetch-model", help="fetch the model (if needed) and print its path")
     fetch.add_argument("--model", default=DEFAULT_MODEL)
 
@@ -181,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "[PRUNE_ARG ...]",
                    help="prune a model's decoder linears (magnitude or Wanda; 2:4, 4:8 or unstructured) into an HF "
                         "directory (tandem prune --help)")
-    return parser
 
 
 # Benchmarks run as their own process: they import torch, which the gateway never does.

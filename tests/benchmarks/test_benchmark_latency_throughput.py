@@ -174,14 +174,24 @@ def test_throughput_both_modes_through_a_started_stack(smollm2_gguf, tmp_path):
 
 
 @pytest.mark.stack
-def test_throughput_stack_mode_of_a_shipped_config_borrows_the_default_tokenizer(smollm2_gguf, tmp_path):
-    """A shipped config has random weights and no tokenizer: the stack serves the default model's tokenizer."""
+def test_throughput_both_modes_of_a_random_weight_config_need_no_network(tiny, tmp_path, monkeypatch):
+    """A config .json with dummy weights has no tokenizer: the stack serves one built for its vocabulary, with pip
+    barred from any index and an empty model cache (as on a GPU machine without network), and serves every
+    request on the same prompt ids as the engine run."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("TANDEM_CACHE", str(cache))
     out = tmp_path / "tp.json"
-    throughput.main(["--model", "smollm2-135m", *CPU, "--mode", "stack", "--num-requests", "2",
-                     "--input-len", "8", "12", "--output-len", "3", "5", "--max-model-len", "128",
-                     "--num-kv-blocks", "32", "--stack-log", str(tmp_path / "stack.log"), "--json", str(out)])
-    (stack,) = json.loads(out.read_text())["runs"]
-    assert stack["finished"] == 2 and stack["errors"] == 0 and stack["output_tokens"] >= 2
+    result = throughput.main(["--model", str(tiny / "config.json"), "--load-format", "dummy", *CPU, "--mode", "both",
+                              "--num-requests", "4", "--input-len", "6", "12", "--output-len", "3", "6",
+                              "--max-model-len", "64", "--num-kv-blocks", "32",
+                              "--stack-log", str(tmp_path / "stack.log"), "--json", str(out)])
+    engine, stack = result["runs"]
+    assert engine["finished"] == stack["finished"] == 4 and stack["errors"] == 0
+    assert stack["prompt_tokens"] == engine["prompt_tokens"]
+    assert 4 <= stack["output_tokens"] <= engine["output_tokens"]
+    assert list(cache.iterdir()) == []   # nothing was fetched
 
 
 def test_quantization_reaches_the_engine_config_and_the_stack_args():

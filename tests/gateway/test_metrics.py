@@ -184,6 +184,9 @@ def test_the_pipeline_poller_feeds_every_answer_and_survives_a_failed_call(setup
                 raise a
             return a
 
+        async def GetInfo(self, request, timeout=None):   # read as the replica comes up
+            return epb.EngineInfo()
+
     async def run():
         pipeline = Pipeline(GatewayConfig(engine=REPLICA))
         pipeline.load_observer = lambda name, load: (seen.append(load.num_waiting), m.observe_engine_load(name, load))
