@@ -91,7 +91,7 @@ def decode_bench(engines: list[Engine], args) -> list[dict]:
         for engine in engines:
             decode_run(engine, prompt, f"decode-warmup-{i}", args.output_len)
     for engine in engines:
-        engine.scheduler.spec_stats = SpecDecodeStats()   # the timed runs' own
+        engine.scheduler.spec.stats = SpecDecodeStats()   # the timed runs' own
     runs: list[list[dict]] = [[] for _ in engines]
     timeline = gpu_gaps.attach(engines[0])
     with tp_shares.measured(engines[0]) as shares:   # the prompt's steps too: one in output_len of them

@@ -156,44 +156,6 @@ def test_text_prompts_encode_to_about_the_drawn_length(smollm2_gguf):
         assert abs(len(p.token_ids) - n) <= max(1, n // 50), (n, len(p.token_ids))
 
 
-@pytest.mark.stack
-def test_throughput_both_modes_through_a_started_stack(smollm2_gguf, tmp_path):
-    out = tmp_path / "tp.json"
-    throughput.main(["--model", str(smollm2_gguf), *CPU, "--mode", "both", "--num-requests", "3",
-                     "--input-len", "8", "16", "--output-len", "4", "8", "--max-model-len", "256",
-                     "--num-kv-blocks", "64", "--stack-log", str(tmp_path / "stack.log"), "--json", str(out)])
-    result = json.loads(out.read_text())
-    engine, stack = result["runs"]
-    assert (engine["run"], stack["run"]) == ("engine", "stack")
-    assert engine["finished"] == stack["finished"] == 3 and stack["errors"] == 0
-    # Same prompt ids on both sides: the stack's tokenizer counted what the engine run was given.
-    assert stack["prompt_tokens"] == engine["prompt_tokens"]
-    # Greedy without ignore_eos: a request may stop early, never later.
-    assert 3 <= stack["output_tokens"] <= engine["output_tokens"]
-    assert result["stack_vs_engine_output_tok_s"] > 0
-
-
-@pytest.mark.stack
-def test_throughput_both_modes_of_a_random_weight_config_need_no_network(tiny, tmp_path, monkeypatch):
-    """A config .json with dummy weights has no tokenizer: the stack serves one built for its vocabulary, with pip
-    barred from any index and an empty model cache (as on a GPU machine without network), and serves every
-    request on the same prompt ids as the engine run."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("TANDEM_CACHE", str(cache))
-    out = tmp_path / "tp.json"
-    result = throughput.main(["--model", str(tiny / "config.json"), "--load-format", "dummy", *CPU, "--mode", "both",
-                              "--num-requests", "4", "--input-len", "6", "12", "--output-len", "3", "6",
-                              "--max-model-len", "64", "--num-kv-blocks", "32",
-                              "--stack-log", str(tmp_path / "stack.log"), "--json", str(out)])
-    engine, stack = result["runs"]
-    assert engine["finished"] == stack["finished"] == 4 and stack["errors"] == 0
-    assert stack["prompt_tokens"] == engine["prompt_tokens"]
-    assert 4 <= stack["output_tokens"] <= engine["output_tokens"]
-    assert list(cache.iterdir()) == []   # nothing was fetched
-
-
 def test_quantization_reaches_the_engine_config_and_the_stack_args():
     import argparse
     p = argparse.ArgumentParser()
@@ -202,4 +164,3 @@ def test_quantization_reaches_the_engine_config_and_the_stack_args():
     assert model_arg.engine_config(args).quantization == "int8"
     assert model_arg.engine_cli_args(args)[-2:] == ["--quantization", "int8"]
     assert "--quantization" not in model_arg.engine_cli_args(p.parse_args(["--model", "m"]))
-

@@ -5,16 +5,13 @@ steps on a machine without wheels or nvidia-smi, and the same commands at tiny s
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from benchmarks import copy_bandwidth, latency, quant_matmul, sampling_overhead, throughput
 from benchmarks.gpu import issue16
-from tests.engine.tiny_models import write_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 PARSERS = {
@@ -56,24 +53,3 @@ def test_the_shell_wrapper_lists_the_steps(tmp_path):
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == [s.name for s in issue16.STEPS]
     assert f"--json {tmp_path}/decode_int4.json" in done.stdout
-
-
-@pytest.mark.stack
-def test_the_cpu_profile_runs_every_step_into_one_table(tmp_path, capsys):
-    tiny = write_tiny_llama(tmp_path / "tiny", max_position_embeddings=256)
-    out = tmp_path / "out"
-    statuses = issue16.main(["--profile", "cpu", "--model", str(tiny), "--out", str(out)])
-    for step in issue16.STEPS:
-        expected = "skipped" if step.cuda_only else "ok"
-        assert statuses[step.name]["status"] == expected, (step.name, (out / f"{step.name}.log").read_text()[-3000:]
-                                                           if expected == "ok" else statuses[step.name])
-    assert json.loads((out / "steps.json").read_text()) == statuses
-    table = capsys.readouterr().out
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "measurement" not in line]
-    assert len(rows) == 15
-    assert sum("not measured (skipped: needs CUDA)" in row for row in rows) == 4   # fp8 weights x 3, GPU tests
-    stack = next(row for row in rows if "through the whole stack" in row)
-    assert "4 finished, 0 errors" in stack and stack.endswith("| yes |")
-    # A rerun of one step keeps the others' results.
-    issue16.main(["--profile", "cpu", "--model", str(tiny), "--out", str(out), "--only", "copy_bandwidth"])
-    assert json.loads((out / "steps.json").read_text()).keys() == statuses.keys()
