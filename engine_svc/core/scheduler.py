@@ -183,6 +183,8 @@ class Scheduler:
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
         self.kv.free(req)
+        if req.has_placeholder:   # the step launched after the last real token (async): it is never applied
+            req.token_ids.pop()
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]

@@ -39,8 +39,9 @@ _LOG = logging.getLogger("tandem.engine.loop")
 
 
 class OutputSink(Protocol):
-    def emit(self, outputs: list[RequestOutput]) -> None:
-        """Called from the loop thread with this sink's requests' outputs of one step. Must not block."""
+    def emit(self, outputs: list[RequestOutput]) -> list[str]:
+        """Called from the loop thread with this sink's requests' outputs of one step. Must not block. Returns the
+        requests whose output it could not send (it has ended them for its client); the loop stops them."""
 
     def reject(self, request_id: str, error: AdmissionError) -> None:
         """Called from the loop thread when a submitted request cannot be admitted."""
@@ -225,7 +226,9 @@ class EngineLoop:
             if sink is not None:   # None: aborted while the step ran
                 by_sink.setdefault(id(sink), (sink, []))[1].append(o)
         for sink, outs in by_sink.values():
-            sink.emit(outs)
+            for rid in sink.emit(outs) or ():   # one request's unsendable output ends that request alone
+                self._sinks.pop(rid, None)
+                self.engine.abort(rid)
 
     def _end_orphans(self) -> None:
         """Guarantees every admitted request an end: one the engine has dropped without a last output (a bug, never

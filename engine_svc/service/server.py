@@ -50,10 +50,22 @@ class _QueueSink:
 
     # Queue items: lists of (engine id, delta); the engine id is None for a request refused before submission.
 
-    def emit(self, outputs: list[RequestOutput]) -> None:
-        deltas = [(o.request_id, _delta(o, name)) for o in outputs
-                  if (name := self.names.get(o.request_id)) is not None]
+    def emit(self, outputs: list[RequestOutput]) -> list[str]:
+        deltas, unsent = [], []
+        for o in outputs:
+            name = self.names.get(o.request_id)
+            if name is None:
+                continue
+            try:
+                deltas.append((o.request_id, _delta(o, name)))
+            except Exception as e:  # noqa: BLE001 - e.g. an id a proto field cannot hold: that request fails alone
+                _LOG.exception("request %s: its output cannot be sent", o.request_id)
+                unsent.append(o.request_id)
+                deltas.append((o.request_id, pb.RequestDelta(
+                    request_id=name, finish=pb.ENGINE_FINISH_FAILED, last=True,
+                    error=f"the engine could not send its output: {type(e).__name__}: {e}")))
         self._aio.call_soon_threadsafe(self.queue.put_nowait, deltas)
+        return unsent
 
     def reject(self, request_id: str, error: AdmissionError) -> None:
         code = (pb.REJECT_NOT_FOUND if isinstance(error, UnknownAdapter) else

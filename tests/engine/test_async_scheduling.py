@@ -63,6 +63,7 @@ def test_decode_is_granted_on_a_placeholder_then_the_real_id_replaces_it():
 def test_eos_drops_the_extra_step_and_frees_blocks_at_once():
     s = make()
     s.add_request("a", [1, 2, 3], SamplingParams(max_tokens=10))
+    a = s.requests["a"]
     out1 = launch(s)
     out2 = launch(s)
     res = s.update(out1, [EOS])
@@ -70,6 +71,24 @@ def test_eos_drops_the_extra_step_and_frees_blocks_at_once():
     assert s.requests == {} and s.kv.pool.num_free == 16
     assert s.update(out2, [5]) == []                   # the extra step's id goes nowhere
     assert s.schedule().is_empty and not s.has_work
+
+    assert a.token_ids == [1, 2, 3, EOS]               # the extra step's placeholder went with it
+
+
+def test_best_of_ranks_members_without_the_extra_steps_placeholder():
+    """best_of > n sends each member's whole output when all have finished: a member that ended on EOS while its
+    next step ran must not send that step's placeholder (it reached the client as token id -1 and broke the
+    engine's output stream)."""
+    s = make()
+    s.add_request("g", [1, 2, 3], SamplingParams(max_tokens=5, best_of=2))
+    out1 = launch(s)                                   # member 0 computes the prompt
+    out2 = launch(s)                                   # and decodes on its placeholder
+    assert s.update(out1, [EOS]) == []                 # member 0 ends; member 1 may join now
+    out3 = launch(s)
+    assert s.update(out2, [5]) == []
+    res = s.update(out3, [EOS])
+    assert [(r.new_token_ids, r.finish_reason) for r in res] == [([EOS], FinishReason.STOP_TOKEN)]
+    assert s.requests == {} and s.kv.pool.num_free == 16
 
 
 def test_a_request_ending_by_length_is_not_scheduled_again():
