@@ -25,6 +25,8 @@ from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, Pi
 from engine_svc.distributed.partition import model_shard, rank_local_config
 from engine_svc.core.request import PLACEHOLDER
 from engine_svc.core.scheduler import SchedulerOutput
+from engine_svc.worker.cpu_threads import set_cpu_threads
+from engine_svc.worker.device_choice import resolve_device, resolve_dtype
 from engine_svc.worker.cuda_graphs import StepGraphs, runner_graphs
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
@@ -33,6 +35,7 @@ from engine_svc.worker.graph_layout import (GraphShape, RowShape, graph_batch_si
                                             row_lengths, select_shape)
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
+from engine_svc.loader.gguf_gemv_serving import weights_plan
 from engine_svc.models import model_class
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
@@ -46,23 +49,6 @@ from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_
 from engine_svc.spec.verify import sample_with_proposals
 
 _LOG = logging.getLogger("tandem.engine.runner")
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig | None = None, tp: TensorParallel = SINGLE,
@@ -97,8 +83,10 @@ class ModelRunner:
         # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
         kernels = "off" if config.enable_lora else config.sparsity_kernels
         load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
+        set_cpu_threads(config, self.device)
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
-                                config.quantization, tp, pp, kernels, self.config.max_num_batched_tokens)
+                                weights_plan(config, path, self.device, tp.size * pp.size), tp, pp, kernels,
+                                self.config.max_num_batched_tokens)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
         if config.cpu_offload_gb:

@@ -226,6 +226,8 @@ BENCHMARKS = {
     "lora": "benchmarks.lora_throughput",
     "tp": "benchmarks.tensor_parallel",
     "spec": "benchmarks.spec_verify",
+    "single-stream": "benchmarks.single_stream",
+    "cpu-linears": "benchmarks.cpu_linears",
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "grammar", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
