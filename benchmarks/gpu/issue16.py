@@ -69,6 +69,10 @@ STEPS = (
          ("--model", "{model}", "--device", "{device}", "{engine}", "--batch", "{batch}", "--prompt-len",
           "{prompt}", "--repeats", "{sampling_repeats}"), 150),
     _decode("decode_smollm2", "{small_model}"),
+    # Its anchor: the same shapes and lengths decoded by gpt-fast's method, in the same run (no gpt-fast here).
+    Step("reference_smollm2", "benchmarks.compiled_decode_reference",
+         ("--model", "{small_model}", "--device", "{device}", "--prompt-len", "{prompt}", "--output-len", "{output}",
+          "--repeats", "{repeats}"), 150),
     Step("quant_matmul", "benchmarks.quant_matmul", ("{quant_sizes}",), 150),
     Step("gpu_tests", "pytest", ("-q", "-p", "no:cacheprovider", "tests/kernels/test_gpu.py",
                                  "tests/kernels/test_gpu_fp8.py", "tests/kernels/test_gpu_quant.py"), 240,

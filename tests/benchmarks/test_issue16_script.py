@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 
-from benchmarks import copy_bandwidth, latency, quant_matmul, sampling_overhead, throughput
+from benchmarks import compiled_decode_reference, copy_bandwidth, latency, quant_matmul, sampling_overhead, throughput
 from benchmarks.gpu import issue16
 
 ROOT = Path(__file__).resolve().parents[2]
 PARSERS = {
     "benchmarks.copy_bandwidth": copy_bandwidth.parse_args,
     "benchmarks.latency": latency.parse_args,
+    "benchmarks.compiled_decode_reference": compiled_decode_reference.parse_args,
     "benchmarks.throughput": throughput.parse_args,
     "benchmarks.quant_matmul": quant_matmul.parse_args,
     "benchmarks.sampling_overhead": lambda argv: sampling_overhead.parse_batch_args(
