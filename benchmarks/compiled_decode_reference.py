@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         sys.exit(f"error: {e}")
     mode = compile_mode(args.compile, device)
+    print(f"[reference] {model.cfg.name} on {device} ({args.dtype}), "
+          f"{'random weights' if args.random_weights else 'its weights'}, cache of {max_len} positions, decode step "
+          f"{mode}", file=sys.stderr, flush=True)
     step = make_step(mode, model, args.coordinate_descent and device.type == "cuda")
     compile_s = compile_step(model, step, mode) if mode != "eager" else 0.0
     decode = decode_bench(model, step, args)
