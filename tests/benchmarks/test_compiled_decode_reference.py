@@ -45,8 +45,8 @@ def hf_greedy(path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]
     return ids[len(prompt):], logits
 
 
-def reference_greedy(path, mode: str, runs: int = 1) -> ref.Generation:
-    model = ref.build(str(path), len(PROMPT) + NEW, torch.device("cpu"), torch.float32, random_weights=False)
+def reference_greedy(path, mode: str, runs: int = 1, device: str = "cpu") -> ref.Generation:
+    model = ref.build(str(path), len(PROMPT) + NEW, torch.device(device), torch.float32, random_weights=False)
     step = ref.make_step(mode, model, coordinate_descent=False)
     return [ref.generate(model, step, PROMPT, NEW) for _ in range(runs)][-1]
 
@@ -67,6 +67,16 @@ def test_the_compiled_reference_decodes_as_transformers_does(tmp_path):
     # One layer: inductor's cold compile on the CPU grows with the layers (~25 s for one on 2 busy cores).
     one_layer = write_tiny_llama(tmp_path / "one-layer", seed=4, num_layers=1)
     assert_decodes_as_transformers(one_layer, "default")
+
+
+@pytest.mark.gpu
+def test_the_cuda_graph_step_decodes_as_the_eager_one(untied):
+    """The step the GPU measures: reduce-overhead (CUDA graphs, no graph skipped) computes the eager step."""
+    skips = ref.cudagraph_skips()
+    eager = reference_greedy(untied, "eager", device="cuda")
+    graphed = reference_greedy(untied, "reduce-overhead", runs=3, device="cuda")
+    assert graphed.tokens == eager.tokens and ref.cudagraph_skips() == skips
+    torch.testing.assert_close(graphed.last_logits, eager.last_logits, atol=1e-3, rtol=1e-3)
 
 
 def test_the_reference_decodes_as_the_engine_does(tiny):
