@@ -38,13 +38,15 @@ class Step:
     args: tuple[str, ...]      # str.format fields: the profile's sizes, and out
     timeout_s: int
     cuda_only: bool = False
+    env: tuple[tuple[str, str], ...] = ()   # set for this step's process only
 
 
-def _decode(name: str, model: str, *extra: str, cuda_only: bool = False) -> Step:
+def _decode(name: str, model: str, *extra: str, cuda_only: bool = False,
+            env: tuple[tuple[str, str], ...] = ()) -> Step:
     return Step(name, "benchmarks.latency",
                 ("--model", model, "--device", "{device}", "{engine}", "--prompt-len", "{prompt}",
                  "--output-len", "{output}", "--ttft-prompt-lens", "--repeats", "{repeats}", *extra),
-                150, cuda_only)
+                150, cuda_only, env)
 
 
 def _throughput(name: str, *extra: str, cuda_only: bool = False) -> Step:
@@ -59,6 +61,9 @@ STEPS = (
     _decode("decode_bf16", "{model}"),
     _decode("decode_int8", "{model}", "--quantization", "int8"),
     _decode("decode_int4", "{model}", "--quantization", "int4"),
+    # The same int4 weights, their GEMV over the layout pre-shuffled at load (engine_svc.quant.int4_gemv_layout).
+    _decode("decode_int4_shuffled", "{model}", "--quantization", "int4",
+            env=(("TANDEM_INT4_GEMV_LAYOUT", "shuffled"),)),
     _decode("decode_fp8", "{model}", "--quantization", "fp8", cuda_only=True),
     # The bf16 run goes through the whole stack too (offline: a tokenizer built for the config), on the same ids.
     _throughput("throughput_bf16", "--mode", "both", "--stack-log", "{out}/throughput_bf16_stack.log"),
@@ -70,20 +75,24 @@ STEPS = (
           "{prompt}", "--repeats", "{sampling_repeats}"), 150),
     _decode("decode_smollm2", "{small_model}"),
     Step("quant_matmul", "benchmarks.quant_matmul", ("{quant_sizes}",), 150),
+    Step("rope_kv_write", "benchmarks.rope_kv_write", ("{rope_sizes}",), 90),
     Step("gpu_tests", "pytest", ("-q", "-p", "no:cacheprovider", "tests/kernels/test_gpu.py",
-                                 "tests/kernels/test_gpu_fp8.py", "tests/kernels/test_gpu_quant.py"), 240,
-         cuda_only=True),
+                                 "tests/kernels/test_gpu_fp8.py", "tests/kernels/test_gpu_quant.py",
+                                 "tests/kernels/test_rope_kv_write.py", "tests/kernels/test_int4_gemv_shuffled.py"),
+         240, cuda_only=True),
 )
 
-# "{engine}" expands to several arguments (or none); every other field to one.
+# These fields expand to several arguments (or none); every other field to one.
+MULTI_FIELDS = ("{engine}", "{quant_sizes}", "{rope_sizes}")
 PROFILES = {
     "gpu": dict(model="llama3-8b", small_model="smollm2-135m", device="cuda", engine=(), prompt=128, output=128,
                 repeats=3, requests=1024, in_len=128, out_len=128, max_seqs=512, batch=64, sampling_repeats=20,
-                copy_gib=4, quant_sizes=()),
+                copy_gib=4, quant_sizes=(), rope_sizes=("--batch", "1", "64")),
     "cpu": dict(model=None, small_model=None, device="cpu", engine=("--dtype", "float32", "--max-model-len", "64",
                                                                     "--num-kv-blocks", "64"),
                 prompt=8, output=3, repeats=1, requests=4, in_len=6, out_len=3, max_seqs=4, batch=4,
-                sampling_repeats=1, copy_gib=0.01, quant_sizes=("--small", "--rows", "1")),
+                sampling_repeats=1, copy_gib=0.01, quant_sizes=("--small", "--rows", "1"),
+                rope_sizes=("--small", "--batch", "1")),
 }
 
 
@@ -91,7 +100,7 @@ def command(step: Step, sizes: dict, out: Path) -> list[str]:
     """The step's command line for these sizes, writing its JSON under out."""
     args: list[str] = []
     for a in step.args:
-        if a in ("{engine}", "{quant_sizes}"):
+        if a in MULTI_FIELDS:
             args += list(sizes[a[1:-1]])
         else:
             args.append(a.format(out=out, **sizes))
@@ -100,11 +109,17 @@ def command(step: Step, sizes: dict, out: Path) -> list[str]:
     return [sys.executable, "-m", step.module, *args, "--json", str(out / f"{step.name}.json")]
 
 
-def run_step(cmd: list[str], log: Path, timeout_s: float) -> tuple[str, int | None]:
+def env_prefix(step: Step) -> str:
+    """The step's environment as a shell prefix (NAME=value ...), for the printed commands."""
+    return "".join(f"{name}={value} " for name, value in step.env)
+
+
+def run_step(cmd: list[str], log: Path, timeout_s: float,
+             env: tuple[tuple[str, str], ...] = ()) -> tuple[str, int | None]:
     """(status, exit code): ok, failed, or timeout (SIGINT, then SIGKILL of its process group)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(env)})
         try:
             rc = proc.wait(timeout_s)
             return ("ok" if rc == 0 else "failed"), rc
@@ -131,9 +146,9 @@ def run(steps: list[Step], sizes: dict, out: Path, budget_s: float, cuda: bool) 
             statuses[step.name] = {"status": "skipped", "why": f"budget spent ({budget_s:g} s)"}
         else:
             cmd = command(step, sizes, out)
-            print(f"[issue16] {step.name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            print(f"[issue16] {step.name}: {env_prefix(step)}{' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
-            status, rc = run_step(cmd, out / f"{step.name}.log", min(step.timeout_s, left))
+            status, rc = run_step(cmd, out / f"{step.name}.log", min(step.timeout_s, left), step.env)
             statuses[step.name] = {"status": status, "rc": rc, "seconds": round(time.monotonic() - t0, 1)}
             print(f"[issue16] {step.name}: {status} after {statuses[step.name]['seconds']} s", file=sys.stderr,
                   flush=True)
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     steps = [s for s in STEPS if args.only is None or s.name in args.only]
     if args.list:
         for s in steps:
-            print(f"{s.name:<22} {' '.join(command(s, sizes, args.out)[1:])}")
+            print(f"{s.name:<22} {env_prefix(s)}{' '.join(command(s, sizes, args.out)[1:])}")
         return {}
     import torch
     cuda = args.profile == "gpu" and torch.cuda.is_available()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 
-from benchmarks import copy_bandwidth, latency, quant_matmul, sampling_overhead, throughput
+from benchmarks import copy_bandwidth, latency, quant_matmul, rope_kv_write, sampling_overhead, throughput
 from benchmarks.gpu import issue16
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +19,7 @@ PARSERS = {
     "benchmarks.latency": latency.parse_args,
     "benchmarks.throughput": throughput.parse_args,
     "benchmarks.quant_matmul": quant_matmul.parse_args,
+    "benchmarks.rope_kv_write": rope_kv_write.parse_args,
     "benchmarks.sampling_overhead": lambda argv: sampling_overhead.parse_batch_args(
         argparse.ArgumentParser(), argv, 128, 20, "bench_out/sampling_overhead.json"),
 }
@@ -53,3 +54,4 @@ def test_the_shell_wrapper_lists_the_steps(tmp_path):
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == [s.name for s in issue16.STEPS]
     assert f"--json {tmp_path}/decode_int4.json" in done.stdout
+    assert "TANDEM_INT4_GEMV_LAYOUT=shuffled -m benchmarks.latency" in done.stdout   # the step's own environment
