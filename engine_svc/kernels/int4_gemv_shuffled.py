@@ -18,9 +18,10 @@ those).
 
 Results: per output row the kernel adds the same fp32 terms as int4_matmul's GEMV (each sub-group's
 s * (x . q) + o * sum(x)) over the same K splits, so the two agree up to the order of fp32 additions inside the
-compiled reductions: |y_shuffled - y_plain| <= 2 * gamma(K) * sum_k |x_k| (|q_k s_k| + |o_k|), gamma(K) = K u / (1 - K u),
-u = 2^-24, before the one rounding to the output dtype (which can then differ by one unit in the last place).
-Under the Triton interpreter the order is the same and the results are bitwise equal.
+compiled reductions. Every partial result passes through fewer than K roundings, so each kernel is within
+gamma(K) * S of the exact sum, S = sum_k |x_k| (|q_k s_k| + |o_k|), gamma(K) = K u / (1 - K u), u = 2^-24, and
+|y_shuffled - y_plain| <= 2 gamma(K) S before the one rounding to the output dtype (after which they can differ by
+one unit in its last place more). Under the Triton interpreter the order is the same and the results are equal.
 """
 from __future__ import annotations
 

@@ -113,3 +113,28 @@ def test_the_layout_is_chosen_from_the_environment(monkeypatch):
     monkeypatch.setenv(ENV, "marlin")
     with pytest.raises(ValueError, match="plain, shuffled"):
         chosen_layout()
+
+
+def test_an_engine_loaded_with_the_shuffled_layout_generates_the_same_tokens(checkpoint, monkeypatch):
+    """Through load_model: TANDEM_INT4_GEMV_LAYOUT=shuffled gives every int4 linear the shuffled copy, and greedy
+    decoding (the GEMV at batch 1 and 2) gives the plain layout's tokens."""
+    from engine_svc.config import EngineConfig
+    from engine_svc.core.request import SamplingParams
+    from engine_svc.engine import Engine
+
+    def run():
+        engine = Engine(EngineConfig(model=str(checkpoint), device=DEV.type, dtype="float32",
+                                     attention_backend="triton", quantization="int4", block_size=4, num_kv_blocks=32,
+                                     max_num_seqs=2, enforce_eager=True))
+        layers = [m for m in engine.runner.model.modules() if isinstance(m, Int4Linear)]
+        outs = engine.generate([[5, 17, 99, 3], [1, 2]], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                         ignore_eos=True))
+        return outs, layers
+
+    monkeypatch.delenv(ENV, raising=False)
+    plain, plain_layers = run()
+    monkeypatch.setenv(ENV, "shuffled")
+    shuffled, layers = run()
+    assert layers and all(m.gemv_codes is not None for m in layers)
+    assert all(m.gemv_codes is None for m in plain_layers)
+    assert shuffled == plain and all(len(o) == 4 for o in plain)
