@@ -65,6 +65,10 @@ STEPS = (
     _decode("decode_int4_shuffled", "{model}", "--quantization", "int4",
             env=(("TANDEM_INT4_GEMV_LAYOUT", "shuffled"),)),
     _decode("decode_fp8", "{model}", "--quantization", "fp8", cuda_only=True),
+    # The kernel-level comparisons (plain vs shuffled int4 GEMV, fused vs unfused RoPE + KV write): short, so they
+    # come before the long throughput runs and land in the first call.
+    Step("quant_matmul", "benchmarks.quant_matmul", ("{quant_sizes}",), 150),
+    Step("rope_kv_write", "benchmarks.rope_kv_write", ("{rope_sizes}",), 90),
     # The bf16 run goes through the whole stack too (offline: a tokenizer built for the config), on the same ids.
     _throughput("throughput_bf16", "--mode", "both", "--stack-log", "{out}/throughput_bf16_stack.log"),
     _throughput("throughput_fp8", "--quantization", "fp8", cuda_only=True),
@@ -74,8 +78,6 @@ STEPS = (
          ("--model", "{model}", "--device", "{device}", "{engine}", "--batch", "{batch}", "--prompt-len",
           "{prompt}", "--repeats", "{sampling_repeats}"), 150),
     _decode("decode_smollm2", "{small_model}"),
-    Step("quant_matmul", "benchmarks.quant_matmul", ("{quant_sizes}",), 150),
-    Step("rope_kv_write", "benchmarks.rope_kv_write", ("{rope_sizes}",), 90),
     Step("gpu_tests", "pytest", ("-q", "-p", "no:cacheprovider", "tests/kernels/test_gpu.py",
                                  "tests/kernels/test_gpu_fp8.py", "tests/kernels/test_gpu_quant.py",
                                  "tests/kernels/test_rope_kv_write.py", "tests/kernels/test_int4_gemv_shuffled.py"),
