@@ -14,8 +14,8 @@ progress line per mode, then one table; writes JSON.
   --gen-len greedy tokens each (ignore_eos). "agreement" is the share of generated positions equal to the
   reference's up to each sequence's first divergence; "identical" the share of sequences equal throughout.
 - Memory: weight bytes and KV-cache bytes per token from the engine's memory plan.
-- tok/s: generated tokens per second of the greedy run (all its prompts batched together; the model's load and
-  the perplexity windows not counted).
+- tok/s: generated tokens per second of the greedy run (all its prompts batched together, or --greedy-seqs at a
+  time; the model's load and the perplexity windows not counted).
 - Pruned modes (mag24, wanda24, wanda48, mag50, wanda50) serve the model pruned by `tandem prune`, written once
   under --pruned-dir. Wanda calibrates on the last 2048 tokens of --calib (default: the same Alice text); the eval
   says how many of the tokens it scores the calibration also saw (none with --max-tokens 37000 or less).
@@ -107,7 +107,9 @@ def evaluate_mode(base: EngineConfig, mode: Mode, windows: list[list[int]], prom
     nll, count = window_nll(engine, windows, in_flight, progress)
     say(f"{mode.name}: greedy, {len(prompts)} prompts x {gen_len} tokens")
     t_greedy = time.perf_counter()
-    outputs = greedy_outputs(engine, prompts, gen_len) if prompts else []
+    seqs = getattr(args, "greedy_seqs", None)
+    greedy_engine = engine if seqs is None else engine.with_scheduling(max_num_seqs=seqs)
+    outputs = greedy_outputs(greedy_engine, prompts, gen_len) if prompts else []
     greedy_s = time.perf_counter() - t_greedy
     plan = engine.runner.plan
     return {"mode": mode.name, "dtype": str(engine.runner.dtype).split(".")[-1],
@@ -186,6 +188,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
     p.add_argument("--num-prompts", type=int, default=32, help="greedy prompts (default %(default)s, all of them)")
     p.add_argument("--gen-len", type=int, default=64, help="greedy tokens per prompt (default %(default)s)")
+    p.add_argument("--greedy-seqs", type=int, default=None,
+                   help="sequences the greedy run decodes at once (default: all its prompts); 1 decodes each alone, "
+                        "the batch-1 path of a single stream (the CPU default's GEMVs)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
@@ -200,6 +205,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--context must be at least 2, got {args.context}")
     if args.max_tokens is not None and args.max_tokens < 2:
         p.error(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.greedy_seqs is not None and args.greedy_seqs < 1:
+        p.error(f"--greedy-seqs must be at least 1, got {args.greedy_seqs}")
     if args.num_prompts < 0 or args.gen_len < 1:
         p.error("--num-prompts must be >= 0 and --gen-len >= 1")
     for flag, path in (("--text", args.text), ("--prompts", args.prompts), ("--calib", args.calib)):
@@ -221,7 +228,7 @@ def resolve_eval_model(value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from engine_svc.worker.model_runner import resolve_device
+    from engine_svc.worker.device_choice import resolve_device
     from tokenizer_svc.loading import load_tokenizer
 
     model = resolve_eval_model(args.model)

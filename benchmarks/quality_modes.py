@@ -4,6 +4,10 @@ EngineConfig settings. Plain Python: no torch.
 The pruned modes (mag24, wanda24, wanda48, mag50, wanda50) serve the model pruned by `tandem prune` with that method
 and sparsity (written once into a cache directory, see benchmarks.quality_pruned), dense, in dtype "auto".
 
+The default mode is the engine's default settings: on the CPU with a Q4_0 / Q4_1 GGUF that is float32 with the
+batch-1 GEMVs over the file's blocks (engine_svc.loader.gguf_gemv_serving), which only a greedy run one sequence at
+a time exercises (`tandem eval --greedy-seqs 1`).
+
 The quantized modes keep dtype "auto" (bfloat16 on CUDA, float32 on the CPU), the same activation dtype as the
 default reference of that device, so their delta against it measures the quantization alone.
 """
@@ -27,6 +31,7 @@ class Mode:
 
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("fp32", "float32", "none", "auto"),
+    Mode("default", "auto", "none", "auto"),
     Mode("bf16", "bfloat16", "none", "auto"),
     Mode("fp16", "float16", "none", "auto"),
     Mode("int8", "auto", "int8", "auto"),

@@ -43,7 +43,7 @@ def build_layers(k: int, n: int, device, dtype):
     import torch
     from torch import nn
 
-    from engine_svc.quant.fp8_format import fp8_unsupported_reason
+    from engine_svc.quant.fp8_support import fp8_unsupported_reason
     from engine_svc.quant.fp8_linear import Fp8Linear
     from engine_svc.quant.int4_linear import Int4Linear
     from engine_svc.quant.int8_linear import Int8Linear

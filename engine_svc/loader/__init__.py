@@ -45,11 +45,15 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     int8/int4 use the Triton kernels with the triton attention backend, as the fused layers do. AWQ / GPTQ
     checkpoints (detected) and GGUF files with int4 / int8 load into quantized linears instead (quantized_load).
     tp, pp: the tensor-parallel group and pipeline stage the model is built for; each rank reads only its part of
-    the checkpoint (its stage's tensors, its shard of them)."""
+    the checkpoint (its stage's tensors, its shard of them). quantization GGUF_GEMV: the CPU's float32 path with
+    batch-1 GEMVs over a Q4 GGUF's blocks (engine_svc.loader.gguf_gemv_serving)."""
+    from engine_svc.loader.gguf_gemv_serving import GGUF_GEMV, serve_gguf_gemv
+    gemv = quantization == GGUF_GEMV
+    quantization = "int4" if gemv else quantization   # its decoder linears load as the exact int4 of the blocks
     cls = model_class(cfg.architecture)
     int4_gemv_layout = chosen_layout()   # a bad TANDEM_INT4_GEMV_LAYOUT fails before the load, not after
     if quantization == "fp8":   # refused before minutes of loading, not after
-        from engine_svc.quant.fp8_format import require_fp8_support
+        from engine_svc.quant.fp8_support import require_fp8_support
         require_fp8_support(device)
     from engine_svc.pruning.sparse_serving import plan_sparse_serving, serve_sparse
     sparse = plan_sparse_serving(cfg, device, dtype, quantization, sparsity_kernels)
@@ -85,7 +89,9 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     model.init_buffers(device)
     model.eval()
     serve_sparse(model, sparse, max_tokens)
-    if plan is not None:
+    if gemv:
+        serve_gguf_gemv(model, path)
+    elif plan is not None:
         _LOG.info(f"loaded the decoder linears as {plan.kind} (group {plan.group_size})" if plan.kind == "int4"
                   else "loaded the decoder linears as int8")
     elif quantization != "none":

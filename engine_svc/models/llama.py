@@ -133,10 +133,13 @@ class LlamaModel(nn.Module):
                                     if self.start <= i < self.stop else MissingLayer()
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused) if pp.is_last else None
+        self.row_decode = None   # a single token's step in compiled calls (engine_svc.models.row_decode), if set
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, intermediate: torch.Tensor | None = None) -> torch.Tensor:
         """kv_caches: this stage's layers' caches, in order."""
+        if self.row_decode is not None and input_ids.shape[0] == 1 and intermediate is None:
+            return self.row_decode(input_ids, positions, kv_caches, meta)
         if intermediate is None:
             x, residual = self.embed_tokens(input_ids), None
         else:

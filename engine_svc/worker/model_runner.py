@@ -25,6 +25,8 @@ from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, Pi
 from engine_svc.distributed.partition import model_shard, rank_local_config
 from engine_svc.core.request import PLACEHOLDER
 from engine_svc.core.scheduler import SchedulerOutput
+from engine_svc.worker.cpu_threads import set_cpu_threads
+from engine_svc.worker.device_choice import resolve_device, resolve_dtype
 from engine_svc.worker.cuda_graphs import StepGraphs, runner_graphs
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
@@ -33,6 +35,7 @@ from engine_svc.worker.graph_layout import (GraphShape, RowShape, graph_batch_si
                                             row_lengths, select_shape)
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
+from engine_svc.loader.gguf_gemv_serving import weights_plan
 from engine_svc.models import model_class
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
@@ -40,29 +43,12 @@ from engine_svc.worker.step_plan import StepPlan
 from engine_svc.worker.step_results import LaunchedStep, PinnedSlots, PromptRows, StepResult
 from engine_svc.model_config import ModelConfig
 from engine_svc.sampling.logprobs import token_logprobs
-from engine_svc.sampling.penalty_state import PenaltyState
+from engine_svc.sampling.penalty_state import PenaltyState, pool_peak_bytes
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
 from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.verify import sample_with_proposals
 
 _LOG = logging.getLogger("tandem.engine.runner")
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig | None = None, tp: TensorParallel = SINGLE,
@@ -97,8 +83,10 @@ class ModelRunner:
         # LoRA layers multiply the base weight themselves: with adapters, a 2:4 checkpoint is served dense.
         kernels = "off" if config.enable_lora else config.sparsity_kernels
         load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
+        set_cpu_threads(config, self.device)
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
-                                config.quantization, tp, pp, kernels, self.config.max_num_batched_tokens)
+                                weights_plan(config, path, self.device, tp.size * pp.size), tp, pp, kernels,
+                                self.config.max_num_batched_tokens)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
         if config.cpu_offload_gb:
@@ -121,8 +109,9 @@ class ModelRunner:
                             num_layers=self.layers[1] - self.layers[0])
         self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
         draft = self._load_draft()
-        activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self._max_logits_rows(),
-                                       self.dtype)
+        activations = (activation_bytes(local_cfg, self.config.max_num_batched_tokens, self._max_logits_rows(),
+                                        self.dtype)
+                       + pool_peak_bytes(self.config.max_num_seqs, self.model_cfg.vocab_size))
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
                                             self.device, self.kv_cache_dtype, activations,
                                             draft.runner.plan if draft is not None else None)
@@ -152,7 +141,7 @@ class ModelRunner:
         self._out_slots = PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
-        self.penalties = PenaltyState(self.model_cfg.vocab_size, self.device)   # the driver's; see its module
+        self.penalties = PenaltyState(self.model_cfg.vocab_size, self.device, self.config.max_num_seqs)   # driver's
         self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)

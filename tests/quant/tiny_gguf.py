@@ -1,5 +1,6 @@
 """A tiny Llama GGUF file written by the tests with gguf's own writer and quantizer: float32 embeddings and norms,
-the decoder projections in one block type (Q4_0, Q4_1, Q8_0, ...)."""
+the decoder projections in one block type (Q4_0, Q4_1, Q8_0, ...), the output projection in float32 or a block
+type of its own."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,8 @@ _PROJECTIONS = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // HEADS * KV_HEAD
                 "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
 
 
-def write_tiny_gguf(path: Path, linear_type: GGMLQuantizationType, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, linear_type: GGMLQuantizationType, seed: int = 0,
+                    head_type: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
     w.add_block_count(LAYERS)
@@ -31,7 +33,11 @@ def write_tiny_gguf(path: Path, linear_type: GGMLQuantizationType, seed: int = 0
     normal = lambda *shape, mean=0.0: rng.normal(mean, 0.15, size=shape).astype(np.float32)  # noqa: E731
     w.add_tensor("token_embd.weight", normal(VOCAB, HIDDEN))
     w.add_tensor("output_norm.weight", normal(HIDDEN, mean=1.0))
-    w.add_tensor("output.weight", normal(VOCAB, HIDDEN))
+    head = normal(VOCAB, HIDDEN)
+    if head_type == GGMLQuantizationType.F32:
+        w.add_tensor("output.weight", head)
+    else:
+        w.add_tensor("output.weight", quantize(head, head_type), raw_dtype=head_type)
     for i in range(LAYERS):
         w.add_tensor(f"blk.{i}.attn_norm.weight", normal(HIDDEN, mean=1.0))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", normal(HIDDEN, mean=1.0))
