@@ -38,15 +38,13 @@ class Step:
     args: tuple[str, ...]      # str.format fields: the profile's sizes, and out
     timeout_s: int
     cuda_only: bool = False
-    env: tuple[tuple[str, str], ...] = ()   # set for this step's process only
 
 
-def _decode(name: str, model: str, *extra: str, cuda_only: bool = False,
-            env: tuple[tuple[str, str], ...] = ()) -> Step:
+def _decode(name: str, model: str, *extra: str, cuda_only: bool = False) -> Step:
     return Step(name, "benchmarks.latency",
                 ("--model", model, "--device", "{device}", "{engine}", "--prompt-len", "{prompt}",
                  "--output-len", "{output}", "--ttft-prompt-lens", "--repeats", "{repeats}", *extra),
-                150, cuda_only, env)
+                150, cuda_only)
 
 
 def _throughput(name: str, *extra: str, cuda_only: bool = False) -> Step:
@@ -62,8 +60,7 @@ STEPS = (
     _decode("decode_int8", "{model}", "--quantization", "int8"),
     _decode("decode_int4", "{model}", "--quantization", "int4"),
     # The same int4 weights, their GEMV over the layout pre-shuffled at load (engine_svc.quant.int4_gemv_layout).
-    _decode("decode_int4_shuffled", "{model}", "--quantization", "int4",
-            env=(("TANDEM_INT4_GEMV_LAYOUT", "shuffled"),)),
+    _decode("decode_int4_shuffled", "{model}", "--quantization", "int4", "--int4-gemv-layout", "shuffled"),
     _decode("decode_fp8", "{model}", "--quantization", "fp8", cuda_only=True),
     # The kernel-level comparisons (plain vs shuffled int4 GEMV, fused vs unfused RoPE + KV write): short, so they
     # come before the long throughput runs and land in the first call.
@@ -111,17 +108,11 @@ def command(step: Step, sizes: dict, out: Path) -> list[str]:
     return [sys.executable, "-m", step.module, *args, "--json", str(out / f"{step.name}.json")]
 
 
-def env_prefix(step: Step) -> str:
-    """The step's environment as a shell prefix (NAME=value ...), for the printed commands."""
-    return "".join(f"{name}={value} " for name, value in step.env)
-
-
-def run_step(cmd: list[str], log: Path, timeout_s: float,
-             env: tuple[tuple[str, str], ...] = ()) -> tuple[str, int | None]:
+def run_step(cmd: list[str], log: Path, timeout_s: float) -> tuple[str, int | None]:
     """(status, exit code): ok, failed, or timeout (SIGINT, then SIGKILL of its process group)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(env)})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             rc = proc.wait(timeout_s)
             return ("ok" if rc == 0 else "failed"), rc
@@ -148,9 +139,9 @@ def run(steps: list[Step], sizes: dict, out: Path, budget_s: float, cuda: bool) 
             statuses[step.name] = {"status": "skipped", "why": f"budget spent ({budget_s:g} s)"}
         else:
             cmd = command(step, sizes, out)
-            print(f"[issue16] {step.name}: {env_prefix(step)}{' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            print(f"[issue16] {step.name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
-            status, rc = run_step(cmd, out / f"{step.name}.log", min(step.timeout_s, left), step.env)
+            status, rc = run_step(cmd, out / f"{step.name}.log", min(step.timeout_s, left))
             statuses[step.name] = {"status": status, "rc": rc, "seconds": round(time.monotonic() - t0, 1)}
             print(f"[issue16] {step.name}: {status} after {statuses[step.name]['seconds']} s", file=sys.stderr,
                   flush=True)
@@ -189,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     steps = [s for s in STEPS if args.only is None or s.name in args.only]
     if args.list:
         for s in steps:
-            print(f"{s.name:<22} {env_prefix(s)}{' '.join(command(s, sizes, args.out)[1:])}")
+            print(f"{s.name:<22} {' '.join(command(s, sizes, args.out)[1:])}")
         return {}
     import torch
     cuda = args.profile == "gpu" and torch.cuda.is_available()

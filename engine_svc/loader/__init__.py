@@ -1,6 +1,5 @@
 """Builds a model on the meta device, materialises it on the target device and fills its weights from an HF
-directory, a GGUF file, or random values (`dummy`); then quantizes its decoder linears when asked to, and gives the
-int4 ones the GEMV layout TANDEM_INT4_GEMV_LAYOUT chooses (engine_svc.quant.int4_gemv_layout)."""
+directory, a GGUF file, or random values (`dummy`); then quantizes its decoder linears when asked to."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +15,6 @@ from engine_svc.distributed.pipeline import SINGLE_STAGE, PipelineStage
 from engine_svc.loader.quantized_load import build_quantized_linears, plan_quantized_load, quantized_weights
 from engine_svc.model_config import ModelConfig
 from engine_svc.models import model_class
-from engine_svc.quant.int4_gemv_layout import apply_int4_gemv_layout, chosen_layout
 
 _LOG = logging.getLogger("tandem.engine.loader")
 
@@ -51,7 +49,6 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     gemv = quantization == GGUF_GEMV
     quantization = "int4" if gemv else quantization   # its decoder linears load as the exact int4 of the blocks
     cls = model_class(cfg.architecture)
-    int4_gemv_layout = chosen_layout()   # a bad TANDEM_INT4_GEMV_LAYOUT fails before the load, not after
     if quantization == "fp8":   # refused before minutes of loading, not after
         from engine_svc.quant.fp8_support import require_fp8_support
         require_fp8_support(device)
@@ -98,8 +95,6 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
         from engine_svc.quant.quantize_model import quantize_model
         replaced = quantize_model(model, quantization, use_triton=use_triton)
         _LOG.info("quantized %d linear layers to %s", len(replaced), quantization)
-    if shuffled := apply_int4_gemv_layout(model, int4_gemv_layout):
-        _LOG.info("int4 GEMV: %d linears also hold the shuffled layout", shuffled)
     _LOG.info("loaded %s (%s) in %.1fs", cfg.architecture, load_format, time.perf_counter() - t0)
     return model
 

@@ -37,6 +37,7 @@ from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.loader.gguf_gemv_serving import weights_plan
 from engine_svc.models import model_class
+from engine_svc.quant.int4_gemv_layout import apply_int4_gemv_layout
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
@@ -87,6 +88,8 @@ class ModelRunner:
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
                                 weights_plan(config, path, self.device, tp.size * pp.size), tp, pp, kernels,
                                 self.config.max_num_batched_tokens)
+        if shuffled := apply_int4_gemv_layout(self.model, config.int4_gemv_layout):
+            _LOG.info("int4 GEMV: %d linears also hold the shuffled layout", shuffled)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
         if config.cpu_offload_gb:

@@ -54,4 +54,4 @@ def test_the_shell_wrapper_lists_the_steps(tmp_path):
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == [s.name for s in issue16.STEPS]
     assert f"--json {tmp_path}/decode_int4.json" in done.stdout
-    assert "TANDEM_INT4_GEMV_LAYOUT=shuffled -m benchmarks.latency" in done.stdout   # the step's own environment
+    assert "--quantization int4 --int4-gemv-layout shuffled --json" in done.stdout

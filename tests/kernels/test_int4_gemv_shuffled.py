@@ -15,7 +15,7 @@ from engine_svc.kernels import int4_matmul as int4_module
 from engine_svc.kernels.int4_gemv_shuffled import int4_gemv_shuffled, shuffle_int4_for_gemv
 from engine_svc.kernels.int4_matmul import int4_matmul, sub_group
 from engine_svc.quant.int4_format import dequantize_int4, quantize_int4, unpack_int4
-from engine_svc.quant.int4_gemv_layout import ENV, apply_int4_gemv_layout, chosen_layout
+from engine_svc.quant.int4_gemv_layout import apply_int4_gemv_layout
 from engine_svc.quant.int4_linear import Int4Linear
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # compiled kernels there, else interpreted
@@ -102,39 +102,34 @@ def test_int4_linear_takes_the_shuffled_gemv_for_few_rows_only(monkeypatch):
     assert len(calls) == 2   # M = 1 and M = 4 (<= GEMV_MAX_ROWS); M = 5 took the plain tiled kernel
 
 
-def test_the_layout_is_chosen_from_the_environment(monkeypatch):
+def test_the_layout_applies_to_the_triton_int4_linears_only():
     model = nn.Sequential(Int4Linear.from_linear(nn.Linear(128, 16), 64, use_triton=True),
                           Int4Linear.from_linear(nn.Linear(128, 16), 64, use_triton=False))
-    monkeypatch.delenv(ENV, raising=False)
-    assert chosen_layout() == "plain" and apply_int4_gemv_layout(model) == 0 and model[0].gemv_codes is None
-    monkeypatch.setenv(ENV, "shuffled")
-    assert apply_int4_gemv_layout(model) == 1   # the torch-path layer keeps the plain buffers only
+    assert apply_int4_gemv_layout(model, "plain") == 0 and model[0].gemv_codes is None
+    assert apply_int4_gemv_layout(model, "shuffled") == 1   # the torch-path layer keeps the plain buffers only
     assert model[0].gemv_codes is not None and model[1].gemv_codes is None
-    monkeypatch.setenv(ENV, "marlin")
     with pytest.raises(ValueError, match="plain, shuffled"):
-        chosen_layout()
+        apply_int4_gemv_layout(model, "marlin")
 
 
-def test_an_engine_loaded_with_the_shuffled_layout_generates_the_same_tokens(checkpoint, monkeypatch):
-    """Through load_model: TANDEM_INT4_GEMV_LAYOUT=shuffled gives every int4 linear the shuffled copy, and greedy
+def test_an_engine_loaded_with_the_shuffled_layout_generates_the_same_tokens(checkpoint):
+    """Through the engine: --int4-gemv-layout shuffled gives every int4 linear the shuffled copy, and greedy
     decoding (the GEMV at batch 1 and 2) gives the plain layout's tokens."""
     from engine_svc.config import EngineConfig
     from engine_svc.core.request import SamplingParams
     from engine_svc.engine import Engine
 
-    def run():
+    def run(layout: str):
         engine = Engine(EngineConfig(model=str(checkpoint), device=DEV.type, dtype="float32",
                                      attention_backend="triton", quantization="int4", block_size=4, num_kv_blocks=32,
-                                     max_num_seqs=2, enforce_eager=True))
+                                     max_num_seqs=2, enforce_eager=True, int4_gemv_layout=layout))
         layers = [m for m in engine.runner.model.modules() if isinstance(m, Int4Linear)]
         outs = engine.generate([[5, 17, 99, 3], [1, 2]], SamplingParams(temperature=0.0, max_tokens=4,
                                                                          ignore_eos=True))
         return outs, layers
 
-    monkeypatch.delenv(ENV, raising=False)
-    plain, plain_layers = run()
-    monkeypatch.setenv(ENV, "shuffled")
-    shuffled, layers = run()
+    plain, plain_layers = run("plain")
+    shuffled, layers = run("shuffled")
     assert layers and all(m.gemv_codes is not None for m in layers)
     assert all(m.gemv_codes is None for m in plain_layers)
     assert shuffled == plain and all(len(o) == 4 for o in plain)
