@@ -59,7 +59,13 @@ STEPS = (
     _decode("decode_bf16", "{model}"),
     _decode("decode_int8", "{model}", "--quantization", "int8"),
     _decode("decode_int4", "{model}", "--quantization", "int4"),
+    # The same int4 weights, their GEMV over the layout pre-shuffled at load (engine_svc.quant.int4_gemv_layout).
+    _decode("decode_int4_shuffled", "{model}", "--quantization", "int4", "--int4-gemv-layout", "shuffled"),
     _decode("decode_fp8", "{model}", "--quantization", "fp8", cuda_only=True),
+    # The kernel-level comparisons (plain vs shuffled int4 GEMV, fused vs unfused RoPE + KV write): short, so they
+    # come before the long throughput runs and land in the first call.
+    Step("quant_matmul", "benchmarks.quant_matmul", ("{quant_sizes}",), 150),
+    Step("rope_kv_write", "benchmarks.rope_kv_write", ("{rope_sizes}",), 90),
     # The bf16 run goes through the whole stack too (offline: a tokenizer built for the config), on the same ids.
     _throughput("throughput_bf16", "--mode", "both", "--stack-log", "{out}/throughput_bf16_stack.log"),
     _throughput("throughput_fp8", "--quantization", "fp8", cuda_only=True),
@@ -73,21 +79,23 @@ STEPS = (
     Step("reference_smollm2", "benchmarks.compiled_decode_reference",
          ("--model", "{small_model}", "--device", "{device}", "--prompt-len", "{prompt}", "--output-len", "{output}",
           "--repeats", "{repeats}"), 150),
-    Step("quant_matmul", "benchmarks.quant_matmul", ("{quant_sizes}",), 150),
     Step("gpu_tests", "pytest", ("-q", "-p", "no:cacheprovider", "tests/kernels/test_gpu.py",
-                                 "tests/kernels/test_gpu_fp8.py", "tests/kernels/test_gpu_quant.py"), 240,
-         cuda_only=True),
+                                 "tests/kernels/test_gpu_fp8.py", "tests/kernels/test_gpu_quant.py",
+                                 "tests/kernels/test_rope_kv_write.py", "tests/kernels/test_int4_gemv_shuffled.py"),
+         240, cuda_only=True),
 )
 
-# "{engine}" expands to several arguments (or none); every other field to one.
+# These fields expand to several arguments (or none); every other field to one.
+MULTI_FIELDS = ("{engine}", "{quant_sizes}", "{rope_sizes}")
 PROFILES = {
     "gpu": dict(model="llama3-8b", small_model="smollm2-135m", device="cuda", engine=(), prompt=128, output=128,
                 repeats=3, requests=1024, in_len=128, out_len=128, max_seqs=512, batch=64, sampling_repeats=20,
-                copy_gib=4, quant_sizes=()),
+                copy_gib=4, quant_sizes=(), rope_sizes=("--batch", "1", "64")),
     "cpu": dict(model=None, small_model=None, device="cpu", engine=("--dtype", "float32", "--max-model-len", "64",
                                                                     "--num-kv-blocks", "64"),
                 prompt=8, output=3, repeats=1, requests=4, in_len=6, out_len=3, max_seqs=4, batch=4,
-                sampling_repeats=1, copy_gib=0.01, quant_sizes=("--small", "--rows", "1")),
+                sampling_repeats=1, copy_gib=0.01, quant_sizes=("--small", "--rows", "1"),
+                rope_sizes=("--small", "--batch", "1")),
 }
 
 
@@ -95,7 +103,7 @@ def command(step: Step, sizes: dict, out: Path) -> list[str]:
     """The step's command line for these sizes, writing its JSON under out."""
     args: list[str] = []
     for a in step.args:
-        if a in ("{engine}", "{quant_sizes}"):
+        if a in MULTI_FIELDS:
             args += list(sizes[a[1:-1]])
         else:
             args.append(a.format(out=out, **sizes))

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-QUANT_METHODS = ("bf16", "int8", "int4", "fp8")
+QUANT_METHODS = ("bf16", "int8", "int4", "int4_shuffled", "fp8")
 
 
 class Results:
@@ -67,11 +67,14 @@ def decode_rows(r: Results) -> list[list[str]]:
             line[2:] = [f"{share:.0%} of {roofline:,.0f} tok/s roofline", ">= 85% of the roofline",
                         "yes" if share >= 0.85 else "no"]
     rows.append(line)
-    for q, target in (("int8", 1.6), ("int4", 2.0), ("fp8", 1.6)):
-        row = _ratio_row(f"{model} batch-1 decode, {q} weights", tok_s[q], "tok/s", tok_s["bf16"], base, target,
+    for q, target in (("int8", 1.6), ("int4", 2.0), ("int4_shuffled", 2.0), ("fp8", 1.6)):
+        weights = "int4 weights, GEMV over the shuffled layout" if q == "int4_shuffled" else f"{q} weights"
+        row = _ratio_row(f"{model} batch-1 decode, {weights}", tok_s[q], "tok/s", tok_s["bf16"], base, target,
                          r.why_not(f"decode_{q}"))
         if decode[q] is not None and bandwidth is not None:
             row[2] += f" ({tok_s[q] / (bandwidth / decode[q]['weight_bytes_per_token']):.0%} of its roofline)"
+        if q == "int4_shuffled" and tok_s[q] and tok_s["int4"]:
+            row[2] += f"; {tok_s[q] / tok_s['int4']:.2f}x the plain int4 layout"
         rows.append(row)
     rows.append(smollm2_row(r))
     return rows
@@ -145,10 +148,27 @@ def quant_rows(r: Results) -> list[list[str]]:
     if q is None:
         return [["quantized linears, M = 1", r.why_not("quant_matmul"), "", "", ""]]
     one = [row for row in q["rows"] if row["m"] == min(x["m"] for x in q["rows"])]
-    total = {m: sum(row[m]["us"] for row in one) if all(row[m] for row in one) else None for m in QUANT_METHODS}
+    total = {m: sum(row[m]["us"] for row in one) if all(row.get(m) for row in one) else None for m in QUANT_METHODS}
     parts = [f"{m} {total[m]:,.1f} us ({total['bf16'] / total[m]:.2f}x)" for m in QUANT_METHODS if total[m]]
     return [[f"quantized linears, M = {one[0]['m']}, one decoder layer's shapes", "; ".join(parts),
              "speed-up over bf16", "", ""]]
+
+
+def rope_kv_write_rows(r: Results) -> list[list[str]]:
+    """Per cache dtype: the fused RoPE + KV write against the two kernels it replaces, per layer call."""
+    result = r.get("rope_kv_write")
+    if result is None:
+        return [["RoPE + KV write per layer call, fused vs the pair", r.why_not("rope_kv_write"), "", "", ""]]
+    rows = []
+    for cache in dict.fromkeys(row["cache"] for row in result["rows"]):
+        runs = [row for row in result["rows"] if row["cache"] == cache]
+        shape = f"{runs[0]['heads']}/{runs[0]['kv_heads']} heads of {runs[0]['head_dim']}"
+        rows.append([f"RoPE + KV write per layer call ({shape}), {cache} cache",
+                     "; ".join(f"batch {x['batch']}: {x['fused_us']:.2f} us fused, {x['pair_us']:.2f} us pair"
+                               for x in runs),
+                     ", ".join(f"{x['pair_us'] / x['fused_us']:.2f}x" for x in runs) + " the pair's speed",
+                     "faster than the pair", "yes" if all(x["fused_us"] < x["pair_us"] for x in runs) else "no"])
+    return rows
 
 
 def gpu_test_rows(r: Results) -> list[list[str]]:
@@ -159,7 +179,8 @@ def gpu_test_rows(r: Results) -> list[list[str]]:
 
 def table(directory: Path) -> str:
     r = Results(directory)
-    rows = decode_rows(r) + throughput_rows(r) + sampling_rows(r) + quant_rows(r) + gpu_test_rows(r)
+    rows = (decode_rows(r) + throughput_rows(r) + sampling_rows(r) + quant_rows(r) + rope_kv_write_rows(r)
+            + gpu_test_rows(r))
     header = ["measurement", "value", "against the same run", "target", "met"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

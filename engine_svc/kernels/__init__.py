@@ -1,5 +1,6 @@
 """Triton kernels for the engine: paged attention (decode with split-KV, prefill over a cached prefix), KV cache
-writes, and fused RMSNorm(+residual), RoPE and SwiGLU.
+writes (alone, or after RoPE in the same launch), fused RMSNorm(+residual), RoPE and SwiGLU, and the quantized
+matmuls (int8, int4; an int4 GEMV over a layout shuffled at load).
 
 One module per kernel, each with a torch-level wrapper; importing any of them imports triton, and
 engine_svc.attention only imports them when the "triton" backend is chosen. This package is the engine's bottom layer
@@ -15,7 +16,8 @@ not imported yet (torch may import it on its own, e.g. during a first model load
 _triton_mode raises when a Triton kernel module is imported too late (the triton-free modules never raise).
 
 Under the interpreter, float -> fp8 (e4m3) conversions go through torch instead of the interpreter's own, which
-rounds wrongly (see _interpreter_fp8.py; kv_write, the only kernel that stores fp8, switches it on at import).
+rounds wrongly (see _interpreter_fp8.py; kv_write switches it on at import, and rope_kv_write, the other kernel that
+stores fp8, imports kv_write).
 """
 from __future__ import annotations
 

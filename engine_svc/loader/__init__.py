@@ -50,7 +50,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     quantization = "int4" if gemv else quantization   # its decoder linears load as the exact int4 of the blocks
     cls = model_class(cfg.architecture)
     if quantization == "fp8":   # refused before minutes of loading, not after
-        from engine_svc.quant.fp8_format import require_fp8_support
+        from engine_svc.quant.fp8_support import require_fp8_support
         require_fp8_support(device)
     from engine_svc.pruning.sparse_serving import plan_sparse_serving, serve_sparse
     sparse = plan_sparse_serving(cfg, device, dtype, quantization, sparsity_kernels)

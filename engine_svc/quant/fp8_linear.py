@@ -40,7 +40,7 @@ class Fp8Linear(nn.Module):
         """row_absmax: see quantize_fp8_rows (a row-parallel shard's rows are scaled by the whole rows' maxima)."""
         w = linear.weight
         if not emulate:
-            from engine_svc.quant.fp8_format import require_fp8_support
+            from engine_svc.quant.fp8_support import require_fp8_support
             require_fp8_support(w.device)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device, emulate)
         module.qweight, scales = quantize_fp8_rows(w, row_absmax)

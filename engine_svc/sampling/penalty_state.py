@@ -14,6 +14,11 @@ ids, which must be real by then: needs_real_ids tells the engine when to wait fo
 
 Device work runs in the order it was queued, so a slot freed and handed to another request is refilled after every
 update still queued for its previous owner.
+
+The pool grows by doubling up to `capacity` slots (the engine's max_num_seqs: a step samples at most that many
+rows), so it costs nothing until a request uses penalties, and at most pool_peak_bytes, which the memory plan
+reserves. Preempted requests keep their slots while they wait; when the pool is full, a slot of a request outside
+the current batch is taken back (its owner refills from the host when it samples again).
 """
 from __future__ import annotations
 
@@ -36,9 +41,25 @@ class _Slot:
     counted: int = 0   # the request's outputs the slot holds
 
 
+def _pool_sizes(capacity: int) -> list[int]:
+    """The slot counts the pool takes as it grows, in order."""
+    sizes = [min(MIN_SLOTS, capacity)]
+    while sizes[-1] < capacity:
+        sizes.append(min(2 * sizes[-1], capacity))
+    return sizes
+
+
+def pool_peak_bytes(capacity: int, vocab_size: int) -> int:
+    """The most device memory the pool ever holds: during its last growth, the old pool and the new one."""
+    sizes = [0, *_pool_sizes(capacity)]
+    return max(a + b for a, b in zip(sizes, sizes[1:])) * vocab_size * (1 + 4)   # bool + int32 per token
+
+
 class PenaltyState:
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
-        self.vocab_size, self.device = vocab_size, device
+    def __init__(self, vocab_size: int, device: torch.device, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a penalty pool needs at least one slot, got {capacity}")
+        self.vocab_size, self.device, self.capacity = vocab_size, device, capacity
         self._slots: dict[str, _Slot] = {}
         self._free: list[int] = []
         self.prompt_seen: torch.Tensor | None = None   # [capacity, V] bool; allocated with the first slot
@@ -67,7 +88,8 @@ class PenaltyState:
         if not rows:
             return None
         self._release_finished()
-        slots = [self._slot_for(requests[i]) for i in rows]
+        batch = {requests[i].request_id for i in rows}
+        slots = [self._slot_for(requests[i], batch) for i in rows]
         self._refill([s for s in slots if s.counted != s.request.num_output_tokens])
         self._to_count = [(i, s) for i, s in zip(rows, slots) if not isinstance(s.request.group, BeamSearch)]
         index = to_device([s.index for s in slots], torch.int64, self.device)
@@ -88,14 +110,17 @@ class PenaltyState:
             s.counted += 1
         self._to_count = []
 
-    def _slot_for(self, req: Request) -> _Slot:
+    def _slot_for(self, req: Request, batch: set[str]) -> _Slot:
         slot = self._slots.get(req.request_id)
         if slot is not None and slot.request is req:
             return slot
         if slot is not None:   # an ended request's id, taken again
             self._free.append(slot.index)
-        if not self._free:
+        if not self._free and self._size() < self.capacity:
             self._grow()
+        if not self._free:     # full: a waiting request's slot (the batch has at most `capacity` rows)
+            rid = next(rid for rid in self._slots if rid not in batch)
+            self._free.append(self._slots.pop(rid).index)
         slot = self._slots[req.request_id] = _Slot(req, self._free.pop(), counted=-1)   # -1: refill it
         return slot
 
@@ -116,9 +141,12 @@ class PenaltyState:
         for rid in [rid for rid, s in self._slots.items() if s.request.is_finished]:
             self._free.append(self._slots.pop(rid).index)
 
+    def _size(self) -> int:
+        return 0 if self.counts is None else self.counts.shape[0]
+
     def _grow(self) -> None:
-        old = 0 if self.counts is None else self.counts.shape[0]
-        new = max(MIN_SLOTS, 2 * old)
+        old = self._size()
+        new = next(n for n in _pool_sizes(self.capacity) if n > old)
         seen = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
         counts = torch.zeros(new, self.vocab_size, dtype=torch.int32, device=self.device)
         if old:

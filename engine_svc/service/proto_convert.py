@@ -131,4 +131,5 @@ def spec_decode_fields(sd) -> dict:
                 spec_decode_draft_seconds=sd.draft_time_s, spec_decode_step_seconds=sd.step_time_s,
                 spec_decode_acceptance_rate=sd.acceptance_rate,
                 spec_decode_mean_accepted_length=sd.mean_accepted_length,
-                spec_decode_draft_time_share=sd.draft_time_share)
+                spec_decode_draft_time_share=sd.draft_time_share,
+                spec_decode_num_proposal_errors=sd.num_proposal_errors)

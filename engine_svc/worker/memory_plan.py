@@ -28,7 +28,7 @@ class MemoryPlan:
     block_size: int
     num_blocks: int
     kv_dtype: torch.dtype         # what the cache stores: the model dtype, or float8_e4m3fn
-    activation_bytes: int = 0     # reserved for one step's transient tensors (CUDA)
+    activation_bytes: int = 0     # reserved for one step's transient tensors and the penalty pool (CUDA)
     offloaded_bytes: int = 0      # decoder weights kept in host memory (--cpu-offload-gb), not in weights_bytes
     bus_seconds_per_step: float = 0.0   # their copies to the device, every forward, at the measured bandwidth
     draft: "MemoryPlan | None" = None    # the draft model's own plan, over the same num_blocks (None: no draft)

@@ -37,13 +37,14 @@ from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
 from engine_svc.loader.gguf_gemv_serving import weights_plan
 from engine_svc.models import model_class
+from engine_svc.quant.int4_gemv_layout import apply_int4_gemv_layout
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
 from engine_svc.worker.step_results import LaunchedStep, PinnedSlots, PromptRows, StepResult
 from engine_svc.model_config import ModelConfig
 from engine_svc.sampling.logprobs import token_logprobs
-from engine_svc.sampling.penalty_state import PenaltyState
+from engine_svc.sampling.penalty_state import PenaltyState, pool_peak_bytes
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
 from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.verify import sample_with_proposals
@@ -87,6 +88,8 @@ class ModelRunner:
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
                                 weights_plan(config, path, self.device, tp.size * pp.size), tp, pp, kernels,
                                 self.config.max_num_batched_tokens)
+        if shuffled := apply_int4_gemv_layout(self.model, config.int4_gemv_layout):
+            _LOG.info("int4 GEMV: %d linears also hold the shuffled layout", shuffled)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
         if config.cpu_offload_gb:
@@ -109,8 +112,9 @@ class ModelRunner:
                             num_layers=self.layers[1] - self.layers[0])
         self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
         draft = self._load_draft()
-        activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self._max_logits_rows(),
-                                       self.dtype)
+        activations = (activation_bytes(local_cfg, self.config.max_num_batched_tokens, self._max_logits_rows(),
+                                        self.dtype)
+                       + pool_peak_bytes(self.config.max_num_seqs, self.model_cfg.vocab_size))
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
                                             self.device, self.kv_cache_dtype, activations,
                                             draft.runner.plan if draft is not None else None)
@@ -140,7 +144,7 @@ class ModelRunner:
         self._out_slots = PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
-        self.penalties = PenaltyState(self.model_cfg.vocab_size, self.device)   # the driver's; see its module
+        self.penalties = PenaltyState(self.model_cfg.vocab_size, self.device, self.config.max_num_seqs)   # driver's
         self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)

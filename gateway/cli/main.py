@@ -231,7 +231,7 @@ BENCHMARKS = {
 }
 _NEEDS_MODEL = {"scheduling", "decode", "latency", "throughput", "sampling", "grammar", "precision", "lora", "tp"}
 EVAL_MODULE = "benchmarks.quality_eval"   # it fetches the default model itself when --model is not given
-PRUNE_MODULE = "engine_svc.pruning"       # the same; it runs the engine (torch) for Wanda's calibration
+PRUNE_MODULE = "engine_svc.pruning"       # it runs the engine (torch) for Wanda's calibration; given a path
 _PASSTHROUGH = {"eval": "eval_args", "prune": "prune_args"}   # subcommands whose arguments their module parses
 
 
@@ -325,10 +325,21 @@ def _fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_model(module_args: list[str], default_model: str | None = None) -> list[str]:
+    """module_args with --model set to a path: the default model's (fetched on first use) when it is absent or
+    'default'. The modules run torch, and the engine never imports the gateway's fetcher."""
+    if "--model" not in module_args:
+        return ["--model", default_model or str(resolve_model(DEFAULT_MODEL))] + module_args
+    i = module_args.index("--model") + 1
+    if module_args[i:i + 1] == ["default"]:
+        return module_args[:i] + [default_model or str(resolve_model(DEFAULT_MODEL))] + module_args[i + 1:]
+    return module_args
+
+
 def bench_command(args: argparse.Namespace, default_model: str | None = None) -> list[str]:
     extra = list(args.bench_args)
-    if args.name in _NEEDS_MODEL and "--model" not in extra:
-        extra = ["--model", default_model or str(resolve_model(DEFAULT_MODEL))] + extra
+    if args.name in _NEEDS_MODEL:
+        extra = with_model(extra, default_model)
     return [sys.executable, "-m", BENCHMARKS[args.name], *extra]
 
 
@@ -344,8 +355,11 @@ def _eval(args: argparse.Namespace) -> int:
     return subprocess.call(eval_command(args))
 
 
-def prune_command(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", PRUNE_MODULE, *args.prune_args]
+def prune_command(args: argparse.Namespace, default_model: str | None = None) -> list[str]:
+    prune_args = list(args.prune_args)
+    if not {"-h", "--help"} & set(prune_args):
+        prune_args = with_model(prune_args, default_model)
+    return [sys.executable, "-m", PRUNE_MODULE, *prune_args]
 
 
 def _prune(args: argparse.Namespace) -> int:

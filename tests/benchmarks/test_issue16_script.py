@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 
-from benchmarks import compiled_decode_reference, copy_bandwidth, latency, quant_matmul, sampling_overhead, throughput
+from benchmarks import (compiled_decode_reference, copy_bandwidth, latency, quant_matmul, rope_kv_write,
+                        sampling_overhead, throughput)
 from benchmarks.gpu import issue16
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,6 +21,7 @@ PARSERS = {
     "benchmarks.compiled_decode_reference": compiled_decode_reference.parse_args,
     "benchmarks.throughput": throughput.parse_args,
     "benchmarks.quant_matmul": quant_matmul.parse_args,
+    "benchmarks.rope_kv_write": rope_kv_write.parse_args,
     "benchmarks.sampling_overhead": lambda argv: sampling_overhead.parse_batch_args(
         argparse.ArgumentParser(), argv, 128, 20, "bench_out/sampling_overhead.json"),
 }
@@ -54,3 +56,4 @@ def test_the_shell_wrapper_lists_the_steps(tmp_path):
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == [s.name for s in issue16.STEPS]
     assert f"--json {tmp_path}/decode_int4.json" in done.stdout
+    assert "--quantization int4 --int4-gemv-layout shuffled --json" in done.stdout

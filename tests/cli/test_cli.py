@@ -267,8 +267,14 @@ def test_engine_lora_flag_is_repeatable_and_turns_lora_on() -> None:
 
 def test_prune_hands_every_argument_to_the_pruning_module() -> None:
     args = cli.parse_args(["prune", "--output", "out", "--method", "wanda", "--sparsity", "2:4", "--calib-tokens", "64"])
-    assert cli.prune_command(args)[1:] == ["-m", "engine_svc.pruning", "--output", "out", "--method", "wanda",
-                                           "--sparsity", "2:4", "--calib-tokens", "64"]
+    assert cli.prune_command(args, default_model="/m/smol.gguf")[1:] == [
+        "-m", "engine_svc.pruning", "--model", "/m/smol.gguf", "--output", "out", "--method", "wanda",
+        "--sparsity", "2:4", "--calib-tokens", "64"]
+    # `--model default` names the default model too; the engine's module is always given a path.
+    args = cli.parse_args(["prune", "--model", "default", "--output", "o"])
+    assert cli.prune_command(args, default_model="/m/smol.gguf")[3:] == ["--model", "/m/smol.gguf", "--output", "o"]
+    args = cli.parse_args(["prune", "--output", "o", "--model", "/x/hf"])
+    assert cli.prune_command(args, default_model="unused")[3:] == ["--output", "o", "--model", "/x/hf"]
     assert "prune" in cli.build_parser().format_help()
 
 

@@ -22,7 +22,7 @@ def test_the_cpu_profile_runs_every_step_into_one_table(tmp_path, capsys):
     assert json.loads((out / "steps.json").read_text()) == statuses
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and "measurement" not in line]
-    assert len(rows) == 15
+    assert len(rows) == 18   # 15, the shuffled int4 decode, RoPE + KV write with two caches
     assert sum("not measured (skipped: needs CUDA)" in row for row in rows) == 4   # fp8 weights x 3, GPU tests
     stack = next(row for row in rows if "through the whole stack" in row)
     assert "4 finished, 0 errors" in stack and stack.endswith("| yes |")

@@ -10,7 +10,7 @@ import torch
 from engine_svc.core.beam_search import BeamSearch
 from engine_svc.core.request import PLACEHOLDER, Request, RequestStatus, SamplingParams
 from engine_svc.sampling.logits_processors import apply_penalties, apply_penalty_counts
-from engine_svc.sampling.penalty_state import MIN_SLOTS, PenaltyState
+from engine_svc.sampling.penalty_state import MIN_SLOTS, PenaltyState, pool_peak_bytes
 from engine_svc.sampling.sampler import padded, penalty_values
 
 V = 40
@@ -49,7 +49,7 @@ def step(state: PenaltyState, requests: list[Request], g: torch.Generator) -> to
 
 def test_device_counts_equal_the_host_histories_step_after_step():
     g = torch.Generator().manual_seed(0)
-    state = PenaltyState(V, CPU)
+    state = PenaltyState(V, CPU, capacity=64)
     live = [request(i, PARAMS[i % 4]) for i in range(6)]
     for _ in range(5):
         step(state, live, g)
@@ -65,7 +65,7 @@ def test_device_counts_equal_the_host_histories_step_after_step():
 
 def test_an_ended_requests_slot_is_refilled_for_the_next_owner_of_its_id():
     g = torch.Generator().manual_seed(1)
-    state = PenaltyState(V, CPU)
+    state = PenaltyState(V, CPU, capacity=64)
     first = request(0, PARAMS[0])
     for _ in range(4):
         step(state, [first], g)
@@ -77,7 +77,7 @@ def test_an_ended_requests_slot_is_refilled_for_the_next_owner_of_its_id():
 
 def test_tokens_that_bypass_the_count_make_the_slot_refill_from_the_host():
     g = torch.Generator().manual_seed(2)
-    state = PenaltyState(V, CPU)
+    state = PenaltyState(V, CPU, capacity=64)
     beam_params = SamplingParams(temperature=0.0, use_beam_search=True, best_of=2, repetition_penalty=1.5)
     group = BeamSearch("b", beam_params, frozenset())
     beam = request(1, group.member_params, group=group)
@@ -93,7 +93,7 @@ def test_tokens_that_bypass_the_count_make_the_slot_refill_from_the_host():
 
 def test_the_engine_waits_only_for_a_slot_behind_an_id_in_flight():
     g = torch.Generator().manual_seed(3)
-    state = PenaltyState(V, CPU)
+    state = PenaltyState(V, CPU, capacity=64)
     r = request(0, PARAMS[0])
     assert not state.needs_real_ids(r)           # nothing in flight: a first fill reads real ids
     step(state, [r], g)
@@ -104,3 +104,31 @@ def test_the_engine_waits_only_for_a_slot_behind_an_id_in_flight():
     assert state.needs_real_ids(r)
     with pytest.raises(RuntimeError, match="in flight"):
         state.penalties([r])
+
+
+def test_a_full_pool_takes_back_a_waiting_requests_slot_and_its_owner_refills():
+    g = torch.Generator().manual_seed(4)
+    state = PenaltyState(V, CPU, capacity=3)
+    first = [request(i, PARAMS[0]) for i in range(3)]
+    step(state, first, g)
+    assert state.counts.shape[0] == 3                 # capped at the capacity, not MIN_SLOTS
+    waiting, batch = first[0], first[1:] + [request(3, PARAMS[1])]   # first[0] preempted, a newcomer runs
+    step(state, batch, g)
+    assert state.num_slots == 3 and not state.is_current(waiting)
+    waiting.token_ids.append(11)                      # what it output before it waited is still on the host
+    step(state, [waiting, *batch[:2]], g)             # it refills from the host; the reference check passes
+    assert state.is_current(waiting) and state.counts.shape[0] == 3
+
+
+def test_the_pool_grows_by_doubling_to_its_capacity_and_its_peak_is_the_last_growth():
+    assert pool_peak_bytes(100, V) == (64 + 100) * V * 5    # 8, 16, 32, 64, then 100 beside the 64
+    assert pool_peak_bytes(5, V) == 5 * V * 5
+    state = PenaltyState(V, CPU, capacity=20)
+    g = torch.Generator().manual_seed(5)
+    live = [request(i, PARAMS[0]) for i in range(20)]
+    step(state, live[:9], g)
+    assert state.counts.shape[0] == 16
+    step(state, live, g)
+    assert state.counts.shape[0] == 20
+    with pytest.raises(ValueError, match="at least one slot"):
+        PenaltyState(V, CPU, capacity=0)

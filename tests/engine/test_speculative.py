@@ -96,6 +96,8 @@ def test_a_proposer_that_raises_for_one_request_leaves_every_output_exact(base, 
     with caplog.at_level(logging.ERROR, logger="tandem.engine.speculation"):
         assert run(spec, mixed_requests()) == plain   # run() checks the KV invariants and 0 blocks used at the end
     assert spec.spec_stats.num_drafts > 0 and spec.spec_stats.num_proposal_errors > 1
+    load = load_to_pb(EngineLoop(spec).load)   # GetLoad's answer, which the gateway's metrics read
+    assert load.spec_decode_num_proposal_errors == spec.spec_stats.num_proposal_errors
     assert len(caplog.records) == 1 and "request q0 raised" in caplog.records[0].getMessage()
 
 

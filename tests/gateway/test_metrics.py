@@ -141,13 +141,15 @@ def test_speculative_decoding_totals_become_vllm_named_counters(setup):
     m, _ = setup
     load = epb.EngineLoad(spec_decode_num_drafts=10, spec_decode_num_draft_tokens=40,
                           spec_decode_num_accepted_tokens=25, spec_decode_num_accepted_tokens_per_pos=[9, 8, 5, 3],
-                          spec_decode_draft_seconds=0.5, spec_decode_step_seconds=2.0)
+                          spec_decode_draft_seconds=0.5, spec_decode_step_seconds=2.0,
+                          spec_decode_num_proposal_errors=1)
     m.observe_engine_load(REPLICA, load)
     load.spec_decode_num_drafts, load.spec_decode_num_accepted_tokens_per_pos[0] = 12, 11
     m.observe_engine_load(REPLICA, load)
     assert (value(m, "spec_decode_num_drafts_total"), value(m, "spec_decode_num_draft_tokens_total"),
             value(m, "spec_decode_num_accepted_tokens_total")) == (12, 40, 25)
     assert value(m, "spec_decode_draft_seconds_total") == pytest.approx(0.5)
+    assert value(m, "spec_decode_num_proposal_errors_total") == 1
     assert value(m, "spec_decode_num_accepted_tokens_per_pos_total", position="0") == 11
     assert value(m, "spec_decode_num_accepted_tokens_per_pos_total", position="3") == 3
 
