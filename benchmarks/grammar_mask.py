@@ -29,8 +29,8 @@ from benchmarks.sampling_overhead import decode_batch, parse_batch_args, timed
 from engine_svc.core.request import Request, SamplingParams, StructuredOutput
 from engine_svc.core.scheduler import ScheduledRequest
 from engine_svc.engine import Engine
-from engine_svc.logits_processors import apply_token_bitmask
-from engine_svc.sampler import to_device
+from engine_svc.sampling.logits_processors import apply_token_bitmask
+from engine_svc.sampling.sampler import to_device
 from engine_svc.structured.manager import StructuredOutputs, model_vocabulary
 from engine_svc.worker.model_runner import LaunchedStep
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_batch_args(p, argv, 64, 10, "bench_out/grammar_mask.json")
     vocab_path = args.vocab or (args.model if args.load_format != "dummy" else None)
     if vocab_path is None:
-        from gateway.model_fetch import fetch_default_model
+        from gateway.cli.model_fetch import fetch_default_model
         vocab_path = str(fetch_default_model())
     engine = Engine(engine_config(args, enforce_eager=True, async_scheduling=False))
     header = describe(engine)

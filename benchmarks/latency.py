@@ -91,7 +91,7 @@ def decode_bench(engines: list[Engine], args) -> list[dict]:
         for engine in engines:
             decode_run(engine, prompt, f"decode-warmup-{i}", args.output_len)
     for engine in engines:
-        engine.scheduler.spec_stats = SpecDecodeStats()   # the timed runs' own
+        engine.scheduler.spec.stats = SpecDecodeStats()   # the timed runs' own
     runs: list[list[dict]] = [[] for _ in engines]
     timeline = gpu_gaps.attach(engines[0])
     with tp_shares.measured(engines[0]) as shares:   # the prompt's steps too: one in output_len of them
@@ -151,6 +151,14 @@ def offload_figures(engine: Engine) -> dict | None:
         return None
     return {"layers": w.num_offloaded, "offloaded_gb": w.offloaded_bytes / (1 << 30),
             "bandwidth_gb_s": w.bandwidth / (1 << 30), "bus_bound_tok_s": 1 / w.bus_seconds_per_step}
+
+
+def weight_bytes_per_token(engine: Engine) -> int:
+    """The weight bytes one batch-1 decode step streams: every weight but an untied input embedding, of which it
+    reads one row. Over the device's copy bandwidth (benchmarks/copy_bandwidth.py) it gives the decode roofline."""
+    cfg = engine.model_cfg
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * engine.runner.dtype.itemsize
+    return engine.runner.plan.weights_bytes - embedding
 
 
 def print_tables(header: str, decode: dict, ttft: list[dict]) -> None:
@@ -248,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
               "dtype": str(engine.runner.dtype).split(".")[-1], "attention_backend": engine.runner.backend.name,
               "quantization": engine.config.quantization, "cuda_graphs": engine.runner.graphs is not None, "async_scheduling": engine.async_scheduling,
               "max_num_batched_tokens": engine.config.max_num_batched_tokens, "decode": decode, "ttft": ttft,
+              "weight_bytes_per_token": weight_bytes_per_token(engine),
               "speculative_decode": spec}
     write_json(args.json, result)
     return result

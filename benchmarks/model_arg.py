@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import engine_svc
-from engine_svc.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS,
-                               SPECULATIVE_METHODS, EngineConfig)
+from engine_svc.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, INT4_GEMV_LAYOUTS, KV_CACHE_DTYPES,
+                               LOAD_FORMATS, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig)
 
 SPEC_FIELDS = ("speculative_method", "num_speculative_tokens", "draft_model", "ngram_min", "ngram_max")
 
@@ -27,7 +27,7 @@ def resolve_model(value: str) -> tuple[str, bool]:
     """Returns (path, is_shipped_config). An existing path wins over a short name of the same spelling;
     'default' is the default model of `tandem serve` (fetched on first use)."""
     if value == "default":
-        from gateway.model_fetch import fetch_default_model
+        from gateway.cli.model_fetch import fetch_default_model
         return str(fetch_default_model()), False
     path = Path(value).expanduser()
     if path.exists():
@@ -52,6 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: triton on CUDA, torch on the CPU")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="weight quantization on load: int8, int4 (group 128, RTN), fp8 (W8A8, Ada/Hopper)")
+    p.add_argument("--int4-gemv-layout", default="plain", choices=INT4_GEMV_LAYOUTS,
+                   help="the int4 GEMV's weight layout (engine_svc.quant.int4_gemv_layout)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
                    help="overlap scheduling with the device (engine default: on CUDA only)")
@@ -86,7 +88,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     Unset optional arguments keep the engine's defaults."""
     fields = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                   attention_backend=args.attention_backend, quantization=args.quantization,
-                  kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+                  int4_gemv_layout=args.int4_gemv_layout, kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                   enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                   tensor_parallel_size=args.tensor_parallel_size,
@@ -113,6 +115,8 @@ def engine_cli_args(args: argparse.Namespace) -> list[str]:
            "--kv-cache-dtype", args.kv_cache_dtype]
     if args.quantization != "none":
         out += ["--quantization", args.quantization]
+    if args.int4_gemv_layout != "plain":
+        out += ["--int4-gemv-layout", args.int4_gemv_layout]
     if args.enforce_eager:
         out.append("--enforce-eager")
     if args.async_scheduling is not None:

@@ -217,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_eval_model(value: str) -> str:
     if value == "default":
-        from gateway.model_fetch import fetch_default_model
+        from gateway.cli.model_fetch import fetch_default_model
         return str(fetch_default_model())
     path = Path(value).expanduser()
     if not path.exists():
@@ -228,7 +228,7 @@ def resolve_eval_model(value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from engine_svc.worker.model_runner import resolve_device
+    from engine_svc.worker.device_choice import resolve_device
     from tokenizer_svc.loading import load_tokenizer
 
     model = resolve_eval_model(args.model)

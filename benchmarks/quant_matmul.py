@@ -6,8 +6,11 @@ should approach 2x and int4 4x the bf16 bandwidth-limited speed. Prints a table 
     python -m benchmarks.quant_matmul                    # CUDA: Llama-3-8B shapes, M = 1, 16, 64
     python -m benchmarks.quant_matmul --small            # tiny shapes; runs anywhere (interpreted kernels on CPU)
 
-Methods: bf16 (F.linear), int8 and int4 (group 128; the Triton kernels), fp8 (W8A8 on torch._scaled_mm; only on
-compute capability >= 8.9, otherwise shown as n/a). On the CPU the activations are fp32 and fp8 is the emulation.
+Methods: bf16 (F.linear), int8 and int4 (group 128; the Triton kernels), int4_shuffled (the same int4 weight with
+its GEMV over the layout pre-shuffled at load, engine_svc.kernels.int4_gemv_shuffled; rows above the GEMV's take
+the same tiled kernel as int4), fp8 (W8A8 on torch._scaled_mm; only on compute capability >= 8.9, otherwise shown
+as n/a). On the CPU the activations are fp32 and fp8 is the emulation. The last columns: bf16 time / int4 time,
+and int4 time / int4_shuffled time (> 1: the shuffled layout is faster).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ LLAMA3_8B_SHAPES = {"qkv 4096->6144": (4096, 6144), "o 4096->4096": (4096, 4096)
                     "gate_up 4096->28672": (4096, 28672), "down 14336->4096": (14336, 4096)}
 SMALL_SHAPES = {"small 256->384": (256, 384), "small 512->128": (512, 128)}
 GROUP_SIZE = 128
-METHODS = ("bf16", "int8", "int4", "fp8")
+METHODS = ("bf16", "int8", "int4", "int4_shuffled", "fp8")
 GRAPH_CALLS = 20
 
 
@@ -40,7 +43,7 @@ def build_layers(k: int, n: int, device, dtype):
     import torch
     from torch import nn
 
-    from engine_svc.quant.fp8_format import fp8_unsupported_reason
+    from engine_svc.quant.fp8_support import fp8_unsupported_reason
     from engine_svc.quant.fp8_linear import Fp8Linear
     from engine_svc.quant.int4_linear import Int4Linear
     from engine_svc.quant.int8_linear import Int8Linear
@@ -49,7 +52,9 @@ def build_layers(k: int, n: int, device, dtype):
     with torch.no_grad():
         dense.weight.normal_(0, 0.02)
     layers = {"bf16": dense, "int8": Int8Linear.from_linear(dense, use_triton=True),
-              "int4": Int4Linear.from_linear(dense, GROUP_SIZE, use_triton=True)}
+              "int4": Int4Linear.from_linear(dense, GROUP_SIZE, use_triton=True),
+              "int4_shuffled": Int4Linear.from_linear(dense, GROUP_SIZE, use_triton=True)}
+    layers["int4_shuffled"].use_shuffled_gemv()
     fp8_reason = fp8_unsupported_reason(device)
     if fp8_reason is None or device.type == "cpu":
         layers["fp8"] = Fp8Linear.from_linear(dense, emulate=fp8_reason is not None)
@@ -57,7 +62,8 @@ def build_layers(k: int, n: int, device, dtype):
 
 
 def layer_bytes(layer, m: int, k: int, n: int, act_bytes: int) -> int:
-    tensors = {id(t): t for t in (*layer.parameters(), *layer.buffers())}
+    """The weight's bytes as stored (the state dict: not the shuffled copy, which holds the same weight again)."""
+    tensors = {t.data_ptr(): t for t in layer.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in tensors.values()) + (m * k + m * n) * act_bytes
 
 
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     cells = [f"{m:>19}" for m in METHODS]
-    print(f"{'shape':<22}{'M':>5}" + "".join(cells) + f"{'int4 speed-up':>15}")
+    print(f"{'shape':<22}{'M':>5}" + "".join(cells) + f"{'int4 speed-up':>15}{'shuffled/plain':>16}")
     print(f"{'':<22}{'':>5}" + "".join(f"{'us    GB/s':>19}" for _ in METHODS))
     for r in rows:
         line = f"{r['shape']:<22}{r['m']:>5}"
@@ -138,7 +144,8 @@ def print_table(rows: list[dict], header: str) -> None:
             c = r[method]
             line += f"{'n/a':>19}" if c is None else f"{c['us']:>11.1f}{c['gb_s']:>8.0f}"
         speedup = r["bf16"]["us"] / r["int4"]["us"]
-        print(line + f"{speedup:>14.2f}x")
+        shuffled = r["int4"]["us"] / r["int4_shuffled"]["us"]
+        print(line + f"{speedup:>14.2f}x{shuffled:>15.2f}x")
 
 
 def main(argv: list[str] | None = None) -> dict:

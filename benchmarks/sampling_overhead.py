@@ -1,7 +1,7 @@
 """What sampling costs next to the decode step it follows: one decode batch (64 sequences by default), timed as the
-model forward alone, then greedy sampling, then the full sampling set on every row (temperature, top-k, top-p,
-min-p, repetition/presence/frequency penalties, logit bias, allowed tokens on a quarter of the rows, a seed per
-row, and logprobs with 5 alternatives). Prints a table and writes JSON.
+model forward alone, then greedy sampling, temperature with top-p, and the full sampling set on every row
+(temperature, top-k, top-p, min-p, repetition/presence/frequency penalties, logit bias, allowed tokens on a quarter
+of the rows, a seed per row, and logprobs with 5 alternatives). Prints a table and writes JSON.
 
     tandem bench sampling --model llama3-8b --device cuda        # random weights at the real shapes
     python -m benchmarks.sampling_overhead --model default --batch 64
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.model_arg import add_engine_args, describe, engine_config, resolve_model_args, sync
 from benchmarks.report import write_json
-from engine_svc.core.request import SamplingParams
+from engine_svc.core.request import PLACEHOLDER, SamplingParams
 from engine_svc.engine import Engine
 from engine_svc.worker.model_runner import LaunchedStep
 
@@ -42,6 +42,14 @@ def decode_batch(engine: Engine, params: list[SamplingParams], prompt_len: int):
     out = engine.scheduler.schedule()
     assert len(out.scheduled) == len(params) and all(s.num_new_tokens == 1 for s in out.scheduled)
     return out
+
+
+def sample_step(runner, logits, sampling: list) -> None:
+    """The step's sampling, leaving its requests as asynchronous decoding does: the new id pending on the host,
+    already counted on the device for penalties (so the next repeat finds them current, as the next step would)."""
+    runner.sample_rows(logits, sampling, LaunchedStep(None))
+    for s in sampling:
+        s.request.token_ids.append(PLACEHOLDER)
 
 
 def timed(engine: Engine, fn, repeats: int) -> float:
@@ -83,13 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     runner = engine.runner
     rows = []
     greedy = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
-    for name, params in (("greedy", [greedy] * args.batch),
+    nucleus = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=1 << 20, ignore_eos=True)
+    for name, params in (("greedy", [greedy] * args.batch), ("temperature + top_p", [nucleus] * args.batch),
                          ("full sampling set", [full_set(i, vocab) for i in range(args.batch)])):
         out = decode_batch(engine.with_scheduling(), params, args.prompt_len)
         sampling = [s for s in out.scheduled if s.samples]
         logits = runner.forward_logits(out)
         forward_ms = timed(engine, lambda: runner.forward_logits(out), args.repeats)
-        sample_ms = timed(engine, lambda: runner.sample_rows(logits, sampling, LaunchedStep(None)), args.repeats)
+        sample_ms = timed(engine, lambda: sample_step(runner, logits, sampling), args.repeats)
         rows.append({"sampling": name, "batch": args.batch, "forward_ms": forward_ms, "sampling_ms": sample_ms,
                      "sampling_share": sample_ms / (forward_ms + sample_ms)})
         print(f"  {name}: forward {forward_ms:.2f} ms, sampling {sample_ms:.2f} ms", file=sys.stderr, flush=True)

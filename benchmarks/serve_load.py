@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not (1 <= args.input_len[0] <= args.input_len[1] and 1 <= args.output_len[0] <= args.output_len[1]):
         p.error("length ranges need 1 <= MIN <= MAX")
     if args.address is None or args.dataset is None:
-        from gateway.model_fetch import resolve_model
+        from gateway.cli.model_fetch import resolve_model
         args.model = str(resolve_model(args.model))
     return args
 

@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.stack_run import LocalStack, text_prompts
-    from gateway.model_fetch import resolve_model
+    from gateway.cli.model_fetch import resolve_model
     from tokenizer_svc.loading import load_tokenizer
 
     args = parse_args(argv)

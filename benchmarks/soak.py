@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(w < 0 for w in args.weights.values()) or not sum(args.weights.values()) > 0:
         p.error("--mix: weights must be >= 0, and not all 0")
     if args.address is None:
-        from gateway.model_fetch import resolve_model
+        from gateway.cli.model_fetch import resolve_model
         args.model = str(resolve_model(args.model))
     return args
 

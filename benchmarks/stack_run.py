@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from gateway.healthcheck import is_serving, open_channel
+from gateway.cli.healthcheck import is_serving, open_channel
 from protos.tandem.v1 import generation_pb2 as api
 from protos.tandem.v1 import generation_pb2_grpc
 

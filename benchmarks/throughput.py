@@ -27,6 +27,7 @@ from pathlib import Path
 from benchmarks import gpu_gaps, tp_shares
 from benchmarks.model_arg import add_engine_args, describe, engine_cli_args, engine_config, resolve_model_args, sync
 from benchmarks.report import write_json
+from benchmarks.synthetic_tokenizer import SYNTHETIC, needs_synthetic, tokenizer_model
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 
@@ -165,8 +166,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    "one (it must serve --model, whose tokenizer builds the prompts)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a started stack to serve")
     p.add_argument("--tokenizer", default=None,
-                   help="stack/both: the model whose tokenizer builds the prompts and serves in the stack (default: "
-                        "--model's own; for a shipped config, which has none: the default model's)")
+                   help="stack/both: the model whose tokenizer builds the prompts and serves in the stack, 'default' "
+                        "(the default model's, fetched on first use), or 'synthetic': one built here for --model's "
+                        "vocabulary, with no download (benchmarks/synthetic_tokenizer.py). Default: --model's own; "
+                        "synthetic for a model without one (a config .json such as a shipped config, a directory "
+                        "without tokenizer.json), whatever the model cache holds")
     p.add_argument("--stack-log", type=Path, default=Path("bench_out/throughput_stack.log"))
     p.add_argument("--json", type=Path, default=Path("bench_out/throughput.json"))
     args = p.parse_args(argv)
@@ -177,16 +181,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_requests < 1:
         p.error("--num-requests must be >= 1")
     resolve_model_args(args)
-    if args.mode != "engine" and args.tokenizer is None and args.model.endswith(".json"):
-        args.tokenizer = "default"   # a bare config (random weights) has no tokenizer of its own
-    if args.tokenizer is not None:
-        from gateway.model_fetch import resolve_model
+    if args.mode != "engine" and args.tokenizer is None and needs_synthetic(args.model):
+        args.tokenizer = SYNTHETIC   # the same tokenizer on every machine, and no network needed
+    if args.tokenizer not in (None, SYNTHETIC):
+        from gateway.cli.model_fetch import resolve_model
         args.tokenizer = str(resolve_model(args.tokenizer))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with tokenizer_model(args.tokenizer, args.model) as args.tokenizer:
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     lengths = draw_lengths(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.seed)
     text_prompts = None
     if args.mode != "engine":

@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 from engine_svc.config import config_from_args
-from engine_svc.server import serve
+from engine_svc.service.server import serve
+from protos.service_logging import setup_logging
+
+_LOG = logging.getLogger("tandem.engine")
 
 
 def main() -> None:
     try:
         config = config_from_args()
     except ValueError as e:
-        sys.exit(f"engine_svc: {e}")
+        setup_logging("engine")
+        _LOG.error("%s", e)
+        sys.exit(1)
     try:
         import uvloop
         uvloop.run(serve(config))

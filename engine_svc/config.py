@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from protos.service_logging import add_logging_args, check_logging
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")   # weight formats: see engine_svc.quant
+INT4_GEMV_LAYOUTS = ("plain", "shuffled")          # what the Triton int4 GEMV reads: engine_svc.quant.int4_gemv_layout
 KV_CACHE_DTYPES = ("auto", "fp8")                  # auto: the model dtype; fp8: e4m3 with per-layer scales
 SPARSITY_KERNELS = ("auto", "on", "off")           # 2:4 pruned checkpoints: see engine_svc.pruning.sparse_serving
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
@@ -25,6 +28,7 @@ class EngineConfig:
     dtype: str = "auto"
     attention_backend: str = "auto"             # auto: triton on CUDA, torch on the CPU
     quantization: str = "none"                  # none: the checkpoint's own format (AWQ/GPTQ are detected)
+    int4_gemv_layout: str = "plain"             # plain, or shuffled at load (an experiment until a GPU measures it)
     kv_cache_dtype: str = "auto"
     sparsity_kernels: str = "auto"              # a 2:4 checkpoint's linears on the sparse kernels where faster
     block_size: int = 16
@@ -59,15 +63,19 @@ class EngineConfig:
     draft_model: str | None = None              # the draft model's path (method draft): same vocabulary
     ngram_min: int = 1                          # prompt lookup matches the context's last n tokens, n from
     ngram_max: int = 4                          # ngram_max down to ngram_min
+    log_level: str = "info"                     # every log line, the worker ranks' too
+    log_format: str = "text"                    # text or json (protos/service_logging.py)
     cpu_threads: int | None = None              # torch threads on the CPU; None: torch's own (worker/cpu_threads.py)
 
     def __post_init__(self) -> None:
+        check_logging(self.log_level, self.log_format)
         checks = [
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}"),
             (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
             (self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}"),
+            (self.int4_gemv_layout in INT4_GEMV_LAYOUTS, f"int4_gemv_layout must be one of {INT4_GEMV_LAYOUTS}"),
             (self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}"),
             (self.sparsity_kernels in SPARSITY_KERNELS, f"sparsity_kernels must be one of {SPARSITY_KERNELS}"),
             (not (self.sparsity_kernels == "on" and (self.enable_lora or self.lora_modules)),
@@ -143,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="weight quantization on load: int8 (per channel), int4 (group 128, RTN), fp8 (W8A8, "
                         "Hopper/Ada); AWQ and GPTQ checkpoints are detected from their config")
+    p.add_argument("--int4-gemv-layout", default="plain", choices=INT4_GEMV_LAYOUTS,
+                   help="int4 linears on the Triton kernels: shuffled also keeps a copy of the weight rearranged at "
+                        "load for the GEMV (decode at batch <= 4); an experiment, not yet measured on a GPU")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the model dtype; fp8: e4m3 (twice the tokens)")
     p.add_argument("--sparsity-kernels", default="auto", choices=SPARSITY_KERNELS,
@@ -202,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-offload-gb", type=float, default=0.0,
                    help="keep this many GB of decoder layers in host memory and stream each to the device just "
                         "before it runs (serves a model a little too big for the device; decode runs eagerly)")
+    add_logging_args(p)
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads of the engine on the CPU (default: torch's own, the cores); the CPU default's "
                         "single-token steps (GEMVs over a Q4 GGUF's blocks) run on one thread whatever the count")

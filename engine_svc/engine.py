@@ -3,9 +3,9 @@
 
 With asynchronous scheduling each step() launches step k on the device and only then reads step k-1's sampled ids
 and applies them, so scheduling, input preparation and output handling overlap the device's work; outputs come one
-call later. A step whose requests need every id on the host before sampling (penalties read the output history)
-first waits for the step in flight. So does a step with a structured-output request: its grammar's mask is made
-from every token it has output.
+call later. A step whose requests need every id on the host before sampling (a beam's next round; penalties do
+not, their counts stay on the device) first waits for the step in flight. So does a step with a structured-output
+request: its grammar's mask is made from every token it has output.
 
 With pipeline parallelism (P stages) the engine keeps up to P batches in flight instead: each step() launches
 batches while fewer than P are in flight and the scheduler finds work outside them (a request is in at most one
@@ -31,7 +31,7 @@ from dataclasses import replace
 
 from engine_svc.adapters import AdapterInfoLike, AdapterRegistry, AdapterStatus
 from engine_svc.config import EngineConfig
-from engine_svc.core.beam_search import BeamSearch
+from engine_svc.core.group_policy import chooses_tokens
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import SamplingParams
 from engine_svc.core.scheduler import AdmissionError, RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
@@ -307,12 +307,13 @@ class Engine:
         return self.scheduler.update(out, result.sampled, result.logprobs, result.prompt_logprobs, result.runs)
 
     def _needs_real_ids(self) -> bool:
-        # Penalties read the output ids on the host; the next beams are chosen from the last step's results; a
-        # grammar's mask follows every output token; proposals are made from real ids, and a verify row's tokens
-        # must be known before its request is scheduled again.
+        # Penalty counts live on the device, but one that fell behind is refilled from the host's ids; a group that
+        # chooses its members' tokens (beam search) does so from the last step's results; a grammar's mask follows
+        # every output token; proposals are made from real ids, and a verify row's tokens must be known before its
+        # request is scheduled again.
         s = self.scheduler
-        return any(r.params.uses_penalties or isinstance(r.group, BeamSearch) or r.params.structured_output
-                   is not None or s.speculates(r) for r in s.running)
+        return any((r.params.uses_penalties and self.runner.penalties.needs_real_ids(r)) or chooses_tokens(r)
+                   or r.params.structured_output is not None or s.spec.speculates(r) for r in s.running)
 
     def shutdown(self) -> None:
         """Stops the executor's workers (none in a single process) and the grammar compilers."""

@@ -4,11 +4,17 @@ Past `max_in_flight` a call is refused at once with RESOURCE_EXHAUSTED and a `re
 the gateway never queues without bound. While draining, every new public call is refused with UNAVAILABLE; the
 calls already in flight may finish until the drain timeout, after which they are ended with UNAVAILABLE (their
 handlers are cancelled, which aborts the work in the engine).
+
+The bound is explicit (--max-in-flight) or automatic: then it is what the engines would queue, the sum over
+replicas of max_num_seqs + max_waiting from their GetInfo (engines_bound), so a default stack never refuses a call
+its engines would have taken. Until the engines answer, the automatic bound is PROVISIONAL_MAX_IN_FLIGHT.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import grpc
 
@@ -18,6 +24,20 @@ from gateway.rpc_wrap import wrap_handler
 RETRY_AFTER_KEY = "retry-after-ms"
 LIMITED_METHODS = ("/tandem.v1.Generation/Generate", "/tandem.v1.Generation/GenerateStream")
 DRAINING_MESSAGE = "draining: the server is shutting down; retry on another replica"
+PROVISIONAL_MAX_IN_FLIGHT = 256   # the automatic bound before any engine reports its queue capacity
+
+_LOG = logging.getLogger("tandem.gateway.admission")
+
+
+def engines_bound(capacities: Iterable[int | None]) -> int | None:
+    """The automatic bound over the replicas' queue capacities (max_num_seqs + max_waiting each; None where not
+    known yet). A replica not known yet counts as the first known one (replicas of one stack share one
+    configuration); None when none is known, or none reports a capacity (an engine older than those fields)."""
+    capacities = list(capacities)
+    known = [c for c in capacities if c]
+    if not known:
+        return None
+    return sum(c or known[0] for c in capacities)
 
 
 def retry_hint(retry_after_ms: int) -> tuple[tuple[str, str], ...]:
@@ -33,17 +53,27 @@ class _Entry:
 
 @dataclass
 class Admission:
-    max_in_flight: int
+    max_in_flight: int | None      # None: automatic, set by follow_engines (PROVISIONAL_MAX_IN_FLIGHT until then)
     retry_after_ms: int
     draining: bool = False
+    automatic: bool = field(init=False)
     _entries: set = field(default_factory=set)
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
+        self.automatic = self.max_in_flight is None
+        if self.automatic:
+            self.max_in_flight = PROVISIONAL_MAX_IN_FLIGHT
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.retry_after_ms < 1:
             raise ValueError(f"retry_after_ms must be >= 1, got {self.retry_after_ms}")
+
+    def follow_engines(self, bound: int | None) -> None:
+        """Takes engines_bound's value as the bound, unless the bound is explicit or the engines gave none."""
+        if self.automatic and bound and bound != self.max_in_flight:
+            self.max_in_flight = bound
+            _LOG.info("max_in_flight %d: the engines' max_num_seqs + max_waiting, over all replicas", bound)
 
     @property
     def in_flight(self) -> int:

@@ -5,6 +5,7 @@ import argparse
 from dataclasses import dataclass
 
 from gateway.router import POLICIES
+from protos.service_logging import add_logging_args, check_logging
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,13 @@ class GatewayConfig:
     api_key_file: str | None = None     # plus TANDEM_API_KEYS; no keys at all: authentication off
     tls_cert: str | None = None         # PEM; with tls_key, the public port speaks TLS
     tls_key: str | None = None
-    max_in_flight: int = 256            # generation calls in flight; past it RESOURCE_EXHAUSTED + retry-after-ms
+    max_in_flight: int | None = None    # generation calls in flight; past it RESOURCE_EXHAUSTED + retry-after-ms;
+                                        # None: what the engines queue (gateway/admission.py engines_bound)
     retry_after_ms: int = 1000          # the retry hint sent with every RESOURCE_EXHAUSTED for capacity
     max_request_bytes: int = 4 * 1024 * 1024   # gRPC max receive message size on the public port
     max_prompt_chars: int = 1_000_000   # prompt, or all chat message contents together
     drain_timeout_s: float = 30.0       # after SIGTERM, how long in-flight calls may still run
+    log_level: str = "info"             # every log line (protos/service_logging.py)
     log_format: str = "text"
     routing: str = "prefix"             # gateway.router.POLICIES
     routing_load_margin: float = 4.0    # how much busier than the least-loaded replica a prefix holder may be
@@ -48,6 +51,7 @@ class GatewayConfig:
         return _addresses(self.tokenizer)
 
     def __post_init__(self) -> None:
+        check_logging(self.log_level, self.log_format)
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
         if not 0 <= self.metrics_port < 65536:
@@ -65,12 +69,10 @@ class GatewayConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         for name in ("max_in_flight", "retry_after_ms", "max_request_bytes", "max_prompt_chars"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-        if self.log_format not in ("json", "text"):
-            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
         for name, addresses in (("engine", self.engine_addresses), ("tokenizer", self.tokenizer_addresses)):
             if not addresses or len(set(addresses)) != len(addresses):
                 raise ValueError(f"{name} addresses must be non-empty and distinct, got {getattr(self, name)!r}")
@@ -114,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "public RPCs then need metadata 'authorization: Bearer <key>'")
     p.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the public port")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    p.add_argument("--max-in-flight", type=int, default=256,
-                   help="generation calls in flight; beyond it RESOURCE_EXHAUSTED with a retry-after-ms hint")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="generation calls in flight; beyond it RESOURCE_EXHAUSTED with a retry-after-ms hint "
+                        "(default: what the engines queue, the sum over replicas of their max_num_seqs + "
+                        "max_waiting)")
     p.add_argument("--retry-after-ms", type=int, default=1000, help="the retry hint sent with RESOURCE_EXHAUSTED")
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request message accepted on the public port")
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt (or all chat contents together) in characters")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=30.0,
                    help="after SIGTERM, seconds in-flight calls may run before they end with UNAVAILABLE")
-    p.add_argument("--log-format", choices=("json", "text"), default="text", help="request log lines on stderr")
+    add_logging_args(p)
     return p
 
 

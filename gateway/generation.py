@@ -15,17 +15,12 @@ import grpc
 from gateway import request_log
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import Failure, Pipeline
+from gateway.client_reply import ClientReply
+from gateway.pipeline import Failure, Pipeline, RequestHandle, Submission, TextOptions
 from gateway.structured_output import engine_structured_output
 from gateway.validation import InvalidRequest, ValidatedRequest, check_prompt_bytes, check_prompt_length, validate
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.v1 import generation_pb2 as api
-
-_ENGINE_FINISH = {
-    epb.ENGINE_FINISH_STOP_TOKEN: api.FINISH_REASON_STOP,
-    epb.ENGINE_FINISH_LENGTH: api.FINISH_REASON_LENGTH,
-    epb.ENGINE_FINISH_ABORTED: api.FINISH_REASON_CANCELLED,
-}
 
 # request_success_total's finished_reason values (vLLM's "stop" and "length"; "abort" is counted apart).
 _FINISHED_REASON = {api.FINISH_REASON_STOP: "stop", api.FINISH_REASON_LENGTH: "length",
@@ -58,13 +53,37 @@ class GenerationFlow:
                      ) -> AsyncIterator[api.GenerateStreamResponse]:
         """The request's chunks, as GenerateStream sends them; raises RequestFailed. time_remaining: the client's
         deadline in seconds (None: none), bounding the tokenizer calls."""
-        info = self.pipeline.engine_info
         recorder = self.metrics.request(replica=self.config.engine)
-        v = _checked(lambda: validate(request, self.config, info.vocab_size))
-        request_id = request.request_id or uuid.uuid4().hex   # the client's label (the front checked it)
-        # Downstream the request is known by an id of the gateway's own, unique per call: a client reusing a label
-        # (or naming one like another's) can never reach another request's state, tokens or detokenizer.
-        internal_id = uuid.uuid4().hex
+        v = _checked(lambda: validate(request, self.config, self.pipeline.engine_info.vocab_size))
+        prompt_ids = await self._encode(v, time_remaining)
+        handle = self._submit(v, prompt_ids)
+        recorder.routed(handle.replica)
+        request_log.annotate(replica=handle.replica)
+        recorder.submitted(len(prompt_ids))
+        reply = ClientReply(request.request_id or uuid.uuid4().hex, v, handle)   # the client's label (checked)
+        ended = False   # every output sent its end, or the request failed downstream
+        try:
+            if v.echo:
+                reply.echo = v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, time_remaining)
+            while not reply.complete:
+                item = await handle.queue.get()
+                if isinstance(item, Failure):
+                    ended = True
+                    raise self._failed(item, reply.request_id)
+                chunk = reply.chunk(item)
+                recorder.chunk(item.index, len(item.result.token_ids))
+                if reply.complete:
+                    ended = True
+                    recorder.finished(_FINISHED_REASON[chunk.finish_reason])
+                yield chunk
+        finally:
+            if not ended:  # client cancel, deadline, a disconnect or a failed write: stop the work downstream
+                self.pipeline.cancel(handle.request_id)
+                recorder.aborted()
+
+    async def _encode(self, v: ValidatedRequest, time_remaining: TimeRemaining) -> list[int]:
+        """The prompt's token ids, checked against the context both before (by bytes) and after encoding."""
+        info = self.pipeline.engine_info
         _checked(lambda: check_prompt_bytes(v, info.max_model_len, self.pipeline.tokenizer_info.max_bytes_per_token))
         try:
             prompt_ids = await self.pipeline.encode(v.prompt, v.chat, timeout=time_remaining(),
@@ -78,61 +97,26 @@ class GenerationFlow:
                                     f"{field}: {(e.details() or '').removeprefix('prompt: ')}") from None
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"tokenizer: {e.details()}") from None
         _checked(lambda: check_prompt_length(len(prompt_ids), info.max_model_len))
+        return prompt_ids
 
-        params = self._engine_params(v, len(prompt_ids), info.max_model_len)
+    def _submit(self, v: ValidatedRequest, prompt_ids: list[int]) -> RequestHandle:
+        # Downstream the request is known by an id of the gateway's own, unique per call: a client reusing a label
+        # (or naming one like another's) can never reach another request's state, tokens or detokenizer.
+        text = TextOptions(stop=v.stop, include_stop_str_in_output=v.include_stop_str_in_output,
+                           skip_special_tokens=v.skip_special_tokens,
+                           spaces_between_special_tokens=v.spaces_between_special_tokens)
+        sub = Submission(uuid.uuid4().hex, prompt_ids, self._engine_params(v, len(prompt_ids)), text,
+                         priority=v.priority, cache_salt=v.cache_salt, adapter=v.adapter)
         try:
-            handle = self.pipeline.submit(internal_id, prompt_ids, params, v.stop, v.priority, v.cache_salt,
-                                          include_stop_str_in_output=v.include_stop_str_in_output,
-                                          skip_special_tokens=v.skip_special_tokens,
-                                          spaces_between_special_tokens=v.spaces_between_special_tokens,
-                                          adapter=v.adapter)
+            return self.pipeline.submit(sub)
         except ValueError as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        recorder.routed(handle.replica)
-        request_log.annotate(replica=handle.replica)
-        recorder.submitted(len(prompt_ids))
-        finished = False
-        try:
-            echo = None
-            if v.echo:
-                echo = v.prompt if v.prompt is not None else await self._decode(prompt_ids, v, time_remaining)
-            completion_tokens = 0
-            started: set[int] = set()
-            while len(handle.ended_by_client) < handle.n:
-                item = await handle.queue.get()
-                if isinstance(item, Failure):
-                    finished = True
-                    capacity = item.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    message = f"request {request_id}: {item.message}" \
-                        if item.code == grpc.StatusCode.INTERNAL else item.message
-                    raise RequestFailed(item.code, message, self.config.retry_after_ms if capacity else None)
-                r, d = item.result, item.delta
-                completion_tokens += len(r.token_ids)
-                chunk = api.GenerateStreamResponse(request_id=request_id, index=item.index, text=r.text,
-                                                   token_ids=r.token_ids)
-                recorder.chunk(item.index, len(r.token_ids))
-                _add_logprobs(chunk, d, r, prompt_ids)
-                if item.index not in started:
-                    started.add(item.index)
-                    if echo is not None:
-                        chunk.text = echo + chunk.text
-                        chunk.token_ids[:0] = prompt_ids
-                if r.finished:
-                    handle.ended_by_client.add(item.index)
-                    _finish(chunk, r)
-                    if v.logprobs is not None or v.best_of > 1:
-                        chunk.cumulative_logprob = d.cumulative_logprob
-                    if len(handle.ended_by_client) == handle.n:
-                        finished = True
-                        chunk.usage.prompt_tokens = len(prompt_ids)
-                        chunk.usage.completion_tokens = completion_tokens
-                        chunk.usage.cached_prompt_tokens = handle.num_cached_tokens
-                        recorder.finished(_FINISHED_REASON[chunk.finish_reason])
-                yield chunk
-        finally:
-            if not finished:  # client cancel, deadline, a disconnect or a failed write: stop the work downstream
-                self.pipeline.cancel(internal_id)
-                recorder.aborted()
+
+    def _failed(self, failure: Failure, request_id: str) -> RequestFailed:
+        capacity = failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = f"request {request_id}: {failure.message}" \
+            if failure.code == grpc.StatusCode.INTERNAL else failure.message
+        return RequestFailed(failure.code, message, self.config.retry_after_ms if capacity else None)
 
     async def _decode(self, ids: list[int], v: ValidatedRequest, time_remaining: TimeRemaining) -> str:
         try:
@@ -140,8 +124,8 @@ class GenerationFlow:
         except grpc.aio.AioRpcError as e:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"tokenizer: {e.details()}") from None
 
-    def _engine_params(self, v: ValidatedRequest, prompt_len: int, max_model_len: int) -> epb.SamplingParams:
-        room = max_model_len - prompt_len
+    def _engine_params(self, v: ValidatedRequest, prompt_len: int) -> epb.SamplingParams:
+        room = self.pipeline.engine_info.max_model_len - prompt_len
         max_tokens = min(v.max_tokens if v.max_tokens is not None else self.config.default_max_tokens, room)
         params = epb.SamplingParams(
             temperature=v.temperature, top_p=v.top_p, top_k=v.top_k, max_tokens=max_tokens,
@@ -165,33 +149,6 @@ def _checked(check):
         return check()
     except InvalidRequest as e:
         raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-
-
-def _finish(chunk: api.GenerateStreamResponse, r) -> None:
-    if r.matched_stop:
-        chunk.finish_reason = api.FINISH_REASON_STOP
-        chunk.stop_string = r.matched_stop
-        return
-    chunk.finish_reason = _ENGINE_FINISH[r.finish]
-    if r.finish == epb.ENGINE_FINISH_STOP_TOKEN and r.token_ids:
-        chunk.stop_token_id = r.token_ids[-1]
-
-
-def _add_logprobs(chunk: api.GenerateStreamResponse, d: epb.RequestDelta, r, prompt_ids: list[int]) -> None:
-    """Engine logprobs with each token's text, read back from r.pieces in the order pipeline._piece_ids asked."""
-    pieces = iter(r.pieces)
-
-    def entry(lp) -> api.TokenLogprob:
-        text = next(pieces)
-        return api.TokenLogprob(token_id=lp.token_id, token=text, logprob=lp.logprob,
-                                top=[api.TopLogprob(token_id=t, token=next(pieces), logprob=v)
-                                     for t, v in zip(lp.top_token_ids, lp.top_logprobs)])
-
-    entries = [entry(lp) for lp in d.logprobs]
-    chunk.logprobs.extend(entries[:len(r.token_ids)])   # a stop string may have cut the step short
-    if d.prompt_logprobs:
-        chunk.prompt_logprobs.append(api.TokenLogprob(token_id=prompt_ids[0], token=next(pieces)))
-        chunk.prompt_logprobs.extend(entry(lp) for lp in d.prompt_logprobs)
 
 
 async def collect(chunks: AsyncIterator[api.GenerateStreamResponse]) -> api.GenerateResponse:

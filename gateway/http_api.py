@@ -156,8 +156,8 @@ class HttpApi:
         try:
             req = parse(body, kind, self.flow.pipeline.engine_info.model_name)
             label = req.requests[0].request_id or _header_request_id(request) or uuid.uuid4().hex
-            if len(req.requests) > self.config.max_in_flight:
-                raise BadField("prompt", f"at most {self.config.max_in_flight} prompts (the server's max in flight), "
+            if len(req.requests) > self.admission.max_in_flight:
+                raise BadField("prompt", f"at most {self.admission.max_in_flight} prompts (the server's max in flight), "
                                          f"got {len(req.requests)}")
         except BadField as e:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(e), param=e.param)

@@ -24,7 +24,7 @@ What is measured, all on the gateway's monotonic clock:
   spec_decode_num_draft_tokens (proposed), spec_decode_num_accepted_tokens, and
   spec_decode_num_accepted_tokens_per_pos{position}; acceptance rate = accepted / draft tokens, mean accepted
   length = 1 + accepted / drafts. spec_decode_draft_seconds and spec_decode_step_seconds (Tandem's own) give the
-  draft time share.
+  draft time share; spec_decode_num_proposal_errors counts rows whose proposer failed.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ class GatewayMetrics:
                 ("spec_decode_num_draft_tokens", "Tokens proposed by speculative decoding."),
                 ("spec_decode_num_accepted_tokens", "Proposed tokens the model accepted."),
                 ("spec_decode_draft_seconds", "Engine time spent proposing tokens."),
-                ("spec_decode_step_seconds", "Engine step time while speculative decoding is on."))}
+                ("spec_decode_step_seconds", "Engine step time while speculative decoding is on."),
+                ("spec_decode_num_proposal_errors", "Rows whose proposer failed; each decoded without proposals."))}
         self.spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                     "Accepted proposed tokens, by position in the proposal.",
                                     LABELS + ("position",), registry=r)

@@ -7,26 +7,32 @@ with UNAVAILABLE. A poll that times out (1 s) marks it down for routing only: a 
 has, a dead one breaks their stream by itself. The poller keeps probing a down replica and marks it up when
 GetLoad answers; its streams are re-opened on its next request. When no replica is live a request is still sent
 to one (it fails at once with UNAVAILABLE if that engine is really gone, and succeeds if it just came back).
+
+Each time a replica comes up its EngineInfo is read again; the replicas' queue capacities (max_num_seqs +
+max_waiting) give the gateway's automatic admission bound, reported to capacity_observer.
 """
 from __future__ import annotations
 
+import logging
 import asyncio
-import sys
 from typing import Callable
 
 import grpc
 
+from gateway.admission import engines_bound
 from gateway.bidi_stream import internal_channel_options
 from gateway.config import GatewayConfig
 from gateway.replica import Replica
 from gateway.replica_admin import AllReplicasEngine
-from gateway.request_handle import Chunk, Failure, RequestHandle, Unavailable
+from gateway.request_handle import Chunk, Failure, RequestHandle, Submission, TextOptions
 from gateway.router import ReplicaLoad, Router, prefix_block_keys
 from gateway.tokenizer_pool import TokenizerPool
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
 
-__all__ = ["Chunk", "Failure", "Pipeline", "RequestHandle", "Unavailable"]
+_LOG = logging.getLogger("tandem.gateway.pipeline")
+
+__all__ = ["Chunk", "Failure", "Pipeline", "RequestHandle", "Submission", "TextOptions"]
 
 POLL_TIMEOUT_S = 1.0
 DEFAULT_BLOCK_SIZE = 16   # the engine's; its EngineInfo.block_size wins when set
@@ -47,6 +53,8 @@ class Pipeline:
         self._fallback = 0
         # Called with (replica name, EngineLoad) after every answered poll (the metrics read the routing's polls).
         self.load_observer: Callable[[str, epb.EngineLoad], None] | None = None
+        # Called with engines_bound over the replicas whenever a replica's EngineInfo is read.
+        self.capacity_observer: Callable[[int | None], None] | None = None
 
     def live_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.live]
@@ -65,7 +73,11 @@ class Pipeline:
                 raise asyncio.TimeoutError("no engine replica and tokenizer answered")
             await asyncio.sleep(self.config.load_poll_interval_s)
         timeout = self.config.connect_timeout_s
-        self.engine_info = await live[0].engine.GetInfo(epb.EngineInfoRequest(), timeout=timeout)
+        first = live[0]
+        if first.info is None:   # its GetInfo failed as it came up; now a failure fails the start
+            first.info = await first.engine.GetInfo(epb.EngineInfoRequest(), timeout=timeout)
+            self._report_capacity()
+        self.engine_info = first.info
         tok = next(i for i, up in enumerate(self.tokenizers.live) if up)
         self.tokenizer_info = await self.tokenizers.stubs[tok].GetInfo(tpb.TokenizerInfoRequest(), timeout=timeout)
         self._pollers = [asyncio.create_task(self._poll_forever(r), name=f"load-poller {r.name}")
@@ -101,24 +113,17 @@ class Pipeline:
         replica = (self.live_replicas() or self.replicas)[0]
         return await replica.engine.GetLoad(epb.EngineLoadRequest(), timeout=5)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams,
-               stop: tuple[str, ...], priority: int = 0, cache_salt: str = "", *,
-               include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
-               spaces_between_special_tokens: bool = True, adapter: str = "") -> RequestHandle:
-        """Routes the request to a replica and submits it there; handle.replica says which. request_id is the
-        gateway's own id for the call, unique among the requests in flight."""
+    def submit(self, sub: Submission) -> RequestHandle:
+        """Routes the request to a replica and submits it there; handle.replica says which."""
         block_size = (self.engine_info.block_size if self.engine_info else 0) or DEFAULT_BLOCK_SIZE
-        keys = prefix_block_keys(prompt_ids, block_size, cache_salt, adapter)
+        keys = prefix_block_keys(sub.prompt_ids, block_size, sub.cache_salt, sub.adapter)
         chosen = self.router.choose([self._load_of(r) for r in self.replicas], keys)
         if chosen is None:
             self._fallback += 1
             replica = self.replicas[self._fallback % len(self.replicas)]
         else:
             replica = next(r for r in self.replicas if r.name == chosen)
-        return replica.submit(request_id, prompt_ids, params, stop, priority, cache_salt,
-                              include_stop_str_in_output=include_stop_str_in_output,
-                              skip_special_tokens=skip_special_tokens,
-                              spaces_between_special_tokens=spaces_between_special_tokens, adapter=adapter)
+        return replica.submit(sub)
 
     def cancel(self, request_id: str) -> None:
         """Drops the request everywhere; idempotent."""
@@ -146,8 +151,24 @@ class Pipeline:
         if self.load_observer is not None:
             self.load_observer(replica.name, replica.load)
         if not replica.live:
+            await self._read_info(replica)
             replica.live = True
-            print(f"[gateway] engine replica {replica.name} is up", file=sys.stderr, flush=True)
+            _LOG.info("engine replica %s is up", replica.name)
+
+    async def _read_info(self, replica: Replica) -> None:
+        """Re-reads a replica's EngineInfo as it comes up (a restarted engine may queue more or less); on failure the
+        last answer stays."""
+        try:
+            replica.info = await replica.engine.GetInfo(epb.EngineInfoRequest(), timeout=POLL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            _LOG.warning("engine replica %s did not answer GetInfo: %s", replica.name, e.code().name)
+            return
+        self._report_capacity()
+
+    def _report_capacity(self) -> None:
+        if self.capacity_observer is not None:
+            self.capacity_observer(engines_bound(r.info.max_num_seqs + r.info.max_waiting if r.info else None
+                                                 for r in self.replicas))
 
     async def _poll_forever(self, replica: Replica) -> None:
         while True:
@@ -164,7 +185,7 @@ class Pipeline:
         replica.live = False
         replica.load = epb.EngineLoad()
         self.router.forget(replica.name)   # it may come back with an empty prefix cache
-        print(f"[gateway] engine replica {replica.name} is down: {why}", file=sys.stderr, flush=True)
+        _LOG.warning("engine replica %s is down: %s", replica.name, why)
         if end_requests:
             replica.fail_all(why)
 

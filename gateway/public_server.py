@@ -2,8 +2,8 @@
 (max in flight, drain), the request size limit and TLS. Health and reflection pass through every interceptor."""
 from __future__ import annotations
 
+import logging
 import ipaddress
-import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -15,6 +15,8 @@ from gateway.config import GatewayConfig
 from gateway.request_decoding import RequestDecodingInterceptor
 from gateway.request_log import RequestLogInterceptor
 
+_LOG = logging.getLogger("tandem.gateway")
+
 
 def create_server(config: GatewayConfig, admission: Admission,
                   keys: tuple[str, ...] | None = None) -> grpc.aio.Server:
@@ -24,7 +26,7 @@ def create_server(config: GatewayConfig, admission: Admission,
     keys = load_api_keys(config.api_key_file) if keys is None else keys
     warning = exposure_warning(config, keys)
     if warning:
-        print(warning, file=sys.stderr, flush=True)
+        _LOG.warning(warning)
     if keys:
         interceptors.append(ApiKeyInterceptor(keys))   # first: nothing else runs for an unauthenticated call
     interceptors += [RequestLogInterceptor(config.engine), AdmissionInterceptor(admission)]
@@ -51,7 +53,7 @@ def exposure_warning(config: GatewayConfig, keys: tuple[str, ...]) -> str | None
     others = ([f"the HTTP API on port {config.http_port}"] if config.http_port else []) + (
         [f"/metrics on port {config.metrics_port}"] if config.metrics_port else [])
     metrics = f" (and {' and '.join(others)})" if others else ""
-    return (f"gateway: WARNING: the public API on {config.host}:{config.port}{metrics} is reachable from other "
+    return (f"the public API on {config.host}:{config.port}{metrics} is reachable from other "
             f"machines and no API key is configured: anyone who can connect can generate and load or unload "
             f"adapters. Set --api-key-file or TANDEM_API_KEYS, or bind --host 127.0.0.1.")
 

@@ -11,19 +11,21 @@ submit. An engine stream that breaks also marks the replica down (on_engine_lost
 """
 from __future__ import annotations
 
+import logging
 import asyncio
 import collections
-import sys
 from typing import Callable
 
 import grpc
 
 from gateway.bidi_stream import BidiStream
-from gateway.request_handle import Chunk, Failure, RequestHandle
+from gateway.request_handle import Chunk, Failure, RequestHandle, Submission
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import engine_pb2_grpc
 from protos.tandem.internal.v1 import tokenizer_pb2 as tpb
 from protos.tandem.internal.v1 import tokenizer_pb2_grpc
+
+_LOG = logging.getLogger("tandem.gateway.replica")
 
 PROMPT_CONTEXT_TOKENS = 8   # prompt tail the detokenizer needs to decode the first new token as mid-text
 
@@ -36,6 +38,7 @@ class Replica:
         self.engine = engine_pb2_grpc.EngineStub(self.channel)
         self.live = False                       # set by the pipeline: start-up, the load poller, a broken stream
         self.load = epb.EngineLoad()            # the engine's last GetLoad answer
+        self.info: epb.EngineInfo | None = None # its GetInfo answer when it last came up (None: not answered)
         self.in_flight_at_poll = 0              # this gateway's requests on it when that answer arrived
         self._tokenizer = tokenizer             # a live tokenizer's stub, preferring this replica's pair
         self._on_engine_lost = on_engine_lost
@@ -56,26 +59,24 @@ class Replica:
 
     # --- per-request API -------------------------------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: epb.SamplingParams, stop: tuple[str, ...],
-               priority: int, cache_salt: str, *, include_stop_str_in_output: bool, skip_special_tokens: bool,
-               spaces_between_special_tokens: bool, adapter: str) -> RequestHandle:
+    def submit(self, sub: Submission) -> RequestHandle:
         """Opens each output's detokenizer state (with its text options), then submits it to the engine."""
         engine, _ = self._streams()
-        handle = RequestHandle(request_id, prompt_ids, params.n or 1)
+        handle = RequestHandle(sub.request_id, sub.prompt_ids, sub.params.n or 1)
         handle.replica = self.name
-        self._handles[request_id] = handle
+        self._handles[sub.request_id] = handle
         opens = []
         for i in range(handle.n):
             self._outputs[handle.detok_id(i)] = (handle, i)
             opens.append(tpb.DetokOpen(
-                request_id=handle.detok_id(i), stop=stop, skip_special_tokens=skip_special_tokens,
-                prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:],
-                include_stop_str_in_output=include_stop_str_in_output,
-                spaces_between_special_tokens=spaces_between_special_tokens))
+                request_id=handle.detok_id(i), stop=sub.text.stop, skip_special_tokens=sub.text.skip_special_tokens,
+                prompt_token_ids=sub.prompt_ids[-PROMPT_CONTEXT_TOKENS:],
+                include_stop_str_in_output=sub.text.include_stop_str_in_output,
+                spaces_between_special_tokens=sub.text.spaces_between_special_tokens))
         self._send_detok(tpb.DetokenizeInput(opens=opens))
-        engine.send(epb.SessionInput(submits=[epb.Submit(request_id=request_id, prompt_token_ids=prompt_ids,
-                                                         params=params, priority=priority,
-                                                         cache_salt=cache_salt, adapter=adapter)]))
+        engine.send(epb.SessionInput(submits=[epb.Submit(request_id=sub.request_id, prompt_token_ids=sub.prompt_ids,
+                                                         params=sub.params, priority=sub.priority,
+                                                         cache_salt=sub.cache_salt, adapter=sub.adapter)]))
         return handle
 
     def cancel(self, request_id: str) -> None:
@@ -190,7 +191,7 @@ class Replica:
     def _fail_internal(self, request_id: str, stage: str, error: object) -> None:
         """Ends one request with INTERNAL (stopping it in the engine) after an error of its own."""
         detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        print(f"[gateway] request {request_id} failed while {stage}: {detail}", file=sys.stderr, flush=True)
+        _LOG.error("request %s failed while %s: %s", request_id, stage, detail)
         in_engine = request_id in self._handles
         self._fail(request_id, Failure(grpc.StatusCode.INTERNAL, f"{stage} failed: {detail}"))
         if in_engine and self._engine_stream is not None:
@@ -206,7 +207,7 @@ class Replica:
         # Either stream breaking strands every request in flight here.
         detail = getattr(error, "details", lambda: None)() or str(error or "stream ended")
         which = "engine" if engine else "tokenizer"
-        print(f"[gateway] {which} stream of replica {self.name} closed: {detail}", file=sys.stderr, flush=True)
+        _LOG.warning("%s stream of replica %s closed: %s", which, self.name, detail)
         self.fail_all(detail)
         if engine:
             self._on_engine_lost(self, detail)

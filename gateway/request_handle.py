@@ -1,4 +1,8 @@
-"""What one request carries through the gateway: its queue of chunks or a failure, and its outputs' state."""
+"""What one request carries through the gateway: what is submitted downstream (Submission), and what comes back
+(RequestHandle: its queue of chunks or a failure, and its outputs' state).
+
+RequestHandle has one owner, the Replica that serves the request: only it puts on the queue and updates the state.
+The generation flow only reads the handle and takes from its queue."""
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +20,26 @@ class Failure:
     message: str
 
 
-class Unavailable(Exception):
-    pass
+@dataclass(frozen=True)
+class TextOptions:
+    """How the tokenizer service renders each output's text."""
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request as the gateway submits it: request_id is the gateway's own id for the call, unique among the
+    requests in flight; cache_salt and adapter also key the router's prefix-affinity blocks."""
+    request_id: str
+    prompt_ids: list[int]
+    params: epb.SamplingParams
+    text: TextOptions = TextOptions()
+    priority: int = 0
+    cache_salt: str = ""
+    adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -35,8 +57,7 @@ class RequestHandle:
         self.n = n
         self.queue: asyncio.Queue = asyncio.Queue()   # Chunk | Failure
         self.num_cached_tokens = 0                    # from the engine's first delta
-        self.ended: set[int] = set()                  # outputs whose text has ended (pipeline side)
-        self.ended_by_client: set[int] = set()        # of which the client has been sent the end
+        self.ended: set[int] = set()                  # outputs whose text has ended
         self.engine_done = False                      # the engine sent the request's last delta
         self.replica = ""                             # the engine replica serving it (its address)
 

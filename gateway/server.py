@@ -3,8 +3,9 @@ event loop the OpenAI-compatible HTTP API (gateway/http_api.py); both run reques
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-import sys
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
@@ -16,14 +17,16 @@ from gateway.auth import load_api_keys
 from gateway.config import GatewayConfig
 from gateway.generation import GenerationFlow, RequestFailed, collect
 from gateway.http_api import HttpApi, HttpPortError
-from gateway.logs import setup_logging
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_export import MetricsPortError, serve_metrics_http
 from gateway.pipeline import Pipeline
 from gateway.public_server import add_public_port, create_server, drain
 from protos.reflection import enable_reflection
+from protos.service_logging import setup_logging
 from protos.tandem.v1 import admin_pb2_grpc, generation_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as api
+
+_LOG = logging.getLogger("tandem.gateway")
 
 SERVICE_NAME = api.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -53,66 +56,105 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(e.code, e.message, hint)
 
 
+_SERVICES = ("", SERVICE_NAME, admin.SERVICE_NAME)
+
+
+@dataclass
+class _Gateway:
+    """The gateway's parts, built once: the public gRPC server and what serves on it, then (once the engines
+    answered) the optional fronts beside it on the same event loop."""
+    config: GatewayConfig
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    admission: Admission
+    keys: tuple[str, ...]
+    pipeline: Pipeline
+    flow: GenerationFlow
+    port: int
+    http_api: HttpApi | None = None
+    metrics_http: object = None   # the /metrics HTTP server (serve_metrics_http), or None
+
+    async def set_health(self, status) -> None:
+        await asyncio.gather(*(self.health.set(name, status) for name in _SERVICES))
+
+
 async def serve(config: GatewayConfig) -> None:
-    setup_logging(config.log_format)
+    """Opens the public port (NOT_SERVING), reaches the engines and tokenizers, starts the HTTP fronts, serves
+    until SIGINT or SIGTERM, then drains."""
+    setup_logging("gateway", config.log_level, config.log_format)
+    gw = await _build(config)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await gw.server.start()
+    await _reach_backends(gw)
+    await _start_fronts(gw)
+    await gw.set_health(health_pb2.HealthCheckResponse.SERVING)
+    scheme = "https" if config.tls_cert else "http"
+    _LOG.info(f"listening on {config.host}:{gw.port} (model {gw.pipeline.engine_info.model_name})"
+              + (f", OpenAI-compatible HTTP API on {scheme}://{config.host}:{config.http_port}/v1"
+                 if gw.http_api else "")
+              + (f", metrics on http://{config.host}:{config.metrics_port}/metrics" if gw.metrics_http else ""))
+    await stop.wait()
+    await _shut_down(gw)
+
+
+async def _build(config: GatewayConfig) -> _Gateway:
     admission = Admission(config.max_in_flight, config.retry_after_ms)
     keys = load_api_keys(config.api_key_file)
     server = create_server(config, admission, keys)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     pipeline = Pipeline(config)
+    pipeline.capacity_observer = admission.follow_engines
     flow = GenerationFlow(config, pipeline)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(flow), server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin.AdminServicer(pipeline.engine_stub), server)
     enable_reflection((SERVICE_NAME, admin.SERVICE_NAME, health.SERVICE_NAME), server)
-    port = add_public_port(server, config)
+    gw = _Gateway(config, server, health_servicer, admission, keys, pipeline, flow, add_public_port(server, config))
+    await gw.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    return gw
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
-    await server.start()
+async def _reach_backends(gw: _Gateway) -> None:
+    """Connects to the engines and tokenizers (exits non-zero when it cannot), then sizes the metrics by the
+    engines' model."""
     try:
-        await pipeline.start()
+        await gw.pipeline.start()
     except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
-        print(f"gateway: could not reach the engine ({config.engine}) or the tokenizer ({config.tokenizer}): "
-              f"{e!r}", file=sys.stderr, flush=True)
-        await server.stop(0)
+        _LOG.error("could not reach the engine (%s) or the tokenizer (%s): %r", gw.config.engine,
+                   gw.config.tokenizer, e)
+        await gw.server.stop(0)
         raise SystemExit(1)
-    info = pipeline.engine_info
-    flow.metrics = GatewayMetrics(info.model_name, info.max_model_len)
-    metrics_http = None
-    http_api = HttpApi(config, flow, admission, keys) if config.http_port else None
+    info = gw.pipeline.engine_info
+    gw.flow.metrics = GatewayMetrics(info.model_name, info.max_model_len)
+
+
+async def _start_fronts(gw: _Gateway) -> None:
+    """/metrics and the OpenAI-compatible HTTP API, when configured; a port that cannot be bound exits non-zero."""
+    config = gw.config
+    gw.http_api = HttpApi(config, gw.flow, gw.admission, gw.keys) if config.http_port else None
     try:
         if config.metrics_port:
-            metrics_http = serve_metrics_http(flow.metrics, config.host, config.metrics_port)
-        if http_api is not None:
-            await http_api.start()
+            gw.metrics_http = serve_metrics_http(gw.flow.metrics, config.host, config.metrics_port)
+        if gw.http_api is not None:
+            await gw.http_api.start()
     except (MetricsPortError, HttpPortError) as e:
-        print(f"gateway: {e}", file=sys.stderr, flush=True)
-        if metrics_http is not None:
-            metrics_http.shutdown()
-        await server.stop(0)
+        _LOG.error("%s", e)
+        if gw.metrics_http is not None:
+            gw.metrics_http.shutdown()
+        await gw.server.stop(0)
         raise SystemExit(1)
     if config.metrics_port or config.http_port:
-        pipeline.load_observer = flow.metrics.observe_engine_load
-    for name in ("", SERVICE_NAME, admin.SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    scheme = "https" if config.tls_cert else "http"
-    print(f"gateway listening on {config.host}:{port} (model {pipeline.engine_info.model_name})"
-          + (f", OpenAI-compatible HTTP API on {scheme}://{config.host}:{config.http_port}/v1" if http_api else "")
-          + (f", metrics on http://{config.host}:{config.metrics_port}/metrics" if metrics_http else ""),
-          file=sys.stderr, flush=True)
-    await stop.wait()
-    print(f"gateway: draining {admission.in_flight} requests (up to {config.drain_timeout_s:g} s)",
-          file=sys.stderr, flush=True)
-    ended = await drain(server, health_servicer, admission, config.drain_timeout_s)
-    print(f"gateway: drained; {ended} requests ended by the drain timeout", file=sys.stderr, flush=True)
-    if http_api is not None:
-        await http_api.stop()
-    if metrics_http is not None:
-        metrics_http.shutdown()
-    await pipeline.close()
+        gw.pipeline.load_observer = gw.flow.metrics.observe_engine_load
+
+
+async def _shut_down(gw: _Gateway) -> None:
+    _LOG.info("draining %d requests (up to %g s)", gw.admission.in_flight, gw.config.drain_timeout_s)
+    ended = await drain(gw.server, gw.health, gw.admission, gw.config.drain_timeout_s)
+    _LOG.info("drained; %d requests ended by the drain timeout", ended)
+    if gw.http_api is not None:
+        await gw.http_api.stop()
+    if gw.metrics_http is not None:
+        gw.metrics_http.shutdown()
+    await gw.pipeline.close()

@@ -1,7 +1,7 @@
 """Regenerates the committed protobuf/gRPC Python code from the .proto files.
 
 Run from anywhere: `python -m protos.generate`. Uses grpcio-tools==1.84.0 so the generated code imports under any
-grpcio >= 1.84.0 (the GPU machines run 1.84.0). `tests/test_protos_current.py` fails when the committed code is stale.
+grpcio >= 1.84.0 (the GPU machines run 1.84.0). `tests/protos/test_protos_current.py` fails when the committed code is stale.
 """
 from __future__ import annotations
 

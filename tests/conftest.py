@@ -13,7 +13,7 @@ if str(REPO_ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF), fetched on first use."""
-    from gateway.model_fetch import fetch_default_model
+    from gateway.cli.model_fetch import fetch_default_model
 
     return fetch_default_model(quiet=True)
 

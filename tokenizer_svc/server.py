@@ -1,9 +1,9 @@
 """The gRPC server: the Tokenizer service, health and reflection, on grpc.aio."""
 from __future__ import annotations
 
+import logging
 import asyncio
 import signal
-import sys
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +16,8 @@ from tokenizer_svc.config import TokenizerServiceConfig
 from tokenizer_svc.detokenizer import Detokenizer
 from tokenizer_svc.loaded import LoadedTokenizer, NoChatTemplateError
 from tokenizer_svc.token_span import max_bytes_per_token
+
+_LOG = logging.getLogger("tandem.tokenizer.service")
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 
@@ -107,6 +109,6 @@ async def serve(config: TokenizerServiceConfig, loaded: LoadedTokenizer) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"tokenizer_svc listening on {config.host}:{running.port}", file=sys.stderr, flush=True)
+    _LOG.info("listening on %s:%d", config.host, running.port)
     await stop.wait()
     await running.stop(config.grace_s)

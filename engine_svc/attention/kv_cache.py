@@ -1,13 +1,14 @@
 """One layer's paged KV cache and its storage formats (`--kv-cache-dtype`).
 
-`auto` stores keys and values in the model dtype. `fp8` stores them as float8 e4m3 (torch.float8_e4m3fn, Triton's
-tl.float8e4nv: 1 byte, half of bf16), with one float32 scale for K and one for V per layer:
+`auto` stores keys and values in the model dtype. `fp8` stores them as float8 e4m3 (1 byte, half of bf16), with
+one float32 scale for K and one for V per layer:
 
     stored = e4m3(clamp(x / scale, -448, 448))      (round to nearest even; 448 is e4m3's largest finite value)
     x     ~= float(stored) * scale
 
-Every backend and kernel uses exactly this arithmetic; the scales are a device tensor [2] (K, V) that the kernels
-read, so captured CUDA graphs stay valid whatever values it holds (they may be overwritten in place).
+Every backend and kernel uses exactly this arithmetic (engine_svc.kernels.fp8_numerics) and takes the scales as
+engine_svc.kernels.kv_scales.check_scales accepts them: a device tensor [2] (K, V) that the kernels read, so
+captured CUDA graphs stay valid whatever values it holds (they may be overwritten in place).
 
 Scale policy: static, 1.0 for every layer. e4m3 keeps a constant relative precision (3 mantissa bits: a rounding
 error of at most 2^-4 of the value) over its whole normal range 2^-6 .. 448, so a scale only changes anything for
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0            # torch.finfo(torch.float8_e4m3fn).max
+from engine_svc.kernels.fp8_numerics import E4M3
+
 DEFAULT_FP8_SCALE = 1.0
 
 
@@ -38,7 +39,7 @@ def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     if kv_cache_dtype == "auto":
         return model_dtype
     if kv_cache_dtype == "fp8":
-        return FP8_DTYPE
+        return E4M3
     raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; available: auto, fp8")
 
 
@@ -47,28 +48,6 @@ def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dty
     """Zeroed caches, one per layer; an fp8 cache gets its own scales tensor holding DEFAULT_FP8_SCALE."""
     return [KVCache(torch.zeros(shape, dtype=dtype, device=device),
                     torch.full((2,), DEFAULT_FP8_SCALE, dtype=torch.float32, device=device)
-                    if dtype == FP8_DTYPE else None)
+                    if dtype == E4M3 else None)
             for _ in range(num_layers)]
 
-
-def check_scales(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> bool:
-    """True when kv_cache is fp8 (and then kv_scales is a float32 [2] tensor on its device); raises on a mismatch."""
-    if kv_cache.dtype != FP8_DTYPE:
-        if kv_scales is not None:
-            raise ValueError(f"kv_scales given for a {kv_cache.dtype} KV cache: only an fp8 cache is scaled")
-        return False
-    if kv_scales is None:
-        raise ValueError("an fp8 KV cache needs kv_scales (float32 [2]: K scale, V scale)")
-    if kv_scales.shape != (2,) or kv_scales.dtype != torch.float32 or kv_scales.device != kv_cache.device:
-        raise ValueError(f"kv_scales must be float32 [2] on {kv_cache.device}, got {kv_scales.dtype} "
-                         f"{tuple(kv_scales.shape)} on {kv_scales.device}")
-    return True
-
-
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3(clamp(x / scale)) with x / scale computed in float32 (the kernels divide in float32 too)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-def dequantize_fp8(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (stored.float() * scale).to(dtype)

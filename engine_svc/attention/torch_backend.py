@@ -2,15 +2,18 @@
 against. Decode rows are attended in one padded SDPA call, also when the batch mixes them with prefill chunks;
 sequences with several new tokens (prefill) are attended one by one.
 
-An fp8 cache (kv_scales given) is written and read with the arithmetic of engine_svc.attention.kv_cache: keys and
+An fp8 cache (kv_scales given) is written and read with the arithmetic of engine_svc.kernels.fp8_numerics: keys and
 values are dequantized to q's dtype before attention."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine_svc.attention.kv_cache import check_scales, dequantize_fp8, quantize_fp8
+from engine_svc.attention.backend import Rope, rope_then_write_kv
+from engine_svc.attention.kv_cache import KVCache
 from engine_svc.attention.metadata import AttentionMetadata
+from engine_svc.kernels.fp8_numerics import dequantize_fp8, quantize_fp8
+from engine_svc.kernels.kv_scales import check_scales
 
 
 class TorchPagedAttention:
@@ -26,6 +29,10 @@ class TorchPagedAttention:
             k, v = quantize_fp8(k, kv_scales[0]).view(torch.uint8), quantize_fp8(v, kv_scales[1]).view(torch.uint8)
         flat[0].index_copy_(0, meta.slot_mapping, k.to(flat.dtype))
         flat[1].index_copy_(0, meta.slot_mapping, v.to(flat.dtype))
+
+    def rope_and_write_kv(self, rope: Rope, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        return rope_then_write_kv(self, rope, positions, q, k, v, kv_cache, meta)
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:

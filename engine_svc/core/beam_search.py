@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from engine_svc.core.outputs import RequestOutput
 from engine_svc.core.request import FinishReason, Request, SamplingParams
+
+if TYPE_CHECKING:
+    from engine_svc.core.group_policy import GroupHost, MemberToken
 
 _NEG = -1.0e9   # transformers' stand-in for an impossible score
 
@@ -42,6 +46,10 @@ class NextBeam:
 
 
 class BeamSearch:
+    """A GroupPolicy (engine_svc.core.group_policy) whose members are the live beams."""
+    speculates = False        # a beam's next token is chosen by the round, from every beam's candidates
+    chooses_tokens = True
+
     def __init__(self, request_id: str, params: SamplingParams, eos_token_ids: frozenset[int]) -> None:
         self.request_id = request_id
         self.params = params
@@ -57,6 +65,15 @@ class BeamSearch:
         self.improvable = True
         self._reports: dict[int, list[tuple[int, float]]] = {}
         self._next_id = 0
+        self.done = False
+
+    @classmethod
+    def start(cls, template: Request, eos_token_ids: frozenset[int], max_tokens: int) -> BeamSearch:
+        """The search for template's API request, with at most max_tokens output tokens; its first beam holds the
+        prompt."""
+        search = cls(template.request_id, replace(template.params, max_tokens=max_tokens), eos_token_ids)
+        search.beams = [(template.member(search.new_member_id(), search.member_params, search), 0.0)]
+        return search
 
     def new_member_id(self) -> str:
         self._next_id += 1
@@ -65,6 +82,14 @@ class BeamSearch:
     @property
     def members(self) -> list[Request]:
         return [r for r, _ in self.beams]
+
+    def seats(self, num_running: int) -> int:
+        """The full width while any beam runs: a round waits for every beam to report."""
+        return self.width if num_running else 0
+
+    def on_token(self, req: Request, sampled: MemberToken, host: GroupHost) -> list[RequestOutput]:
+        """req's candidates are its step's top logprobs; the last beam to report ends the round."""
+        return self._next_round(host) if self.report(req, list(sampled.lp.top)) else []
 
     def report(self, beam: Request, top: list[tuple[int, float]]) -> bool:
         """Records a beam's top candidates; True when the round is complete."""
@@ -110,3 +135,36 @@ class BeamSearch:
                               FinishReason.STOP_TOKEN if h.ended_on_eos else FinishReason.LENGTH, num_cached_tokens,
                               index=i, cumulative_logprob=h.sum_logprob, last=i == len(best) - 1)
                 for i, h in enumerate(best)]
+
+    def _next_round(self, host: GroupHost) -> list[RequestOutput]:
+        """Moves the beams to the next round's (forks for parents chosen more than once, the beams not chosen
+        dropped); the outputs when the search is over."""
+        next_beams, done = self.advance()
+        old = self.members
+        if done:
+            for r in old:
+                host.drop(r, FinishReason.LENGTH)
+            self.done = True
+            return self.outputs(old[0].num_cached_tokens if old else None)
+        continuing, beams = set(), []
+        for nb in next_beams:   # forks copy their parent's tokens before any parent takes its new token
+            if id(nb.parent) in continuing:
+                beams.append((self._fork(nb.parent, host), nb.token, nb.score))
+            else:
+                continuing.add(id(nb.parent))
+                beams.append((nb.parent, nb.token, nb.score))
+        for r in old:
+            if id(r) not in continuing:
+                host.drop(r, FinishReason.LENGTH)
+        for r, token, _ in beams:
+            r.token_ids.append(token)
+        self.beams = [(r, score) for r, _, score in beams]
+        return []
+
+    def _fork(self, parent: Request, host: GroupHost) -> Request:
+        """A new beam on parent's tokens: its full computed blocks shared by reference, the rest recomputed."""
+        child = parent.member(self.new_member_id(), self.member_params, self)
+        child.token_ids = list(parent.token_ids)
+        child.num_cached_tokens = parent.num_cached_tokens
+        host.fork(parent, child)
+        return child

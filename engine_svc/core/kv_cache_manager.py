@@ -92,6 +92,16 @@ class KVCacheManager:
             blocks.append(b)
         return blocks
 
+    def find_prefix(self, request: Request, donor: Request | None) -> tuple[list[int], list[bytes]]:
+        """What a request that holds no blocks starts with: donor's full computed blocks of the prompt they share
+        (a running member of its group), else its longest cached prefix; then the keys of the blocks after those
+        that the host tier holds. At least one token is left to compute. Takes no references."""
+        bs = self.block_size
+        k = 0 if donor is None else min((request.num_tokens - 1) // bs, request.num_prompt_tokens // bs,
+                                        donor.num_computed_tokens // bs, len(donor.block_ids))
+        blocks = donor.block_ids[:k] if k > 0 else self.find_cached_blocks(request)
+        return blocks, self.find_host_blocks(request, len(blocks))
+
     def find_host_blocks(self, request: Request, num_device_hits: int) -> list[bytes]:
         """Keys of the full blocks right after the device pool's num_device_hits that the host tier holds, in
         chain order (the same limit: at least one token left to compute)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from engine_svc.core.request_group import RequestGroup
+    from engine_svc.core.group_policy import GroupPolicy
 
 
 # Stands for a sampled token whose id is still on the device (asynchronous scheduling); never a real token id.
@@ -126,7 +126,7 @@ class Request:
     num_indexed_blocks: int = 0                # leading blocks of block_ids already offered to the prefix cache
     external_id: str = ""                      # the API's request id (request_id is unique per member of a group)
     index: int = 0                             # which of the group's outputs or beams
-    group: "RequestGroup | None" = None        # n > 1, best_of > 1 or beam search
+    group: "GroupPolicy | None" = None         # n > 1, best_of > 1 or beam search
     cumulative_logprob: float = 0.0
     logprobs: list[TokenLogprob] = field(default_factory=list)          # kept only while outputs are held back
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # computed, not yet reported
@@ -136,6 +136,26 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.external_id = self.external_id or self.request_id
+
+    def member(self, request_id: str, params: SamplingParams, group: GroupPolicy, index: int = 0) -> Request:
+        """A new member of group on this request's prompt, with its arrival, priority, cache salt and adapter."""
+        return Request(request_id, self.prompt_token_ids, params, self.arrival, self.priority, self.cache_salt,
+                       self.adapter, external_id=self.external_id, index=index, group=group)
+
+    def put_token(self, position: int, token: int, lp: TokenLogprob | None) -> None:
+        """The token sampled at position (over the placeholder there, or appended), and its logprob."""
+        if position < self.num_tokens:
+            self.token_ids[position] = token
+        else:
+            self.token_ids.append(token)
+        if lp is not None:
+            self.cumulative_logprob += lp.logprob
+
+    def add_prompt_logprobs(self, first_position: int, entries: list[TokenLogprob]) -> None:
+        """Keeps the entries for prompt positions not scored before (a preempted request scores them again)."""
+        fresh = entries[max(0, self.num_prompt_logprobs + 1 - first_position):]
+        self.prompt_logprobs.extend(fresh)
+        self.num_prompt_logprobs += len(fresh)
 
     @property
     def num_prompt_tokens(self) -> int:

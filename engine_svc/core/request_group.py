@@ -11,9 +11,13 @@ have finished, then the n with the highest cumulative logprob are sent whole, re
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from engine_svc.core.outputs import RequestOutput
-from engine_svc.core.request import FinishReason, Request, SamplingParams, TokenLogprob
+from engine_svc.core.request import Request, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from engine_svc.core.group_policy import GroupHost, MemberToken
 
 
 def member_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -25,7 +29,11 @@ def member_params(params: SamplingParams, index: int) -> SamplingParams:
     return replace(params, seed=seed, prompt_logprobs=None)
 
 
-class RequestGroup:
+class SampleGroup:
+    """A GroupPolicy (engine_svc.core.group_policy): best_of independent samples, each member its own seat."""
+    speculates = False        # members are ranked together by cumulative logprob
+    chooses_tokens = False
+
     def __init__(self, request_id: str, params: SamplingParams) -> None:
         self.request_id = request_id
         self.params = params
@@ -35,27 +43,46 @@ class RequestGroup:
         self.streams = params.n == params.best_of
         self._prompt_logprobs: list[TokenLogprob] | None = None   # held back with the outputs (best_of > n)
 
+    @classmethod
+    def start(cls, template: Request) -> SampleGroup:
+        """The group of template's API request: member 0 joins first, the others wait for its prompt."""
+        group = cls(template.request_id, template.params)
+        group.members = [template.member(f"{template.request_id}#{i}", member_params(template.params, i), group,
+                                         index=i) for i in range(template.params.best_of)]
+        group.waiting_to_fork = group.members[1:]
+        return group
+
     @property
     def first(self) -> Request:
         return self.members[0]
 
-    def on_token(self, req: Request, token: int, lp: TokenLogprob | None, reason: FinishReason | None,
-                 cached: int | None, prompt_lps: list[TokenLogprob] | None) -> list[RequestOutput]:
-        """Outputs to send for a member's new token (reason: the member just finished)."""
+    @property
+    def done(self) -> bool:
+        return self.num_unfinished == 0
+
+    def seats(self, num_running: int) -> int:
+        return num_running
+
+    def on_token(self, req: Request, sampled: MemberToken, host: GroupHost) -> list[RequestOutput]:
+        """Outputs to send for a member's new token (sampled.reason: the member just finished)."""
+        if req is self.first and self.waiting_to_fork:   # member 0 has computed the prompt: the others may join
+            for r in self.waiting_to_fork:
+                host.enqueue(r)
+            self.waiting_to_fork = []
+        token, lp, reason, cached, prompt_lps = sampled
         if reason is not None:
             self.num_unfinished -= 1
-        done = self.num_unfinished == 0
         if self.streams:
             return [RequestOutput(self.request_id, [token], reason, cached, index=req.index,
                                   logprobs=[lp] if lp is not None and self.params.logprobs is not None else None,
                                   prompt_logprobs=prompt_lps,
                                   cumulative_logprob=req.cumulative_logprob if reason is not None else None,
-                                  last=done)]
+                                  last=self.done)]
         if self.params.logprobs is not None and lp is not None:
             req.logprobs.append(lp)
         if prompt_lps:
             self._prompt_logprobs = prompt_lps
-        return self._best_n() if done else []
+        return self._best_n() if self.done else []
 
     def _best_n(self) -> list[RequestOutput]:
         ranked = sorted(self.members, key=lambda r: (-r.cumulative_logprob, r.index))[:self.params.n]

@@ -12,6 +12,7 @@ class SpecDecodeStats:
     accepted_per_pos: list[int] = field(default_factory=list)   # accepted at proposal position 0, 1, ...
     draft_time_s: float = 0.0        # time spent proposing (the draft model's forwards, or the n-gram lookups)
     step_time_s: float = 0.0         # time of the engine steps in all, proposing included
+    num_proposal_errors: int = 0     # rows whose proposing raised: each decoded that step without proposals
 
     def record(self, num_proposed: int, num_accepted: int) -> None:
         self.num_drafts += 1

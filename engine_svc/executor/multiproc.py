@@ -14,11 +14,11 @@ peer fails at the driver too (gloo), or after the collective timeout (--distribu
 """
 from __future__ import annotations
 
+import logging
 import atexit
 import multiprocessing.connection
 import os
 import signal
-import sys
 import threading
 from typing import Callable
 
@@ -26,12 +26,15 @@ import torch.multiprocessing as mp
 
 from engine_svc.config import EngineConfig
 from engine_svc.distributed.process_group import RankSpec, free_init_method, join, leave
-from engine_svc.worker.model_runner import ModelRunner, resolve_device
+from engine_svc.worker.device_choice import resolve_device
+from engine_svc.worker.model_runner import ModelRunner
 from engine_svc.worker.worker_process import run_worker
+
+_LOG = logging.getLogger("tandem.engine.executor")
 
 
 def exit_engine(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    _LOG.error(message)
     os._exit(1)
 
 
@@ -75,7 +78,7 @@ class MultiprocExecutor:
                 code = worker.exitcode
                 cause = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
                 self._stopping = True
-                self.on_failure(f"[engine] {self.specs[rank - 1].describe()} died ({cause}); the engine stops")
+                self.on_failure(f"{self.specs[rank - 1].describe()} died ({cause}); the engine stops")
 
     def _mark_stopping(self) -> None:
         self._stopping = True

@@ -7,9 +7,11 @@ when the Ray executor is chosen.
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
+
+_LOG = logging.getLogger("tandem.engine.executor")
 
 _WAIT_SLICE_S = 10.0   # a placement still pending is reported this often
 
@@ -30,8 +32,7 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     context = ray.init(address=address)
-    print(f"[engine] Ray cluster at {context.address_info['gcs_address']}: {_describe(ray.cluster_resources())}",
-          file=sys.stderr, flush=True)
+    _LOG.info("Ray cluster at %s: %s", context.address_info["gcs_address"], _describe(ray.cluster_resources()))
     return True
 
 
@@ -70,8 +71,8 @@ def place_ranks(size: int, device_type: str, timeout_s: float):
             remove_placement_group(group)
             raise TimeoutError(f"Ray could not place {size} ranks (1 {resource} each, rank 0 on this node) within "
                                f"{timeout_s:g} s; free: {_describe(ray.available_resources())}")
-        print(f"[engine] waiting for Ray to place {size} ranks (1 {resource} each); free: "
-              f"{_describe(ray.available_resources())}", file=sys.stderr, flush=True)
+        _LOG.info("waiting for Ray to place %d ranks (1 %s each); free: %s", size, resource,
+                  _describe(ray.available_resources()))
 
 
 def visible_index(gpu_id) -> int:

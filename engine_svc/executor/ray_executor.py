@@ -15,10 +15,10 @@ the actors and removes the placement group, and an engine that dies without it i
 """
 from __future__ import annotations
 
+import logging
 import atexit
 import os
 import re
-import sys
 import threading
 from typing import Callable
 
@@ -26,7 +26,10 @@ from engine_svc.config import EngineConfig
 from engine_svc.distributed.process_group import RankSpec, free_init_method, join, leave
 from engine_svc.executor.ray_cluster import connect, place_ranks, visible_index
 from engine_svc.executor.ray_worker import RankActor
-from engine_svc.worker.model_runner import ModelRunner, resolve_device
+from engine_svc.worker.device_choice import resolve_device
+from engine_svc.worker.model_runner import ModelRunner
+
+_LOG = logging.getLogger("tandem.engine.executor")
 
 _STOP_WAIT_S = 10.0   # a rank told to stop gets this long to leave its groups before it is killed
 _MONITOR_SLICE_S = 0.25     # the monitor's longest stay inside Ray at a time
@@ -56,10 +59,9 @@ class RayExecutor:
             self.placement = place_ranks(size, device.type, config.distributed_timeout_s)
             driver_gpu = self._start_actors(size, device.type == "cuda")
             here = ray.util.get_node_ip_address()
-            print("[engine] ranks placed by Ray: " + ", ".join(
+            _LOG.info("ranks placed by Ray: " + ", ".join(
                 [f"0 on {here} (the engine, pid {os.getpid()})"]
-                + [f"{rank} on {node} (pid {pid})" for rank, (node, pid, _) in enumerate(self.where, 1)]),
-                file=sys.stderr, flush=True)
+                + [f"{rank} on {node} (pid {pid})" for rank, (node, pid, _) in enumerate(self.where, 1)]))
             init_method = free_init_method(here)
             for rank, worker in enumerate(self.workers, 1):   # Ray gives a GPU actor one device: its index 0
                 spec = RankSpec(config, rank, init_method, device.type, os.getpid(),
@@ -119,7 +121,7 @@ class RayExecutor:
                 if self._stopping:
                     continue
                 self._stopping = True
-                self.on_failure(f"[engine] {self.specs[rank - 1].describe()} {what}; the engine stops")
+                self.on_failure(f"{self.specs[rank - 1].describe()} {what}; the engine stops")
 
     def _what_ended(self, ref, rank: int) -> str:
         import ray
@@ -150,7 +152,7 @@ class RayExecutor:
             monitor.join(timeout=_MONITOR_JOIN_S)
 
     def _exit_engine(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        _LOG.error(message)
         if self._joined_ray:   # a local Ray this engine started goes with it (a cluster's is only left)
             try:
                 import ray

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from engine_svc.distributed.process_group import RankSpec, join, leave
+from protos.service_logging import setup_logging
 
 
 class RankActor:
@@ -19,6 +20,7 @@ class RankActor:
         stops; returns then. An exception ends the call with it, which the driver's monitor reports."""
         from engine_svc.worker.model_runner import ModelRunner
 
+        setup_logging("engine", spec.config.log_level, spec.config.log_format)
         tp, channel = join(spec)
         try:
             ModelRunner(spec.config, tp=tp, channel=channel, pp=spec.stage).serve_plans()

@@ -6,6 +6,7 @@ max of those scores, l the running sum of exp2(score - m), acc the running sum o
 """
 from __future__ import annotations
 
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

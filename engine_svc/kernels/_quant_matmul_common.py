@@ -8,6 +8,7 @@ partials keep the result independent of program order (no atomics), so runs are 
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

@@ -1,16 +1,17 @@
 """Dynamic per-token fp8 (e4m3) quantization of activations for W8A8, in one kernel per call: each row's absmax
-gives its scale (absmax / 448, floored like engine_svc.quant.fp8_format.quantize_fp8_rows), and the row is divided,
+gives its scale (absmax / 448, floored like fp8_numerics.quantize_fp8_rows), and the row is divided,
 clamped and rounded to e4m3 (round to nearest even). Rows past M (padding for torch._scaled_mm) come out as zeros
 with the floor scale. The unfused torch form took eight kernels per linear layer, several times the cost of
 this one at decode shapes."""
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
 from engine_svc.kernels._interpreter_fp8 import use_torch_fp8_conversion_in_interpreter
-from engine_svc.quant.fp8_format import E4M3, E4M3_MAX, SCALE_FLOOR
+from engine_svc.kernels.fp8_numerics import E4M3, E4M3_MAX, SCALE_FLOOR
 
 use_torch_fp8_conversion_in_interpreter()
 

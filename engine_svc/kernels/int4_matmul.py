@@ -20,6 +20,7 @@ time of a bf16 F.linear of the same shape.
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
@@ -129,6 +130,13 @@ def _splits(units: int, programs: int, device: torch.device, multiple: int, forc
     return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, programs), units // (2 * multiple)))
 
 
+def gemv_tiles_per_split(num_subs: int, programs: int, device: torch.device, split_k: int | None) -> int:
+    """Iterations (GEMV_UNROLL sub-groups each) per K split of the GEMV, for `programs` output tiles: enough splits
+    for PROGRAMS_PER_SM programs per SM, or split_k splits when forced."""
+    splits = _splits(num_subs, programs, device, GEMV_UNROLL, split_k)
+    return triton.cdiv(triton.cdiv(num_subs, splits), GEMV_UNROLL)
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
                 gemv_max_rows: int = GEMV_MAX_ROWS, gemv_rows: int | None = None) -> torch.Tensor:
@@ -151,9 +159,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     num_subs = k // sub
     if m <= gemv_max_rows:
         block_n = gemv_block_n(n, x.device, GEMV_BLOCK_N, gemv_rows)
-        tiles = m * triton.cdiv(n, block_n)
-        splits = _splits(num_subs, tiles, x.device, GEMV_UNROLL, split_k)
-        per_split = triton.cdiv(triton.cdiv(num_subs, splits), GEMV_UNROLL) * GEMV_UNROLL
+        per_split = gemv_tiles_per_split(num_subs, m * triton.cdiv(n, block_n), x.device, split_k) * GEMV_UNROLL
         splits = triton.cdiv(num_subs, per_split)
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         _int4_gemv_kernel[(m, triton.cdiv(n, block_n), splits)](
@@ -176,4 +182,4 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["int4_matmul", "sub_group"]
+__all__ = ["gemv_tiles_per_split", "int4_matmul", "sub_group"]

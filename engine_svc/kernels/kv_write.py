@@ -5,27 +5,29 @@ slot // block_size, offset slot % block_size of the cache [2, num_blocks, block_
 slot marks a padding token that owns no slot and is skipped.
 
 An fp8 cache (FP8) gets e4m3(clamp(x / scale, -448, 448)) with the K or V scale read from kv_scales, the arithmetic
-of engine_svc.attention.kv_cache: the division is the correctly rounded one (div_rn, as torch divides), and the
+of fp8_numerics.quantize_fp8: the division is the correctly rounded one (div_rn, as torch divides), and the
 cast rounds to nearest even.
 """
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
-from engine_svc.attention.kv_cache import check_scales
 from engine_svc.kernels._interpreter_fp8 import use_torch_fp8_conversion_in_interpreter
+from engine_svc.kernels.fp8_numerics import E4M3_MAX
+from engine_svc.kernels.kv_scales import check_scales
 
 use_torch_fp8_conversion_in_interpreter()
 
-E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
+_E4M3_MAX: tl.constexpr = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
 def _to_e4m3_range(x, scale):
     x = tl.math.div_rn(x.to(tl.float32), scale)
-    return tl.clamp(x, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return tl.clamp(x, -_E4M3_MAX, _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

@@ -19,11 +19,12 @@ Two kernels:
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
 from engine_svc.kernels._attention_tile import dot
-from engine_svc.lora.batch import TILE
+from engine_svc.kernels.lora_tile import TILE
 
 BLOCK_R = 16
 BLOCK_K = 128

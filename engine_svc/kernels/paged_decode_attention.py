@@ -14,17 +14,18 @@ lo = max(0, seq_len - w), so the grid needs cdiv(min(max_seq_len, w), partition_
 before the window, and splits past a short sequence's end are empty (the reduce skips them) as without a window.
 
 fp8 cache (FP8): tiles are loaded as e4m3 and converted exactly to q's dtype; the dequantization by the layer's
-scales (engine_svc.attention.kv_cache) is folded into scalars, s = (q . k_stored) * (softmax scale * K scale) and
+scales (fp8_numerics.dequantize_fp8) is folded into scalars, s = (q . k_stored) * (softmax scale * K scale) and
 o = (sum p v_stored / l) * V scale, so no tile is multiplied element-wise.
 """
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
-from engine_svc.attention.kv_cache import check_scales
 from engine_svc.kernels._attention_tile import attend_tile
+from engine_svc.kernels.kv_scales import check_scales
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64                 # keys per tile

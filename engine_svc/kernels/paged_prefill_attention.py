@@ -22,11 +22,12 @@ normalised output; the tiles are only converted (exactly) from e4m3 to q's dtype
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 
-from engine_svc.attention.kv_cache import check_scales
 from engine_svc.kernels._attention_tile import attend_tile
+from engine_svc.kernels.kv_scales import check_scales
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64     # packed (token, head) rows per program

@@ -7,6 +7,7 @@ dtype, the statistics are fp32, the normalised row is rounded to the model dtype
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

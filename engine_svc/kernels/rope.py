@@ -8,8 +8,30 @@ cos/sin are rounded to the activation dtype first, like layers.RotaryEmbedding; 
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def rope_cos_sin(pos_ptr, cos_ptr, sin_ptr, t, half, stride_cs, act_dtype: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr):
+    """The [1, BLOCK_HALF] cos and sin rows of token t's position, rounded to act_dtype then widened to fp32."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    cs_mask = j < half
+    cos = tl.load(cos_ptr + pos * stride_cs + j, mask=cs_mask, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cs + j, mask=cs_mask, other=0.0)
+    return cos.to(act_dtype).to(tl.float32)[None, :], sin.to(act_dtype).to(tl.float32)[None, :]
+
+
+@triton.jit
+def rotate_halves(x_ptr, h, j, mask, half, cos, sin, out_dtype: tl.constexpr):
+    """The rotated halves (x1 cos - x2 sin, x2 cos + x1 sin) of the heads at x_ptr + h (row offsets) + j, computed
+    in fp32 and rounded to out_dtype: every RoPE kernel rotates through this one expression, so they agree bitwise."""
+    x1 = tl.load(x_ptr + h + j, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + h + half + j, mask=mask, other=0.0).to(tl.float32)
+    return (x1 * cos - x2 * sin).to(out_dtype), (x2 * cos + x1 * sin).to(out_dtype)
 
 
 @triton.jit
@@ -18,12 +40,9 @@ def _rotate_heads(x_ptr, o_ptr, stride_xh, stride_oh, num_heads, half, cos, sin,
     h = tl.arange(0, BLOCK_H)[:, None]
     j = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < num_heads) & (j < half)
-    x1 = tl.load(x_ptr + h * stride_xh + j, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + h * stride_xh + half + j, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    tl.store(o_ptr + h * stride_oh + j, o1.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_ptr + h * stride_oh + half + j, o2.to(o_ptr.dtype.element_ty), mask=mask)
+    o1, o2 = rotate_halves(x_ptr, h * stride_xh, j, mask, half, cos, sin, o_ptr.dtype.element_ty)
+    tl.store(o_ptr + h * stride_oh + j, o1, mask=mask)
+    tl.store(o_ptr + h * stride_oh + half + j, o2, mask=mask)
 
 
 @triton.jit
@@ -33,13 +52,7 @@ def _rope_kernel(
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    cs_mask = j < half
-    cos = tl.load(cos_ptr + pos * stride_cs + j, mask=cs_mask, other=0.0)
-    sin = tl.load(sin_ptr + pos * stride_cs + j, mask=cs_mask, other=0.0)
-    cos = cos.to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    sin = sin.to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    cos, sin = rope_cos_sin(pos_ptr, cos_ptr, sin_ptr, t, half, stride_cs, q_ptr.dtype.element_ty, BLOCK_HALF)
     _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, num_q_heads, half,
                   cos, sin, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, stride_kh, stride_koh, num_k_heads, half,

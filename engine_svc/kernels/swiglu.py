@@ -7,6 +7,7 @@ as F.silu(gate) * up does in layers.silu_and_mul.
 from __future__ import annotations
 
 import torch
+from engine_svc.kernels import _triton_mode  # noqa: F401 - first: picks the interpreter without CUDA
 import triton
 import triton.language as tl
 

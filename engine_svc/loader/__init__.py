@@ -2,7 +2,7 @@
 directory, a GGUF file, or random values (`dummy`); then quantizes its decoder linears when asked to."""
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +15,8 @@ from engine_svc.distributed.pipeline import SINGLE_STAGE, PipelineStage
 from engine_svc.loader.quantized_load import build_quantized_linears, plan_quantized_load, quantized_weights
 from engine_svc.model_config import ModelConfig
 from engine_svc.models import model_class
+
+_LOG = logging.getLogger("tandem.engine.loader")
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -48,7 +50,7 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     quantization = "int4" if gemv else quantization   # its decoder linears load as the exact int4 of the blocks
     cls = model_class(cfg.architecture)
     if quantization == "fp8":   # refused before minutes of loading, not after
-        from engine_svc.quant.fp8_format import require_fp8_support
+        from engine_svc.quant.fp8_support import require_fp8_support
         require_fp8_support(device)
     from engine_svc.pruning.sparse_serving import plan_sparse_serving, serve_sparse
     sparse = plan_sparse_serving(cfg, device, dtype, quantization, sparsity_kernels)
@@ -87,14 +89,13 @@ def load_model(path: Path, cfg: ModelConfig, load_format: str, device: torch.dev
     if gemv:
         serve_gguf_gemv(model, path)
     elif plan is not None:
-        print(f"[engine] loaded the decoder linears as {plan.kind} (group {plan.group_size})" if plan.kind == "int4"
-              else "[engine] loaded the decoder linears as int8", file=sys.stderr, flush=True)
+        _LOG.info(f"loaded the decoder linears as {plan.kind} (group {plan.group_size})" if plan.kind == "int4"
+                  else "loaded the decoder linears as int8")
     elif quantization != "none":
         from engine_svc.quant.quantize_model import quantize_model
         replaced = quantize_model(model, quantization, use_triton=use_triton)
-        print(f"[engine] quantized {len(replaced)} linear layers to {quantization}", file=sys.stderr, flush=True)
-    print(f"[engine] loaded {cfg.architecture} ({load_format}) in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr, flush=True)
+        _LOG.info("quantized %d linear layers to %s", len(replaced), quantization)
+    _LOG.info("loaded %s (%s) in %.1fs", cfg.architecture, load_format, time.perf_counter() - t0)
     return model
 
 
@@ -107,13 +108,13 @@ def _weights_iter(path: Path, lazy: bool):
 
 
 def _progress(weights, path: Path):
-    """Passes weights through, printing progress to stderr every quarter of the tensors (when the count is known)."""
+    """Passes weights through, logging progress every quarter of the tensors (when the count is known)."""
     total = getattr(weights, "total", None)
     last = -1
     for i, item in enumerate(weights, 1):
         if total:
             pct = i * 100 // total
             if pct // 25 != last // 25:
-                print(f"[engine] loading {path.name}: {pct}% ({i}/{total} tensors)", file=sys.stderr, flush=True)
+                _LOG.info("loading %s: %d%% (%d/%d tensors)", path.name, pct, i, total)
                 last = pct
         yield item

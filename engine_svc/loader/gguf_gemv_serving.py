@@ -11,7 +11,7 @@ it exactly) and widened once from it.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from engine_svc.quant.gguf_gemv import GemvBlocks, q4_blocks, q8_0_blocks
 from engine_svc.quant.gguf_quant import INT4_GGUF_TYPES, INT8_GGUF_TYPES, q4_to_int4
 from engine_svc.quant.int4_linear import Int4Linear
 
+_LOG = logging.getLogger("tandem.engine.loader")
+
 GGUF_GEMV = "gguf-gemv"   # the weights plan load_model takes for this path (not a --quantization choice)
 
 
@@ -35,6 +37,11 @@ def gguf_gemv_applies(config: EngineConfig, path: Path, device: torch.device, ra
     return (device.type == "cpu" and config.dtype == "auto" and config.quantization == "none"
             and config.load_format != "dummy" and path.suffix == ".gguf" and ranks == 1
             and not config.enable_lora and not config.cpu_offload_gb and _decoder_linears_are_q4(path))
+
+
+def weights_plan(config: EngineConfig, path: Path, device: torch.device, ranks: int) -> str:
+    """What load_model is asked for: this path where it applies, else the configured quantization."""
+    return GGUF_GEMV if gguf_gemv_applies(config, path, device, ranks) else config.quantization
 
 
 def _decoder_linears_are_q4(path: Path) -> bool:
@@ -69,13 +76,13 @@ def serve_gguf_gemv(model: nn.Module, path: Path) -> None:
             m.kernel = None
         for m in rows:
             m.row_decode = None
-        print(f"[engine] batch-1 GEMV kernels unavailable ({type(err).__name__}: {str(err)[:200]}); serving "
-              f"float32 F.linear only", file=sys.stderr, flush=True)
+        _LOG.warning(f"batch-1 GEMV kernels unavailable ({type(err).__name__}: {str(err)[:200]}); serving "
+                     "float32 F.linear only")
         return
     parts = [f"{len(layers)} decoder linears", *([f"lm_head ({head.kind})"] if head is not None else []),
              *(["single-token steps in compiled calls"] if rows else []), f"GEMVs: {cpu_kernels.describe_gemv()}"]
-    print(f"[engine] float32 with batch-1 GEMVs over the GGUF's blocks: {', '.join(parts)}; compiled in "
-          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    _LOG.info(f"float32 with batch-1 GEMVs over the GGUF's blocks: {', '.join(parts)}; compiled in "
+              f"{time.perf_counter() - t0:.1f}s")
 
 
 def _lm_head_blocks(path: Path) -> GemvBlocks | None:

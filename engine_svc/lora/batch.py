@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-TILE = 16
+from engine_svc.kernels.lora_tile import TILE
+
 FIELDS = ("lora_token_slots", "lora_sorted_tokens", "lora_tile_start", "lora_tile_len", "lora_tile_slot")
 
 

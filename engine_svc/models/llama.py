@@ -59,7 +59,8 @@ class LlamaAttention(nn.Module):
 def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                          meta: AttentionMetadata) -> torch.Tensor:
     """The attention core shared by the families: splits a fused [q | k | v] projection into heads, applies the
-    per-head q/k norms when the layer has them, then RoPE; writes this step's K/V and attends over the paged cache.
+    per-head q/k norms when the layer has them, then RoPE; writes this step's K/V and attends over the paged cache
+    (RoPE and the write are one backend call, which the Triton backend fuses into one kernel).
     attn carries num_heads, num_kv_heads, head_dim, q_size, kv_size, scale, rope, backend (and optionally qk_norm
     with q_norm/k_norm, sliding_window). Returns [tokens, q_size]."""
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
@@ -68,8 +69,7 @@ def paged_self_attention(attn: nn.Module, qkv: torch.Tensor, positions: torch.Te
     v = v.view(-1, attn.num_kv_heads, attn.head_dim)
     if getattr(attn, "qk_norm", False):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = attn.rope(positions, q, k)
-    attn.backend.write_kv(k, v, kv_cache.data, meta, kv_scales=kv_cache.scales)
+    q = attn.backend.rope_and_write_kv(attn.rope, positions, q, k, v, kv_cache, meta)   # Triton: one launch
     o = attn.backend.forward(q, kv_cache.data, meta, attn.scale, window=getattr(attn, "sliding_window", None),
                              kv_scales=kv_cache.scales)
     return o.reshape(-1, attn.q_size)

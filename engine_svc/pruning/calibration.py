@@ -79,7 +79,7 @@ def calibration_dtype(checkpoint_dtype: str | None, device: str) -> str:
     """The engine dtype that holds the checkpoint's values exactly, so the masks the engine applies during the
     calibration are the ones the writer computes from the checkpoint with the same norms: a CUDA engine keeps a
     float16 / bfloat16 checkpoint's own dtype (half the memory of float32); otherwise float32."""
-    from engine_svc.worker.model_runner import resolve_device
+    from engine_svc.worker.device_choice import resolve_device
     if checkpoint_dtype in ("float16", "bfloat16") and resolve_device(device).type == "cuda":
         return checkpoint_dtype
     return "float32"

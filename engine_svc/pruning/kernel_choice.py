@@ -8,8 +8,8 @@ judged over both. The measurement and the conversion are passed in, so the choic
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from engine_svc.pruning.semi_sparse_linear import compress_weight, shape_fits
+
+_LOG = logging.getLogger("tandem.engine.sparsity")
 
 MEASURED_BATCHES = (1, 16, 64, 256)
 MIN_SPEEDUP = 1.05   # timing noise on a shared GPU stays under 5%; below that, dense is kept
@@ -96,10 +98,10 @@ def median_ms(fn: Callable[[], torch.Tensor], iters: int) -> float:
 
 def describe(choices: list[ShapeChoice]) -> str:
     parts = [f"{c.shape[0]}x{c.shape[1]} {'sparse' if c.sparse else 'dense'} ({c.reason})" for c in choices]
-    return "[engine] 2:4 kernels per shape: " + "; ".join(parts)
+    return "2:4 kernels per shape: " + "; ".join(parts)
 
 
 def apply_sparse_kernels(linears: list[tuple[str, nn.Linear]], max_tokens: int) -> list[ShapeChoice]:
     choices = choose_sparse_linears(linears, measured_batches(max_tokens), cuda_timings)
-    print(describe(choices), file=sys.stderr, flush=True)
+    _LOG.info(describe(choices))
     return choices

@@ -25,8 +25,9 @@ DEFAULT_CALIB_WINDOW = 512
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default",
-                   help="HF directory or .gguf with real weights; 'default' is SmolLM2-135M-Instruct")
+    p.add_argument("--model", required=True,
+                   help="HF directory or .gguf with real weights (`tandem prune` passes the default model's path "
+                        "when none is given)")
     p.add_argument("--output", required=True, type=Path, help="the HF directory to write")
     p.add_argument("--method", choices=("magnitude", "wanda"), default="wanda")
     p.add_argument("--sparsity", default="2:4", help="N:M (2:4, 4:8) or an unstructured fraction (0.5)")
@@ -49,9 +50,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def resolve_source(value: str) -> Path:
-    if value == "default":
-        from gateway.model_fetch import fetch_default_model
-        return Path(fetch_default_model())
     return Path(value).expanduser().absolute()
 
 

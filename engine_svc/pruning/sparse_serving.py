@@ -3,7 +3,7 @@
 work fail here, once, with what to change, before any weight is read."""
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,8 @@ from torch import nn
 from engine_svc.model_config import ModelConfig
 from engine_svc.pruning.masks import pattern_problem
 from engine_svc.pruning.semi_sparse_linear import kernels_unavailable
+
+_LOG = logging.getLogger("tandem.engine.sparsity")
 
 SETTINGS = ("auto", "on", "off")
 
@@ -75,7 +77,7 @@ def impose_pattern(model: nn.Module, spec) -> None:
 def serve_sparse(model: nn.Module, serving: SparseServing, max_tokens: int) -> None:
     """Applies the plan to a loaded model: converts the 2:4 linears that measure faster, or only says why not."""
     if serving.note:
-        print(f"[engine] {serving.note}", file=sys.stderr, flush=True)
+        _LOG.info(serving.note)
     if not serving.kernels:
         return
     from engine_svc.pruning.calibration import decoder_linears

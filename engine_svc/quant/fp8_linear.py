@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine_svc.quant.fp8_format import E4M3, dequantize_fp8, quantize_fp8, quantize_fp8_rows
+from engine_svc.kernels.fp8_numerics import E4M3, dequantize_fp8, quantize_fp8_rows
 
 GEMV_MAX_ROWS = 4         # decode rows: the Triton GEMV instead of _scaled_mm
 SCALED_MM_MULTIPLE = 16   # torch._scaled_mm wants every dimension a multiple of 16: K and N are checked, M padded
@@ -37,13 +37,14 @@ class Fp8Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, emulate: bool = False,
                     row_absmax: torch.Tensor | None = None) -> "Fp8Linear":
-        """row_absmax: see quantize_fp8 (a row-parallel shard's rows are scaled by the whole rows' maxima)."""
+        """row_absmax: see quantize_fp8_rows (a row-parallel shard's rows are scaled by the whole rows' maxima)."""
         w = linear.weight
         if not emulate:
-            from engine_svc.quant.fp8_format import require_fp8_support
+            from engine_svc.quant.fp8_support import require_fp8_support
             require_fp8_support(w.device)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device, emulate)
-        module.qweight, module.scales = quantize_fp8(w, row_absmax)
+        module.qweight, scales = quantize_fp8_rows(w, row_absmax)
+        module.scales = scales.squeeze(-1)   # one per output channel: [N]
         if linear.bias is not None:
             module.bias.copy_(linear.bias)
         return module

@@ -16,7 +16,12 @@ class Int4Linear(nn.Module):
     """Buffers: qweight uint8 [N, K // 2], scales and offsets [N, K // G] (model dtype), bias [N] when bias=True.
 
     use_triton: the fused Triton kernel (engine_svc.kernels.int4_matmul); otherwise the torch reference,
-    dequantize to the activation dtype then F.linear (any device)."""
+    dequantize to the activation dtype then F.linear (any device).
+
+    use_shuffled_gemv(), once the weights are in (engine_svc.quant.int4_gemv_layout decides at load): calls of at
+    most GEMV_MAX_ROWS rows then run the GEMV over a pre-shuffled copy (engine_svc.kernels.int4_gemv_shuffled,
+    non-persistent buffers gemv_codes and gemv_scale_offset); larger calls and the torch path keep the plain
+    buffers."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -36,6 +41,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("offsets", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("gemv_codes", None, persistent=False)
+        self.register_buffer("gemv_scale_offset", None, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -59,12 +66,26 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
+    @torch.no_grad()
+    def use_shuffled_gemv(self) -> None:
+        """Builds the shuffled copy of the loaded weight that the GEMV-sized calls read from now on."""
+        if not self.use_triton:
+            raise ValueError("the shuffled int4 GEMV layout is for the Triton kernels (use_triton=True)")
+        from engine_svc.kernels.int4_gemv_shuffled import shuffle_int4_for_gemv
+        shuffled = shuffle_int4_for_gemv(self.qweight, self.scales, self.offsets, self.group_size)
+        self.gemv_codes, self.gemv_scale_offset = shuffled.codes, shuffled.scale_offset
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_triton:
-            from engine_svc.kernels.int4_matmul import int4_matmul
+            from engine_svc.kernels.int4_matmul import GEMV_MAX_ROWS, int4_matmul
+            if self.gemv_codes is not None and x.numel() <= GEMV_MAX_ROWS * self.in_features:
+                from engine_svc.kernels.int4_gemv_shuffled import ShuffledInt4, int4_gemv_shuffled
+                return int4_gemv_shuffled(x, ShuffledInt4(self.gemv_codes, self.gemv_scale_offset,
+                                                          self.out_features, self.in_features, self.group_size), bias)
             return int4_matmul(x, self.qweight, self.scales, self.offsets, self.group_size, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"bias={self.bias is not None}, triton={self.use_triton}")
+                f"bias={self.bias is not None}, triton={self.use_triton}, "
+                f"gemv_layout={'plain' if self.gemv_codes is None else 'shuffled'}")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine_svc.distributed.layers import RowParallel
-from engine_svc.quant.fp8_format import require_fp8_support
+from engine_svc.quant.fp8_support import require_fp8_support
 from engine_svc.quant.fp8_linear import Fp8Linear
 from engine_svc.quant.int4_linear import Int4Linear
 from engine_svc.quant.int8_linear import Int8Linear

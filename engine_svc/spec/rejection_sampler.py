@@ -8,7 +8,7 @@ token is then distributed exactly as the target's sample would be. q_j is the pr
 model's, or for n-gram lookup a point mass at d_j (accept with probability p_j(d_j); the residual is p_j with d_j
 removed).
 
-p_j is the distribution the sampler would draw from (engine_svc.sampler: processors, temperature, min-p, top-k,
+p_j is the distribution the sampler would draw from (engine_svc.sampling.sampler: processors, temperature, min-p, top-k,
 top-p). A greedy row's p_j is the one-hot of its argmax, so the rule reduces to: accept the longest prefix that
 matches the target's argmax, then emit the argmax. Greedy output is identical to decoding without proposals (up
 to the ties that a different kernel's rounding can break: the verify forward is a prefill over k + 1 positions).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, scaled_logits
+from engine_svc.sampling.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, scaled_logits
 
 _ACCEPT_SALT = 0x2545F491   # xor-ed into a row key for its acceptance uniforms
 

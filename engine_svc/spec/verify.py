@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from engine_svc.core.request import TokenLogprob
-from engine_svc.logprobs import token_logprobs
-from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
+from engine_svc.sampling.logprobs import token_logprobs
+from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.rejection_sampler import pad_rows, rejection_sample, target_probs
 
 

@@ -43,6 +43,10 @@ class GrammarCompilers:
         self._compiler: "xgr.GrammarCompiler | None" = None
         self._compiler_lock = threading.Lock()
 
+    def has(self, spec: StructuredOutput) -> bool:
+        """spec's compilation is cached (done or under way)."""
+        return spec in self._cache
+
     def get(self, spec: StructuredOutput) -> Future:
         """The compilation of spec: done (from the cache) or under way. Loop thread only."""
         fut = self._cache.get(spec)

@@ -47,9 +47,11 @@ class StructuredOutputs:
 
     def start(self, request_id: str, spec: StructuredOutput) -> None:
         """Starts (or finds in the cache) the compilation of a new API request's grammar. Raises GrammarError when
-        the spec is already known not to compile."""
+        an earlier request already found that the spec does not compile; a compilation this call starts reports
+        through take_errors() even when it fails at once (deterministically, whatever the compile threads' pace)."""
+        known = self._compilers.has(spec)
         fut = self._compilers.get(spec)
-        if fut.done() and isinstance(fut.exception(), GrammarError):
+        if known and fut.done() and isinstance(fut.exception(), GrammarError):
             raise fut.exception()
         self._grammars[request_id] = fut
         if not (fut.done() and fut.exception() is None):

@@ -1,66 +1,99 @@
-"""CUDA graphs for decode steps, one per batch-size bucket.
+"""CUDA graphs of the model runner's decode and verify steps, one per GraphShape (engine_svc.worker.graph_layout:
+which shape a step runs in, and how its inputs are padded to it).
 
-A decode step (one new token per sequence) of n sequences runs as the graph of the smallest bucket >= n, over the
-persistent input tensors (InputBuffers) padded to the bucket: padding rows write no KV (slot -1), attend over one
-key of block 0 and their logits are dropped. Larger batches and any step with a prefill chunk run eagerly.
+A graph runs the model over the persistent input tensors (InputBuffers) sized to its shape, with every length read
+on the device: the attention kernels size their grids from the shape and max_model_len alone.
 
-Graphs are captured largest bucket first, so the smaller ones reuse the memory pool of the larger.
-Without capture (CPU, tests) the same padded buffers are run eagerly, so the bucketing and padding logic is
-exercised without a GPU.
+Graphs are captured largest first in one memory pool: steps run one at a time, so a replay's intermediates may reuse
+the memory of any other graph's. Every graph copies its logits into one static output tensor, read before the next
+replay, so the graphs' outputs do not each keep memory of their own (a pool holds a captured output for as long as
+its graph lives). Without capture (CPU, tests) the same padded buffers run eagerly, so the choice of shapes and the
+padding are exercised without a GPU.
 """
 from __future__ import annotations
 
-import bisect
-import sys
+import logging
 import time
 from typing import Callable
 
 import torch
 
+from engine_svc.attention import AttentionMetadata
+from engine_svc.worker.graph_layout import GraphShape, pad_step
+from engine_svc.worker.input_buffers import HostStep, InputBuffers
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, the multiples of 8 below max_num_seqs, and max_num_seqs itself."""
-    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs, 8))
-    return sizes + [max_num_seqs]
+_LOG = logging.getLogger("tandem.engine.cuda_graphs")
 
 
-class DecodeGraphs:
-    def __init__(self, run: Callable[[int], torch.Tensor], sizes: list[int], capture: bool) -> None:
-        """run(b) computes the logits of the first b rows of the static inputs; captured as each bucket's graph."""
-        self.sizes = sorted(sizes)
+class StepGraphs:
+    def __init__(self, run: Callable[[GraphShape], torch.Tensor], shapes: list[GraphShape], capture: bool,
+                 prime: Callable[[GraphShape], None] = lambda shape: None) -> None:
+        """run(shape) computes the logits of the shape's logits_rows from the static inputs; prime(shape) fills
+        those inputs with an inert step of the shape (no KV writes, valid lengths) before its capture."""
+        self.shapes = sorted(shapes, key=lambda s: (s.num_tokens, s.width))
         self._run = run
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prime = prime
+        self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+        self._out: torch.Tensor | None = None
         if capture:
             self._capture()
 
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-    def bucket(self, n: int) -> int | None:
-        """The bucket a decode batch of n sequences runs in, or None when it is too large (eager)."""
-        i = bisect.bisect_left(self.sizes, n)
-        return self.sizes[i] if i < len(self.sizes) else None
-
-    def run(self, bucket: int) -> torch.Tensor:
-        """Logits [bucket, vocab] of the padded batch (a view of the graph's static output when captured)."""
-        graph = self._graphs.get(bucket)
+    def run(self, shape: GraphShape) -> torch.Tensor:
+        """Logits [shape.num_tokens, vocab] of the padded step (a view of the static output when captured)."""
+        graph = self._graphs.get(shape)
         if graph is None:
-            return self._run(bucket)
-        graph[0].replay()
-        return graph[1]
+            return self._run(shape)
+        graph.replay()
+        return self._out[:shape.num_tokens]
 
     def _capture(self) -> None:
         start = time.perf_counter()
         pool = None
-        for b in reversed(self.sizes):
-            self._run(b)                      # compiles the kernels and warms the allocator outside the graph
+        for shape in reversed(self.shapes):
+            self._prime(shape)
+            out = self._run(shape)            # compiles the kernels and warms the allocator outside the graph
+            if self._out is None:             # the largest shape comes first
+                self._out = torch.empty_like(out)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._run(b)
+                self._out[:shape.num_tokens].copy_(self._run(shape))
             pool = graph.pool()
-            self._graphs[b] = (graph, out)
+            self._graphs[shape] = graph
         torch.cuda.synchronize()
-        print(f"[engine] captured {len(self.sizes)} decode CUDA graphs (batch sizes {self.sizes[0]}..{self.max_size}) "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        widths = sorted({s.width for s in self.shapes})
+        _LOG.info("captured %d CUDA graphs (batch sizes %d..%d, tokens per row %s) in %.1f s", len(self.shapes),
+                  min(s.batch for s in self.shapes), max(s.batch for s in self.shapes),
+                  ", ".join(map(str, widths)), time.perf_counter() - start)
+
+
+def runner_graphs(runner, buffers: InputBuffers, shapes: list[GraphShape], capture: bool) -> StepGraphs:
+    """The graphs of a model runner's steps of the given shapes, over its persistent input buffers (large enough
+    for every shape)."""
+    if runner.backend.name != "triton" and any(s.width > 1 for s in shapes):
+        raise ValueError("verify graphs need the triton attention backend (the torch backend reads the length of a "
+                         "row of several tokens on the host)")
+    dev, width = buffers.device_tensors, buffers.max_blocks_per_seq
+    lora, model, max_len = runner.lora, runner.model, runner.max_model_len
+
+    def prime(shape: GraphShape) -> None:
+        empty = HostStep([], [], [], [], [0], [], [], width, [], [])
+        host = pad_step(empty, shape, width)
+        if lora is not None:
+            runner.plan_lora(host, [])
+        buffers.load(host)
+
+    def run(shape: GraphShape) -> torch.Tensor:
+        b, n = shape.batch, shape.num_tokens
+        meta = AttentionMetadata(
+            slot_mapping=dev["slot_mapping"][:n], block_tables=dev["block_tables"][:b * width].view(b, width),
+            seq_lens=dev["seq_lens"][:b], query_start=dev["query_start"][:b + 1], query_lens_cpu=[shape.width] * b,
+            seq_lens_cpu=[max_len] * b, block_size=runner.block_size, max_seq_len=max_len)
+        if lora is not None:   # the graph holds the LoRA kernels; replays read the plan prepare() wrote
+            lora.batch.bind(dev, n, active=True)
+        hidden = model(dev["input_ids"][:n], dev["positions"][:n], runner.kv_caches, meta)
+        return model.compute_logits(hidden[dev["logits_rows"][:n]])
+
+    with torch.inference_mode():
+        return StepGraphs(run, shapes, capture, prime)
+

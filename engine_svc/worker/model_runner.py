@@ -10,9 +10,9 @@ forward and the sampling run when the engine waits for the step, by which time t
 batches. The other stages run each plan as it comes and send their activations on."""
 from __future__ import annotations
 
-import sys
+import logging
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,42 +23,33 @@ from engine_svc.config import EngineConfig
 from engine_svc.distributed.parallel_state import SINGLE, TensorParallel, min_over_all_ranks
 from engine_svc.distributed.pipeline import SINGLE_STAGE, PendingActivations, PipelineStage, StageLink
 from engine_svc.distributed.partition import model_shard, rank_local_config
-from engine_svc.core.request import PLACEHOLDER, TokenLogprob
+from engine_svc.core.request import PLACEHOLDER
 from engine_svc.core.scheduler import SchedulerOutput
 from engine_svc.worker.cpu_threads import set_cpu_threads
-from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine_svc.worker.device_choice import resolve_device, resolve_dtype
+from engine_svc.worker.cuda_graphs import StepGraphs, runner_graphs
 from engine_svc.worker.gpu_timeline import GpuTimeline
 from engine_svc.worker.host_kv_pool import HostKVPool
 from engine_svc.worker.weight_offload import WeightOffload, load_device
+from engine_svc.worker.graph_layout import (GraphShape, RowShape, graph_batch_sizes, graph_shapes, pad_step,
+                                            row_lengths, select_shape)
 from engine_svc.worker.input_buffers import HostStep, InputBuffers, table_rows
 from engine_svc.loader import load_model, read_model_config
-from engine_svc.loader.gguf_gemv_serving import GGUF_GEMV, gguf_gemv_applies
+from engine_svc.loader.gguf_gemv_serving import weights_plan
 from engine_svc.models import model_class
+from engine_svc.quant.int4_gemv_layout import apply_int4_gemv_layout
 from engine_svc.worker.memory_plan import GB, MemoryPlan, activation_bytes, plan_memory, weights_bytes
 from engine_svc.worker.step_broadcast import RankCall, StepChannel
 from engine_svc.worker.step_plan import StepPlan
+from engine_svc.worker.step_results import LaunchedStep, PinnedSlots, PromptRows, StepResult
 from engine_svc.model_config import ModelConfig
-from engine_svc.logprobs import token_logprobs
+from engine_svc.sampling.logprobs import token_logprobs
+from engine_svc.sampling.penalty_state import PenaltyState, pool_peak_bytes
 from engine_svc.lora.batch import FIELDS as LORA_FIELDS, plan_tokens
-from engine_svc.sampler import SamplingBatch, apply_processors, sample_processed, to_device
+from engine_svc.sampling.sampler import SamplingBatch, apply_processors, sample_processed, to_device
 from engine_svc.spec.verify import sample_with_proposals
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
+_LOG = logging.getLogger("tandem.engine.runner")
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig | None = None, tp: TensorParallel = SINGLE,
@@ -94,10 +85,11 @@ class ModelRunner:
         kernels = "off" if config.enable_lora else config.sparsity_kernels
         load_on = load_device(self.device, config.quantization) if config.cpu_offload_gb else self.device
         set_cpu_threads(config, self.device)
-        gemv = gguf_gemv_applies(config, path, self.device, tp.size * pp.size)
         self.model = load_model(path, self.model_cfg, fmt, load_on, self.dtype, self.backend,
-                                GGUF_GEMV if gemv else config.quantization, tp, pp, kernels,
+                                weights_plan(config, path, self.device, tp.size * pp.size), tp, pp, kernels,
                                 self.config.max_num_batched_tokens)
+        if shuffled := apply_int4_gemv_layout(self.model, config.int4_gemv_layout):
+            _LOG.info("int4 GEMV: %d linears also hold the shuffled layout", shuffled)
         model_bytes = weights_bytes(self.model)
         self.weight_offload: WeightOffload | None = None   # --cpu-offload-gb
         if config.cpu_offload_gb:
@@ -105,7 +97,7 @@ class ModelRunner:
                                                 self.device)
             # Each offloaded layer's tensors point into a staging set: counted once per layer above.
             model_bytes += self.weight_offload.staging_bytes - self.weight_offload.offloaded_bytes
-            print(self.weight_offload.describe(), file=sys.stderr, flush=True)
+            _LOG.info(self.weight_offload.describe())
         self.lora = None   # a LoRAManager when LoRA is enabled; the admin RPCs load and unload through it
         if config.enable_lora:
             from engine_svc.lora.manager import LoRAManager
@@ -118,10 +110,14 @@ class ModelRunner:
             model_bytes += self.lora.device_bytes
         local_cfg = replace(rank_local_config(self.model_cfg, model_shard(self.model_cfg, tp.size, tp.rank)),
                             num_layers=self.layers[1] - self.layers[0])
-        activations = activation_bytes(local_cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs,
-                                       self.dtype)
+        self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
+        draft = self._load_draft()
+        activations = (activation_bytes(local_cfg, self.config.max_num_batched_tokens, self._max_logits_rows(),
+                                        self.dtype)
+                       + pool_peak_bytes(self.config.max_num_seqs, self.model_cfg.vocab_size))
         self.plan: MemoryPlan = plan_memory(self.config, local_cfg, self.max_model_len, model_bytes,
-                                            self.device, self.kv_cache_dtype, activations)
+                                            self.device, self.kv_cache_dtype, activations,
+                                            draft.runner.plan if draft is not None else None)
         if self.weight_offload is not None:
             self.plan = replace(self.plan, offloaded_bytes=self.weight_offload.offloaded_bytes,
                                 bus_seconds_per_step=self.weight_offload.bus_seconds_per_step)
@@ -129,29 +125,31 @@ class ModelRunner:
             self.plan = replace(self.plan, num_blocks=min_over_all_ranks(self.plan.num_blocks))
         where = [f"tensor-parallel rank {tp.rank} of {tp.size}"] if tp.size > 1 else []
         where += [pp.describe(self.model_cfg.num_layers)] if pp.size > 1 else []
-        print(self.plan.describe() + (f" ({', '.join(where)})" if where else ""), file=sys.stderr, flush=True)
+        _LOG.info(self.plan.describe() + (f" ({', '.join(where)})" if where else ""))
         shape = (2, self.plan.num_blocks, self.block_size, local_cfg.num_kv_heads, self.model_cfg.head_dim)
         self.kv_caches: list[KVCache] = allocate_kv_caches(local_cfg.num_layers, shape, self.kv_cache_dtype,
                                                            self.device)
+        if draft is not None:
+            draft.fit(self.num_blocks)
         self.host_kv: HostKVPool | None = None   # the host KV tier's memory (--kv-offload-gb)
         if config.kv_offload_gb:
             self.host_kv = HostKVPool(self.kv_caches, HostKVPool.slots_for(config.kv_offload_gb, self.kv_caches),
                                       pin=self.device.type == "cuda")
-            print(f"[engine] host KV tier: {self.host_kv.nbytes / GB:.2f} GB, {self.host_kv.num_slots} blocks "
-                  f"({HostKVPool.bytes_per_block(self.kv_caches)} B each)", file=sys.stderr, flush=True)
+            _LOG.info("host KV tier: %.2f GB, %d blocks (%d B each)", self.host_kv.nbytes / GB, self.host_kv.num_slots,
+                      HostKVPool.bytes_per_block(self.kv_caches))
         self._buffers: InputBuffers | None = None
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
-        self._out_slots = _PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
+        self._out_slots = PinnedSlots(self.config.max_num_seqs) if self.device.type == "cuda" else None
         self.timeline: GpuTimeline | None = None   # set by benchmarks to measure the GPU's idle gaps
         self.structured = None   # the engine's StructuredOutputs: grammar masks for the rows it constrains
+        self.penalties = PenaltyState(self.model_cfg.vocab_size, self.device, self.config.max_num_seqs)   # driver's
         self.draft = None        # the engine's draft proposer (speculative decoding): its proposal distributions
-        self.draft_proposers: dict = {}   # loaded draft models by path, shared by engines over this runner
         self._prev_num_sampled = 0   # a worker's count of the previous step's sampled ids (the driver holds them)
         self._buffers_for(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         if self.uses_graphs:
-            self.enable_decode_graphs(capture=True)
+            self.enable_step_graphs(capture=True)
 
     @property
     def uses_graphs(self) -> bool:
@@ -159,6 +157,31 @@ class ModelRunner:
         # stage's forward is not captured (its input comes from another process): P > 1 decodes eagerly.
         return (self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager
                 and self.pp.size == 1 and self.weight_offload is None)
+
+    def _load_draft(self):
+        """The draft proposer of --speculative-method draft, loaded before the memory plan counts its weights and
+        KV cache, with a one-block cache that fit() sizes to the plan's blocks; None without a draft."""
+        if self.config.speculative_method != "draft":
+            return None
+        from engine_svc.spec.draft_proposer import DraftProposer
+        self.draft_proposers[self.config.draft_model] = DraftProposer(self, self.config)
+        return self.draft_proposers[self.config.draft_model]
+
+    def _max_logits_rows(self) -> int:
+        """The most rows a step samples from: one per sequence, 1 + K per verify row of speculative decoding."""
+        c = self.config
+        per_seq = 1 + (c.num_speculative_tokens if c.speculative_method else 0)
+        return min(c.max_num_seqs * per_seq, c.max_num_batched_tokens)
+
+    def resize_kv(self, num_blocks: int) -> None:
+        """Re-allocates the KV caches (zeroed) with num_blocks blocks: a draft's, once the target's plan has its
+        count. Only for a runner whose caches nothing else holds: no CUDA graphs, no host KV tier."""
+        if self.graphs is not None or self.host_kv is not None:
+            raise RuntimeError("resize_kv: CUDA graphs or the host KV tier hold the KV caches")
+        layers, shape = len(self.kv_caches), self.kv_caches[0].data.shape
+        self.kv_caches = []   # the old caches are freed before the new ones are allocated
+        self.kv_caches = allocate_kv_caches(layers, (2, num_blocks, *shape[2:]), self.kv_cache_dtype, self.device)
+        self.plan = replace(self.plan, num_blocks=num_blocks)
 
     def _token_budget(self, config: EngineConfig) -> int:
         if config.max_num_batched_tokens:
@@ -195,8 +218,8 @@ class ModelRunner:
             self.graphs = None
         return b
 
-    def plan_step(self, out: SchedulerOutput, pad_to: int | None = None) -> StepPlan:
-        """The step's host inputs; pad_to pads a decode batch with inert rows up to a graph's batch size."""
+    def plan_step(self, out: SchedulerOutput, shape: GraphShape | None = None) -> StepPlan:
+        """The step's host inputs; shape: the graph the step is padded to (graph_layout), None: eager."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -228,21 +251,19 @@ class ModelRunner:
             elif s.samples:
                 logits_rows.append(query_start[-1] - 1)
         width = max(len(t) for t in tables)
-        if pad_to is not None:
-            width = self._buffers.max_blocks_per_seq   # the graph was captured at full width
-            pad = pad_to - len(seq_lens)
-            input_ids += [0] * pad
-            positions += [0] * pad
-            slots += [-1] * pad
-            seq_lens += [1] * pad
-            query_start += range(query_start[-1] + 1, query_start[-1] + 1 + pad)
-            tables += [[]] * pad
-        lora_plan = {} if lora_slots is None else plan_tokens(
-            lora_slots, [s.num_new_tokens for s in out.scheduled], len(input_ids), self.lora.max_loras)
         host = HostStep(input_ids, positions, slots, seq_lens, query_start, logits_rows, table_rows(tables, width),
-                        width, ph_dst, ph_src, lora_plan)
-        return StepPlan(host, pad_to or 0, len(out.scheduled), lora_active=lora_slots is not None and any(
-            x >= 0 for x in lora_slots))
+                        width, ph_dst, ph_src)
+        if shape is not None:   # the graph was captured at full table width
+            host = pad_step(host, shape, self._buffers.max_blocks_per_seq)
+        self.plan_lora(host, lora_slots)
+        return StepPlan(host, shape, len(out.scheduled), len(logits_rows),
+                        lora_active=lora_slots is not None and any(x >= 0 for x in lora_slots))
+
+    def plan_lora(self, host: HostStep, slots: list[int] | None) -> None:
+        """Fills host.extra with the LoRA token plan of the step's layout: each scheduled row's adapter slot (slots;
+        None without LoRA), the base model for a graph's padding rows."""
+        if slots is not None:
+            host.extra = plan_tokens(slots, row_lengths(host)[:len(slots)], len(host.input_ids), self.lora.max_loras)
 
     def prepare(self, plan: StepPlan) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
         """Device inputs of a planned step."""
@@ -265,7 +286,7 @@ class ModelRunner:
             query_start=t["query_start"],
             query_lens_cpu=[b - a for a, b in zip(query_start, query_start[1:])],
             seq_lens_cpu=seq_lens, block_size=self.block_size,
-            max_seq_len=max(seq_lens[:plan.num_real]) if not plan.graph_bucket else self.max_model_len)
+            max_seq_len=max(seq_lens[:plan.num_real]) if plan.graph is None else self.max_model_len)
         return t, meta
 
     def _lora_slots(self, out: SchedulerOutput) -> list[int] | None:
@@ -280,33 +301,22 @@ class ModelRunner:
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
-    def enable_decode_graphs(self, capture: bool) -> None:
-        """Decode steps up to max_num_seqs run as CUDA graphs (capture=True) or, for tests on the CPU, eagerly over
-        the same padded persistent buffers (capture=False)."""
-        sizes = graph_batch_sizes(self.config.max_num_seqs)
-        buffers = self._buffers_for(sizes[-1], sizes[-1])
-        dev = buffers.device_tensors
-        width = buffers.max_blocks_per_seq
-        dev["slot_mapping"].fill_(-1)   # capture runs on whatever the buffers hold: make it write no KV
-        dev["seq_lens"].fill_(1)
+    def enable_step_graphs(self, capture: bool, shapes: list[GraphShape] | None = None) -> None:
+        """Steps of the given shapes (default: every batch bucket up to max_num_seqs, one token per row and, with
+        speculation, K + 1) run as CUDA graphs (capture=True) or, for tests on the CPU, eagerly over the same
+        padded persistent buffers (capture=False)."""
+        if shapes is None:
+            k = self.config.num_speculative_tokens if self.config.speculative_method else 0
+            shapes = graph_shapes(graph_batch_sizes(self.config.max_num_seqs), [k + 1],
+                                  self.config.max_num_batched_tokens)
+        buffers = self._buffers_for(max(s.num_tokens for s in shapes), max(s.batch for s in shapes))
+        self.graphs = runner_graphs(self, buffers, shapes, capture)
 
-        def run(b: int) -> torch.Tensor:
-            meta = AttentionMetadata(
-                slot_mapping=dev["slot_mapping"][:b], block_tables=dev["block_tables"][:b * width].view(b, width),
-                seq_lens=dev["seq_lens"][:b], query_start=dev["query_start"][:b + 1], query_lens_cpu=[1] * b,
-                seq_lens_cpu=[self.max_model_len] * b, block_size=self.block_size, max_seq_len=self.max_model_len)
-            if self.lora is not None:   # the graph holds the LoRA kernels; replays read the plan prepare() wrote
-                self.lora.batch.bind(dev, b, active=True)
-            hidden = self.model(dev["input_ids"][:b], dev["positions"][:b], self.kv_caches, meta)
-            return self.model.compute_logits(hidden)
-
-        with torch.inference_mode():
-            self.graphs = DecodeGraphs(run, sizes, capture)
-
-    def _graph_bucket(self, out: SchedulerOutput) -> int | None:
-        if self.graphs is None or not all(s.num_new_tokens == 1 and s.samples for s in out.scheduled):
+    def _graph_shape(self, out: SchedulerOutput) -> GraphShape | None:
+        if self.graphs is None:
             return None
-        return self.graphs.bucket(len(out.scheduled))
+        rows = [RowShape(s.start, s.num_new_tokens, len(s.spec_token_ids), s.samples) for s in out.scheduled]
+        return select_shape(rows, self.graphs.shapes, self.max_model_len)
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
@@ -314,23 +324,23 @@ class ModelRunner:
         row's k + 1 positions each)."""
         return self._forward(out)[0]
 
-    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, "_PromptRows | None"]:
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, PromptRows | None]:
         if out.kv_copies:   # before the forward: it reads the loaded blocks and overwrites the offloaded ones
             self.host_kv.run(out.kv_copies)
         plan, prompt = self._plan_and_send(out)
         return self._logits(plan, prompt)
 
-    def _plan_and_send(self, out: SchedulerOutput) -> tuple[StepPlan, "_PromptRows | None"]:
-        plan = self.plan_step(out, pad_to=self._graph_bucket(out))
-        prompt = _PromptRows.of(out)
+    def _plan_and_send(self, out: SchedulerOutput) -> tuple[StepPlan, PromptRows | None]:
+        plan = self.plan_step(out, self._graph_shape(out))
+        prompt = PromptRows.of(out)
         if prompt is not None:
             plan.prompt_rows = tuple(prompt.rows_list)
         if self.channel is not None:
             self.channel.send(plan)
         return plan, prompt
 
-    def _logits(self, plan: StepPlan, prompt: "_PromptRows | None",
-                intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor, "_PromptRows | None"]:
+    def _logits(self, plan: StepPlan, prompt: PromptRows | None,
+                intermediate: torch.Tensor | None = None) -> tuple[torch.Tensor, PromptRows | None]:
         logits, prompt_logits = self.run_plan(plan, intermediate)
         if prompt is not None:
             prompt.score(prompt_logits)
@@ -347,8 +357,8 @@ class ModelRunner:
         sampling rows, and of its prompt rows when it scores any; on an earlier stage, (None, None) once its
         activations are sent on. intermediate: the previous stage's activations when already received."""
         t, meta = self.prepare(plan)
-        if plan.graph_bucket:
-            return self.graphs.run(plan.graph_bucket)[:plan.num_real], None
+        if plan.graph is not None:
+            return self.graphs.run(plan.graph)[:plan.num_logits], None
         inputs = (t["input_ids"], t["positions"], self.kv_caches, meta)
         if not self.pp.is_first:
             hidden = self.model(*inputs, intermediate if intermediate is not None else
@@ -377,7 +387,7 @@ class ModelRunner:
             self.link.flush()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> "LaunchedStep | PipelinedStep":
+    def launch(self, out: SchedulerOutput) -> LaunchedStep | PipelinedStep:
         """Queues the step's forward and sampling on the device and returns at once (on CUDA); the results are
         read with LaunchedStep.wait(). A later launch may take this step's sampled ids as its inputs.
         Under pipeline parallelism: sends the plan to every stage and returns a PipelinedStep, whose wait() runs
@@ -391,7 +401,7 @@ class ModelRunner:
         return self.sample_step(out, *self._forward(out))
 
     def sample_step(self, out: SchedulerOutput, logits: torch.Tensor,
-                    prompt: "_PromptRows | None") -> "LaunchedStep":
+                    prompt: PromptRows | None) -> LaunchedStep:
         """Samples a step's logits and queues its results' copy to the host."""
         sampling = [s for s in out.scheduled if s.samples]
         step = LaunchedStep(self._out_slots)
@@ -408,10 +418,10 @@ class ModelRunner:
             self.timeline.step_ends()
         return step
 
-    def execute(self, out: SchedulerOutput) -> "StepResult":
+    def execute(self, out: SchedulerOutput) -> StepResult:
         return self.launch(out).wait()
 
-    def sample_rows(self, logits: torch.Tensor, sampling: list, step: "LaunchedStep") -> None:
+    def sample_rows(self, logits: torch.Tensor, sampling: list, step: LaunchedStep) -> None:
         """Samples the step's sampling rows (and their logprobs, when asked) into step."""
         if any(s.spec_token_ids for s in sampling):
             v = sample_with_proposals(logits, sampling, self.model_cfg.vocab_size, self.device, self._eos_token_ids,
@@ -419,12 +429,9 @@ class ModelRunner:
             step.sampled, step.runs, step.host_logprobs = v.sampled, v.runs, v.logprobs
             return
         params = [s.request.params for s in sampling]
-        histories = None
-        if any(p.uses_penalties for p in params):
-            # The engine resolves pending steps before scheduling requests with penalties: ids are all real here.
-            histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
         batch = SamplingBatch.build(params, [s.request.num_output_tokens for s in sampling],
-                                    self.model_cfg.vocab_size, self.device, histories=histories,
+                                    self.model_cfg.vocab_size, self.device,
+                                    penalties=self.penalties.penalties([s.request for s in sampling]),
                                     eos_token_ids=self._eos_token_ids)
         if self.structured is not None:
             # Filled on the host while the device runs the forward, then applied there in one call.
@@ -434,6 +441,7 @@ class ModelRunner:
                                  to_device(mask[1], torch.int32, self.device))
         logits = apply_processors(logits, batch)
         step.sampled = sample_processed(logits, batch)
+        self.penalties.count(step.sampled)
         wanted = [(p.logprobs or 0) if p.needs_logprob else None for p in params]
         if any(w is not None for w in wanted):
             step.logprobs_wanted = wanted
@@ -445,119 +453,14 @@ class PipelinedStep:
     the previous stage's activations, runs the driver's last stage, samples and returns the results. The engine
     waits for steps in the order it launched them (every rank runs plans in that order)."""
 
-    def __init__(self, runner: ModelRunner, out: SchedulerOutput, plan: StepPlan, prompt: "_PromptRows | None",
+    def __init__(self, runner: ModelRunner, out: SchedulerOutput, plan: StepPlan, prompt: PromptRows | None,
                  activations: PendingActivations) -> None:
         self.runner, self.out, self.plan, self.prompt, self.activations = runner, out, plan, prompt, activations
 
     @torch.inference_mode()
-    def wait(self) -> "StepResult":
+    def wait(self) -> StepResult:
         r = self.runner
         r.steps_in_flight -= 1
         r._adapters_in_flight.popleft()
         logits, prompt = r._logits(self.plan, self.prompt, self.activations.wait())
         return r.sample_step(self.out, logits, prompt).wait()
-
-
-@dataclass
-class StepResult:
-    sampled: list[int]                                       # one per sampling row
-    logprobs: list[TokenLogprob | None] | None = None        # one per sampling row, when any row asked
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] | None = None
-    runs: dict[str, tuple[list[int], list[TokenLogprob] | None]] | None = None   # verify rows' new tokens
-
-
-class _PromptRows:
-    """The rows of a step that score prompt tokens for prompt_logprobs: row of position p scores token p + 1."""
-
-    def __init__(self) -> None:
-        self.rows_list: list[int] = []
-        self.targets: list[int] = []
-        self.spans: list[tuple[str, int, int, int]] = []   # (request id, first position scored, count, k)
-        self.result: tuple[torch.Tensor, ...] | None = None
-
-    @classmethod
-    def of(cls, out: SchedulerOutput) -> "_PromptRows | None":
-        pr, row = None, 0
-        for s in out.scheduled:
-            req = s.request
-            k = req.params.prompt_logprobs
-            end = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
-            if k is not None and s.start < end:
-                pr = pr or cls()
-                pr.rows_list.extend(range(row, row + end - s.start))
-                pr.targets.extend(req.token_ids[s.start + 1:end + 1])
-                pr.spans.append((req.request_id, s.start + 1, end - s.start, k))
-            row += s.num_new_tokens
-        return pr
-
-    def score(self, logits: torch.Tensor) -> None:
-        targets = to_device(self.targets, torch.int64, logits.device)
-        self.result = token_logprobs(logits, targets, max(k for *_, k in self.spans))
-
-
-class LaunchedStep:
-    """A step queued on the device. Its results come to the host in non_blocking copies into pinned memory;
-    wait() blocks until those copies are done (never on device work queued after them)."""
-
-    def __init__(self, slots: "_PinnedSlots | None") -> None:
-        self._slots = slots
-        self.sampled: torch.Tensor | None = None
-        self.logprobs: tuple[torch.Tensor, ...] | None = None
-        self.logprobs_wanted: list[int | None] = []
-        self.prompt: _PromptRows | None = None
-        self.runs: dict | None = None                          # verify rows' tokens, already on the host
-        self.host_logprobs: list[TokenLogprob | None] | None = None   # a verify step's logprobs, on the host
-        self._host: list[torch.Tensor] = []
-        self._event = None
-
-    def send_to_host(self) -> None:
-        tensors = [self.sampled, *(self.logprobs or ()), *(self.prompt.result if self.prompt else ())]
-        if self._slots is None:   # CPU: already on the host
-            self._host = tensors
-            return
-        self._host = [self._slots.next(self.sampled.numel())] if self.sampled.numel() else [self.sampled.cpu()]
-        self._host[0].copy_(self.sampled, non_blocking=True)
-        for t in tensors[1:]:
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t, non_blocking=True)
-            self._host.append(h)
-        self._event = torch.cuda.Event()
-        self._event.record()
-
-    def wait(self) -> StepResult:
-        if self._event is not None:
-            self._event.synchronize()
-        host = [t.tolist() for t in self._host]
-        result = StepResult(host[0], self.host_logprobs, runs=self.runs)
-        rest = host[1:]
-        if self.logprobs is not None:
-            chosen, top_ids, top_lps = rest[:3]
-            rest = rest[3:]
-            result.logprobs = [
-                None if k is None else TokenLogprob(tok, chosen[i], tuple(zip(top_ids[i][:k], top_lps[i][:k])))
-                for i, (tok, k) in enumerate(zip(result.sampled, self.logprobs_wanted))]
-        if self.prompt is not None:
-            chosen, top_ids, top_lps = rest[:3]
-            result.prompt_logprobs, i = {}, 0
-            for rid, first, count, k in self.prompt.spans:
-                result.prompt_logprobs[rid] = (first, [
-                    TokenLogprob(self.prompt.targets[j], chosen[j], tuple(zip(top_ids[j][:k], top_lps[j][:k])))
-                    for j in range(i, i + count)])
-                i += count
-        return result
-
-
-class _PinnedSlots:
-    """Two pinned host buffers for sampled ids, taken in turn: at most one step is in flight while the next is
-    launched, so a buffer is never reused before its step has been waited on."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._bufs = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self._turn = 0
-
-    def next(self, n: int) -> torch.Tensor:
-        if n > self._size:
-            self.__init__(n)
-        self._turn ^= 1
-        return self._bufs[self._turn][:n]

@@ -6,8 +6,8 @@ complete: a stage still busy with an earlier batch takes the plan when it gets t
 at once (a broadcast that waited for every receiver would serialise the stages). Each plan then has its own send
 tensor, kept until its broadcasts are done.
 
-Layout: a header (command, table width, graph bucket, real rows, flags, then each field's length), then the fields
-back to back. The broadcast tensor has a fixed capacity (the receivers must know its size before it arrives); a
+Layout: a header (command, table width, graph batch and width, real rows, logits rows, flags, then each field's
+length), then the fields back to back. The broadcast tensor has a fixed capacity (the receivers must know its size before it arrives); a
 step larger than it (long prefills, wide block tables) sends the remainder in a second broadcast. A decode step of
 a few dozen sequences fits in the first.
 
@@ -23,6 +23,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from engine_svc.worker.graph_layout import GraphShape
 from engine_svc.worker.input_buffers import HostStep
 from engine_svc.worker.step_plan import StepPlan
 
@@ -30,7 +31,7 @@ STEP, STOP, CALL = 1, 0, 2
 _HOST_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "query_start", "logits_rows",
                 "block_tables", "placeholder_dst", "placeholder_src")
 _FLAG_LORA = 1
-_FIXED = 5   # command, table width, graph bucket, real rows, flags
+_FIXED = 7   # command, table width, graph batch, graph width, real rows, logits rows, flags
 IDLE_TIMEOUT = timedelta(days=365)   # a worker waits here while the engine is idle: never a timeout
 
 
@@ -66,7 +67,9 @@ class StepChannel:
         h = plan.host
         parts = [getattr(h, n) for n in _HOST_FIELDS] + [plan.prompt_rows] + [h.extra[n] for n in self.extra_fields]
         flags = _FLAG_LORA if plan.lora_active else 0
-        header = [STEP, h.table_width, plan.graph_bucket, plan.num_real, flags, *map(len, parts)]
+        graph = plan.graph or GraphShape(0, 0)
+        header = [STEP, h.table_width, graph.batch, graph.width, plan.num_real, plan.num_logits, flags,
+                  *map(len, parts)]
         total = self._header + sum(map(len, parts))
         if self.asynchronous:   # the previous plan's tensor may still be on its way
             self._buf = torch.empty(max(self.capacity, total), dtype=torch.int64)
@@ -119,7 +122,7 @@ class StepChannel:
             box = [None]
             dist.broadcast_object_list(box, src=0, group=self.groups[0])   # a worker's one group
             return box[0]
-        _, width, bucket, num_real, flags, *lengths = head
+        _, width, batch, graph_width, num_real, num_logits, flags, *lengths = head
         total = self._header + sum(lengths)
         flat = self._arr
         if total > self.capacity:
@@ -132,7 +135,8 @@ class StepChannel:
             i += n
         host = HostStep(*(fields[n] for n in _HOST_FIELDS[:7]), width, fields["placeholder_dst"],
                         fields["placeholder_src"], {n: fields[n] for n in self.extra_fields})
-        return StepPlan(host, bucket, num_real, tuple(fields["prompt_rows"]), bool(flags & _FLAG_LORA))
+        graph = GraphShape(batch, graph_width) if batch else None
+        return StepPlan(host, graph, num_real, num_logits, tuple(fields["prompt_rows"]), bool(flags & _FLAG_LORA))
 
     def _broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist

@@ -97,7 +97,7 @@ class WeightOffload:
         return self.offloaded_bytes / self.bandwidth
 
     def describe(self) -> str:
-        return (f"[engine] weight offload: {self.num_offloaded} decoder layers ({self.offloaded_bytes / GB:.2f} GB) "
+        return (f"weight offload: {self.num_offloaded} decoder layers ({self.offloaded_bytes / GB:.2f} GB) "
                 f"in host memory, 2 staging sets ({self.staging_bytes / GB:.2f} GB) on {self.device}; bus "
                 f"{self.bandwidth / GB:.1f} GB/s measured, {self.bus_seconds_per_step * 1e3:.1f} ms per step")
 

@@ -4,12 +4,15 @@ when its parent is gone (a SIGKILLed engine runs no clean-up), and any failure p
 exits non-zero, which the driver's monitor turns into the engine's own failure."""
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 import time
 
 from engine_svc.distributed.process_group import RankSpec, join, leave
+from protos.service_logging import setup_logging
+
+_LOG = logging.getLogger("tandem.engine.worker")
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -19,6 +22,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def run_worker(spec: RankSpec) -> None:
+    setup_logging("engine", spec.config.log_level, spec.config.log_format)
     threading.Thread(target=_exit_with_parent, args=(spec.parent_pid,), daemon=True,
                      name="parent-watchdog").start()
     try:
@@ -28,6 +32,5 @@ def run_worker(spec: RankSpec) -> None:
         runner.serve_plans()
         leave()
     except BaseException as e:   # noqa: BLE001 - every failure must reach the driver as this process's exit
-        print(f"[engine] {spec.describe()} failed: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
+        _LOG.error("%s failed: %s: %s", spec.describe(), type(e).__name__, e)
         os._exit(1)

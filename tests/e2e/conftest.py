@@ -49,7 +49,7 @@ def _serving(address: str) -> bool:
 def serve_process(serve_args: list[str], address: str, log: Path):
     """`tandem serve SERVE_ARGS` in its own process group, output to `log`; yields the process once `address`
     reports SERVING. At exit, Ctrl-C must stop it cleanly within 30 s."""
-    cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", *serve_args]
+    cmd = [sys.executable, "-c", "from gateway.cli.main import main; main()", "serve", *serve_args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -70,15 +70,16 @@ def serve_process(serve_args: list[str], address: str, log: Path):
 
 
 @contextlib.contextmanager
-def cpu_stack(model: Path, log: Path, serve_options: list[str], engine_args: list[str]):
-    """`tandem serve` of model on the CPU in fp32 on free loopback ports, with more serve options and engine
-    arguments; yields (Stack, the serve process) once it is SERVING."""
+def cpu_stack(model: Path, log: Path, serve_options: list[str], engine_args: list[str],
+              dtype: str | None = "float32"):
+    """`tandem serve` of model on the CPU in dtype (fp32; None: the engine's default) on free loopback ports, with
+    more serve options and engine arguments; yields (Stack, the serve process) once it is SERVING."""
     ports = [free_port() for _ in range(5)]
     address = f"127.0.0.1:{ports[0]}"
     args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(ports[0]),
             "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]),
-            "--metrics-port", str(ports[3]), "--http-port", str(ports[4]), "--device", "cpu", "--dtype", "float32",
-            *serve_options, "--", *engine_args]
+            "--metrics-port", str(ports[3]), "--http-port", str(ports[4]), "--device", "cpu",
+            *(["--dtype", dtype] if dtype else []), *serve_options, "--", *engine_args]
     with serve_process(args, address, log) as proc:
         yield Stack(address, f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[1]}", model, log,
                     f"http://127.0.0.1:{ports[3]}/metrics", f"http://127.0.0.1:{ports[4]}/v1"), proc

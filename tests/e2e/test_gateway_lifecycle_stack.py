@@ -66,7 +66,7 @@ def secured(smollm2_gguf, tmp_path_factory):
     (tmp / "keys").write_text(f"# test keys\n{KEY}\n")
     ports = [free_port() for _ in range(5)]
     log = tmp / "serve.log"
-    cmd = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
+    cmd = [sys.executable, "-c", "from gateway.cli.main import main; main()", "serve",
            "--model", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(ports[0]),
            "--tokenizer-port", str(ports[1]), "--engine-port", str(ports[2]), "--metrics-port", str(ports[3]),
            "--http-port", str(ports[4]), "--device", "cpu",

@@ -96,7 +96,7 @@ def test_a_killed_worker_ends_the_stream_with_unavailable_and_the_engine_restart
         time.sleep(0.5)
     log = tp.log.read_text()
     assert "engine exited with code 1 (crashed); restarting it" in log
-    assert "[engine] tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops" in log
+    assert "ERROR engine: tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops" in log
     restarted, new_workers = engine_processes(launcher)
     assert restarted.pid != engine.pid and len(new_workers) == 1
     assert greedy_ids(tp.address, PROMPTS[0]) == greedy_ids(stack.address, PROMPTS[0])

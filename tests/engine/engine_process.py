@@ -70,7 +70,7 @@ def start_engine_service(model, log, parallel_args: list[str], num_workers: int,
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
-    while "engine_svc listening" not in log.read_text():
+    while "engine: listening on" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the engine did not come up:\n{log.read_text()[-3000:]}")

@@ -15,7 +15,7 @@ from engine_svc.adapters import (AdapterExists, AdapterNotFound, InvalidAdapter,
                                  UnknownAdapter)
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.engine_loop import EngineLoop
+from engine_svc.service.engine_loop import EngineLoop
 from tests.engine.family_checks import make_engine
 from tests.engine.lora_files import MLP, hf_merged, write_lora_adapter
 from tests.engine.tiny_models import write_tiny_llama

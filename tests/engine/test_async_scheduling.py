@@ -4,10 +4,12 @@ On exact scheduler state: placeholders stand for pending ids, decode steps are g
 them, a request ending on EOS drops its one extra step, one ending by length is not scheduled again, a preempted
 request waits for its pending id, and no block hash ever covers a placeholder. Then on a tiny Llama: outputs are the
 same as with synchronous scheduling for greedy, seeded, stop-token, min_tokens, penalty and aborted requests, through
-chunking, prefix caching and preemption, and every block is free afterwards."""
+chunking, prefix caching and preemption, and every block is free afterwards. Penalized requests keep asynchronous
+scheduling on (their counts live on the device) and give the tokens of the host-history path that forced it off."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_svc.config import EngineConfig
 from engine_svc.core.block_hash import extend_block_hashes
@@ -15,6 +17,8 @@ from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import PLACEHOLDER, FinishReason, RequestStatus, SamplingParams
 from engine_svc.core.scheduler import Scheduler, SchedulerConfig
 from engine_svc.engine import Engine
+from engine_svc.sampling.logits_processors import penalties_of_histories
+from engine_svc.sampling.sampler import padded, penalty_values
 from tests.engine.tiny_models import write_tiny_llama
 
 EOS = 99
@@ -59,6 +63,7 @@ def test_decode_is_granted_on_a_placeholder_then_the_real_id_replaces_it():
 def test_eos_drops_the_extra_step_and_frees_blocks_at_once():
     s = make()
     s.add_request("a", [1, 2, 3], SamplingParams(max_tokens=10))
+    a = s.requests["a"]
     out1 = launch(s)
     out2 = launch(s)
     res = s.update(out1, [EOS])
@@ -66,6 +71,24 @@ def test_eos_drops_the_extra_step_and_frees_blocks_at_once():
     assert s.requests == {} and s.kv.pool.num_free == 16
     assert s.update(out2, [5]) == []                   # the extra step's id goes nowhere
     assert s.schedule().is_empty and not s.has_work
+
+    assert a.token_ids == [1, 2, 3, EOS]               # the extra step's placeholder went with it
+
+
+def test_best_of_ranks_members_without_the_extra_steps_placeholder():
+    """best_of > n sends each member's whole output when all have finished: a member that ended on EOS while its
+    next step ran must not send that step's placeholder (it reached the client as token id -1 and broke the
+    engine's output stream)."""
+    s = make()
+    s.add_request("g", [1, 2, 3], SamplingParams(max_tokens=5, best_of=2))
+    out1 = launch(s)                                   # member 0 computes the prompt
+    out2 = launch(s)                                   # and decodes on its placeholder
+    assert s.update(out1, [EOS]) == []                 # member 0 ends; member 1 may join now
+    out3 = launch(s)
+    assert s.update(out2, [5]) == []
+    res = s.update(out3, [EOS])
+    assert [(r.new_token_ids, r.finish_reason) for r in res] == [([EOS], FinishReason.STOP_TOKEN)]
+    assert s.requests == {} and s.kv.pool.num_free == 16
 
 
 def test_a_request_ending_by_length_is_not_scheduled_again():
@@ -206,3 +229,83 @@ def test_async_stop_token_ids_end_outputs_as_in_sync(base):
     sync = run(base.with_scheduling(async_scheduling=False), stop)
     assert_same(run(base.with_scheduling(async_scheduling=True), stop), sync)
     assert sync["r0"][1] is FinishReason.STOP_TOKEN and len(sync["r0"][0]) <= 4
+
+
+# --- penalties on the device keep asynchronous scheduling on ---------------------------------------------------------
+
+class HostPenalties:
+    """The path before the counts moved to the device: each step's counts made from the ids on the host, so the
+    engine had to wait for them."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def penalties(self, requests):
+        rows = [i for i, r in enumerate(requests) if r.params.uses_penalties]
+        if not rows:
+            return None
+        chosen = [requests[i] for i in rows]
+        cpu = torch.device("cpu")
+        p = penalties_of_histories(padded([r.prompt_token_ids for r in chosen], cpu),
+                                   padded([r.output_token_ids for r in chosen], cpu),
+                                   *penalty_values([r.params for r in chosen], cpu), self.vocab_size)
+        p.rows = torch.tensor(rows)
+        return p
+
+    def count(self, sampled) -> None:
+        pass
+
+    def needs_real_ids(self, req) -> bool:
+        return True
+
+
+def penalized_requests():
+    prompts = [[(13 * i + 5 * j) % 300 + 10 for j in range(4 + 5 * i)] for i in range(6)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=14, repetition_penalty=1.6, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=1.5, frequency_penalty=0.8),
+        SamplingParams(temperature=0.9, seed=2, max_tokens=13, frequency_penalty=2.0, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=7, top_k=30, max_tokens=15, repetition_penalty=0.7,
+                       presence_penalty=-0.5, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=11, repetition_penalty=1.2, min_tokens=3),
+    ]
+    return prompts, params
+
+
+def run_penalized(engine: Engine) -> tuple[dict[str, list[int]], int]:
+    """Outputs by request, and how many times a penalized request was scheduled on an id still in flight."""
+    on_placeholder = 0
+    schedule = engine.scheduler.schedule
+
+    def spying_schedule(*args, **kw):
+        nonlocal on_placeholder
+        out = schedule(*args, **kw)
+        on_placeholder += sum(s.request.params.uses_penalties and s.request.has_placeholder for s in out.scheduled)
+        return out
+
+    engine.scheduler.schedule = spying_schedule
+    result = {f"p{i}": [] for i in range(6)}
+    for i, (p, sp) in enumerate(zip(*penalized_requests())):
+        engine.add_request(f"p{i}", p, sp)
+    while engine.has_work():
+        for o in engine.step():
+            result[o.request_id].extend(o.new_token_ids)
+    assert engine.check_integrity() == [] and engine.kv.num_used_blocks == 0
+    return result, on_placeholder
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(enable_chunked_prefill=True, max_num_batched_tokens=7),
+                                     dict(num_kv_blocks=20)])
+def test_penalties_stay_asynchronous_and_give_the_host_paths_tokens(base, variant, monkeypatch):
+    monkeypatch.setattr(base.runner, "penalties", HostPenalties(base.model_cfg.vocab_size))
+    reference, _ = run_penalized(base.with_scheduling(async_scheduling=False, **variant))
+    monkeypatch.undo()
+    engine = base.with_scheduling(async_scheduling=True, **variant)
+    outputs, on_placeholder = run_penalized(engine)
+    assert outputs == reference
+    assert all(len(o) >= 3 for o in outputs.values())
+    # Decode steps of penalized requests were granted before their last id was known: no wait for real ids.
+    assert on_placeholder >= 20
+    if variant.get("num_kv_blocks"):
+        assert engine.scheduler.num_preemptions > 0

@@ -7,8 +7,8 @@ import torch
 from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, MinPLogitsWarper,
                                                     RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor)
 
-from engine_svc.logits_processors import (apply_logit_bias, apply_min_p, apply_penalties, keep_only, suppress,
-                                          token_counts)
+from engine_svc.sampling.logits_processors import (apply_logit_bias, apply_min_p, apply_penalties, keep_only, suppress,
+                                                   token_counts)
 
 V = 50
 

@@ -11,8 +11,8 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import load_to_pb
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import load_to_pb
 from tests.engine.tiny_models import write_tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -22,7 +22,7 @@ def test_a_killed_stage_is_reported_by_rank_and_fails_the_next_step(tiny):
     config = EngineConfig(model=str(tiny), device="cpu", dtype="float32", block_size=4, num_kv_blocks=32,
                           pipeline_parallel_size=2, distributed_timeout_s=30)
     reports, failure = kill_a_worker_mid_run(config)
-    assert reports == ["[engine] worker rank 1 (pipeline stage 0 of 2, tensor-parallel rank 0 of 1) died "
+    assert reports == ["worker rank 1 (pipeline stage 0 of 2, tensor-parallel rank 0 of 1) died "
                        "(killed by SIGKILL); the engine stops"]
     assert isinstance(failure, RuntimeError)
 
@@ -33,8 +33,8 @@ def test_engine_exits_naming_the_dead_stage_rank_and_leaves_no_workers(tiny, tmp
                                          num_workers=3)
     workers[1].send_signal(signal.SIGKILL)   # rank 2: stage 0's first tensor-parallel rank
     assert exit_code_within(proc, 10) != 0
-    lines = [line for line in log.read_text().splitlines() if "died" in line]
-    assert lines == ["[engine] worker rank 2 (pipeline stage 0 of 2, tensor-parallel rank 0 of 2) died "
+    lines = [line.split(" ERROR engine: ")[-1] for line in log.read_text().splitlines() if "died" in line]
+    assert lines == ["worker rank 2 (pipeline stage 0 of 2, tensor-parallel rank 0 of 2) died "
                      "(killed by SIGKILL); the engine stops"]
     _gone, alive = psutil.wait_procs([workers[0], workers[2]], timeout=5)
     assert not alive, "a worker outlived its engine"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_svc.proto_convert import params_from_pb
+from engine_svc.service.proto_convert import params_from_pb
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
 

@@ -149,8 +149,8 @@ def test_a_killed_actor_exits_the_engine_naming_the_rank_and_leaves_nothing(ray_
     assert code != 0
     reports = [line for line in text.splitlines() if "tensor-parallel worker rank" in line]
     assert len(reports) == 1, text[-3000:]
-    assert re.fullmatch(rf"\[engine\] tensor-parallel worker rank 1 died \(Ray actor on \S+, pid {victim}: "
-                        rf"[^()]+\); the engine stops", reports[0]), reports[0]
+    assert re.fullmatch(rf"[\d-]+ [\d:.]+ ERROR engine: tensor-parallel worker rank 1 died "
+                        rf"\(Ray actor on \S+, pid {victim}: [^()]+\); the engine stops", reports[0]), reports[0]
     _assert_left_nothing(actors[1:], group)
 
 
@@ -183,7 +183,7 @@ def _start_engine_service(address: str, model: Path, tmp_path: Path, ranks: int)
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
-    while "engine_svc listening" not in (text := log.read_text()):
+    while "engine: listening on" not in (text := log.read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the engine did not come up:\n{text[-3000:]}")

@@ -6,14 +6,16 @@ values that used to hang it), and a denormal temperature is greedy."""
 from __future__ import annotations
 
 import queue
+import time
+from dataclasses import replace
 
 import pytest
 
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import FinishReason, SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import params_from_pb
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import params_from_pb
 from protos.tandem.internal.v1 import engine_pb2 as pb
 from tests.engine.tiny_models import write_tiny_llama
 
@@ -217,7 +219,7 @@ def test_an_engine_whose_loop_dies_exits_non_zero(tmp_path):
     import sys
 
     tiny = write_tiny_llama(tmp_path / "tiny", seed=1)
-    plant = ("import engine_svc.engine_loop as m\n"
+    plant = ("import engine_svc.service.engine_loop as m\n"
              "def crash(self, block):\n    raise RuntimeError('planted loop crash')\n"
              "m.EngineLoop._drain = crash\n"
              "import runpy, sys\n"
@@ -227,3 +229,49 @@ def test_an_engine_whose_loop_dies_exits_non_zero(tmp_path):
     out = subprocess.run([sys.executable, "-c", plant], capture_output=True, text=True, timeout=180)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "the engine loop died: RuntimeError: planted loop crash" in out.stderr
+
+
+class _CallsAtOnce:
+    """Stands in for the asyncio loop the engine service's sink hands its deltas to."""
+
+    def call_soon_threadsafe(self, fn, *args) -> None:
+        fn(*args)
+
+
+def test_an_output_the_service_cannot_send_fails_that_request_alone(base, monkeypatch):
+    """An output no proto can carry (a token id of -1 once leaked this way) ends its request with FAILED, its
+    blocks freed, while the engine loop lives on and the other request gets its exact tokens."""
+    from engine_svc.service.server import _QueueSink
+
+    engine = base.with_scheduling()
+    real_update = engine.scheduler.update
+
+    def update(out, *args, **kwargs):
+        return [replace(o, new_token_ids=[-1]) if o.request_id == "bad" else o
+                for o in real_update(out, *args, **kwargs)]
+
+    monkeypatch.setattr(engine.scheduler, "update", update)
+    sink = _QueueSink(_CallsAtOnce())
+    sink.names.update({"bad": "client-bad", "ok": "client-ok"})
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        for rid in ("bad", "ok"):
+            loop.submit(rid, PROMPTS["a"], GREEDY, sink)
+        deltas: dict[str, list] = {"client-bad": [], "client-ok": []}
+        ended: set[str] = set()
+        deadline = time.monotonic() + 60
+        while ended != set(deltas):
+            assert time.monotonic() < deadline and loop._thread.is_alive(), "the engine loop died"
+            for _, d in sink.queue.get_nowait() if not sink.queue.empty() else []:
+                deltas[d.request_id].append(d)
+                if d.last:
+                    ended.add(d.request_id)
+        assert loop._thread.is_alive()
+    finally:
+        loop.stop()
+    (bad,) = deltas["client-bad"]
+    assert bad.finish == pb.ENGINE_FINISH_FAILED and bad.last
+    assert bad.error.startswith("the engine could not send its output: ValueError")
+    assert [t for d in deltas["client-ok"] for t in d.token_ids] == reference(base, "a")["a"]
+    assert_clean(engine)

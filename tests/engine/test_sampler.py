@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from engine_svc.core.request import SamplingParams
-from engine_svc.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, sample
+from engine_svc.sampling.sampler import SamplingBatch, apply_top_k_top_p, exponential_noise, sample
 
 V = 50
 
@@ -154,3 +155,25 @@ def test_a_forbidden_token_is_never_drawn_even_in_the_hashs_top_bucket():
     logits = torch.arange(V, dtype=torch.float32)[None, :].flip(-1)   # token 0 is the best: kept by top-k
     logits[0, 0] = float("-inf")
     assert sample(logits, b).item() in range(1, 6)
+
+
+def host_allowed_mask(allowed_ids: list, vocab: int) -> torch.Tensor:
+    """The mask as it was built before: a [N, V] host tensor filled row by row, then copied."""
+    mask = torch.ones(len(allowed_ids), vocab, dtype=torch.bool)
+    for i, ids in enumerate(allowed_ids):
+        if ids is not None:
+            mask[i] = False
+            mask[i, list(ids)] = True
+    return mask
+
+
+def test_the_allowed_mask_made_on_the_device_equals_the_host_built_one():
+    rng = random.Random(4)
+    for n in (1, 3, 9):
+        allowed = [None if rng.random() < 0.3 else frozenset(rng.sample(range(V), rng.randint(1, 12)))
+                   for _ in range(n)]
+        allowed[0] = allowed[0] or frozenset({V - 1})
+        built = SamplingBatch.build([SamplingParams(allowed_token_ids=a) for a in allowed], [0] * n, V,
+                                    torch.device("cpu"))
+        assert torch.equal(built.allowed, host_allowed_mask(allowed, V))
+    assert batch([SamplingParams()] * 2).allowed is None

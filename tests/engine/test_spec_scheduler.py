@@ -2,9 +2,11 @@
 proposals never in token_ids), k bounded by max_tokens, the context and the budget, acceptance and rejection
 (num_computed_tokens, freed tail blocks, prefix cache of accepted tokens only), a stop inside an accepted run,
 requests that do not speculate, and 300 random operations (accept, reject, abort, preempt) with the KV invariants
-checked after each and no block used at the end."""
+checked after each and no block used at the end; a proposer that raises for one request costs that request its
+proposals alone."""
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -28,6 +30,20 @@ class Fixed:
     def propose(self, rows):
         self.calls.append([(r.request_id, k) for r, k in rows])
         return [list(self.tokens[:k]) for _, k in rows]
+
+
+class FailsFor(Fixed):
+    """Proposes like Fixed, but raises whenever its rows include request `bad`."""
+
+    def __init__(self, tokens, bad):
+        super().__init__(tokens)
+        self.bad = bad
+
+    def propose(self, rows):
+        proposals = super().propose(rows)
+        if any(r.request_id == self.bad for r, _ in rows):
+            raise RuntimeError(f"planted for {self.bad}")
+        return proposals
 
 
 def make(proposer, k=3, num_blocks=32, block_size=4, max_model_len=64, caching=True, budget=64, seqs=4):
@@ -130,6 +146,32 @@ def test_groups_structured_output_and_no_proposal_decode_one_token():
     s2.update(out := s2.schedule(), [7] * sum(x.samples for x in out.scheduled))
     assert all(not x.spec_token_ids for x in s2.schedule().scheduled)
     assert not s2.proposer.calls
+
+
+def test_a_proposer_that_raises_for_one_request_costs_that_row_its_proposals_alone(caplog):
+    prop = FailsFor([11, 12, 13], bad="b")
+    s = make(prop)
+    for i, rid in enumerate("abc"):
+        s.add_request(rid, [1, 2, 3, 4, 20 + i], SamplingParams(temperature=0.0, max_tokens=5))
+    s.update(s.schedule(), [7, 7, 7])
+    with caplog.at_level(logging.ERROR, logger="tandem.engine.speculation"):
+        out = s.schedule()
+        # The batched call raised: each row was asked alone, and only b's raised. b decodes one token; the blocks
+        # reserved for its proposals went back.
+        assert prop.calls == [[("a", 3), ("b", 3), ("c", 3)], [("a", 3)], [("b", 3)], [("c", 3)]]
+        assert plan(out) == [("a", 5, 4, (11, 12, 13)), ("b", 5, 1, ()), ("c", 5, 4, (11, 12, 13))]
+        assert len(s.requests["b"].block_ids) == 2 and s.check_integrity() == []
+        assert s.spec_stats.num_proposal_errors == 1 and s.spec_stats.num_drafts == 0
+        res = verify(s, out, {"a": [11, 30], "c": [11, 12, 13, 31]})
+        assert [(r.request_id, r.new_token_ids) for r in res] == [("a", [11, 30]), ("b", [0]), ("c", [11, 12, 13, 31])]
+        while s.has_work:   # b raises on every step; each rejects every proposal
+            out = s.schedule()
+            verify(s, out, {x.request.request_id: [30] for x in out.scheduled if x.spec_token_ids})
+    assert s.requests == {} and s.kv.num_used_blocks == 0 and s.check_integrity() == []
+    assert s.spec_stats.num_proposal_errors == 3   # b's decodes after its first token: its 2nd, 3rd and 4th
+    assert [r.getMessage() for r in caplog.records] == [
+        "proposing tokens for request b raised; it decodes without speculation whenever it does (logged once per "
+        "request)"]
 
 
 def test_proposals_never_take_blocks_the_decodes_behind_need():

@@ -2,9 +2,11 @@
 proposals are identical to those without (tokens, logprobs, finish reasons), in mixed batches (a group and a
 penalized request beside verify rows), with asynchronous scheduling, preemption, stop ids, max_tokens inside an
 accepted run and LoRA; a draft model equal to the target accepts everything; the rejection rule reproduces the
-target distribution (chi-square over many seeds, small vocabulary), alone and through the engine; and no block
-is used at the end."""
+target distribution (chi-square over many seeds, small vocabulary), alone and through the engine; a proposer that
+raises for one request costs that request its proposals alone; and no block is used at the end."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -12,8 +14,8 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
-from engine_svc.engine_loop import EngineLoop
-from engine_svc.proto_convert import load_to_pb
+from engine_svc.service.engine_loop import EngineLoop
+from engine_svc.service.proto_convert import load_to_pb
 from engine_svc.spec.rejection_sampler import rejection_sample
 from tests.engine.lora_files import write_lora_adapter
 from tests.engine.tiny_models import write_tiny_llama
@@ -34,22 +36,23 @@ def base(models):
 
 
 def run(engine, requests):
-    """requests: (prompt, params[, adapter]) -> per request: (tokens, logprobs, finish reasons). Each run takes a
-    fresh engine (base.with_scheduling): engines over one runner share its KV tensors, so an engine's prefix
-    cache is stale once another has run."""
-    out = {}
+    """requests: (prompt, params[, adapter]) -> per request: (tokens, logprobs, finish reasons), each output's in
+    turn (a group's outputs interleave differently with the scheduling mode). Each run takes a fresh engine
+    (base.with_scheduling): engines over one runner share its KV tensors, so an engine's prefix cache is stale once
+    another has run."""
+    out = {f"q{i}": {} for i in range(len(requests))}
     for i, (prompt, params, *adapter) in enumerate(requests):
         engine.add_request(f"q{i}", prompt, params, adapter=adapter[0] if adapter else None)
-        out[f"q{i}"] = ([], [], [])
     while engine.has_work():
         for o in engine.step():
-            toks, lps, reasons = out[o.request_id]
+            toks, lps, reasons = out[o.request_id].setdefault(o.index, ([], [], []))
             toks.extend(o.new_token_ids)
             lps.extend((lp.token_id, round(lp.logprob, 4), tuple(t for t, _ in lp.top)) for lp in o.logprobs or ())
             if o.finish_reason is not None:   # how many outputs carry the tokens differs; the endings do not
                 reasons.append((o.index, o.finish_reason))
     assert engine.check_integrity() == [] and engine.kv.num_used_blocks == 0
-    return [out[f"q{i}"] for i in range(len(requests))]
+    return [tuple(sum((by_index[k][part] for k in sorted(by_index)), []) for part in range(3))
+            for by_index in (out[f"q{i}"] for i in range(len(requests)))]
 
 
 def mixed_requests():
@@ -71,6 +74,31 @@ def test_greedy_outputs_equal_those_without_speculation(base, models, method, as
                                 num_speculative_tokens=3, draft_model=str(models[1]) if method == "draft" else None)
     assert run(spec, mixed_requests()) == plain
     assert spec.spec_stats.num_drafts > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_a_proposer_that_raises_for_one_request_leaves_every_output_exact(base, models, method, monkeypatch, caplog):
+    """Proposing for q0 raises on every step, after the proposer has done its work for the whole batch: q0 decodes
+    without proposals, the others still verify theirs, and every output equals the one without speculation."""
+    plain = run(base.with_scheduling(), mixed_requests())
+    spec = base.with_scheduling(speculative_method=method, num_speculative_tokens=3,
+                                draft_model=str(models[1]) if method == "draft" else None)
+    proposer = spec.scheduler.proposer.proposer   # inside the engine's timing wrapper
+    real = proposer.propose
+
+    def propose(rows):
+        proposals = real(rows)
+        if any(r.external_id == "q0" for r, _ in rows):
+            raise RuntimeError("planted in q0's proposals")
+        return proposals
+
+    monkeypatch.setattr(proposer, "propose", propose)
+    with caplog.at_level(logging.ERROR, logger="tandem.engine.speculation"):
+        assert run(spec, mixed_requests()) == plain   # run() checks the KV invariants and 0 blocks used at the end
+    assert spec.spec_stats.num_drafts > 0 and spec.spec_stats.num_proposal_errors > 1
+    load = load_to_pb(EngineLoop(spec).load)   # GetLoad's answer, which the gateway's metrics read
+    assert load.spec_decode_num_proposal_errors == spec.spec_stats.num_proposal_errors
+    assert len(caplog.records) == 1 and "request q0 raised" in caplog.records[0].getMessage()
 
 
 def test_stop_ids_and_max_tokens_inside_an_accepted_run(base, models):

@@ -1,11 +1,11 @@
-"""The decode-graph buckets and the flags that choose graphs, async scheduling and the attention backend."""
+"""The graph buckets and the flags that choose graphs, async scheduling and the attention backend."""
 from __future__ import annotations
 
 import pytest
 
 from engine_svc.attention import get_backend
 from engine_svc.config import config_from_args
-from engine_svc.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine_svc.worker.graph_layout import RowShape, graph_batch_sizes, graph_shapes, select_shape
 
 
 @pytest.mark.parametrize("max_num_seqs,sizes", [(1, [1]), (3, [1, 2, 3]), (8, [1, 2, 4, 8]),
@@ -15,12 +15,12 @@ def test_graph_batch_sizes(max_num_seqs, sizes):
     assert graph_batch_sizes(max_num_seqs) == sizes
 
 
-def test_a_batch_runs_in_the_smallest_bucket_that_holds_it():
-    ran = []
-    graphs = DecodeGraphs(lambda b: ran.append(b) or b, [1, 2, 4, 8, 16, 20], capture=False)
-    assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8, 9, 17, 20)] == [1, 2, 4, 8, 8, 16, 20, 20]
-    assert graphs.bucket(21) is None                    # larger than every bucket: eager
-    assert graphs.run(4) == 4 and ran == [4]            # not captured: the padded batch runs eagerly
+def test_a_decode_batch_runs_in_the_smallest_bucket_that_holds_it():
+    shapes = graph_shapes([1, 2, 4, 8, 16, 20], [], 2048)
+    decode = RowShape(start=10, num_new_tokens=1, num_proposals=0, samples=True)
+    assert [select_shape([decode] * n, shapes, 64).batch for n in (1, 2, 3, 5, 8, 9, 17, 20)] == \
+        [1, 2, 4, 8, 8, 16, 20, 20]
+    assert select_shape([decode] * 21, shapes, 64) is None     # larger than every bucket: eager
 
 
 def test_flags():

@@ -13,12 +13,12 @@ import torch
 from engine_svc.core.kv_cache_manager import KVCacheManager
 from engine_svc.core.request import PLACEHOLDER, FinishReason, Request, SamplingParams, StructuredOutput
 from engine_svc.core.scheduler import Scheduler, SchedulerConfig
-from engine_svc.proto_convert import params_from_pb
+from engine_svc.service.proto_convert import params_from_pb
 from protos.tandem.internal.v1 import engine_pb2 as pb
 
 xgr = pytest.importorskip("xgrammar")
 
-from engine_svc.logits_processors import apply_token_bitmask  # noqa: E402
+from engine_svc.sampling.logits_processors import apply_token_bitmask  # noqa: E402
 from engine_svc.structured.compiler import GrammarCompilers, GrammarError, choice_grammar  # noqa: E402
 from engine_svc.structured.manager import StructuredOutputs, model_vocabulary  # noqa: E402
 from engine_svc.structured.matchers import GrammarMatchers  # noqa: E402

@@ -28,7 +28,7 @@ def test_a_killed_worker_is_reported_by_rank_and_fails_the_next_step(tiny):
     config = EngineConfig(model=str(tiny), device="cpu", dtype="float32", block_size=4, num_kv_blocks=32,
                           tensor_parallel_size=2, distributed_timeout_s=30)
     reports, failure = kill_a_worker_mid_run(config)
-    assert reports == ["[engine] tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops"]
+    assert reports == ["tensor-parallel worker rank 1 died (killed by SIGKILL); the engine stops"]
     assert isinstance(failure, RuntimeError)
 
 
@@ -67,7 +67,7 @@ def test_engine_exits_naming_the_dead_rank_and_leaves_no_workers(tiny, tmp_path)
     assert exit_code_within(proc, 10) != 0
     assert health == ["SERVING", "NOT_SERVING"]   # reported before the port closed
     last = (tmp_path / "engine.log").read_text().strip().splitlines()[-1]
-    assert last == "[engine] tensor-parallel worker rank 2 died (killed by SIGKILL); the engine stops"
+    assert last.endswith(" ERROR engine: tensor-parallel worker rank 2 died (killed by SIGKILL); the engine stops")
     _gone, alive = psutil.wait_procs([workers[0]], timeout=5)
     assert not alive, "a worker outlived its engine"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_svc.attention import TorchPagedAttention
-from engine_svc.attention.kv_cache import dequantize_fp8
+from engine_svc.kernels.fp8_numerics import dequantize_fp8
 from tests.kernels.paged import make_batch
 
 

@@ -8,7 +8,7 @@ import asyncio
 import grpc
 
 from gateway.config import GatewayConfig
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, Submission
 from gateway.router import ReplicaLoad
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import engine_pb2_grpc
@@ -76,13 +76,13 @@ async def scenario() -> None:
         assert Pipeline._load_of(ra) == ReplicaLoad(ra.name, live=True, in_flight=0, others=3, kv_usage=0.3)
 
         params = epb.SamplingParams(max_tokens=4)
-        x, y, z = (pipeline.submit(rid, list(range(k, k + 40)), params, ()) for k, rid in ((0, "x"), (100, "y"),
-                                                                                           (200, "z")))
+        x, y, z = (pipeline.submit(Submission(rid, list(range(k, k + 40)), params))
+                   for k, rid in ((0, "x"), (100, "y"), (200, "z")))
         # A's score is 3 others + 0.3 KV usage; B's is its in-flight count: B takes requests until it passes 3.3.
         assert [h.replica for h in (x, y, z)] == [rb.name] * 3
-        w = pipeline.submit("w", list(range(300, 340)), params, ())
+        w = pipeline.submit(Submission("w", list(range(300, 340)), params))
         assert w.replica == rb.name                                        # B = 3 < 3.3
-        v = pipeline.submit("v", list(range(400, 440)), params, ())
+        v = pipeline.submit(Submission("v", list(range(400, 440)), params))
         assert v.replica == ra.name                                        # B = 4 > 3.3
         assert pipeline.num_in_flight == 5
 

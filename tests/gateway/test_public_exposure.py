@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-from gateway import cli
+from gateway.cli import main as cli
 from gateway.admission import Admission
 from gateway.auth import ENV_VAR
 from gateway.config import GatewayConfig, config_from_args
 from gateway.public_server import create_server, exposure_warning, is_loopback
-from gateway.service_commands import compose_topology, gateway_argv, local_topology
+from gateway.cli.service_commands import compose_topology, gateway_argv, local_topology
 
 
 def test_every_entry_point_binds_loopback_by_default() -> None:
@@ -54,12 +54,14 @@ def _create(config: GatewayConfig) -> None:
     asyncio.run(main())
 
 
-def test_the_gateway_prints_the_warning_when_exposed_without_keys(capsys, monkeypatch, tmp_path) -> None:
+def test_the_gateway_logs_the_warning_when_exposed_without_keys(caplog, monkeypatch, tmp_path) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
     _create(GatewayConfig(host="0.0.0.0"))
-    assert "WARNING: the public API on 0.0.0.0:50051 is reachable" in capsys.readouterr().err
+    assert [(r.levelname, r.getMessage()[:51]) for r in caplog.records] == [
+        ("WARNING", "the public API on 0.0.0.0:50051 is reachable from o")]
+    caplog.clear()
     _create(GatewayConfig())
-    assert "WARNING" not in capsys.readouterr().err
+    assert not caplog.records
     monkeypatch.setenv(ENV_VAR, "k1")
     _create(GatewayConfig(host="0.0.0.0"))
-    assert "WARNING" not in capsys.readouterr().err
+    assert not caplog.records

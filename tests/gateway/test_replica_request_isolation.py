@@ -9,7 +9,7 @@ import grpc
 
 import gateway.replica
 from gateway.config import GatewayConfig
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, Submission
 from gateway.request_handle import Chunk, Failure
 from protos.tandem.internal.v1 import engine_pb2 as epb
 from protos.tandem.internal.v1 import engine_pb2_grpc
@@ -77,7 +77,7 @@ async def scenario(monkeypatch) -> None:
     try:
         await pipeline.start()
         params = epb.SamplingParams(max_tokens=2)
-        handles = {rid: pipeline.submit(rid, [1, 2, 3], params, ())
+        handles = {rid: pipeline.submit(Submission(rid, [1, 2, 3], params))
                    for rid in ("ok-1", "engine-fail", "detok-fail", "gateway-fail", "ok-2")}
         got = {rid: await outcome(h) for rid, h in handles.items()}
         for rid in ("ok-1", "ok-2"):
@@ -88,7 +88,7 @@ async def scenario(monkeypatch) -> None:
                                               "handling the engine's output failed: IndexError: planted in the gateway")
         replica = pipeline.replicas[0]
         assert replica.live and replica.num_in_flight == 0
-        after = pipeline.submit("ok-3", [1, 2, 3], params, ())   # the same streams still serve
+        after = pipeline.submit(Submission("ok-3", [1, 2, 3], params))   # the same streams still serve
         assert (await outcome(after)).result.text == "ab"
     finally:
         await pipeline.close()

@@ -8,7 +8,7 @@ from itertools import accumulate
 import torch
 
 from engine_svc.attention import AttentionMetadata, TorchPagedAttention
-from engine_svc.attention.kv_cache import quantize_fp8
+from engine_svc.kernels.fp8_numerics import quantize_fp8
 
 GARBAGE = 1e3   # unwritten cache slots hold large values, so a kernel reading one shows in its output
 

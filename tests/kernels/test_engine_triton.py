@@ -61,15 +61,15 @@ def test_decode_graph_buckets_equal_eager(checkpoint):
         runner = engine.runner
         buckets = []
         if graphs:
-            runner.enable_decode_graphs(capture=torch.cuda.is_available())
-            run_bucket = runner.graphs.run
-            runner.graphs.run = lambda b: (buckets.append(b), run_bucket(b))[1]
+            runner.enable_step_graphs(capture=torch.cuda.is_available())
+            run_shape = runner.graphs.run
+            runner.graphs.run = lambda shape: (buckets.append(shape.batch), run_shape(shape))[1]
         outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
         return outs, [c.data.clone() for c in runner.kv_caches], buckets, runner.graphs
 
     eager_outs, eager_kv, _, _ = run(False)
     outs, kv, buckets, graphs = run(True)
-    assert graphs.sizes == [1, 2, 4, 6]
+    assert [s.batch for s in graphs.shapes] == [1, 2, 4, 6]
     assert outs == eager_outs
     assert 4 in buckets                                 # 3 decoding sequences padded to the bucket of 4
     for a, b in zip(kv, eager_kv):

@@ -10,6 +10,7 @@ import torch
 
 from engine_svc.attention import TorchPagedAttention
 from engine_svc.attention.triton_backend import TritonPagedAttention
+from engine_svc.kernels.fp8_numerics import E4M3
 from engine_svc.kernels.kv_write import write_kv
 from engine_svc.kernels.paged_decode_attention import paged_decode_attention
 from engine_svc.kernels.paged_prefill_attention import paged_prefill_attention
@@ -17,7 +18,6 @@ from tests.kernels.paged import make_batch
 from tests.kernels.test_engine_triton import generate
 from tests.kernels.test_kv_write import meta_for
 
-FP8 = torch.float8_e4m3fn
 SCALES = (0.5, 1.7)          # K, V
 GQA = [(2, 2), (6, 2), (4, 1)]
 TIGHT = dict(rtol=1e-5, atol=1e-5)
@@ -59,7 +59,7 @@ def test_write_stores_the_torch_backends_bytes(device, dtype):
     v = qkv[:, (4 + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens].to(device)
     scales = torch.tensor([0.37, 3.0], device=device)
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(FP8).to(device)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(E4M3).to(device)
     expected = cache.clone()
     TorchPagedAttention().write_kv(k, v, expected, meta_for(slots, block_size), kv_scales=scales)
     write_kv(k, v, cache, slots, kv_scales=scales)
@@ -75,7 +75,7 @@ def test_write_rounds_to_nearest_even_with_saturation(device):
     x = torch.tensor([7.93, 1.0625, 1.1875, 4.5 * 2.0 ** -9, 2.0 ** -10, 447.0, 465.0, 1e9, -1e9, -3.3], device=device)
     want = torch.tensor([8.0, 1.0, 1.25, 4 * 2.0 ** -9, 0.0, 448.0, 448.0, 448.0, -448.0, -3.25])
     k = x.view(-1, 1, 1).expand(-1, 1, 16).contiguous()
-    cache = torch.zeros(2, 3, 4, 1, 16, dtype=FP8, device=device)
+    cache = torch.zeros(2, 3, 4, 1, 16, dtype=E4M3, device=device)
     write_kv(k, k, cache, torch.arange(len(x), device=device), kv_scales=torch.ones(2, device=device))
     stored = cache.view(2, -1, 16)[:, :len(x)].float().cpu()
     assert torch.equal(stored[0, :, 0], want) and torch.equal(stored[1], stored[0])
@@ -83,7 +83,7 @@ def test_write_rounds_to_nearest_even_with_saturation(device):
 
 
 def test_write_skips_negative_slots(device):
-    cache = torch.zeros(2, 3, 4, 1, 16, dtype=FP8, device=device)
+    cache = torch.zeros(2, 3, 4, 1, 16, dtype=E4M3, device=device)
     k = torch.ones(3, 1, 16, device=device)
     write_kv(k, 2 * k, cache, torch.tensor([5, -1, 0], device=device), kv_scales=torch.tensor([0.5, 0.5], device=device))
     flat = cache.view(2, -1, 16).float()

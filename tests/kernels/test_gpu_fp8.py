@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine_svc.attention import TorchPagedAttention
+from engine_svc.kernels.fp8_numerics import E4M3
 from engine_svc.kernels.kv_write import write_kv
 from engine_svc.kernels.paged_decode_attention import paged_decode_attention
 from engine_svc.kernels.paged_prefill_attention import paged_prefill_attention
@@ -18,7 +19,6 @@ from tests.kernels.test_kv_write import meta_for
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-FP8 = torch.float8_e4m3fn
 HALF = [torch.bfloat16, torch.float16]
 TOL = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
 SCALES = (0.5, 1.7)
@@ -37,7 +37,7 @@ def test_kv_write_fp8_bytes(dtype):
     k, v = k.to(dtype), v.to(dtype)
     slots = torch.randperm(64 * 16, device=CUDA)[:500]
     scales = torch.tensor([0.37, 3.0], device=CUDA)
-    cache = torch.zeros(2, 64, 16, 8, 128, dtype=FP8, device=CUDA)
+    cache = torch.zeros(2, 64, 16, 8, 128, dtype=E4M3, device=CUDA)
     expected = cache.clone()
     write_kv(k, v, cache, slots, kv_scales=scales)
     TorchPagedAttention().write_kv(k, v, expected, meta_for(slots, 16), kv_scales=scales)

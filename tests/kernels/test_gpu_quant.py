@@ -12,7 +12,7 @@ from engine_svc.core.request import SamplingParams
 from engine_svc.engine import Engine
 from engine_svc.kernels.int4_matmul import int4_matmul
 from engine_svc.kernels.int8_matmul import int8_matmul
-from engine_svc.quant.fp8_format import fp8_unsupported_reason
+from engine_svc.quant.fp8_support import fp8_unsupported_reason
 from engine_svc.quant.fp8_linear import Fp8Linear
 from engine_svc.quant.int4_format import dequantize_int4, quantize_int4
 from engine_svc.quant.int8_format import dequantize_int8, quantize_int8

@@ -84,7 +84,7 @@ def test_int4_kernel_errors():
 def test_fp8_activation_quantization_kernel_matches_the_format(m, k, rows):
     """The fused per-token quantization is bytewise quantize_fp8_rows; padding rows are zeros at the floor scale."""
     from engine_svc.kernels.fp8_act_quant import quantize_rows_fp8
-    from engine_svc.quant.fp8_format import SCALE_FLOOR, quantize_fp8_rows
+    from engine_svc.kernels.fp8_numerics import SCALE_FLOOR, quantize_fp8_rows
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
     x[0, :7] = torch.tensor([0.0, 1e-9, -447.9, 7.93, 2.5e-3, -0.0, 1e4])   # floor, ties, clamp
     x = x.to(DEV)
@@ -97,10 +97,11 @@ def test_fp8_activation_quantization_kernel_matches_the_format(m, k, rows):
 def test_gemv_takes_fp8_operands():
     """int8_gemv over e4m3 activations and weights is the W8A8 product (both scales applied after)."""
     from engine_svc.kernels.int8_matmul import int8_gemv
-    from engine_svc.quant.fp8_format import dequantize_fp8, quantize_fp8, quantize_fp8_rows
+    from engine_svc.kernels.fp8_numerics import dequantize_fp8, quantize_fp8_rows
     gen = torch.Generator().manual_seed(9)
     xq, xs = quantize_fp8_rows(torch.randn(3, 600, generator=gen).to(DEV))
-    wq, ws = quantize_fp8(torch.randn(40, 600, generator=gen).to(DEV))
+    wq, ws = quantize_fp8_rows(torch.randn(40, 600, generator=gen).to(DEV))
+    ws = ws.squeeze(-1)                                   # a weight's scales: one per output channel, [N]
     bias = torch.randn(40, generator=gen).to(DEV)
     y = int8_gemv(xq, wq, ws, row_scales=xs, bias=bias, out_dtype=torch.float32)
     expected = dequantize_fp8(xq, xs) @ dequantize_fp8(wq, ws).t() + bias

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from engine_svc.lora.batch import TILE, num_tiles, plan_tokens
+from engine_svc.kernels.lora_tile import TILE
+from engine_svc.lora.batch import num_tiles, plan_tokens
 
 
 def test_plan_groups_tokens_by_slot_and_cuts_tiles():

@@ -110,7 +110,7 @@ def test_mixed_batch_through_triton_lora_kernels(tiny_llama, adapter_a, adapter_
         pytest.skip("the interpreter's test (CPU tensors); on a GPU the compiled kernels are tested below")
     engine = lora_engine(tiny_llama, adapter_a, adapter_b)
     engine.runner.lora.batch.use_kernel = True
-    engine.runner.enable_decode_graphs(capture=False)
+    engine.runner.enable_step_graphs(capture=False)
     seen, outputs = run_mixed(engine)
     assert_matches_references(seen, outputs, references)
 

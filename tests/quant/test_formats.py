@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine_svc.quant.fp8_format import E4M3_MAX, dequantize_fp8, quantize_fp8, quantize_fp8_rows
+from engine_svc.kernels.fp8_numerics import E4M3_MAX, dequantize_fp8, quantize_fp8_rows
+from engine_svc.quant.fp8_linear import Fp8Linear
 from engine_svc.quant.int4_format import pack_int4, unpack_int4
 from engine_svc.quant.int4_linear import Int4Linear
 from engine_svc.quant.int8_linear import Int8Linear
@@ -79,5 +80,5 @@ def test_fp8_quantization_rounds_like_the_definition():
     assert torch.equal(q.double(), ref)
     assert q.double().abs().amax(1)[nonzero].eq(E4M3_MAX).all()        # each row's max maps onto 448
     assert dequantize_fp8(q, scale)[4].eq(0).all()
-    w_q, w_scale = quantize_fp8(x)
-    assert w_scale.shape == (9,) and torch.equal(w_q.view(torch.uint8), q.view(torch.uint8))
+    w = Fp8Linear.from_linear(linear_with(x), emulate=True)          # a weight: one scale per output channel
+    assert w.scales.shape == (9,) and torch.equal(w.qweight.view(torch.uint8), q.view(torch.uint8))

@@ -24,7 +24,7 @@ def test_serves_until_sigterm(smollm2_gguf):
                             cwd=REPO_ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
-        match = re.fullmatch(r"tokenizer_svc listening on 127\.0\.0\.1:(\d+)\n", line)
+        match = re.fullmatch(r"[\d-]+ [\d:.]+ INFO tokenizer: listening on 127\.0\.0\.1:(\d+)\n", line)
         assert match, line
         with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
