@@ -102,14 +102,13 @@ class TorchPagedAttention:
         b = q.shape[0]
         k = k.reshape(b, -1, *k.shape[-2:])[:, :max_len]      # [B, L, kv_heads, head_dim]
         v = v.reshape(b, -1, *v.shape[-2:])[:, :max_len]
-        mask = None
-        if window is not None or min(seq_lens_cpu) < max_len:
-            # Without one, every key is seen: an all-true mask adds zeros, the same result at less cost (batch 1).
-            k_pos = torch.arange(max_len, device=q.device)[None, :]
-            mask = k_pos < seq_lens[:, None]
-            if window is not None:   # the query sits at seq_len - 1 and sees keys > seq_len - 1 - window
-                mask &= k_pos >= seq_lens[:, None] - window
-            mask = mask[:, None, None, :]
+        # The device's seq_lens hold the true lengths: in a graph-shaped step seq_lens_cpu holds the graph's bound
+        # (max_model_len) for every row, so a mask is always built from the device's values.
+        k_pos = torch.arange(max_len, device=q.device)[None, :]
+        mask = k_pos < seq_lens[:, None]
+        if window is not None:   # the query sits at seq_len - 1 and sees keys > seq_len - 1 - window
+            mask &= k_pos >= seq_lens[:, None] - window
+        mask = mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            scale=scale, enable_gqa=True)
         return o[:, :, 0, :]
